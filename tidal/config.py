@@ -1,0 +1,83 @@
+"""Configuration: frozen dataclasses, one per concern, resolved once at start and never mutated.
+
+Environment variables are read here and nowhere else (`env_*` helpers below).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def env_str(name: str, default: str | None = None) -> str | None:
+    """The one place the package reads environment variables."""
+    return os.environ.get(name, default)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str | None = None
+    """GGUF file, Hugging Face folder, `dummy:ARCH`, or None for the embedded SmolLM2."""
+    served_model_name: str | None = None
+    """Name clients use in the `model` field; defaults to the model's own name."""
+    dtype: str = "auto"
+    """`float32`, `bfloat16`, `float16` or `auto` (float32 on CPU, bfloat16 on CUDA)."""
+    device: str = "cpu"
+    """`cpu` or `cuda` (or `cuda:N`)."""
+    max_model_len: int | None = None
+    """Longest prompt + output in tokens; defaults to the model's context length."""
+    seed: int = 0
+    """Seed for dummy weights and for requests that don't carry one."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    """Tokens per KV block."""
+    num_blocks: int | None = None
+    """KV blocks in the pool; None: size from `kv_cache_memory_bytes`."""
+    kv_cache_memory_bytes: int = 1 << 30
+    """Memory given to the KV cache when `num_blocks` is None."""
+    enable_prefix_caching: bool = True
+    """Reuse blocks whose chained hash matches a prompt's prefix."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    token_budget: int = 256
+    """Tokens (decode tokens plus prefill chunk tokens) the scheduler may run in one step."""
+    max_num_seqs: int = 128
+    """Requests running at once."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts over several steps; off: a prompt is prefilled whole in one step."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_request_body_bytes: int = 8 << 20
+    """Bodies larger than this get a 413."""
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def replace(self, **changes) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]

@@ -1,0 +1,89 @@
+"""Per-request block tables over the block pool, with prefix-cache lookups.
+
+Owns the mapping request_id -> list of KVBlocks (the request's block table, in token order).
+Lifecycle of a request here: `find_cached_prefix` (only while it has no blocks) ->
+`allocate_slots` each step it is scheduled -> `free` when it finishes, is aborted or preempted.
+After `free`, the manager holds nothing for it.
+"""
+
+from __future__ import annotations
+
+from tidal.engine.kv_cache.block_pool import BlockPool, KVBlock
+from tidal.engine.request import Request
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        self.block_tables: dict[str, list[KVBlock]] = {}
+        self._num_hashed: dict[str, int] = {}  # blocks of each request already entered in the cache
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.pool.num_blocks - self.pool.num_free_blocks
+
+    def find_cached_prefix(self, request: Request) -> list[KVBlock]:
+        """Longest run of cached blocks matching the request's tokens, leaving >= 1 to compute."""
+        if not self.enable_prefix_caching:
+            return []
+        hashes = request.update_block_hashes(self.block_size)
+        # At least one token must be computed to produce logits, so a full hit drops its last block.
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits = []
+        for block_hash in hashes[:max_blocks]:
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       cached_prefix: list[KVBlock] | None = None) -> bool:
+        """Make room for `num_new_tokens` more tokens after the computed (and cached) ones.
+
+        Returns False, changing nothing, when the pool has too few blocks.
+        """
+        table = self.block_tables.get(request.request_id, [])
+        cached_prefix = cached_prefix or []
+        num_computed = request.num_computed_tokens + len(cached_prefix) * self.block_size
+        num_needed = -(-(num_computed + num_new_tokens) // self.block_size) - len(table) - len(cached_prefix)
+        # Cached hits that sit idle in the free queue stop being allocatable once touched.
+        num_idle_hits = sum(1 for b in cached_prefix if b.ref_count == 0)
+        if max(num_needed, 0) + num_idle_hits > self.pool.num_free_blocks:
+            return False
+        if not table:
+            self.block_tables[request.request_id] = table
+            self._num_hashed[request.request_id] = 0
+        self.pool.touch(cached_prefix)
+        table.extend(cached_prefix)
+        if num_needed > 0:
+            table.extend(self.pool.allocate(num_needed))
+        self._cache_full_blocks(request, table, num_computed + num_new_tokens)
+        return True
+
+    def _cache_full_blocks(self, request: Request, table: list[KVBlock], num_tokens: int) -> None:
+        if not self.enable_prefix_caching:
+            return
+        num_full = min(num_tokens, request.num_tokens) // self.block_size
+        done = self._num_hashed[request.request_id]
+        if num_full <= done:
+            return
+        hashes = request.update_block_hashes(self.block_size)
+        for i in range(done, num_full):
+            self.pool.cache_block(table[i], hashes[i])
+        self._num_hashed[request.request_id] = num_full
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.block_tables[request_id]]
+
+    def free(self, request: Request) -> None:
+        table = self.block_tables.pop(request.request_id, None)
+        self._num_hashed.pop(request.request_id, None)
+        if table:
+            self.pool.free(reversed(table))

@@ -1,0 +1,117 @@
+"""Offline generation: `LLM(model).generate(prompts, SamplingParams(...))`.
+
+Runs the same `EngineCore` the worker runs, on the caller's thread, until every prompt of the
+call has finished. Stop strings are applied to the decoded text as the server applies them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from tidal.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tidal.engine.engine import EngineCore
+from tidal.protocol import AddRequest, SamplingParams, TokenLogprob
+
+
+@dataclass
+class CompletionOutput:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    num_cached_tokens: int = 0
+
+
+class LLM:
+    def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "cpu",
+                 max_model_len: int | None = None, seed: int = 0, block_size: int = 16,
+                 num_kv_blocks: int | None = None, kv_cache_memory_bytes: int = 1 << 30,
+                 enable_prefix_caching: bool = True, token_budget: int = 256, max_num_seqs: int = 128,
+                 enable_chunked_prefill: bool = True):
+        self.config = EngineConfig(
+            model=ModelConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len, seed=seed),
+            cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
+                              kv_cache_memory_bytes=kv_cache_memory_bytes,
+                              enable_prefix_caching=enable_prefix_caching),
+            scheduler=SchedulerConfig(token_budget=token_budget, max_num_seqs=max_num_seqs,
+                                      enable_chunked_prefill=enable_chunked_prefill))
+        self.engine = EngineCore(self.config)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """prompts: a string, a list of strings, a token-id list, or a list of token-id lists."""
+        prompts = _as_prompt_list(prompts)
+        params = sampling_params or SamplingParams()
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        outputs: dict[str, RequestOutput] = {}
+        order = []
+        for prompt, p in zip(prompts, params_list):
+            text = prompt if isinstance(prompt, str) else None
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            request_id = uuid.uuid4().hex
+            outputs[request_id] = RequestOutput(request_id, text, ids, [CompletionOutput("", [], None)])
+            order.append(request_id)
+            self.engine.add_request(AddRequest(request_id=request_id, prompt_token_ids=ids, sampling_params=p))
+        params_by_id = dict(zip(order, params_list))
+        open_ids = set(order)
+        stopped_by_string: set[str] = set()
+        while open_ids:
+            for delta in self.engine.step():
+                if delta.request_id not in open_ids:
+                    continue
+                out = outputs[delta.request_id]
+                completion = out.outputs[0]
+                completion.token_ids.extend(delta.new_token_ids)
+                if delta.logprobs:
+                    completion.logprobs = (completion.logprobs or []) + list(delta.logprobs)
+                out.num_cached_tokens = delta.num_cached_tokens
+                if delta.error:
+                    raise ValueError(delta.error)
+                stopped = self._apply_stop_strings(completion, params_by_id[delta.request_id])
+                if stopped:
+                    stopped_by_string.add(delta.request_id)
+                    if not delta.finished:
+                        self.engine.abort_request(delta.request_id)
+                if stopped or delta.finished:
+                    completion.finish_reason = "stop" if stopped else delta.finish_reason
+                    open_ids.discard(delta.request_id)
+        for request_id in order:
+            completion = outputs[request_id].outputs[0]
+            if request_id not in stopped_by_string:
+                completion.text = self.tokenizer.decode(completion.token_ids)
+        self.engine.step()  # flush abort deltas of stopped requests
+        return [outputs[request_id] for request_id in order]
+
+    def _apply_stop_strings(self, completion: CompletionOutput, params: SamplingParams) -> bool:
+        if not params.stop:
+            return False
+        text = self.tokenizer.decode(completion.token_ids)
+        hits = [(text.find(s), s) for s in params.stop if s and s in text]
+        if not hits:
+            return False
+        index, stop = min(hits)
+        completion.text = text[:index + (len(stop) if params.include_stop_str_in_output else 0)]
+        return True
+
+    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        return self.generate([ids], sampling_params)[0]
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, str):
+        return [prompts]
+    if prompts and isinstance(prompts[0], int):
+        return [prompts]
+    return list(prompts)

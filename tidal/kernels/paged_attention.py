@@ -1,0 +1,101 @@
+"""Paged attention in plain torch: the CPU path and the reference for the Triton kernels.
+
+The KV cache of one layer is two tensors `k_cache`, `v_cache` of shape
+[num_blocks, block_size, num_kv_heads, head_dim]. A token's slot is
+`block_id * block_size + offset`; `slot_mapping[t]` says where token t of the step is written.
+
+A step's flat token axis T holds, in order, the decode tokens (one query token per request,
+`num_decode_tokens` of them) and then the prefill chunks (one or more query tokens each).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSpan:
+    """One request's chunk in a step: query tokens [query_start, query_end) of the flat axis."""
+
+    query_start: int
+    query_end: int
+    context_len: int  # tokens in the cache after this step, this chunk included
+    block_table: torch.Tensor  # [num_blocks_of_request] int64, on the device
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64
+    num_decode_tokens: int = 0
+    decode_block_tables: torch.Tensor | None = None  # [Nd, max_blocks] int64 (padding: 0)
+    decode_context_lens: torch.Tensor | None = None  # [Nd] int64, this step's token included
+    decode_max_context_len: int = 0
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store this step's keys and values ([T, kv_heads, head_dim]) at their slots."""
+    num_blocks, block_size, kv_heads, head_dim = k_cache.shape
+    k_cache.view(num_blocks * block_size, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(num_blocks * block_size, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """[num_blocks, bs, kvh, D] + [..., nb] -> [..., nb * bs, kvh, D], cut to `length` tokens."""
+    gathered = cache[block_table]  # [..., nb, bs, kvh, D]
+    shape = gathered.shape
+    gathered = gathered.reshape(*shape[:-4], shape[-4] * shape[-3], shape[-2], shape[-1])
+    return gathered[..., :length, :, :]
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal attention of this step's queries over the cache (already holding this step's K/V).
+
+    q: [T, num_heads, head_dim] -> returns [T, num_heads, head_dim].
+    """
+    out = torch.empty_like(q)
+    nd = meta.num_decode_tokens
+    if nd:
+        # Decode: one query per request, keys padded to the longest context and masked.
+        k = _gather(k_cache, meta.decode_block_tables, meta.decode_max_context_len)  # [Nd, L, kvh, D]
+        v = _gather(v_cache, meta.decode_block_tables, meta.decode_max_context_len)
+        positions = torch.arange(meta.decode_max_context_len, device=q.device)
+        mask = positions[None, :] < meta.decode_context_lens[:, None]  # [Nd, L]
+        o = F.scaled_dot_product_attention(
+            q[:nd].unsqueeze(2).to(k.dtype),  # [Nd, H, 1, D]
+            k.transpose(1, 2), v.transpose(1, 2),  # [Nd, kvh, L, D]
+            attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
+        out[:nd] = o.squeeze(2).to(out.dtype)
+    for span in meta.prefills:
+        qs, qe, ctx = span.query_start, span.query_end, span.context_len
+        q_len = qe - qs
+        k = _gather(k_cache, span.block_table, ctx).transpose(0, 1)  # [kvh, ctx, D]
+        v = _gather(v_cache, span.block_table, ctx).transpose(0, 1)
+        qh = q[qs:qe].transpose(0, 1).to(k.dtype)  # [H, q_len, D]
+        if q_len == ctx:
+            o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            # Queries sit at the end of the context: query i sees keys 0 .. ctx - q_len + i.
+            q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
+            k_pos = torch.arange(ctx, device=q.device)
+            mask = k_pos[None, :] <= q_pos[:, None]
+            o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[qs:qe] = o.transpose(0, 1).to(out.dtype)
+    return out
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dense causal attention of a whole sequence, [L, H, D] x [L, kvh, D] (test oracle)."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1).float()
+    v = v.repeat_interleave(groups, dim=1).float()
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    length = q.shape[0]
+    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
