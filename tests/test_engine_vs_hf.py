@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tidal import LLM, SamplingParams
-from tidal.models.loader import embedded_model_path
+from tidal.models.source import embedded_gguf_path as embedded_model_path
 
 NEW_TOKENS = 32
 TIE = 1e-4
@@ -55,19 +55,16 @@ def prompt_ids():
 
 @pytest.fixture(scope="module")
 def reference_outputs(hf_reference, prompt_ids):
-    """Per prompt: greedy tokens and each step's logits, from an unbatched HF loop."""
+    """Per prompt: greedy tokens and each step's raw logits, from unbatched HF generation."""
+    hf_reference.generation_config.eos_token_id = None  # as ignore_eos: always 32 tokens
     outputs = []
     with torch.no_grad():
         for ids in prompt_ids:
-            tokens, step_logits = [], []
-            out = hf_reference(torch.tensor([ids]), use_cache=True)
-            for _ in range(NEW_TOKENS):
-                logits = out.logits[0, -1].float()
-                token = int(logits.argmax())
-                tokens.append(token)
-                step_logits.append(logits)
-                out = hf_reference(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
-            outputs.append((tokens, step_logits))
+            gen = hf_reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                        do_sample=False, max_new_tokens=NEW_TOKENS, pad_token_id=0,
+                                        output_logits=True, return_dict_in_generate=True)
+            tokens = gen.sequences[0, len(ids):].tolist()
+            outputs.append((tokens, [step[0].float() for step in gen.logits]))
     return outputs
 
 
@@ -93,11 +90,11 @@ def test_greedy_matches_transformers(chunked, prompt_ids, reference_outputs):
               num_kv_blocks=512)
     cold = _generate(llm, prompt_ids)
     for out, (ref_tokens, ref_logits) in zip(cold, reference_outputs):
-        assert out.num_cached_tokens == 0
         assert_matches_reference(out.outputs[0].token_ids, ref_tokens, ref_logits)
     # Same prompts again: full blocks now come from the prefix cache.
     warm = _generate(llm, prompt_ids)
-    assert sum(out.num_cached_tokens for out in warm) > 0
+    # (The chat prompts share a system prompt, so even the cold run has some hits.)
+    assert sum(o.num_cached_tokens for o in warm) > sum(o.num_cached_tokens for o in cold)
     for out, (ref_tokens, ref_logits) in zip(warm, reference_outputs):
         assert_matches_reference(out.outputs[0].token_ids, ref_tokens, ref_logits)
     free, cached, used = llm.engine.kv.pool.counts()

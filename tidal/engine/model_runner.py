@@ -16,7 +16,8 @@ from tidal.config import EngineConfig
 from tidal.engine.sampler import SamplingBatch, sample
 from tidal.engine.scheduler import ScheduledRequest, SchedulerOutput
 from tidal.kernels.paged_attention import AttentionMetadata, PrefillSpan
-from tidal.models.loader import LoadedModel, kv_bytes_per_token, kv_cache_shape
+from tidal.models.llama import kv_bytes_per_token, kv_cache_shape
+from tidal.models.loader import LoadedModel
 from tidal.protocol import TokenLogprob
 
 

@@ -1,0 +1,213 @@
+"""The OpenAI-compatible HTTP server: app factory and uvicorn runner.
+
+`build_app` wires one engine client, one tokenizer and one served model name into a FastAPI
+app with its own metrics registry; the caller owns the engine's lifecycle (start it before
+serving, shut it down after `serve_http` returns). Endpoints:
+
+    POST /v1/chat/completions   POST /v1/completions   GET /v1/models[/{model}]
+    GET /health                 GET /metrics           GET /version
+
+Every error is answered in OpenAI's JSON shape (see `errors.py`); request bodies above
+`ServerConfig.max_request_body_bytes` are refused with 413 before any handler runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tidal.config import ServerConfig
+from tidal.frontend.detokenizer import TokenTextTable
+from tidal.frontend.engine_client import EngineClient
+from tidal.frontend.errors import (OpenAIError, engine_unavailable, install_exception_handlers,
+                                   model_not_found, request_too_large)
+from tidal.frontend.metrics import CONTENT_TYPE, FrontendMetrics
+from tidal.frontend.openai_types import ModelCard, ModelList
+from tidal.frontend.serving import ClientDisconnected, ServingContext, error_for, json_response
+from tidal.frontend.serving_chat import ChatServing
+from tidal.frontend.serving_completion import CompletionServing
+
+logger = logging.getLogger(__name__)
+
+GRACEFUL_SHUTDOWN_TIMEOUT_S = 10
+"""How long shutdown waits for open responses before cancelling them (which aborts them)."""
+
+_DRAIN_LIMIT_FACTOR = 4
+"""An oversized body up to this many times the limit is read and dropped before the 413, so
+the client (still sending) reliably gets the answer instead of a reset connection."""
+
+
+def _version() -> str:
+    try:
+        from tidal import __version__
+    except ImportError:
+        return "unknown"
+    return __version__
+
+
+class BodySizeLimitMiddleware:
+    """Refuses bodies over `max_body_bytes` with 413, by Content-Length and by bytes read.
+
+    The body is read here, whole, before the app runs (it is small: a prompt), and replayed
+    to the app; later `receive()` calls go to the server, so disconnects are still seen.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            if declared <= limit * _DRAIN_LIMIT_FACTOR:
+                await self._drain(receive)
+            await self._refuse(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > limit:
+                if size <= limit * _DRAIN_LIMIT_FACTOR and message.get("more_body", False):
+                    await self._drain(receive, size)
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _drain(self, receive: Receive, size: int = 0) -> None:
+        while size <= self.max_body_bytes * _DRAIN_LIMIT_FACTOR:
+            message = await receive()
+            size += len(message.get("body", b""))
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                return
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        err = request_too_large(self.max_body_bytes)
+        response = JSONResponse(err.body(), status_code=413, headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def build_app(engine: EngineClient, tokenizer: Any, served_model_name: str,
+              server_config: ServerConfig) -> FastAPI:
+    """The HTTP app for one engine; `tokenizer` follows `tidal.tokenizer`'s interface."""
+    app = FastAPI(title="Tidal", version=_version())
+    metrics = FrontendMetrics(engine)
+    ctx = ServingContext(engine=engine, tokenizer=tokenizer,
+                         served_model_name=served_model_name, metrics=metrics,
+                         token_table=TokenTextTable(tokenizer))
+    chat = ChatServing(ctx)
+    completion = CompletionServing(ctx)
+    app.state.serving_context = ctx
+    install_exception_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware,
+                       max_body_bytes=server_config.max_request_body_bytes)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _answer(chat.create, request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _answer(completion.create, request)
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        return json_response(ModelList(data=[_model_card(ctx)]))
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> Response:
+        if model != served_model_name:
+            return model_not_found(model).response()
+        return json_response(_model_card(ctx))
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.is_healthy():
+            return Response(status_code=200)
+        return engine_unavailable("The engine is not healthy.").response()
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/version")
+    async def version() -> Response:
+        return JSONResponse({"version": _version()})
+
+    return app
+
+
+def _model_card(ctx: ServingContext) -> ModelCard:
+    return ModelCard(id=ctx.served_model_name, created=ctx.created, root=ctx.served_model_name,
+                     max_model_len=ctx.engine.max_model_len)
+
+
+async def _answer(handler, request: Request) -> Response:
+    """Runs an endpoint; every failure becomes an OpenAI error response."""
+    try:
+        return await handler(request)
+    except OpenAIError as exc:
+        return exc.response()
+    except ClientDisconnected:
+        return Response(status_code=499)  # nobody reads it; the engine request was aborted
+    except Exception as exc:
+        return error_for(exc).response()
+
+
+def make_http_server(app: FastAPI, server_config: ServerConfig) -> uvicorn.Server:
+    """A uvicorn server for `app`: no access log; graceful shutdown on SIGINT/SIGTERM."""
+    config = uvicorn.Config(
+        app, host=server_config.host, port=server_config.port,
+        log_level=server_config.log_level.lower(), access_log=False, lifespan="off",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_TIMEOUT_S)
+    return uvicorn.Server(config)
+
+
+async def serve_http(app: FastAPI, server_config: ServerConfig) -> None:
+    """Serves until SIGINT/SIGTERM, then finishes open responses (up to a timeout)."""
+    await make_http_server(app, server_config).serve()
+
+
+def run_server(engine: EngineClient, tokenizer: Any, served_model_name: str,
+               server_config: ServerConfig) -> None:
+    """Blocking helper for engines that need no start-up on the server's event loop."""
+    import asyncio
+
+    asyncio.run(serve_http(build_app(engine, tokenizer, served_model_name, server_config),
+                           server_config))

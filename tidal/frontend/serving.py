@@ -1,0 +1,334 @@
+"""The request lifecycle shared by chat and text completions.
+
+`GenerationRun` owns one request's trip through the engine: it submits the `AddRequest`,
+turns each `TokenDelta` into stable text (`OutputAssembler`), ends the request at a stop
+string, records metrics, and in every case closes the engine iterator, which aborts the
+request in the engine if it has not finished (client gone, stop string, error). Nothing that
+fails validation reaches it: the endpoint code checks everything first.
+
+The endpoint modules (`serving_chat`, `serving_completion`) build the prompt and shape the
+OpenAI responses; the helpers here parse bodies, check the model and the context length,
+map request fields to `SamplingParams`, format server-sent events, and cancel a
+non-streaming request when its client disconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from tidal.frontend.detokenizer import OutputAssembler, TokenTextTable
+from tidal.frontend.engine_client import EngineClient, EngineDeadError
+from tidal.frontend.errors import (OpenAIError, bad_request, engine_unavailable,
+                                   from_validation_error, internal_error, model_not_found)
+from tidal.frontend.metrics import FrontendMetrics
+from tidal.frontend.openai_types import PromptTokensDetails, SamplingRequest, UsageInfo
+from tidal.protocol import AddRequest, SamplingParams, TokenDelta, TokenLogprob
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+MIN_LOGPROB = -9999.0
+"""Stands in for -inf (JSON has no infinities), as OpenAI does."""
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+class EngineRequestError(RuntimeError):
+    """The engine reported an error for one request (the engine itself lives on)."""
+
+
+class ClientDisconnected(Exception):
+    """The client went away before a non-streaming response was ready."""
+
+
+@dataclass(frozen=True)
+class ServingContext:
+    """What every endpoint needs; built once per app."""
+
+    engine: EngineClient
+    tokenizer: Any
+    served_model_name: str
+    metrics: FrontendMetrics
+    token_table: TokenTextTable
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+# ---------------------------------------------------------------------------------------------
+# validation helpers
+
+
+async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
+    body = await request.body()
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def check_request(ctx: ServingContext, req: SamplingRequest) -> None:
+    """Checks that need the server's state; raises `OpenAIError`."""
+    if req.model != ctx.served_model_name:
+        raise model_not_found(req.model)
+    if not ctx.engine.is_healthy():
+        raise engine_unavailable()
+    vocab_size = getattr(ctx.tokenizer, "vocab_size", None)
+    if req.stop_token_ids and vocab_size is not None:
+        if any(t >= vocab_size for t in req.stop_token_ids):
+            raise bad_request(f"stop_token_ids must be below the vocabulary size {vocab_size}",
+                              param="stop_token_ids")
+
+
+def check_token_ids(ctx: ServingContext, token_ids: list[int], param: str) -> None:
+    vocab_size = getattr(ctx.tokenizer, "vocab_size", None)
+    bad = [t for t in token_ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+    if bad:
+        raise bad_request(f"token id {bad[0]} is outside the vocabulary (size {vocab_size})",
+                          param=param)
+
+
+def resolve_max_tokens(max_model_len: int, num_prompt_tokens: int, requested: int | None,
+                       default: int | None, param: str) -> int:
+    """The request's output budget; 400 when prompt + output would not fit the context.
+
+    `requested` None means the client didn't say: use `default` (None: all that's left),
+    clipped to what's left.
+    """
+    left = max_model_len - num_prompt_tokens
+    if requested is None:
+        if left < 1:
+            raise bad_request(
+                f"This model's maximum context length is {max_model_len} tokens. However, "
+                f"your prompt has {num_prompt_tokens} tokens, which leaves no room for the "
+                f"completion. Please reduce the length of the prompt.", param=param)
+        return left if default is None else min(default, left)
+    if requested > left:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the "
+            f"prompt, {requested} for the completion). Please reduce the length of the "
+            f"prompt or max_tokens.", param="max_tokens")
+    return requested
+
+
+def build_sampling_params(req: SamplingRequest, max_tokens: int,
+                          logprobs: int | None) -> SamplingParams:
+    top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=top_k,
+        min_p=0.0 if req.min_p is None else req.min_p,
+        seed=req.seed,
+        stop=req.stop_strings(),
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        ignore_eos=req.ignore_eos,
+        min_tokens=req.min_tokens,
+        logprobs=logprobs,
+    )
+
+
+def clamp_logprob(logprob: float) -> float:
+    if math.isnan(logprob) or logprob < MIN_LOGPROB:
+        return MIN_LOGPROB
+    return logprob
+
+
+# ---------------------------------------------------------------------------------------------
+# one request through the engine
+
+
+@dataclass(slots=True)
+class TextStep:
+    """What one engine step added to a request's output."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None
+
+
+class GenerationRun:
+    """One request's engine stream turned into text steps.
+
+    Lifecycle: `steps()` is iterated once; it ends after the step that carries a
+    finish_reason. Closing it early (client gone) closes the engine iterator, which aborts
+    the request. Counters (`num_generated_tokens`, `num_cached_tokens`) are final once
+    `steps()` has ended.
+    """
+
+    def __init__(self, ctx: ServingContext, request: AddRequest, *,
+                 skip_special_tokens: bool = True) -> None:
+        self._ctx = ctx
+        self.request = request
+        params = request.sampling_params
+        hidden = set(params.stop_token_ids)
+        hidden.update(getattr(ctx.tokenizer, "eos_token_ids", None) or ())
+        self._assembler = OutputAssembler(
+            ctx.tokenizer, request.prompt_token_ids, stop=params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+            hidden_token_ids=hidden, skip_special_tokens=skip_special_tokens)
+        self.num_prompt_tokens = len(request.prompt_token_ids)
+        self.num_generated_tokens = 0
+        self.num_cached_tokens = 0
+        self._last_output_time: float | None = None
+
+    def usage(self) -> UsageInfo:
+        return UsageInfo(
+            prompt_tokens=self.num_prompt_tokens,
+            completion_tokens=self.num_generated_tokens,
+            total_tokens=self.num_prompt_tokens + self.num_generated_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=self.num_cached_tokens))
+
+    async def steps(self) -> AsyncIterator[TextStep]:
+        metrics = self._ctx.metrics
+        metrics.prompt_tokens.inc(self.num_prompt_tokens)
+        status = "abort"
+        stream = self._ctx.engine.generate(self.request)
+        finished = False
+        try:
+            async for delta in stream:
+                if finished:
+                    continue  # nothing may follow the last step; let the engine stream end
+                step = self._on_delta(delta)
+                if step.finish_reason is not None:
+                    finished = True
+                    status = "abort" if step.finish_reason == "abort" else "success"
+                    if status == "success":
+                        metrics.e2e_s.observe(time.monotonic() - self.request.arrival_time)
+                    yield step
+                    if not delta.finished:
+                        return  # a stop string ended it: closing the engine stream aborts it
+                    continue  # the engine finished it: its stream ends by itself
+                yield step
+            if not finished:
+                raise EngineRequestError("the engine ended the request's stream unfinished")
+        except Exception:
+            status = "error"
+            raise
+        finally:
+            # Aborts the request in the engine unless it finished; shielded so that a
+            # cancelled caller (client disconnect) still frees the engine's KV blocks.
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+            metrics.requests.labels(status).inc()
+
+    def _on_delta(self, delta: TokenDelta) -> TextStep:
+        if delta.error is not None or delta.finish_reason == "error":
+            raise EngineRequestError(delta.error or "the engine failed this request")
+        metrics = self._ctx.metrics
+        now = time.monotonic()
+        if delta.new_token_ids:
+            if self._last_output_time is None:
+                metrics.ttft_s.observe(now - self.request.arrival_time)
+            else:
+                metrics.itl_s.observe(now - self._last_output_time)
+            self._last_output_time = now
+        if delta.num_cached_tokens > self.num_cached_tokens:
+            metrics.prefix_cache_hit_tokens.inc(delta.num_cached_tokens - self.num_cached_tokens)
+            self.num_cached_tokens = delta.num_cached_tokens
+        out = self._assembler.add(delta.new_token_ids, delta.finished, delta.finish_reason)
+        self.num_generated_tokens += out.num_tokens
+        metrics.generation_tokens.inc(out.num_tokens)
+        if out.stopped:
+            finish_reason: str | None = "stop"
+        elif delta.finished:
+            finish_reason = delta.finish_reason or "stop"
+        else:
+            finish_reason = None
+        token_ids = delta.new_token_ids[:out.num_tokens]
+        logprobs = delta.logprobs[:out.num_tokens] if delta.logprobs is not None else None
+        return TextStep(out.text, token_ids, logprobs, finish_reason)
+
+
+def error_for(exc: Exception) -> OpenAIError:
+    """The client-facing error for an exception raised while a request runs."""
+    if isinstance(exc, OpenAIError):
+        return exc
+    if isinstance(exc, EngineDeadError):
+        return engine_unavailable(f"The engine stopped: {exc}" if str(exc) else
+                                  "The engine stopped.")
+    if isinstance(exc, EngineRequestError):
+        return internal_error(f"The engine failed this request: {exc}")
+    logger.exception("request failed", exc_info=exc)
+    return internal_error(f"Internal server error: {type(exc).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# transport helpers
+
+
+def sse_event(payload: str | bytes) -> bytes:
+    if isinstance(payload, str):
+        payload = payload.encode()
+    return b"data: " + payload + b"\n\n"
+
+
+def sse_error(exc: Exception) -> bytes:
+    return sse_event(json.dumps(error_for(exc).body()))
+
+
+class SSEResponse(StreamingResponse):
+    """Server-sent events whose body iterator is always closed, even when abandoned.
+
+    Starlette cancels the streaming task when the client disconnects; if the body iterator
+    was waiting at a `yield` it would otherwise be left suspended until garbage collection,
+    and the engine request behind it would keep running.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[bytes]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run_until_disconnect(request: Request, work: Callable[[], Awaitable[T]]) -> T:
+    """Runs `work()`; cancels it (aborting its engine request) if the client disconnects."""
+    work_task = asyncio.ensure_future(work())
+    watch_task = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+    try:
+        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        work_task.cancel()  # no-op when done
+        watch_task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(work_task, watch_task, return_exceptions=True)
+    if work_task.cancelled():
+        raise ClientDisconnected()
+    return work_task.result()
+
+
+def json_response(model: BaseModel, status_code: int = 200) -> Response:
+    return Response(model.model_dump_json(), status_code=status_code,
+                    media_type="application/json")

@@ -1,0 +1,133 @@
+"""`POST /v1/chat/completions`: messages -> chat template -> tokens -> engine -> OpenAI shapes."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tidal.frontend.errors import bad_request
+from tidal.frontend.openai_types import (ChatChoiceLogprobs, ChatCompletionChoice,
+                                         ChatCompletionChunk, ChatCompletionChunkChoice,
+                                         ChatCompletionRequest, ChatCompletionResponse,
+                                         ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob)
+from tidal.frontend.serving import (SSE_DONE, GenerationRun, ServingContext, SSEResponse,
+                                    build_sampling_params, check_request, clamp_logprob,
+                                    json_response, parse_body, resolve_max_tokens,
+                                    run_until_disconnect, sse_error, sse_event)
+from tidal.protocol import AddRequest, TokenLogprob
+
+
+class ChatServing:
+    def __init__(self, ctx: ServingContext) -> None:
+        self._ctx = ctx
+
+    async def create(self, request: Request) -> Response:
+        arrival_time = time.monotonic()
+        req = await parse_body(request, ChatCompletionRequest)
+        ctx = self._ctx
+        check_request(ctx, req)
+        prompt_token_ids = self._prompt_token_ids(req)
+        max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(prompt_token_ids),
+                                        req.requested_max_tokens(), None, param="messages")
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        add_request = AddRequest(
+            request_id=request_id, prompt_token_ids=prompt_token_ids,
+            sampling_params=build_sampling_params(req, max_tokens, req.num_logprobs()),
+            arrival_time=arrival_time)
+        run = GenerationRun(ctx, add_request, skip_special_tokens=req.skip_special_tokens)
+        if req.stream:
+            return SSEResponse(self._stream(run, req))
+        return await run_until_disconnect(request, lambda: self._complete(run, req))
+
+    def _prompt_token_ids(self, req: ChatCompletionRequest) -> list[int]:
+        tokenizer = self._ctx.tokenizer
+        messages = [m.template_dict() for m in req.messages]
+        template_kwargs = req.chat_template_kwargs or {}
+        if "chat_template" in template_kwargs:
+            # A client-supplied template is code the server would run; not accepted.
+            raise bad_request("chat_template cannot be set per request",
+                              param="chat_template_kwargs")
+        try:
+            prompt = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=req.add_generation_prompt, tools=req.tools,
+                **template_kwargs)
+        except Exception as exc:  # jinja2 errors, raise_exception() in templates, bad kwargs
+            raise bad_request(f"Could not apply the chat template: {exc}",
+                              param="messages") from None
+        return list(tokenizer.encode(prompt, add_special_tokens=False))
+
+    def _logprobs(self, logprobs: list[TokenLogprob] | None,
+                  num_top: int) -> ChatChoiceLogprobs | None:
+        if logprobs is None:
+            return None
+        table = self._ctx.token_table
+        content = []
+        for lp in logprobs:
+            text, raw = table.text_and_bytes(lp.token_id)
+            top = []
+            for token_id, logprob in lp.top[:num_top]:
+                top_text, top_raw = table.text_and_bytes(token_id)
+                top.append(ChatTopLogprob(token=top_text, logprob=clamp_logprob(logprob),
+                                          bytes=top_raw))
+            content.append(ChatTokenLogprob(token=text, logprob=clamp_logprob(lp.logprob),
+                                            bytes=raw, top_logprobs=top))
+        return ChatChoiceLogprobs(content=content)
+
+    async def _complete(self, run: GenerationRun, req: ChatCompletionRequest) -> Response:
+        texts: list[str] = []
+        logprobs: list[TokenLogprob] | None = [] if req.logprobs else None
+        finish_reason = None
+        async with aclosing(run.steps()) as steps:
+            async for step in steps:
+                texts.append(step.text)
+                if logprobs is not None and step.logprobs:
+                    logprobs.extend(step.logprobs)
+                finish_reason = step.finish_reason
+        choice = ChatCompletionChoice(
+            message=ChatResponseMessage(content="".join(texts)),
+            logprobs=self._logprobs(logprobs, req.top_logprobs or 0),
+            finish_reason=finish_reason)
+        return json_response(ChatCompletionResponse(
+            id=run.request.request_id, created=int(time.time()),
+            model=self._ctx.served_model_name, choices=[choice], usage=run.usage()))
+
+    async def _stream(self, run: GenerationRun, req: ChatCompletionRequest
+                      ) -> AsyncIterator[bytes]:
+        created = int(time.time())
+        model = self._ctx.served_model_name
+        include_usage = req.include_usage
+        exclude = None if include_usage else {"usage"}
+        first = True
+        try:
+            async with aclosing(run.steps()) as steps:
+                async for step in steps:
+                    delta: dict[str, str] = {}
+                    if first:
+                        # The role rides on the first chunk that follows engine output, so a
+                        # client timing its first chunk measures a real first token.
+                        delta["role"] = "assistant"
+                        delta["content"] = step.text
+                        first = False
+                    elif step.text:
+                        delta["content"] = step.text
+                    if not delta and step.finish_reason is None and not step.logprobs:
+                        continue
+                    logprobs = self._logprobs(step.logprobs if req.logprobs else None,
+                                              req.top_logprobs or 0)
+                    chunk = ChatCompletionChunk(
+                        id=run.request.request_id, created=created, model=model,
+                        choices=[ChatCompletionChunkChoice(
+                            delta=delta, logprobs=logprobs, finish_reason=step.finish_reason)])
+                    yield sse_event(chunk.model_dump_json(exclude=exclude))
+            if include_usage:
+                chunk = ChatCompletionChunk(id=run.request.request_id, created=created,
+                                            model=model, choices=[], usage=run.usage())
+                yield sse_event(chunk.model_dump_json())
+        except Exception as exc:
+            yield sse_error(exc)
+        yield SSE_DONE

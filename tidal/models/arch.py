@@ -1,0 +1,195 @@
+"""`ModelArch`: the shape of a llama-family model, and named presets for dummy weights.
+
+A `ModelArch` is read once from a checkpoint (GGUF metadata, `config.json`) or taken from
+`PRESETS`, and never changes afterwards. It imports no torch, so the frontend and the planner
+can size things from it without loading the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    architecture: str
+    """`llama`, `mistral`, `qwen2` or `qwen3` (all run by `tidal.models.llama.LlamaModel`)."""
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    """HF-style rope scaling (`{"rope_type": "llama3", "factor": ..., ...}`, `linear`), None, or
+    `{"rope_type": "freq_factors", "factors": (...)}`: a divisor per frequency, as GGUF files of
+    Llama 3.1 store it."""
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    """The LM head reuses the token embedding matrix."""
+    attention_bias: bool = False
+    """q/k/v projections have a bias (Qwen2)."""
+    qk_norm: bool = False
+    """Per-head RMSNorm on q and k before RoPE (Qwen3)."""
+    max_position_embeddings: int = 4096
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    sliding_window: int | None = None
+    """Attention window (old Mistral); Tidal has no windowed attention, so the loader caps
+    `max_model_len` at it, where full attention and windowed attention agree."""
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        rope_type = rope_type_of(self.rope_scaling)
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"rope scaling type {rope_type!r} is not supported "
+                             f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def replace(self, **changes) -> ModelArch:
+        return dataclasses.replace(self, **changes)
+
+
+def rope_type_of(rope_scaling: dict | None) -> str:
+    if not rope_scaling:
+        return "default"
+    return rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+
+
+def param_count(arch: ModelArch) -> int:
+    """Number of weights, computed from the shapes alone (nothing allocated)."""
+    h, d = arch.hidden_size, arch.head_dim
+    attention = h * (arch.q_size + 2 * arch.kv_size) + arch.q_size * h
+    if arch.attention_bias:
+        attention += arch.q_size + 2 * arch.kv_size
+    if arch.qk_norm:
+        attention += 2 * d
+    mlp = 3 * h * arch.intermediate_size
+    norms = 2 * h
+    per_layer = attention + mlp + norms
+    embeddings = arch.vocab_size * h * (1 if arch.tie_word_embeddings else 2)
+    return arch.num_layers * per_layer + embeddings + h
+
+
+_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+# Shapes from each model's public config.json (instruct variants for the token ids).
+PRESETS: dict[str, ModelArch] = {
+    "llama-3.1-8b": ModelArch(
+        "llama", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+        intermediate_size=14336, vocab_size=128256, rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE,
+        rms_norm_eps=1e-5, max_position_embeddings=131072, bos_token_id=128000,
+        eos_token_ids=(128001, 128008, 128009)),
+    "llama-3.1-70b": ModelArch(
+        "llama", hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128,
+        intermediate_size=28672, vocab_size=128256, rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE,
+        rms_norm_eps=1e-5, max_position_embeddings=131072, bos_token_id=128000,
+        eos_token_ids=(128001, 128008, 128009)),
+    "qwen3-8b": ModelArch(
+        "qwen3", hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
+        intermediate_size=12288, vocab_size=151936, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        qk_norm=True, max_position_embeddings=40960, bos_token_id=151643, eos_token_ids=(151645, 151643)),
+    "qwen2.5-7b": ModelArch(
+        "qwen2", hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128,
+        intermediate_size=18944, vocab_size=152064, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        attention_bias=True, max_position_embeddings=32768, bos_token_id=151643,
+        eos_token_ids=(151645, 151643)),
+    "mistral-7b": ModelArch(  # Mistral-7B-Instruct-v0.3
+        "mistral", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+        intermediate_size=14336, vocab_size=32768, rope_theta=1000000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=32768, bos_token_id=1, eos_token_ids=(2,)),
+    "smollm2-135m": ModelArch(
+        "llama", hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+        intermediate_size=1536, vocab_size=49152, rope_theta=100000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, max_position_embeddings=8192, bos_token_id=1, eos_token_ids=(2,)),
+    # Tiny test models. Their vocabulary is the embedded SmolLM2 tokenizer's, so a server started
+    # on `dummy:tiny-*` can take any prompt that tokenizer produces.
+    "tiny-llama": ModelArch(
+        "llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+        intermediate_size=128, vocab_size=49152, rope_theta=10000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, max_position_embeddings=2048, bos_token_id=1, eos_token_ids=(2,)),
+    "tiny-qwen3": ModelArch(
+        "qwen3", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
+        intermediate_size=128, vocab_size=49152, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        qk_norm=True, max_position_embeddings=2048, bos_token_id=1, eos_token_ids=(2,)),
+}
+
+
+def get_preset(name: str) -> ModelArch:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown dummy model preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+
+
+_HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                     "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+
+
+def _eos_ids(*values) -> tuple[int, ...]:
+    """Flatten eos ids given as int, list or None, keeping first-seen order."""
+    ids: list[int] = []
+    for value in values:
+        for token_id in (value if isinstance(value, (list, tuple)) else [value]):
+            if token_id is not None and token_id not in ids:
+                ids.append(int(token_id))
+    return tuple(ids)
+
+
+def _hf_rope(config: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from either the old keys or transformers 5's `rope_parameters`."""
+    params = config.get("rope_parameters") or {}
+    theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
+    scaling = config.get("rope_scaling") or {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling and rope_type_of(scaling) == "default":
+        scaling = None
+    return float(theta), (dict(scaling) if scaling else None)
+
+
+def arch_from_hf_config(config: dict, generation_config: dict | None = None) -> ModelArch:
+    """A `ModelArch` from a Hugging Face `config.json` (and `generation_config.json`) dict."""
+    names = config.get("architectures") or []
+    known = [_HF_ARCHITECTURES[n] for n in names if n in _HF_ARCHITECTURES]
+    if not known:
+        raise ValueError(f"unsupported architecture {names!r}; supported: {', '.join(_HF_ARCHITECTURES)}")
+    architecture = known[0]
+    num_heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // num_heads
+    rope_theta, rope_scaling = _hf_rope(config)
+    generation_config = generation_config or {}
+    sliding_window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    return ModelArch(
+        architecture=architecture,
+        hidden_size=config["hidden_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=config.get("num_key_value_heads") or num_heads,
+        head_dim=head_dim,
+        intermediate_size=config["intermediate_size"],
+        vocab_size=config["vocab_size"],
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        # Qwen2 always has q/k/v biases; its config has no key for them.
+        attention_bias=architecture == "qwen2" or bool(config.get("attention_bias", False)),
+        qk_norm=architecture == "qwen3",
+        max_position_embeddings=config.get("max_position_embeddings", 4096),
+        bos_token_id=generation_config.get("bos_token_id", config.get("bos_token_id")),
+        eos_token_ids=_eos_ids(generation_config.get("eos_token_id"), config.get("eos_token_id")),
+        sliding_window=sliding_window if architecture == "mistral" else None,
+    )

@@ -1,0 +1,210 @@
+"""The llama-family decoder: Llama 2/3, SmolLM2, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm).
+
+`LlamaModel` owns the weights (in the fused layout below) and a RoPE cos/sin table; it holds no
+per-request state. The KV cache belongs to the caller (the model runner), which passes one
+(k_cache, v_cache) pair per layer into every `forward`.
+
+Fused weight layout per layer (`load_weight` writes checkpoint tensors into these slices):
+  qkv_weight      [q_size + 2 * kv_size, hidden]        rows: q_proj, then k_proj, then v_proj
+  qkv_bias        [q_size + 2 * kv_size]                only with `attention_bias` (Qwen2)
+  qk_norm         [num_heads + num_kv_heads, head_dim]  q_norm repeated per head, then k_norm
+  gate_up_weight  [2 * intermediate_size, hidden]       rows: gate_proj, then up_proj
+  o_weight [hidden, q_size], down_weight [hidden, intermediate_size]
+
+The token axis is flat: the tokens of every request in the step, concatenated, no batch dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tidal.kernels.paged_attention import AttentionMetadata, paged_attention, write_kv
+from tidal.models.arch import ModelArch
+from tidal.models.layers import add_rms_norm, apply_rope, rms_norm, rope_cos_sin_cache, silu_and_mul
+
+
+def _empty(shape, dtype, device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class DecoderLayer(nn.Module):
+    """One transformer block: pre-norm attention then pre-norm SiLU-gated MLP."""
+
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.arch = arch
+        h = arch.hidden_size
+        self.q_size, self.kv_size = arch.q_size, arch.kv_size
+        self.scale = arch.head_dim ** -0.5
+        self.input_layernorm = _empty((h,), dtype, device)
+        self.qkv_weight = _empty((self.q_size + 2 * self.kv_size, h), dtype, device)
+        self.qkv_bias = _empty((self.q_size + 2 * self.kv_size,), dtype, device) if arch.attention_bias else None
+        self.qk_norm = _empty((arch.num_heads + arch.num_kv_heads, arch.head_dim), dtype, device) \
+            if arch.qk_norm else None
+        self.o_weight = _empty((h, self.q_size), dtype, device)
+        self.post_attention_layernorm = _empty((h,), dtype, device)
+        self.gate_up_weight = _empty((2 * arch.intermediate_size, h), dtype, device)
+        self.down_weight = _empty((h, arch.intermediate_size), dtype, device)
+
+    def weight_slot(self, name: str) -> torch.Tensor | None:
+        """Hugging Face name inside the layer (`self_attn.q_proj.weight`) -> where it goes."""
+        q, kv, inter = self.q_size, self.kv_size, self.arch.intermediate_size
+        heads = self.arch.num_heads
+        qkv_rows = {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, q + 2 * kv)}
+        module, _, kind = name.rpartition(".")
+        part = module.rpartition(".")[2]
+        if part in qkv_rows:
+            fused = self.qkv_weight if kind == "weight" else self.qkv_bias
+            return None if fused is None else fused[qkv_rows[part]]
+        if part in ("q_norm", "k_norm") and self.qk_norm is not None:
+            return self.qk_norm[:heads] if part == "q_norm" else self.qk_norm[heads:]
+        if part in ("gate_proj", "up_proj"):
+            return self.gate_up_weight[:inter] if part == "gate_proj" else self.gate_up_weight[inter:]
+        return {"input_layernorm.weight": self.input_layernorm,
+                "post_attention_layernorm.weight": self.post_attention_layernorm,
+                "self_attn.o_proj.weight": self.o_weight,
+                "mlp.down_proj.weight": self.down_weight}.get(name)
+
+    def weight_names(self) -> list[str]:
+        names = ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.weight",
+                 "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+        names += [f"self_attn.{p}_proj.weight" for p in "qkv"]
+        if self.arch.attention_bias:
+            names += [f"self_attn.{p}_proj.bias" for p in "qkv"]
+        if self.arch.qk_norm:
+            names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+        return names
+
+    def attention(self, x: torch.Tensor, cos_sin: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                  meta: AttentionMetadata) -> torch.Tensor:
+        """x: [T, hidden] (normed) -> [T, hidden]."""
+        arch = self.arch
+        num_tokens = x.shape[0]
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # [T, q_size + 2 * kv_size]
+        # q and k are adjacent in qkv: normalize and rotate them together as heads [T, H + kvH, D].
+        qk = qkv[:, :self.q_size + self.kv_size].view(num_tokens, arch.num_heads + arch.num_kv_heads, arch.head_dim)
+        if self.qk_norm is not None:
+            qk = rms_norm(qk, self.qk_norm, arch.rms_norm_eps)
+        qk = apply_rope(qk, cos_sin)
+        q = qk[:, :arch.num_heads]  # [T, H, D]
+        k = qk[:, arch.num_heads:]  # [T, kvH, D]
+        v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, arch.num_kv_heads, arch.head_dim)
+        k_cache, v_cache = kv_cache
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
+        return F.linear(out.reshape(num_tokens, self.q_size), self.o_weight)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(silu_and_mul(F.linear(x, self.gate_up_weight)), self.down_weight)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos_sin: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, residual) -> (hidden, residual); the true stream is hidden + residual.
+
+        The residual add is deferred into the next norm, so each norm is one add + one rms_norm.
+        """
+        eps = self.arch.rms_norm_eps
+        if residual is None:
+            residual = hidden
+            hidden = rms_norm(hidden, self.input_layernorm, eps)
+        else:
+            hidden, residual = add_rms_norm(hidden, residual, self.input_layernorm, eps)
+        hidden = self.attention(hidden, cos_sin, kv_cache, meta)
+        hidden, residual = add_rms_norm(hidden, residual, self.post_attention_layernorm, eps)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm, LM head (tied to the embedding or its own)."""
+
+    def __init__(self, arch: ModelArch, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 max_positions: int | None = None):
+        super().__init__()
+        self.arch = arch
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.max_positions = max_positions or arch.max_position_embeddings
+        self.embed_tokens = _empty((arch.vocab_size, arch.hidden_size), dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(arch, dtype, device) for _ in range(arch.num_layers))
+        self.norm = _empty((arch.hidden_size,), dtype, device)
+        self.lm_head = self.embed_tokens if arch.tie_word_embeddings \
+            else _empty((arch.vocab_size, arch.hidden_size), dtype, device)
+        cache = rope_cos_sin_cache(arch, self.max_positions, dtype, self.device)
+        self.register_buffer("cos_sin_cache", cache, persistent=False)  # [P, 2, head_dim]
+        self._loaded: set[str] = set()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [T] int64 -> final hidden states [T, hidden] (after the last norm)."""
+        hidden = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
+        cos_sin = self.cos_sin_cache.index_select(0, positions)  # [T, 2, head_dim]
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden, residual = layer(hidden, residual, cos_sin, kv_cache, attn_metadata)
+        hidden, _ = add_rms_norm(hidden, residual, self.norm, self.arch.rms_norm_eps)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab] float32."""
+        return F.linear(hidden, self.lm_head).float()
+
+
+    # ---- weight loading: checkpoint tensors (Hugging Face names) into the fused layout ----
+
+    def weight_slot(self, name: str) -> torch.Tensor | None:
+        """The parameter, or slice of a fused one, that checkpoint tensor `name` fills."""
+        if name == "model.embed_tokens.weight":
+            return self.embed_tokens
+        if name == "model.norm.weight":
+            return self.norm
+        if name == "lm_head.weight":
+            # A tied model may still ship a copy of the embedding as lm_head: ignore it.
+            return None if self.arch.tie_word_embeddings else self.lm_head
+        prefix = "model.layers."
+        if not name.startswith(prefix):
+            return None
+        index, _, rest = name[len(prefix):].partition(".")
+        if not index.isdigit() or int(index) >= len(self.layers):
+            return None
+        return self.layers[int(index)].weight_slot(rest)
+
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+        """Copy one checkpoint tensor into place (casting to the model dtype and device)."""
+        slot = self.weight_slot(name)
+        if slot is None:
+            return
+        if slot.dim() == tensor.dim() and slot.shape != tensor.shape:
+            raise ValueError(f"weight {name}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(slot.shape)}")
+        with torch.no_grad():
+            slot.copy_(tensor)  # q/k norms ([head_dim]) broadcast over their heads
+        self._loaded.add(name)
+
+    def expected_weight_names(self) -> list[str]:
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        if not self.arch.tie_word_embeddings:
+            names.append("lm_head.weight")
+        for index, layer in enumerate(self.layers):
+            names += [f"model.layers.{index}.{rest}" for rest in layer.weight_names()]
+        return names
+
+    def check_loaded(self) -> None:
+        """Raise if the checkpoint left any weight unwritten."""
+        missing = [n for n in self.expected_weight_names() if n not in self._loaded]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ValueError(f"checkpoint is missing {len(missing)} weights: {shown}")
+        self._loaded.clear()
+
+
+def kv_cache_shape(arch: ModelArch, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
+    """Shape of one layer's k (or v) cache: [num_blocks, block_size, num_kv_heads, head_dim]."""
+    return (num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
+
+
+def kv_bytes_per_token(arch: ModelArch, dtype: torch.dtype) -> int:
+    """Bytes of K and V, all layers, for one token."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * itemsize

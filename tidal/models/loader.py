@@ -1,0 +1,70 @@
+"""`load_model`: from a `ModelConfig` to a ready `LlamaModel` with its shape, name and limits.
+
+The model is built with empty parameters on the target device in the target dtype, then one
+source fills them: a GGUF file, a Hugging Face folder, or dummy random weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tidal.config import ModelConfig, resolve_dtype
+from tidal.models.arch import ModelArch, get_preset
+from tidal.models.dummy import init_dummy_weights
+from tidal.models.gguf_file import GGUFFile
+from tidal.models.gguf_loader import arch_from_gguf, load_gguf_weights
+from tidal.models.hf_loader import arch_from_hf_folder, load_hf_weights
+from tidal.models.llama import LlamaModel
+from tidal.models.source import ModelSource, resolve_model_source
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaModel
+    arch: ModelArch
+    name: str
+    """Served model name: `ModelConfig.served_model_name`, else the model's own name."""
+    max_model_len: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+def resolve_max_model_len(requested: int | None, arch: ModelArch) -> int:
+    limit = arch.max_position_embeddings
+    if arch.sliding_window:
+        limit = min(limit, arch.sliding_window)
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise ValueError(f"max_model_len {requested} exceeds the model's limit of {limit} tokens")
+    return requested
+
+
+def load_model(model_config: ModelConfig) -> LoadedModel:
+    """Build and fill the model named by `model_config.model` (see `resolve_model_source`)."""
+    source = resolve_model_source(model_config.model)
+    dtype = resolve_dtype(model_config.dtype, model_config.device)
+    device = torch.device(model_config.device)
+    reader = GGUFFile(source.path) if source.kind == "gguf" else None
+    arch = _read_arch(source, reader)
+    max_model_len = resolve_max_model_len(model_config.max_model_len, arch)
+    model = LlamaModel(arch, dtype, device, max_positions=max_model_len)
+    if source.kind == "gguf":
+        load_gguf_weights(model, reader)
+    elif source.kind == "hf":
+        load_hf_weights(model, source.path)
+    else:
+        init_dummy_weights(model, model_config.seed)
+    model.eval()
+    return LoadedModel(model=model, arch=arch, name=model_config.served_model_name or source.name,
+                       max_model_len=max_model_len, dtype=dtype, device=device)
+
+
+def _read_arch(source: ModelSource, reader) -> ModelArch:
+    if source.kind == "gguf":
+        return arch_from_gguf(reader)
+    if source.kind == "hf":
+        return arch_from_hf_folder(source.path)
+    return get_preset(source.preset)
