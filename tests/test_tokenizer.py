@@ -151,3 +151,16 @@ def test_gguf_tokenizer_without_chat_template_raises(ours):
 
 def test_gguf_tokenizer_direct():
     assert tokenizer_from_gguf(embedded_gguf_path()).encode("Hi") == load_tokenizer(None).encode("Hi")
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    from tidal.tokenizer import load_tokenizer
+
+    original = load_tokenizer(None)
+    original.save(str(tmp_path / "tok"))
+    copy = load_tokenizer("dummy:tiny-llama", tokenizer=str(tmp_path / "tok"))
+    text = "Hello wörld 123 <|im_start|>user\nhi<|im_end|>"
+    assert copy.encode(text) == original.encode(text)
+    assert copy.eos_token_ids == original.eos_token_ids
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    assert copy.apply_chat_template(messages) == original.apply_chat_template(messages)

@@ -16,6 +16,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="GGUF file, Hugging Face folder or dummy:ARCH (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--served-model-name", default=None)
+    p.add_argument("--tokenizer", default=None, help="folder with tokenizer.json, or a .gguf file")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None)
@@ -32,7 +33,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(model=args.model, served_model_name=args.served_model_name, dtype=args.dtype,
+        model=ModelConfig(model=args.model, tokenizer=args.tokenizer, served_model_name=args.served_model_name, dtype=args.dtype,
                           device=args.device, max_model_len=args.max_model_len, seed=args.seed),
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
                           kv_cache_memory_bytes=int(args.kv_cache_memory * (1 << 30)),
@@ -46,7 +47,7 @@ async def _serve(engine_config: EngineConfig, server_config: ServerConfig, num_t
     from tidal.tokenizer import load_tokenizer
     from tidal.worker.client import WorkerClient
 
-    tokenizer = load_tokenizer(engine_config.model.model)
+    tokenizer = load_tokenizer(engine_config.model.model, engine_config.model.tokenizer)
     client = WorkerClient(engine_config, num_threads=num_threads, log_level=server_config.log_level.upper())
     try:
         await client.start()

@@ -21,6 +21,8 @@ def env_str(name: str, default: str | None = None) -> str | None:
 class ModelConfig:
     model: str | None = None
     """GGUF file, Hugging Face folder, `dummy:ARCH`, or None for the embedded SmolLM2."""
+    tokenizer: str | None = None
+    """A folder with tokenizer.json or a .gguf file, instead of the model's own tokenizer."""
     served_model_name: str | None = None
     """Name clients use in the `model` field; defaults to the model's own name."""
     dtype: str = "auto"

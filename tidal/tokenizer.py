@@ -89,6 +89,17 @@ class Tokenizer:
 
     # ---- chat ----
 
+    def save(self, folder: str) -> None:
+        """Write an HF-style tokenizer folder (tokenizer.json, tokenizer_config.json) that
+        `tokenizer_from_hf_folder` reads back: e.g. to carry a GGUF's tokenizer elsewhere."""
+        os.makedirs(folder, exist_ok=True)
+        self.backend.save(os.path.join(folder, "tokenizer.json"))
+        config = {"bos_token": self.bos_token, "eos_token": self.eos_token, "chat_template": self.chat_template}
+        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, ensure_ascii=False, indent=1)
+        with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"eos_token_id": sorted(self.eos_token_ids)}, f)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tools=None,
                             chat_template: str | None = None, **kwargs) -> str:
         """Render a conversation with the model's Jinja chat template (as transformers does)."""
@@ -162,9 +173,14 @@ def _compile_template(template: str) -> jinja2.Template:
 
 # ---- loading ----
 
-def load_tokenizer(model: str | None) -> Tokenizer:
+def load_tokenizer(model: str | None, tokenizer: str | None = None) -> Tokenizer:
     """The tokenizer of `ModelConfig.model`: GGUF metadata, HF folder files, or (for `dummy:*`
-    models, which have none) the embedded SmolLM2 tokenizer."""
+    models, which have none) the embedded SmolLM2 tokenizer. `tokenizer` (a folder with
+    tokenizer.json, or a .gguf file) overrides the model's own."""
+    if tokenizer is not None:
+        if os.path.isdir(tokenizer):
+            return tokenizer_from_hf_folder(tokenizer)
+        return tokenizer_from_gguf(tokenizer)
     source = resolve_model_source(model)
     if source.kind == "hf":
         return tokenizer_from_hf_folder(source.path)

@@ -29,7 +29,7 @@ class EngineCore:
         started = time.monotonic()
         loaded = load_model(config.model)
         self.model_name = config.model.served_model_name or loaded.name
-        self.tokenizer = load_tokenizer(config.model.model)
+        self.tokenizer = load_tokenizer(config.model.model, config.model.tokenizer)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(loaded.arch.eos_token_ids or ())
         self.runner = ModelRunner(config, loaded)
         block_size = config.cache.block_size

@@ -32,13 +32,13 @@ class RequestOutput:
 
 
 class LLM:
-    def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "cpu",
+    def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto", device: str = "cpu",
                  max_model_len: int | None = None, seed: int = 0, block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_memory_bytes: int = 1 << 30,
                  enable_prefix_caching: bool = True, token_budget: int = 256, max_num_seqs: int = 128,
                  enable_chunked_prefill: bool = True):
         self.config = EngineConfig(
-            model=ModelConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len, seed=seed),
+            model=ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, device=device, max_model_len=max_model_len, seed=seed),
             cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
                               kv_cache_memory_bytes=kv_cache_memory_bytes,
                               enable_prefix_caching=enable_prefix_caching),
