@@ -29,8 +29,9 @@ class EngineCore:
         started = time.monotonic()
         loaded = load_model(config.model)
         self.model_name = config.model.served_model_name or loaded.name
-        self.tokenizer = load_tokenizer(config.model.model, config.model.tokenizer)
-        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(loaded.arch.eos_token_ids or ())
+        self.tokenizer = self._load_tokenizer(config)
+        tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else ()
+        self.eos_token_ids = frozenset(tokenizer_eos) | frozenset(loaded.arch.eos_token_ids or ())
         self.runner = ModelRunner(config, loaded)
         block_size = config.cache.block_size
         self.max_model_len = min(loaded.max_model_len, config.model.max_model_len or loaded.max_model_len,
@@ -45,6 +46,18 @@ class EngineCore:
                     "max_model_len=%d token_budget=%d (%.1fs)", self.model_name, loaded.dtype,
                     loaded.device, self.runner.num_blocks, block_size, self.max_model_len,
                     config.scheduler.token_budget, time.monotonic() - started)
+
+    @staticmethod
+    def _load_tokenizer(config: EngineConfig):
+        """The engine needs the tokenizer only for its stop ids. Dummy models borrow the embedded
+        one; where that package is absent (a bare GPU box), they run on token ids alone."""
+        try:
+            return load_tokenizer(config.model.model, config.model.tokenizer)
+        except ValueError:
+            if not (config.model.model or "").startswith("dummy:") or config.model.tokenizer:
+                raise
+            logger.warning("no tokenizer for %s: token ids only", config.model.model)
+            return None
 
     def add_request(self, add: AddRequest) -> None:
         error = self._validate(add)

@@ -87,7 +87,7 @@ class LLM:
                     open_ids.discard(delta.request_id)
         for request_id in order:
             completion = outputs[request_id].outputs[0]
-            if request_id not in stopped_by_string:
+            if request_id not in stopped_by_string and self.tokenizer is not None:
                 completion.text = self.tokenizer.decode(completion.token_ids)
         self.engine.step()  # flush abort deltas of stopped requests
         return [outputs[request_id] for request_id in order]
