@@ -68,20 +68,41 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         out[:nd] = _decode_attention(q[:nd], k, v, meta.decode_context_lens, scale).to(out.dtype)
     for span in meta.prefills:
         qs, qe, ctx = span.query_start, span.query_end, span.context_len
-        q_len = qe - qs
-        k = _gather(k_cache, span.block_table, ctx).transpose(0, 1)  # [kvh, ctx, D]
-        v = _gather(v_cache, span.block_table, ctx).transpose(0, 1)
-        qh = q[qs:qe].transpose(0, 1).to(k.dtype)  # [H, q_len, D]
-        if q_len == ctx:
-            o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            # Queries sit at the end of the context: query i sees keys 0 .. ctx - q_len + i.
-            q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
-            k_pos = torch.arange(ctx, device=q.device)
-            mask = k_pos[None, :] <= q_pos[:, None]
-            o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[qs:qe] = o.transpose(0, 1).to(out.dtype)
+        k = _gather(k_cache, span.block_table, ctx)  # [ctx, kvh, D]
+        v = _gather(v_cache, span.block_table, ctx)
+        out[qs:qe] = _prefill_attention(q[qs:qe], k, v, scale).to(out.dtype)
     return out
+
+
+def _use_matmul_path(k: torch.Tensor) -> bool:
+    """The CPU's fused SDPA kernel is slow in 16-bit (4x a matmul form, measured); elsewhere
+    (CUDA, or float32 on the CPU) SDPA is the faster choice."""
+    return k.device.type == "cpu" and k.dtype != torch.float32
+
+
+def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of a chunk's queries [q_len, H, D], which sit at the end of the context,
+    over k, v [ctx, kvh, D]: query i sees keys 0 .. ctx - q_len + i."""
+    q_len, num_heads, head_dim = q.shape
+    ctx, num_kv_heads = k.shape[0], k.shape[1]
+    q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
+    future = torch.arange(ctx, device=q.device)[None, :] > q_pos[:, None]  # [q_len, ctx]
+    if not _use_matmul_path(k):
+        qh, kh, vh = q.transpose(0, 1).to(k.dtype), k.transpose(0, 1), v.transpose(0, 1)
+        if q_len == ctx:
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=~future, scale=scale, enable_gqa=True)
+        return o.transpose(0, 1)
+    groups = num_heads // num_kv_heads
+    # Heads that share a kv head become one matrix: [kvh, G * q_len, D].
+    qg = q.to(k.dtype).view(q_len, num_kv_heads, groups, head_dim).permute(1, 2, 0, 3)
+    qg = qg.reshape(num_kv_heads, groups * q_len, head_dim)
+    scores = torch.bmm(qg, k.permute(1, 2, 0)).float().mul_(scale)  # [kvh, G * q_len, ctx]
+    scores.view(num_kv_heads, groups, q_len, ctx).masked_fill_(future, float("-inf"))
+    probs = scores.softmax(dim=-1).to(v.dtype)
+    o = torch.bmm(probs, v.transpose(0, 1))  # [kvh, G * q_len, D]
+    return o.view(num_kv_heads, groups, q_len, head_dim).permute(2, 0, 1, 3).reshape(q_len, num_heads, head_dim)
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens: torch.Tensor,
@@ -90,12 +111,10 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context
     batch, num_heads, head_dim = q.shape
     length, num_kv_heads = k.shape[1], k.shape[2]
     padding = torch.arange(length, device=q.device)[None, :] >= context_lens[:, None]  # [B, L]
-    if k.dtype == torch.float32:
-        # The CPU's fused SDPA kernel is fastest in float32 (measured: 3x the matmul form).
+    if not _use_matmul_path(k):
         o = F.scaled_dot_product_attention(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=~padding[:, None, None, :], scale=scale, enable_gqa=True)
         return o.squeeze(2)
-    # In 16-bit it is 4x slower than two batched matmuls with a float32 softmax between them.
     groups = num_heads // num_kv_heads
     scores = torch.matmul(q.view(batch, num_kv_heads, groups, head_dim).to(k.dtype),
                           k.permute(0, 2, 3, 1)).float().mul_(scale)  # [B, kvh, G, L]
