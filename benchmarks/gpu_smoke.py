@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tidal import LLM, SamplingParams  # noqa: E402
-from tidal.kernels.paged_attention import (AttentionMetadata, PrefillSpan, paged_attention,  # noqa: E402
+from tidal.kernels.paged_attention import (AttentionMetadata, PrefillSpan, cache_shape, paged_attention,  # noqa: E402
                                            reference_attention, write_kv)
 from tidal.protocol import AddRequest  # noqa: E402
 
@@ -61,7 +61,7 @@ def check_attention() -> float:
         length, bs = 300, 16
         q, k, v = (torch.randn(length, h, dim, device="cuda", dtype=torch.bfloat16) for h in (heads, kv_heads, kv_heads))
         ref = reference_attention(q, k, v, dim ** -0.5)
-        k_cache = torch.zeros(64, bs, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+        k_cache = torch.zeros(cache_shape(64, bs, kv_heads, dim), device="cuda", dtype=torch.bfloat16)
         v_cache = torch.zeros_like(k_cache)
         table = torch.randperm(64, device="cuda")[: -(-length // bs)]
         slots = table[torch.arange(length, device="cuda") // bs] * bs + torch.arange(length, device="cuda") % bs

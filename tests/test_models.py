@@ -328,7 +328,7 @@ def test_preset_param_counts(preset, billions):
 
 def test_kv_sizes():
     arch = get_preset("llama-3.1-8b")
-    assert kv_cache_shape(arch, 100, 16) == (100, 16, 8, 128)
+    assert kv_cache_shape(arch, 100, 16) == (8, 100, 16, 128)
     assert kv_bytes_per_token(arch, torch.bfloat16) == 2 * 32 * 8 * 128 * 2  # 128 KiB
     assert kv_bytes_per_token(get_preset("smollm2-135m"), torch.float32) == 2 * 30 * 3 * 64 * 4
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tidal.kernels.paged_attention import (AttentionMetadata, PrefillSpan, paged_attention,
+from tidal.kernels.paged_attention import (AttentionMetadata, PrefillSpan, cache_shape, paged_attention,
                                            reference_attention, write_kv)
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
@@ -19,7 +19,7 @@ def test_mixed_step_matches_dense(device, dtype, heads, kv_heads, head_dim, bloc
     torch.manual_seed(0)
     lengths = [1, 7, 33, 50]  # ragged; request 0..1 decode this step, 2 prefills whole, 3 is a chunk
     num_blocks = 64
-    k_cache = torch.zeros(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+    k_cache = torch.zeros(cache_shape(num_blocks, block_size, kv_heads, head_dim), dtype=dtype, device=device)
     v_cache = torch.zeros_like(k_cache)
     free = torch.randperm(num_blocks).tolist()
     seqs = []

@@ -1,8 +1,10 @@
 """Paged attention in plain torch: the CPU path and the reference for the Triton kernels.
 
 The KV cache of one layer is two tensors `k_cache`, `v_cache` of shape
-[num_blocks, block_size, num_kv_heads, head_dim]. A token's slot is
+[num_kv_heads, num_blocks, block_size, head_dim] (`cache_shape`). A token's slot is
 `block_id * block_size + offset`; `slot_mapping[t]` says where token t of the step is written.
+Heads outermost means a gather of a request's blocks lands as [kv_heads, tokens, head_dim]:
+the layout attention multiplies in, so no transposing copies follow the gather.
 
 A step's flat token axis T holds, in order, the decode tokens (one query token per request,
 `num_decode_tokens` of them) and then the prefill chunks (one or more query tokens each).
@@ -36,22 +38,30 @@ class AttentionMetadata:
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
+def cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, int, int, int]:
+    """Shape of one layer's K (or V) cache."""
+    return (num_kv_heads, num_blocks, block_size, head_dim)
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store this step's keys and values ([T, kv_heads, head_dim]) at their slots."""
-    num_blocks, block_size, kv_heads, head_dim = k_cache.shape
-    k_cache.view(num_blocks * block_size, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(num_blocks * block_size, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    kv_heads, num_blocks, block_size, head_dim = k_cache.shape
+    for new, cache in ((k, k_cache), (v, v_cache)):
+        cache.view(kv_heads, num_blocks * block_size, head_dim).index_copy_(
+            1, slot_mapping, new.transpose(0, 1).to(cache.dtype))
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """[num_blocks, bs, kvh, D] + [..., nb] -> [..., nb * bs, kvh, D], cut to `length` tokens."""
-    num_blocks, block_size, kv_heads, head_dim = cache.shape
-    # index_select over 2-D rows copies each block whole (memcpy); on a 4-D view it goes
-    # element by element, 10x slower on the CPU (measured).
-    rows = cache.view(num_blocks, block_size * kv_heads * head_dim).index_select(0, block_table.reshape(-1))
-    gathered = rows.view(*block_table.shape[:-1], block_table.shape[-1] * block_size, kv_heads, head_dim)
-    return gathered[..., :length, :, :]
+def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """Blocks of `block_table` ([nb] or [B, nb]) -> [kvh, nb * bs, D] or [kvh, B, nb * bs, D]."""
+    kv_heads, num_blocks, block_size, head_dim = cache.shape
+    # One 2-D index_select over rows of whole blocks (memcpy per block; other index forms go
+    # element by element on the CPU, 10x slower, measured). Row h * num_blocks + b is block b
+    # of head h.
+    heads = torch.arange(kv_heads, device=cache.device) * num_blocks
+    rows = (heads[:, None] + block_table.reshape(1, -1)).reshape(-1)
+    gathered = cache.view(kv_heads * num_blocks, block_size * head_dim).index_select(0, rows)
+    return gathered.view(kv_heads, *block_table.shape[:-1], block_table.shape[-1] * block_size, head_dim)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -64,14 +74,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     nd = meta.num_decode_tokens
     if nd:
         # Decode: one query per request, keys padded to the longest context and masked.
-        k = _gather(k_cache, meta.decode_block_tables, meta.decode_max_context_len)  # [Nd, L, kvh, D]
-        v = _gather(v_cache, meta.decode_block_tables, meta.decode_max_context_len)
-        out[:nd] = _decode_attention(q[:nd], k, v, meta.decode_context_lens, scale).to(out.dtype)
+        length = meta.decode_max_context_len
+        k = _gather(k_cache, meta.decode_block_tables)[:, :, :length]  # [kvh, Nd, L, D]
+        v = _gather(v_cache, meta.decode_block_tables)[:, :, :length]
+        out[:nd] = _decode_attention(q[:nd], k, v, meta.decode_context_lens, scale)
     for span in meta.prefills:
         qs, qe, ctx = span.query_start, span.query_end, span.context_len
-        k = _gather(k_cache, span.block_table, ctx)  # [ctx, kvh, D]
-        v = _gather(v_cache, span.block_table, ctx)
-        out[qs:qe] = _prefill_attention(q[qs:qe], k, v, scale).to(out.dtype)
+        k = _gather(k_cache, span.block_table)[:, :ctx]  # [kvh, ctx, D]
+        v = _gather(v_cache, span.block_table)[:, :ctx]
+        out[qs:qe] = _prefill_attention(q[qs:qe], k, v, scale)
     return out
 
 
@@ -83,45 +94,44 @@ def _use_matmul_path(k: torch.Tensor) -> bool:
 
 def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of a chunk's queries [q_len, H, D], which sit at the end of the context,
-    over k, v [ctx, kvh, D]: query i sees keys 0 .. ctx - q_len + i."""
+    over k, v [kvh, ctx, D]: query i sees keys 0 .. ctx - q_len + i."""
     q_len, num_heads, head_dim = q.shape
-    ctx, num_kv_heads = k.shape[0], k.shape[1]
+    num_kv_heads, ctx = k.shape[0], k.shape[1]
     q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
     future = torch.arange(ctx, device=q.device)[None, :] > q_pos[:, None]  # [q_len, ctx]
     if not _use_matmul_path(k):
-        qh, kh, vh = q.transpose(0, 1).to(k.dtype), k.transpose(0, 1), v.transpose(0, 1)
+        qh = q.transpose(0, 1).to(k.dtype)  # [H, q_len, D]
         if q_len == ctx:
-            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+            o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=~future, scale=scale, enable_gqa=True)
+            o = F.scaled_dot_product_attention(qh, k, v, attn_mask=~future, scale=scale, enable_gqa=True)
         return o.transpose(0, 1)
     groups = num_heads // num_kv_heads
     # Heads that share a kv head become one matrix: [kvh, G * q_len, D].
     qg = q.to(k.dtype).view(q_len, num_kv_heads, groups, head_dim).permute(1, 2, 0, 3)
     qg = qg.reshape(num_kv_heads, groups * q_len, head_dim)
-    scores = torch.bmm(qg, k.permute(1, 2, 0)).float().mul_(scale)  # [kvh, G * q_len, ctx]
+    scores = torch.bmm(qg, k.transpose(1, 2)).float().mul_(scale)  # [kvh, G * q_len, ctx]
     scores.view(num_kv_heads, groups, q_len, ctx).masked_fill_(future, float("-inf"))
-    probs = scores.softmax(dim=-1).to(v.dtype)
-    o = torch.bmm(probs, v.transpose(0, 1))  # [kvh, G * q_len, D]
+    o = torch.bmm(scores.softmax(dim=-1).to(v.dtype), v)  # [kvh, G * q_len, D]
     return o.view(num_kv_heads, groups, q_len, head_dim).permute(2, 0, 1, 3).reshape(q_len, num_heads, head_dim)
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens: torch.Tensor,
                       scale: float) -> torch.Tensor:
-    """q [B, H, D] over k, v [B, L, kvh, D] with keys >= context_lens[b] masked -> [B, H, D]."""
+    """q [B, H, D] over k, v [kvh, B, L, D] with keys >= context_lens[b] masked -> [B, H, D]."""
     batch, num_heads, head_dim = q.shape
-    length, num_kv_heads = k.shape[1], k.shape[2]
+    num_kv_heads, _, length, _ = k.shape
     padding = torch.arange(length, device=q.device)[None, :] >= context_lens[:, None]  # [B, L]
     if not _use_matmul_path(k):
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+        o = F.scaled_dot_product_attention(q.unsqueeze(2).to(k.dtype), k.transpose(0, 1), v.transpose(0, 1),
                                            attn_mask=~padding[:, None, None, :], scale=scale, enable_gqa=True)
         return o.squeeze(2)
     groups = num_heads // num_kv_heads
-    scores = torch.matmul(q.view(batch, num_kv_heads, groups, head_dim).to(k.dtype),
-                          k.permute(0, 2, 3, 1)).float().mul_(scale)  # [B, kvh, G, L]
-    scores.masked_fill_(padding[:, None, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1).to(v.dtype)
-    return torch.matmul(probs, v.permute(0, 2, 1, 3)).reshape(batch, num_heads, head_dim)
+    qg = q.to(k.dtype).view(batch, num_kv_heads, groups, head_dim).transpose(0, 1)  # [kvh, B, G, D]
+    scores = torch.matmul(qg, k.transpose(2, 3)).float().mul_(scale)  # [kvh, B, G, L]
+    scores.masked_fill_(padding[None, :, None, :], float("-inf"))
+    o = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)  # [kvh, B, G, D]
+    return o.transpose(0, 1).reshape(batch, num_heads, head_dim)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tidal.kernels.paged_attention import AttentionMetadata, paged_attention, write_kv
+from tidal.kernels.paged_attention import AttentionMetadata, cache_shape, paged_attention, write_kv
 from tidal.models.arch import ModelArch
 from tidal.models.layers import add_rms_norm, apply_rope, rms_norm, rope_cos_sin_cache, silu_and_mul
 
@@ -200,8 +200,8 @@ class LlamaModel(nn.Module):
 
 
 def kv_cache_shape(arch: ModelArch, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
-    """Shape of one layer's k (or v) cache: [num_blocks, block_size, num_kv_heads, head_dim]."""
-    return (num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
+    """Shape of one layer's k (or v) cache (the attention kernels' layout)."""
+    return cache_shape(num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
 
 
 def kv_bytes_per_token(arch: ModelArch, dtype: torch.dtype) -> int:
