@@ -74,15 +74,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     nd = meta.num_decode_tokens
     if nd:
         # Decode: one query per request, keys padded to the longest context and masked.
-        length = meta.decode_max_context_len
-        k = _gather(k_cache, meta.decode_block_tables)[:, :, :length]  # [kvh, Nd, L, D]
-        v = _gather(v_cache, meta.decode_block_tables)[:, :, :length]
+        # Keys padded to whole blocks (L = max_blocks * block_size); the mask hides the padding.
+        k = _gather(k_cache, meta.decode_block_tables)  # [kvh, Nd, L, D]
+        v = _gather(v_cache, meta.decode_block_tables)
         out[:nd] = _decode_attention(q[:nd], k, v, meta.decode_context_lens, scale)
     for span in meta.prefills:
         qs, qe, ctx = span.query_start, span.query_end, span.context_len
-        k = _gather(k_cache, span.block_table)[:, :ctx]  # [kvh, ctx, D]
-        v = _gather(v_cache, span.block_table)[:, :ctx]
-        out[qs:qe] = _prefill_attention(q[qs:qe], k, v, scale)
+        # Keys padded to whole blocks: positions >= ctx lie in every query's future, so masked.
+        k = _gather(k_cache, span.block_table)  # [kvh, nb * bs, D]
+        v = _gather(v_cache, span.block_table)
+        out[qs:qe] = _prefill_attention(q[qs:qe], k, v, ctx, scale)
     return out
 
 
@@ -92,14 +93,16 @@ def _use_matmul_path(k: torch.Tensor) -> bool:
     return k.device.type == "cpu" and k.dtype != torch.float32
 
 
-def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: int,
+                       scale: float) -> torch.Tensor:
     """Causal attention of a chunk's queries [q_len, H, D], which sit at the end of the context,
-    over k, v [kvh, ctx, D]: query i sees keys 0 .. ctx - q_len + i."""
+    over k, v [kvh, >= ctx, D]: query i sees keys 0 .. ctx - q_len + i."""
     q_len, num_heads, head_dim = q.shape
-    num_kv_heads, ctx = k.shape[0], k.shape[1]
+    num_kv_heads, num_keys = k.shape[0], k.shape[1]
     q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
-    future = torch.arange(ctx, device=q.device)[None, :] > q_pos[:, None]  # [q_len, ctx]
+    future = torch.arange(num_keys, device=q.device)[None, :] > q_pos[:, None]  # [q_len, keys]
     if not _use_matmul_path(k):
+        k, v, future = k[:, :ctx], v[:, :ctx], future[:, :ctx]
         qh = q.transpose(0, 1).to(k.dtype)  # [H, q_len, D]
         if q_len == ctx:
             o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)
@@ -110,8 +113,8 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     # Heads that share a kv head become one matrix: [kvh, G * q_len, D].
     qg = q.to(k.dtype).view(q_len, num_kv_heads, groups, head_dim).permute(1, 2, 0, 3)
     qg = qg.reshape(num_kv_heads, groups * q_len, head_dim)
-    scores = torch.bmm(qg, k.transpose(1, 2)).float().mul_(scale)  # [kvh, G * q_len, ctx]
-    scores.view(num_kv_heads, groups, q_len, ctx).masked_fill_(future, float("-inf"))
+    scores = torch.bmm(qg, k.transpose(1, 2)).float().mul_(scale)  # [kvh, G * q_len, keys]
+    scores.view(num_kv_heads, groups, q_len, num_keys).masked_fill_(future, float("-inf"))
     o = torch.bmm(scores.softmax(dim=-1).to(v.dtype), v)  # [kvh, G * q_len, D]
     return o.view(num_kv_heads, groups, q_len, head_dim).permute(2, 0, 1, 3).reshape(q_len, num_heads, head_dim)
 
