@@ -68,6 +68,7 @@ TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 # patch is module level so spawned worker processes (which re-import this file
 # as __mp_main__) get it too.
 VLLM_LAUNCHER = """\
+import importlib.metadata as _md
 
 _orig_version = _md.version
 
