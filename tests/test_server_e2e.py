@@ -256,3 +256,42 @@ def test_abort_mid_stream_frees_blocks(server_url, client):
         time.sleep(0.05)
     assert now['tidal_requests_total{status="abort"}'] >= 1
     _assert_serving(client)
+
+
+def test_sigterm_stops_server_and_worker(tmp_path):
+    """SIGTERM: the server stops, tells its worker to shut down, exits 0, leaves no process."""
+    port = _free_port()
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tidal.cli", "serve", "dummy:tiny-llama", "--port", str(port)],
+            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        try:
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            while True:
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "server never became healthy"
+                time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0, log_path.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert "shutdown requested" in log_path.read_text()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the whole group (server, worker, helpers) goes away
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        left = subprocess.run(["ps", "-o", "pid,args", "-g", str(proc.pid)], capture_output=True, text=True)
+        pytest.fail(f"processes left in the server's group:\n{left.stdout}")

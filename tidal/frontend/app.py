@@ -190,13 +190,22 @@ async def _answer(handler, request: Request) -> Response:
         return error_for(exc).response()
 
 
+class _Server(uvicorn.Server):
+    """uvicorn re-raises the signal it caught once it has shut down, which would end the process
+    before the caller stops what it started (the engine worker). Shut down, don't re-raise."""
+
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
+
+
 def make_http_server(app: FastAPI, server_config: ServerConfig) -> uvicorn.Server:
     """A uvicorn server for `app`: no access log; graceful shutdown on SIGINT/SIGTERM."""
     config = uvicorn.Config(
         app, host=server_config.host, port=server_config.port,
         log_level=server_config.log_level.lower(), access_log=False, lifespan="off",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_TIMEOUT_S)
-    return uvicorn.Server(config)
+    return _Server(config)
 
 
 async def serve_http(app: FastAPI, server_config: ServerConfig) -> None:
