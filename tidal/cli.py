@@ -33,8 +33,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(model=args.model, tokenizer=args.tokenizer, served_model_name=args.served_model_name, dtype=args.dtype,
-                          device=args.device, max_model_len=args.max_model_len, seed=args.seed),
+        model=ModelConfig(model=args.model, tokenizer=args.tokenizer, served_model_name=args.served_model_name,
+                          dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, seed=args.seed),
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
                           kv_cache_memory_bytes=int(args.kv_cache_memory * (1 << 30)),
                           enable_prefix_caching=not args.no_prefix_caching),

@@ -1,7 +1,8 @@
 """Offline generation: `LLM(model).generate(prompts, SamplingParams(...))`.
 
 Runs the same `EngineCore` the worker runs, on the caller's thread, until every prompt of the
-call has finished. Stop strings are applied to the decoded text as the server applies them.
+call has finished. Text, hidden stop tokens and stop strings go through the server's `OutputAssembler`, so offline
+and served outputs agree.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 
 from tidal.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from tidal.engine.engine import EngineCore
+from tidal.frontend.detokenizer import OutputAssembler
 from tidal.protocol import AddRequest, SamplingParams, TokenLogprob
 
 
@@ -32,13 +34,14 @@ class RequestOutput:
 
 
 class LLM:
-    def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto", device: str = "cpu",
-                 max_model_len: int | None = None, seed: int = 0, block_size: int = 16,
+    def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
+                 device: str = "cpu", max_model_len: int | None = None, seed: int = 0, block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_memory_bytes: int = 1 << 30,
                  enable_prefix_caching: bool = True, token_budget: int = 256, max_num_seqs: int = 128,
                  enable_chunked_prefill: bool = True):
         self.config = EngineConfig(
-            model=ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, device=device, max_model_len=max_model_len, seed=seed),
+            model=ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, device=device,
+                              max_model_len=max_model_len, seed=seed),
             cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
                               kv_cache_memory_bytes=kv_cache_memory_bytes,
                               enable_prefix_caching=enable_prefix_caching),
@@ -62,46 +65,41 @@ class LLM:
             outputs[request_id] = RequestOutput(request_id, text, ids, [CompletionOutput("", [], None)])
             order.append(request_id)
             self.engine.add_request(AddRequest(request_id=request_id, prompt_token_ids=ids, sampling_params=p))
-        params_by_id = dict(zip(order, params_list))
+        assemblers = {request_id: self._assembler(outputs[request_id].prompt_token_ids, p)
+                      for request_id, p in zip(order, params_list)}
         open_ids = set(order)
-        stopped_by_string: set[str] = set()
         while open_ids:
             for delta in self.engine.step():
                 if delta.request_id not in open_ids:
                     continue
-                out = outputs[delta.request_id]
-                completion = out.outputs[0]
-                completion.token_ids.extend(delta.new_token_ids)
-                if delta.logprobs:
-                    completion.logprobs = (completion.logprobs or []) + list(delta.logprobs)
-                out.num_cached_tokens = delta.num_cached_tokens
                 if delta.error:
                     raise ValueError(delta.error)
-                stopped = self._apply_stop_strings(completion, params_by_id[delta.request_id])
-                if stopped:
-                    stopped_by_string.add(delta.request_id)
-                    if not delta.finished:
-                        self.engine.abort_request(delta.request_id)
+                out = outputs[delta.request_id]
+                completion = out.outputs[0]
+                out.num_cached_tokens = delta.num_cached_tokens
+                token_ids, stopped = delta.new_token_ids, False
+                assembler = assemblers[delta.request_id]
+                if assembler is not None:  # the server's detokenizer and stop-string rules
+                    piece = assembler.add(token_ids, delta.finished, delta.finish_reason)
+                    completion.text += piece.text
+                    token_ids, stopped = token_ids[:piece.num_tokens], piece.stopped
+                completion.token_ids.extend(token_ids)
+                if delta.logprobs:
+                    completion.logprobs = (completion.logprobs or []) + list(delta.logprobs[:len(token_ids)])
+                if stopped and not delta.finished:
+                    self.engine.abort_request(delta.request_id)
                 if stopped or delta.finished:
                     completion.finish_reason = "stop" if stopped else delta.finish_reason
                     open_ids.discard(delta.request_id)
-        for request_id in order:
-            completion = outputs[request_id].outputs[0]
-            if request_id not in stopped_by_string and self.tokenizer is not None:
-                completion.text = self.tokenizer.decode(completion.token_ids)
         self.engine.step()  # flush abort deltas of stopped requests
         return [outputs[request_id] for request_id in order]
 
-    def _apply_stop_strings(self, completion: CompletionOutput, params: SamplingParams) -> bool:
-        if not params.stop:
-            return False
-        text = self.tokenizer.decode(completion.token_ids)
-        hits = [(text.find(s), s) for s in params.stop if s and s in text]
-        if not hits:
-            return False
-        index, stop = min(hits)
-        completion.text = text[:index + (len(stop) if params.include_stop_str_in_output else 0)]
-        return True
+    def _assembler(self, prompt_token_ids: list[int], params: SamplingParams) -> OutputAssembler | None:
+        if self.tokenizer is None:  # a dummy model with no tokenizer: token ids only
+            return None
+        return OutputAssembler(self.tokenizer, prompt_token_ids, stop=params.stop,
+                               include_stop_str_in_output=params.include_stop_str_in_output,
+                               hidden_token_ids=set(params.stop_token_ids) | self.engine.eos_token_ids)
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
