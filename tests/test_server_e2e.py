@@ -4,66 +4,27 @@ official `openai` client. One server (module fixture) serves every test here.
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from _server import group_is_gone, metrics, running_server, start_server, stop_server
+
 pytestmark = pytest.mark.slow
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = "SmolLM2-135M-Instruct"
-STARTUP_TIMEOUT_S = 300
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server_url():
-    port = _free_port()
-    log = tempfile.NamedTemporaryFile(prefix="tidal-e2e-", suffix=".log", delete=False)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tidal.cli", "serve", "--port", str(port), "--dtype", "float32"],
-        cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}; log: {log.name}\n"
-                            + Path(log.name).read_text()[-3000:])
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S}s; log: {log.name}")
-            time.sleep(0.5)
+def server_url(tmp_path_factory):
+    log = tmp_path_factory.mktemp("e2e") / "serve.log"
+    with running_server(["--dtype", "float32"], log) as url:
         yield url
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +42,7 @@ def tokenizer():
 
 
 def _metrics(server_url: str) -> dict[str, float]:
-    values = {}
-    for line in httpx.get(server_url + "/metrics", timeout=10).text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
+    return metrics(server_url)
 
 
 def _chat_stream(client, **kwargs):
@@ -260,38 +216,13 @@ def test_abort_mid_stream_frees_blocks(server_url, client):
 
 def test_sigterm_stops_server_and_worker(tmp_path):
     """SIGTERM: the server stops, tells its worker to shut down, exits 0, leaves no process."""
-    port = _free_port()
     log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tidal.cli", "serve", "dummy:tiny-llama", "--port", str(port)],
-            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-        try:
-            deadline = time.monotonic() + STARTUP_TIMEOUT_S
-            while True:
-                assert proc.poll() is None, log_path.read_text()[-3000:]
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, "server never became healthy"
-                time.sleep(0.3)
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0, log_path.read_text()[-3000:]
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    proc, _ = start_server(["dummy:tiny-llama"], log_path)
+    try:
+        assert stop_server(proc, signal.SIGTERM) == 0, log_path.read_text()[-3000:]
+    finally:
+        stop_server(proc, signal.SIGKILL)
     assert "shutdown requested" in log_path.read_text()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # the whole group (server, worker, helpers) goes away
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)
-    else:
+    if not group_is_gone(proc.pid):
         left = subprocess.run(["ps", "-o", "pid,args", "-g", str(proc.pid)], capture_output=True, text=True)
         pytest.fail(f"processes left in the server's group:\n{left.stdout}")

@@ -1,4 +1,9 @@
-"""`tidal` command line: `tidal serve [MODEL] ...` (more subcommands arrive with their issues)."""
+"""`tidal` command line.
+
+    tidal serve [MODEL] [engine flags]    one aggregated worker behind the OpenAI frontend
+    tidal serve -f CONFIG.yaml [--host H] [--port P]
+                                          a deployment: frontend, router, prefill/decode workers
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,6 @@ import argparse
 import asyncio
 import logging
 import sys
-
-from tidal.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
 
 logger = logging.getLogger("tidal")
 
@@ -31,51 +34,55 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-threads", type=int, default=None, help="torch threads in the worker")
 
 
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=ModelConfig(model=args.model, tokenizer=args.tokenizer, served_model_name=args.served_model_name,
-                          dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, seed=args.seed),
-        cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
-                          kv_cache_memory_bytes=int(args.kv_cache_memory * (1 << 30)),
-                          enable_prefix_caching=not args.no_prefix_caching),
-        scheduler=SchedulerConfig(token_budget=args.token_budget, max_num_seqs=args.max_num_seqs,
-                                  enable_chunked_prefill=not args.no_chunked_prefill))
+def deployment_from_args(args: argparse.Namespace):
+    """`tidal serve MODEL --flags`: one aggregated worker, as a deployment."""
+    from tidal.deploy.config import parse_deployment
 
-
-async def _serve(engine_config: EngineConfig, server_config: ServerConfig, num_threads: int | None) -> None:
-    from tidal.frontend.app import build_app, serve_http
-    from tidal.tokenizer import load_tokenizer
-    from tidal.worker.client import WorkerClient
-
-    tokenizer = load_tokenizer(engine_config.model.model, engine_config.model.tokenizer)
-    client = WorkerClient(engine_config, num_threads=num_threads, log_level=server_config.log_level.upper())
-    try:
-        await client.start()
-        logger.info("serving %s on http://%s:%d", client.model_name, server_config.host, server_config.port)
-        app = build_app(client, tokenizer, client.model_name, server_config)
-        await serve_http(app, server_config)
-    finally:
-        await client.shutdown()
+    engine = {"dtype": args.dtype, "max_model_len": args.max_model_len, "seed": args.seed,
+              "block_size": args.block_size, "num_kv_blocks": args.num_kv_blocks,
+              "kv_cache_memory_gib": args.kv_cache_memory, "enable_prefix_caching": not args.no_prefix_caching,
+              "token_budget": args.token_budget, "max_num_seqs": args.max_num_seqs,
+              "enable_chunked_prefill": not args.no_chunked_prefill}
+    return parse_deployment({
+        "model": args.model, "tokenizer": args.tokenizer, "served_model_name": args.served_model_name,
+        "frontend": {"host": args.host or "127.0.0.1", "port": 8000 if args.port is None else args.port,
+                     "max_request_body_bytes": args.max_request_body_bytes, "log_level": args.log_level},
+        "engine": {k: v for k, v in engine.items() if v is not None},
+        "workers": [{"role": "both", "devices": [args.device], "num_threads": args.num_threads}],
+    }, "command line")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tidal")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve a model over the OpenAI API")
+    serve = sub.add_parser("serve", help="serve a model over the OpenAI API (one worker, or a deployment "
+                                         "config with -f)")
     _add_engine_args(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("-f", "--config", default=None,
+                       help="deployment YAML (frontend, router, workers); the engine flags are then ignored")
+    serve.add_argument("--host", default=None, help="frontend address (overrides the config's)")
+    serve.add_argument("--port", type=int, default=None, help="frontend port (overrides the config's)")
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--max-request-body-bytes", type=int, default=8 << 20)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
-        engine_config = engine_config_from_args(args)
-        server_config = ServerConfig(host=args.host, port=args.port, log_level=args.log_level,
-                                     max_request_body_bytes=args.max_request_body_bytes)
-        logger.info("config: %s %s", engine_config, server_config)
+        from tidal.deploy.config import DeploymentError, load_deployment
+        from tidal.deploy.launcher import serve_deployment
+
         try:
-            asyncio.run(_serve(engine_config, server_config, args.num_threads))
+            if args.config is not None:
+                if args.model is not None:
+                    parser.error("give a MODEL or -f CONFIG, not both")
+                deployment = load_deployment(args.config)
+            else:
+                deployment = deployment_from_args(args)
+        except DeploymentError as exc:
+            print(f"tidal serve: {exc}", file=sys.stderr)
+            return 2
+        logger.info("deployment: %s", deployment.model_dump(exclude_defaults=True))
+        try:
+            asyncio.run(serve_deployment(deployment, args.host, args.port))
         except KeyboardInterrupt:
             pass
         return 0

@@ -31,15 +31,72 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         return self.temperature <= 1e-5 or self.top_k == 1
 
 
+class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
+    """Shape of a worker's whole KV cache: one tensor
+    [num_layers, 2 (k, v), num_kv_heads, num_blocks, block_size, head_dim] of `dtype`."""
+
+    num_layers: int
+    num_kv_heads: int
+    num_blocks: int
+    block_size: int
+    head_dim: int
+    dtype: str  # torch dtype name without the prefix: "float32", "bfloat16", "float16"
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int, int]:
+        return (self.num_layers, 2, self.num_kv_heads, self.num_blocks, self.block_size, self.head_dim)
+
+
+class KVSourceInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What a peer needs to read this worker's KV cache with the named transfer backend."""
+
+    backend: str  # "fake" | "shm" | "zmq" | "cuda_ipc"
+    worker_id: str
+    pid: int
+    layout: KVLayout
+    address: str = ""  # shm: file path; zmq: the KV server's endpoint
+    device_index: int = -1  # cuda_ipc: the GPU holding the cache
+    handle: list[int | bytes | bool | None] = []  # cuda_ipc: torch's IPC handle of the cache storage
+
+
+class KVTransferParams(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a finished remote prefill left its KV: the prefill worker holds `block_ids`
+    (covering the first `num_tokens` tokens) until it gets `ReleaseKV` or its hold times out."""
+
+    source: KVSourceInfo
+    block_ids: list[int]
+    num_tokens: int
+    release_addr: str  # the prefill worker's request-plane endpoint
+
+
 class AddRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     arrival_time: float = 0.0
+    # Disaggregation. A prefill worker given `hold_kv` keeps the request's blocks after its one
+    # token and reports them in the finished delta's `kv_transfer_params`. A decode worker given
+    # `kv_transfer_params` pulls that KV instead of computing the prompt; `output_token_ids`
+    # are the tokens the prefill worker already produced (the first one).
+    hold_kv: bool = False
+    kv_transfer_params: KVTransferParams | None = None
+    output_token_ids: list[int] = []
 
 
 class AbortRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     request_id: str
+
+
+class ReleaseKV(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """A decode worker has pulled (or given up on) a request's KV: the prefill worker frees it."""
+
+    request_id: str
+
+
+class Connect(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """A client's first message on a worker's request socket; the worker answers WorkerReady."""
+
+    client_id: str
 
 
 class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
@@ -62,6 +119,11 @@ class TokenDelta(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    kv_transfer_params: KVTransferParams | None = None
+    # On a request's first delta from a worker: seconds it waited for its first step there,
+    # and (decode after a remote prefill) seconds its KV pull took.
+    queue_s: float | None = None
+    kv_transfer_s: float | None = None
 
 
 class EngineStats(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -72,6 +134,13 @@ class EngineStats(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     prefix_cache_hit_tokens: int
     prompt_tokens: int
     generation_tokens: int
+    num_pending_prefill_tokens: int = 0
+    num_waiting_for_kv: int = 0  # decode side: requests whose KV is being pulled
+    num_held_kv: int = 0  # prefill side: finished prefills whose KV waits for its puller
+    kv_transfers: int = 0
+    kv_transfer_failures: int = 0
+    kv_transfer_bytes: int = 0
+    kv_transfer_seconds: float = 0.0
 
 
 class StepOutputs(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -86,8 +155,10 @@ class Shutdown(msgspec.Struct, frozen=True, tag=True):
 
 
 class WorkerReady(msgspec.Struct, frozen=True, kw_only=True, tag=True):
-    """A worker's first message: its engine is loaded and these are its limits."""
+    """A worker's answer to `Connect`: its engine is loaded and these are its limits."""
 
+    worker_id: str = ""
+    role: str = "both"
     model_name: str
     max_model_len: int
     vocab_size: int
@@ -95,5 +166,27 @@ class WorkerReady(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     block_size: int
 
 
-RequestPlaneMessage = AddRequest | AbortRequest | Shutdown
+class LoadReport(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Event plane, topic `load`: a worker's load, published every few hundred ms."""
+
+    worker_id: str
+    role: str
+    stats: EngineStats
+    time: float  # the worker's wall clock (time.time())
+
+
+class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A worker as discovery lists it: where to send requests and where its events come from."""
+
+    worker_id: str
+    role: str  # "both" | "prefill" | "decode"
+    request_addr: str
+    event_addr: str
+    pid: int = 0
+    host: str = ""
+    device: str = "cpu"
+
+
+RequestPlaneMessage = Connect | AddRequest | AbortRequest | ReleaseKV | Shutdown
 WorkerMessage = WorkerReady | StepOutputs
+EventMessage = LoadReport

@@ -1,38 +1,69 @@
 """The engine loop: requests in, one scheduled model step at a time, token deltas out.
 
-`EngineCore` owns the scheduler, the KV cache manager and the model runner. It is synchronous
-and single-threaded; the worker process (or the offline `LLM`) drives `step()` in a loop and
-feeds it `AddRequest`/`abort` between steps. Every request ends with exactly one finished
-delta (stop, length, abort or error), after which the engine holds nothing for it.
+`EngineCore` owns the scheduler, the KV cache manager, the model runner and (in a worker)
+the KV transfer backend. It is synchronous and single-threaded; the worker process (or the
+offline `LLM`) drives `step()` in a loop and feeds it `AddRequest`/`abort` between steps.
+Every request ends with exactly one finished delta (stop, length, abort or error), after which
+the engine holds nothing for it, with one exception: a remote prefill (`hold_kv`) leaves its
+blocks held until the decode worker's `ReleaseKV` (or an abort, or the hold's timeout).
+
+Disaggregation, decode side: an `AddRequest` with `kv_transfer_params` becomes a request in
+WAITING_FOR_KV; each step the engine gives such requests blocks (locally cached prefix blocks
+are reused, only the rest is pulled), starts their pulls, and polls them. A finished pull joins
+the running list; a failed one ends the request with an error. Either way the prefill worker
+is told to release its blocks (`releases`, which the worker sends). An abort during a pull is
+deferred until the pull ends, so no block is freed while a copy may still write to it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
 
 from tidal.config import EngineConfig
 from tidal.engine.kv_cache.manager import KVCacheManager
-from tidal.engine.model_runner import ModelRunner
+from tidal.engine.model_runner import ModelRunner, kv_layout
 from tidal.engine.request import Request, RequestStatus
 from tidal.engine.scheduler import Scheduler
 from tidal.models.loader import load_model
-from tidal.protocol import AddRequest, EngineStats, TokenDelta
+from tidal.protocol import AddRequest, EngineStats, KVTransferParams, TokenDelta
 from tidal.tokenizer import load_tokenizer
+from tidal.transfer import KVTransferConfig, KVTransferError, Transfer, create_kv_transfer
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class _Pull:
+    """A decode-side request waiting for its prompt's KV."""
+
+    request: Request
+    params: KVTransferParams
+    transfer: Transfer | None = None  # None until blocks are allocated and the pull started
+    abort_pending: bool = False
+
+
 class EngineCore:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, worker_id: str = "engine",
+                 transfer_config: KVTransferConfig | None = None):
         self.config = config
+        self.worker_id = worker_id
         started = time.monotonic()
         loaded = load_model(config.model)
         self.model_name = config.model.served_model_name or loaded.name
         self.tokenizer = self._load_tokenizer(config)
         tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else ()
         self.eos_token_ids = frozenset(tokenizer_eos) | frozenset(loaded.arch.eos_token_ids or ())
-        self.runner = ModelRunner(config, loaded)
+        layout = kv_layout(config, loaded)
+        self.transfer = None
+        if transfer_config is not None:
+            self.transfer = create_kv_transfer(layout, torch.device(loaded.device), worker_id, transfer_config)
+        self.transfer_timeout_s = transfer_config.timeout_s if transfer_config else 30.0
+        self.runner = ModelRunner(config, loaded, layout, self.transfer.cache if self.transfer else None)
         block_size = config.cache.block_size
         self.max_model_len = min(loaded.max_model_len, config.model.max_model_len or loaded.max_model_len,
                                  self.runner.num_blocks * block_size)
@@ -40,8 +71,16 @@ class EngineCore:
         self.kv = KVCacheManager(self.runner.num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.eos_token_ids)
         self._pending: list[TokenDelta] = []  # deltas decided outside a step (errors, aborts)
+        self.pulls: dict[str, _Pull] = {}  # decode side, in arrival order
+        self.held_until: dict[str, float] = {}  # prefill side: request_id -> hold deadline
+        self.releases: deque[tuple[str, str]] = deque()  # (prefill worker endpoint, request_id) to send
+        self.release_addr = ""  # this worker's request endpoint, set by the worker process
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.transfers_total = 0
+        self.transfer_failures_total = 0
+        self.transfer_bytes_total = 0
+        self.transfer_seconds_total = 0.0
         logger.info("engine ready: model=%s dtype=%s device=%s kv_blocks=%d block_size=%d "
                     "max_model_len=%d token_budget=%d (%.1fs)", self.model_name, loaded.dtype,
                     loaded.device, self.runner.num_blocks, block_size, self.max_model_len,
@@ -64,11 +103,22 @@ class EngineCore:
         if error is not None:
             self._pending.append(TokenDelta(request_id=add.request_id, new_token_ids=[], finished=True,
                                             finish_reason="error", error=error))
+            if add.kv_transfer_params is not None:
+                self.releases.append((add.kv_transfer_params.release_addr, add.request_id))
             return
         request = Request(add.request_id, add.prompt_token_ids, add.sampling_params,
-                          self.max_model_len, add.arrival_time)
-        self.scheduler.add(request)
+                          self.max_model_len, add.arrival_time, hold_kv=add.hold_kv)
+        request.added_time = time.monotonic()
         self.prompt_tokens_total += request.num_prompt_tokens
+        if add.kv_transfer_params is None:
+            self.scheduler.add(request)
+            return
+        for token_id in add.output_token_ids:
+            request.append_output_token(token_id)
+            if request.generator is not None:  # keep the seeded stream where it would be
+                torch.empty(self.vocab_size).exponential_(generator=request.generator)
+        self.scheduler.add_waiting_for_kv(request)
+        self.pulls[add.request_id] = _Pull(request, add.kv_transfer_params)
 
     def _validate(self, add: AddRequest) -> str | None:
         n = len(add.prompt_token_ids)
@@ -80,29 +130,66 @@ class EngineCore:
             return f"prompt token ids must lie in [0, {self.vocab_size})"
         if add.sampling_params.max_tokens < 1:
             return "max_tokens must be at least 1"
-        if add.request_id in self.scheduler.requests:
+        if add.request_id in self.scheduler.requests or add.request_id in self.kv.held:
             return f"request_id {add.request_id!r} is already running"
+        if add.hold_kv and self.transfer is None:
+            return "this worker has no KV transfer backend, so it cannot serve remote prefills"
+        params = add.kv_transfer_params
+        if params is not None:
+            if self.transfer is None:
+                return "this worker has no KV transfer backend, so it cannot pull KV"
+            if not add.output_token_ids:
+                return "a request with pulled KV must carry the prefill worker's first token"
+            if params.num_tokens != n or len(params.block_ids) < -(-n // self.kv.block_size):
+                return "kv_transfer_params do not cover the prompt"
         return None
 
     def abort_request(self, request_id: str) -> None:
+        if self.kv.release(request_id):  # a held remote prefill whose decode will never come
+            self.held_until.pop(request_id, None)
+            return
+        pull = self.pulls.get(request_id)
+        if pull is not None and pull.transfer is not None:
+            pull.abort_pending = True  # a copy may still write into its blocks: end it after
+            return
+        if pull is not None:
+            del self.pulls[request_id]
+            self.releases.append((pull.params.release_addr, request_id))
         request = self.scheduler.abort(request_id)
         if request is not None:
             self._pending.append(self._delta(request, []))
 
+    def release_kv(self, request_id: str) -> None:
+        """The decode worker is done pulling this request's KV (or gave up): free it."""
+        if self.kv.release(request_id):
+            self.held_until.pop(request_id, None)
+
     def has_work(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending)
+        """There is something to compute now (a step, or deltas to send)."""
+        return self.scheduler.has_unfinished() and (bool(self.scheduler.waiting) or bool(self.scheduler.running)) \
+            or bool(self._pending) or any(p.transfer is None for p in self.pulls.values())
+
+    def has_pulls(self) -> bool:
+        """KV pulls are in flight: poll soon, but there may be nothing to compute."""
+        return bool(self.pulls)
 
     def step(self) -> list[TokenDelta]:
+        self._expire_holds()
+        if self.pulls:
+            self._advance_pulls()
         deltas, self._pending = self._pending, []
-        if not self.scheduler.has_unfinished():
+        if not (self.scheduler.waiting or self.scheduler.running):
             return deltas
         out = self.scheduler.schedule()
         if not out.scheduled:
             return deltas
+        now = time.monotonic()
         sampled, logprobs = self.runner.execute(out, self.eos_token_ids)
         self.scheduler.update(out, sampled)
         for item in out.scheduled:
             request = item.request
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
             token_id = sampled.get(request.request_id)
             if token_id is None or request.status is RequestStatus.FINISHED_ABORTED:
                 continue
@@ -111,16 +198,120 @@ class EngineCore:
             deltas.append(self._delta(request, [token_id], [lp] if lp is not None else None))
         return deltas
 
+    # ---- disaggregation ------------------------------------------------------------------
+    def _advance_pulls(self) -> None:
+        """Start pulls that can get blocks (in arrival order), finish those that are done."""
+        for request_id, pull in list(self.pulls.items()):
+            if pull.transfer is None:
+                if not self._start_pull(pull):
+                    break  # no room yet; later arrivals wait behind it
+            elif pull.transfer.done():
+                del self.pulls[request_id]
+                self._finish_pull(pull)
+
+    def _start_pull(self, pull: _Pull) -> bool:
+        request, bs = pull.request, self.kv.block_size
+        n = request.num_prompt_tokens
+        hits = self.kv.find_cached_prefix(request)
+        if not self.kv.allocate_slots(request, n - len(hits) * bs, hits, defer_caching=True):
+            return False
+        request.num_cached_tokens = len(hits) * bs
+        self.scheduler.prefix_hit_tokens_total += len(hits) * bs
+        table = self.kv.block_ids(request.request_id)
+        num_blocks = -(-n // bs)
+        src, dst = pull.params.block_ids[len(hits):num_blocks], table[len(hits):num_blocks]
+        if not src:  # every full block was cached here already
+            pull.transfer = _ImmediateTransfer()
+            return True
+        try:
+            pull.transfer = self.transfer.start_pull(pull.params.source, src, dst)
+        except KVTransferError as exc:
+            pull.transfer = _ImmediateTransfer(str(exc))
+        return True
+
+    def _finish_pull(self, pull: _Pull) -> None:
+        request, transfer = pull.request, pull.transfer
+        self.releases.append((pull.params.release_addr, request.request_id))
+        self.transfers_total += 1
+        try:
+            transfer.result()
+        except KVTransferError as exc:
+            self.transfer_failures_total += 1
+            logger.warning("KV pull for %s failed: %s", request.request_id, exc)
+            self.scheduler.abort(request.request_id)
+            self._pending.append(TokenDelta(request_id=request.request_id, new_token_ids=[], finished=True,
+                                            finish_reason="error", error=f"KV transfer failed: {exc}"))
+            return
+        self.transfer_bytes_total += transfer.num_bytes
+        self.transfer_seconds_total += transfer.seconds
+        request.kv_transfer_s = transfer.seconds
+        if pull.abort_pending:
+            self.scheduler.abort(request.request_id)
+            self._pending.append(self._delta(request, []))
+            return
+        request.num_computed_tokens = request.num_prompt_tokens
+        self.kv.cache_blocks(request, request.num_prompt_tokens)
+        self.scheduler.add_pulled(request)
+
+    def hold_params(self, request: Request) -> KVTransferParams:
+        return KVTransferParams(source=self.transfer.source_info(), block_ids=[b.block_id for b in
+                                self.kv.held[request.request_id]], num_tokens=request.num_prompt_tokens,
+                                release_addr=self.release_addr)
+
+    def _expire_holds(self) -> None:
+        if not self.held_until:
+            return
+        now = time.monotonic()
+        for request_id, deadline in list(self.held_until.items()):
+            if now > deadline:
+                logger.warning("no decode worker pulled %s in time; freeing its KV", request_id)
+                self.release_kv(request_id)
+
     def _delta(self, request: Request, token_ids: list[int], logprobs=None) -> TokenDelta:
         status = request.status
+        params = None
+        if status.finished and request.request_id in self.kv.held:
+            params = self.hold_params(request)
+            self.held_until[request.request_id] = time.monotonic() + 2 * self.transfer_timeout_s
+        first = not request.reported
+        request.reported = True
+        queue_s = None
+        if first and request.first_scheduled_time is not None:
+            queue_s = request.first_scheduled_time - request.added_time
         return TokenDelta(request_id=request.request_id, new_token_ids=token_ids,
                           finished=status.finished, finish_reason=status.value if status.finished else None,
                           logprobs=logprobs, num_prompt_tokens=request.num_prompt_tokens,
-                          num_cached_tokens=max(request.num_cached_tokens, 0))
+                          num_cached_tokens=max(request.num_cached_tokens, 0), kv_transfer_params=params,
+                          queue_s=queue_s, kv_transfer_s=request.kv_transfer_s if first else None)
 
     def stats(self) -> EngineStats:
         return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
                            kv_blocks_used=self.kv.num_used_blocks, kv_blocks_total=self.kv.num_blocks,
                            prefix_cache_hit_tokens=self.scheduler.prefix_hit_tokens_total,
                            prompt_tokens=self.prompt_tokens_total,
-                           generation_tokens=self.generation_tokens_total)
+                           generation_tokens=self.generation_tokens_total,
+                           num_pending_prefill_tokens=self.scheduler.num_pending_prefill_tokens,
+                           num_waiting_for_kv=len(self.pulls), num_held_kv=len(self.kv.held),
+                           kv_transfers=self.transfers_total, kv_transfer_failures=self.transfer_failures_total,
+                           kv_transfer_bytes=self.transfer_bytes_total,
+                           kv_transfer_seconds=self.transfer_seconds_total)
+
+    def close(self) -> None:
+        if self.transfer is not None:
+            self.transfer.close()
+
+
+class _ImmediateTransfer(Transfer):
+    """A pull with nothing to copy (error None), or one that could not start (bad source)."""
+
+    def __init__(self, error: str | None = None) -> None:
+        super().__init__(0)
+        self.error = error
+        self.finished = self.started
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> None:
+        if self.error is not None:
+            raise KVTransferError(self.error)

@@ -1,8 +1,10 @@
 """Tensors for one step: builds the flat batch, runs the model, samples.
 
-Owns the model and the KV cache tensors (one (k, v) pair per layer, each
-[num_blocks, block_size, num_kv_heads, head_dim]). Stateless between steps apart from those:
-every step's inputs are rebuilt from the scheduler's output.
+Owns the model and the KV cache: one tensor of `KVLayout.shape`
+([num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim]), allocated by the caller (the
+KV transfer backend, so peers can reach it) or here, and seen by the model as one (k, v) pair of
+[num_kv_heads, num_blocks, block_size, head_dim] views per layer. Stateless between steps apart
+from those: every step's inputs are rebuilt from the scheduler's output.
 """
 
 from __future__ import annotations
@@ -16,24 +18,35 @@ from tidal.config import EngineConfig
 from tidal.engine.sampler import SamplingBatch, sample
 from tidal.engine.scheduler import ScheduledRequest, SchedulerOutput
 from tidal.kernels.paged_attention import AttentionMetadata, PrefillSpan
-from tidal.models.llama import kv_bytes_per_token, kv_cache_shape
+from tidal.models.llama import kv_bytes_per_token
 from tidal.models.loader import LoadedModel
-from tidal.protocol import TokenLogprob
+from tidal.protocol import KVLayout, TokenLogprob
+
+
+def kv_layout(config: EngineConfig, loaded: LoadedModel) -> KVLayout:
+    """The KV cache this engine needs: `cache.num_blocks`, or as many as the memory allows."""
+    arch, block_size = loaded.arch, config.cache.block_size
+    num_blocks = config.cache.num_blocks or max(
+        1, config.cache.kv_cache_memory_bytes // (block_size * kv_bytes_per_token(arch, loaded.dtype)))
+    return KVLayout(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads, num_blocks=num_blocks,
+                    block_size=block_size, head_dim=arch.head_dim,
+                    dtype=str(loaded.dtype).removeprefix("torch."))
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel):
+    def __init__(self, config: EngineConfig, loaded: LoadedModel, layout: KVLayout,
+                 cache: torch.Tensor | None = None):
         self.model = loaded.model
         self.arch = loaded.arch
         self.device = torch.device(loaded.device)
         self.dtype = loaded.dtype
-        self.block_size = config.cache.block_size
-        self.num_blocks = config.cache.num_blocks or max(
-            1, config.cache.kv_cache_memory_bytes // (self.block_size * kv_bytes_per_token(self.arch, self.dtype)))
-        shape = kv_cache_shape(self.arch, self.num_blocks, self.block_size)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device))
-                          for _ in range(self.arch.num_layers)]
+        self.block_size = layout.block_size
+        self.num_blocks = layout.num_blocks
+        if cache is None:
+            cache = torch.zeros(layout.shape, dtype=self.dtype, device=self.device)
+        assert tuple(cache.shape) == layout.shape and cache.dtype == self.dtype, (cache.shape, layout)
+        self.cache = cache
+        self.kv_caches = [(cache[i, 0], cache[i, 1]) for i in range(layout.num_layers)]
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, eos_token_ids: frozenset[int]

@@ -17,6 +17,7 @@ from tidal.protocol import SamplingParams
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_KV = "waiting_for_kv"  # a decode worker pulling its prompt's KV from a prefill worker
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED_STOPPED = "stop"
@@ -31,11 +32,16 @@ class RequestStatus(enum.Enum):
 
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
-                 max_model_len: int, arrival_time: float = 0.0):
+                 max_model_len: int, arrival_time: float = 0.0, hold_kv: bool = False):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.arrival_time = arrival_time
+        self.hold_kv = hold_kv  # a remote prefill: keep the blocks for a decode worker when done
+        self.added_time = 0.0  # engine clock (monotonic) when the engine took it
+        self.first_scheduled_time: float | None = None
+        self.kv_transfer_s: float | None = None
+        self.reported = False  # its first delta has gone out
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0

@@ -70,6 +70,25 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def add_pulled(self, request: Request) -> None:
+        """A request whose prompt KV arrived from a prefill worker joins the running list."""
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    def add_waiting_for_kv(self, request: Request) -> None:
+        """A request whose KV is being pulled: known (for aborts and stats) but not scheduled."""
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request_id {request.request_id!r}")
+        request.status = RequestStatus.WAITING_FOR_KV
+        self.requests[request.request_id] = request
+
+    @property
+    def num_pending_prefill_tokens(self) -> int:
+        """Prompt tokens not computed yet, over queued and running requests."""
+        return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting) + sum(
+            r.num_tokens - r.num_computed_tokens - 1 for r in self.running
+            if r.num_computed_tokens < r.num_tokens - 1)
+
     # ---- one step ----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -161,5 +180,8 @@ class Scheduler:
         elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(request)
         request.status = status
-        self.kv.free(request)
+        if request.hold_kv and status is RequestStatus.FINISHED_LENGTH:
+            self.kv.hold(request)
+        else:
+            self.kv.free(request)
         del self.requests[request.request_id]

@@ -6,6 +6,7 @@ serving, shut it down after `serve_http` returns). Endpoints:
 
     POST /v1/chat/completions   POST /v1/completions   GET /v1/models[/{model}]
     GET /health                 GET /metrics           GET /version
+    GET /admin/workers          (each worker's role and load, when the engine is a router)
 
 Every error is answered in OpenAI's JSON shape (see `errors.py`); request bodies above
 `ServerConfig.max_request_body_bytes` are refused with 413 before any handler runs.
@@ -165,6 +166,12 @@ def build_app(engine: EngineClient, tokenizer: Any, served_model_name: str,
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/admin/workers")
+    async def workers() -> Response:
+        """Each worker's role and latest load report (engines that front several workers)."""
+        table = getattr(engine, "worker_table", None)
+        return JSONResponse({"workers": table() if table is not None else []})
 
     @app.get("/version")
     async def version() -> Response:

@@ -1,8 +1,8 @@
 """The frontend's view of an engine: submit a request, stream its deltas, abort it.
 
 `EngineClient` is the interface the HTTP layer codes against. Implementations:
-`tidal.worker.client.WorkerClient` (an engine in a worker process, over the ZMQ request plane)
-and `tidal.entrypoints.inproc.InProcessEngineClient` (an engine on a thread of this process).
+`tidal.worker.client.WorkerClient` (one worker process, over the ZMQ request plane) and
+`tidal.router.service.Router` (every worker discovery lists: routing, disaggregation).
 """
 
 from __future__ import annotations

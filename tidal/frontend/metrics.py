@@ -54,6 +54,7 @@ class _EngineStatsCollector(Collector):
 
 class FrontendMetrics:
     def __init__(self, engine: EngineClient) -> None:
+        self._engine = engine
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("tidal_requests", "Requests that ran in the engine, by how they ended.",
@@ -78,4 +79,6 @@ class FrontendMetrics:
         r.register(_EngineStatsCollector(engine))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """This app's metrics, then the engine client's own (a router's), if it has a registry."""
+        extra = getattr(self._engine, "registry", None)
+        return generate_latest(self.registry) + (generate_latest(extra) if extra is not None else b"")

@@ -1,16 +1,26 @@
-"""The worker process: one engine, driven in a loop, reached over the ZMQ request plane.
+"""The worker process: one engine with a role, driven in a loop, reached over the request plane.
 
-Lifecycle: spawned by the launcher -> loads the engine -> sends `WorkerReady` -> loops
-{drain incoming AddRequest/AbortRequest; run one engine step; send StepOutputs} -> exits on
-`Shutdown`, or when its parent process is gone. The worker owns nothing outside its engine;
-the requests it holds die with it, and the client side fails them.
+Sockets (all bound here; clients and peers connect):
+- request plane: a ZMQ ROUTER at `spec.request_addr`. Clients (frontends) send `Connect`, then
+  `AddRequest`/`AbortRequest`; each request's `StepOutputs` go back to the client that sent it.
+  Prefill-side peers (decode workers) send `ReleaseKV` here too.
+- event plane: a `ZmqEventPublisher` at `spec.event_addr` (load reports now; KV events later).
+
+Lifecycle: started by the launcher (or `tidal worker`) -> binds -> loads the engine -> answers
+each `Connect` with `WorkerReady` -> loops {drain messages; run one engine step; send outputs,
+KV releases and load reports} -> exits on `Shutdown`, SIGTERM, or when its parent is gone
+(SIGINT is ignored: Ctrl-C reaches the launcher, which stops its workers in order).
+The requests a worker holds die with it; the client side fails them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
+from collections import defaultdict
+from dataclasses import dataclass
 
 import msgspec
 import torch
@@ -18,73 +28,166 @@ import zmq
 
 from tidal.config import EngineConfig
 from tidal.engine.engine import EngineCore
-from tidal.protocol import (AbortRequest, AddRequest, RequestPlaneMessage, Shutdown, StepOutputs,
-                            WorkerMessage, WorkerReady)
+from tidal.protocol import (AbortRequest, AddRequest, Connect, LoadReport, ReleaseKV, RequestPlaneMessage,
+                            Shutdown, StepOutputs, TokenDelta, WorkerReady)
+from tidal.runtime.events import ZmqEventPublisher
+from tidal.transfer import KVTransferConfig
 
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 50
+PULL_POLL_MS = 1  # while KV pulls are in flight and nothing else runs
 STATS_INTERVAL_S = 0.5
+ROLES = ("both", "prefill", "decode")
 
 
-def run_worker(config: EngineConfig, request_addr: str, output_addr: str, num_threads: int | None = None,
-               log_level: str = "INFO") -> None:
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs, passed to it at spawn."""
+
+    worker_id: str
+    role: str
+    engine: EngineConfig
+    request_addr: str
+    event_addr: str
+    transfer: KVTransferConfig | None = None
+    num_threads: int | None = None
+    log_level: str = "INFO"
+
+
+class _Stop:
+    requested = False
+
+
+def run_worker(spec: WorkerSpec) -> None:
     """Entry point of the worker process (multiprocessing target)."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s worker: %(message)s")
-    if num_threads:
-        torch.set_num_threads(num_threads)
+    logging.basicConfig(level=spec.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s worker {spec.worker_id}: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop = _Stop()
+    signal.signal(signal.SIGTERM, lambda *_: setattr(stop, "requested", True))
+    if spec.num_threads:
+        torch.set_num_threads(spec.num_threads)
     parent_pid = os.getppid()
     ctx = zmq.Context()
-    requests = ctx.socket(zmq.PULL)
-    requests.connect(request_addr)
-    outputs = ctx.socket(zmq.PUSH)
-    outputs.connect(output_addr)
-    encoder = msgspec.msgpack.Encoder()
-    decoder = msgspec.msgpack.Decoder(RequestPlaneMessage)
+    requests = ctx.socket(zmq.ROUTER)
+    requests.setsockopt(zmq.LINGER, 0)
+    requests.bind(spec.request_addr)
+    events = ZmqEventPublisher(spec.event_addr, ctx)
+    engine = None
     try:
-        engine = EngineCore(config)
-        outputs.send(encoder.encode(_ready(engine)))
-        _loop(engine, requests, outputs, encoder, decoder, parent_pid)
+        engine = EngineCore(spec.engine, spec.worker_id, spec.transfer)
+        engine.release_addr = spec.request_addr
+        _WorkerLoop(spec, engine, requests, events, ctx, parent_pid, stop).run()
     finally:
+        if engine is not None:
+            engine.close()
+        events.close()
         requests.close(linger=0)
-        outputs.close(linger=1000)
         ctx.term()
 
 
-def _ready(engine: EngineCore) -> WorkerMessage:
-    return WorkerReady(model_name=engine.model_name, max_model_len=engine.max_model_len,
-                       vocab_size=engine.vocab_size, kv_blocks_total=engine.kv.num_blocks,
-                       block_size=engine.kv.block_size)
+class _WorkerLoop:
+    def __init__(self, spec: WorkerSpec, engine: EngineCore, requests: zmq.Socket,
+                 events: ZmqEventPublisher, ctx: zmq.Context, parent_pid: int, stop: _Stop):
+        self.spec = spec
+        self.engine = engine
+        self.requests = requests
+        self.events = events
+        self.ctx = ctx
+        self.parent_pid = parent_pid
+        self.stop = stop
+        self.encoder = msgspec.msgpack.Encoder()
+        self.decoder = msgspec.msgpack.Decoder(RequestPlaneMessage)
+        self.clients: set[bytes] = set()
+        self.owners: dict[str, bytes] = {}  # request_id -> the client that sent it
+        self.peers: dict[str, zmq.Socket] = {}  # prefill workers this one releases KV to
+        self.ready = WorkerReady(worker_id=spec.worker_id, role=spec.role, model_name=engine.model_name,
+                                 max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
+                                 kv_blocks_total=engine.kv.num_blocks, block_size=engine.kv.block_size)
+        self.last_stats = 0.0
 
-
-def _loop(engine: EngineCore, requests: zmq.Socket, outputs: zmq.Socket, encoder, decoder,
-          parent_pid: int) -> None:
-    last_stats = 0.0
-    while True:
-        timeout = 0 if engine.has_work() else IDLE_POLL_MS
-        if requests.poll(timeout):
-            while True:
-                try:
-                    raw = requests.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                msg = decoder.decode(raw)
-                if isinstance(msg, AddRequest):
-                    engine.add_request(msg)
-                elif isinstance(msg, AbortRequest):
-                    engine.abort_request(msg.request_id)
-                elif isinstance(msg, Shutdown):
-                    logger.info("shutdown requested")
+    def run(self) -> None:
+        engine = self.engine
+        try:
+            while not self.stop.requested:
+                if engine.has_work():
+                    timeout = 0
+                elif engine.has_pulls():
+                    timeout = PULL_POLL_MS
+                else:
+                    timeout = IDLE_POLL_MS
+                if self.requests.poll(timeout) and not self._drain():
                     return
-        now = time.monotonic()
-        if engine.has_work():
-            deltas = engine.step()
-            if deltas or now - last_stats > STATS_INTERVAL_S:
-                outputs.send(encoder.encode(StepOutputs(deltas=deltas, stats=engine.stats())))
-                last_stats = now
-        elif now - last_stats > STATS_INTERVAL_S:
-            outputs.send(encoder.encode(StepOutputs(deltas=[], stats=engine.stats())))
-            last_stats = now
-            if os.getppid() != parent_pid:
-                logger.warning("parent process is gone; exiting")
-                return
+                deltas = engine.step() if engine.has_work() or engine.has_pulls() else []
+                self._send_releases()
+                now = time.monotonic()
+                stats_due = now - self.last_stats > STATS_INTERVAL_S
+                if deltas or stats_due:
+                    self._send_outputs(deltas, stats_due)
+                if stats_due:
+                    self.last_stats = now
+                    self.events.publish("load", LoadReport(worker_id=self.spec.worker_id, role=self.spec.role,
+                                                           stats=engine.stats(), time=time.time()))
+                    if os.getppid() != self.parent_pid:
+                        logger.warning("parent process is gone; exiting")
+                        return
+            logger.info("shutdown requested (SIGTERM)")
+        finally:
+            for sock in self.peers.values():
+                sock.close(linger=100)
+
+    def _drain(self) -> bool:
+        """Handle every queued message; False when asked to shut down."""
+        while True:
+            try:
+                identity, raw = self.requests.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return True
+            msg = self.decoder.decode(raw)
+            if isinstance(msg, AddRequest):
+                self.owners[msg.request_id] = identity
+                self.engine.add_request(msg)
+            elif isinstance(msg, AbortRequest):
+                self.engine.abort_request(msg.request_id)
+            elif isinstance(msg, ReleaseKV):
+                self.engine.release_kv(msg.request_id)
+            elif isinstance(msg, Connect):
+                self.clients.add(identity)
+                self.requests.send_multipart([identity, self.encoder.encode(self.ready)])
+            elif isinstance(msg, Shutdown):
+                logger.info("shutdown requested")
+                return False
+
+    def _send_outputs(self, deltas: list[TokenDelta], with_stats: bool) -> None:
+        by_client: dict[bytes, list[TokenDelta]] = defaultdict(list)
+        for delta in deltas:
+            owner = self.owners.pop(delta.request_id, None) if delta.finished else self.owners.get(delta.request_id)
+            if owner is not None:
+                by_client[owner].append(delta)
+        stats = self.engine.stats()
+        targets = self.clients if with_stats else by_client.keys()
+        for client in list(targets):
+            msg = StepOutputs(deltas=by_client.get(client, []), stats=stats)
+            try:
+                self.requests.send_multipart([client, self.encoder.encode(msg)], zmq.NOBLOCK)
+            except zmq.ZMQError:  # that client is gone (ROUTER drops or refuses unroutable peers)
+                self.clients.discard(client)
+
+    def _send_releases(self) -> None:
+        releases = self.engine.releases
+        while releases:
+            addr, request_id = releases.popleft()
+            if addr == self.spec.request_addr:
+                self.engine.release_kv(request_id)
+                continue
+            sock = self.peers.get(addr)
+            if sock is None:
+                sock = self.peers[addr] = self.ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 100)
+                sock.setsockopt(zmq.SNDHWM, 100_000)
+                sock.connect(addr)
+            try:
+                sock.send(self.encoder.encode(ReleaseKV(request_id=request_id)), zmq.NOBLOCK)
+            except zmq.Again:  # the peer is unreachable: its hold times out by itself
+                logger.warning("could not send ReleaseKV(%s) to %s", request_id, addr)

@@ -3,7 +3,10 @@
 Owns the mapping request_id -> list of KVBlocks (the request's block table, in token order).
 Lifecycle of a request here: `find_cached_prefix` (only while it has no blocks) ->
 `allocate_slots` each step it is scheduled -> `free` when it finishes, is aborted or preempted.
-After `free`, the manager holds nothing for it.
+After `free`, the manager holds nothing for it. Disaggregation adds two detours: a prefill
+worker `hold`s a finished request's blocks (by request id, outside any request) until
+`release`; a decode worker allocates blocks for KV it is still pulling with `defer_caching`,
+and enters their hashes with `cache_blocks` only once the data has arrived.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self.block_tables: dict[str, list[KVBlock]] = {}
         self._num_hashed: dict[str, int] = {}  # blocks of each request already entered in the cache
+        self.held: dict[str, list[KVBlock]] = {}  # finished remote prefills, kept for their puller
 
     @property
     def num_blocks(self) -> int:
@@ -44,10 +48,11 @@ class KVCacheManager:
         return hits
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
-                       cached_prefix: list[KVBlock] | None = None) -> bool:
+                       cached_prefix: list[KVBlock] | None = None, defer_caching: bool = False) -> bool:
         """Make room for `num_new_tokens` more tokens after the computed (and cached) ones.
 
-        Returns False, changing nothing, when the pool has too few blocks.
+        Returns False, changing nothing, when the pool has too few blocks. With `defer_caching`
+        the new full blocks are not entered in the prefix cache (their KV is not there yet).
         """
         table = self.block_tables.get(request.request_id, [])
         cached_prefix = cached_prefix or []
@@ -64,8 +69,15 @@ class KVCacheManager:
         table.extend(cached_prefix)
         if num_needed > 0:
             table.extend(self.pool.allocate(num_needed))
-        self._cache_full_blocks(request, table, num_computed + num_new_tokens)
+        if defer_caching:
+            self._num_hashed[request.request_id] = max(self._num_hashed[request.request_id], len(cached_prefix))
+        else:
+            self._cache_full_blocks(request, table, num_computed + num_new_tokens)
         return True
+
+    def cache_blocks(self, request: Request, num_tokens: int) -> None:
+        """Enter the full blocks of the first `num_tokens` tokens in the prefix cache."""
+        self._cache_full_blocks(request, self.block_tables[request.request_id], num_tokens)
 
     def _cache_full_blocks(self, request: Request, table: list[KVBlock], num_tokens: int) -> None:
         if not self.enable_prefix_caching:
@@ -87,3 +99,18 @@ class KVCacheManager:
         self._num_hashed.pop(request.request_id, None)
         if table:
             self.pool.free(reversed(table))
+
+    def hold(self, request: Request) -> list[int]:
+        """Keep a finished request's blocks under its id (for a peer to pull); their ids."""
+        table = self.block_tables.pop(request.request_id, [])
+        self._num_hashed.pop(request.request_id, None)
+        self.held[request.request_id] = table
+        return [b.block_id for b in table]
+
+    def release(self, request_id: str) -> bool:
+        """Free blocks kept by `hold`; False if none were held under that id."""
+        table = self.held.pop(request_id, None)
+        if table is None:
+            return False
+        self.pool.free(reversed(table))
+        return True

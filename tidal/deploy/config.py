@@ -1,0 +1,190 @@
+"""Deployment configs: one YAML file describes the frontend, the router and every worker.
+
+The schema is pydantic models that forbid unknown fields, so a typo or a bad value is refused
+with a message naming the field (`workers.1.role: Input should be 'both', 'prefill' or
+'decode'`). `load_deployment(path)` reads and validates; `Deployment.engine_config(worker)`
+resolves one worker's engine settings (the shared `engine` section, then that worker's
+overrides) into the engine's frozen `EngineConfig`.
+
+    model: null                     # GGUF file, HF folder, dummy:ARCH; null: embedded SmolLM2
+    frontend: {host: 127.0.0.1, port: 8000, router: round_robin}
+    disaggregation: {local_prefill_threshold: 512, max_prefill_queue_tokens: 16384}
+    kv_transfer: {backend: auto, timeout_s: 30}
+    engine: {dtype: auto, token_budget: 256, kv_cache_memory_gib: 0.5, ...}
+    workers:
+      - {role: prefill, count: 1, devices: [cpu], engine: {token_budget: 512}}
+      - {role: decode, count: 1}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tidal.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
+from tidal.router.policy import DisaggPolicy
+from tidal.router.service import RouterConfig
+from tidal.transfer import KVTransferConfig
+
+
+class DeploymentError(ValueError):
+    """A deployment config that can't be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FrontendSection(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    router: Literal["round_robin", "random", "least_loaded", "kv"] = "round_robin"
+    max_request_body_bytes: int = Field(8 << 20, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class DisaggSection(_Strict):
+    local_prefill_threshold: int = Field(512, ge=0)
+    """Prompts with fewer uncached tokens prefill on their decode worker."""
+    max_prefill_queue_tokens: int = Field(16384, gt=0)
+    """When every prefill worker has this many prompt tokens pending, prefill locally."""
+
+
+class KVTransferSection(_Strict):
+    backend: Literal["auto", "shm", "zmq", "cuda_ipc", "fake"] = "auto"
+    timeout_s: float = Field(30.0, gt=0)
+    debug_delay_s: float = Field(0.0, ge=0)
+    """Fault testing: every pull waits this long."""
+
+
+class EngineSection(_Strict):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    max_model_len: int | None = Field(None, gt=0)
+    seed: int | None = None
+    block_size: int | None = Field(None, gt=0)
+    num_kv_blocks: int | None = Field(None, gt=0)
+    kv_cache_memory_gib: float | None = Field(None, gt=0)
+    enable_prefix_caching: bool | None = None
+    token_budget: int | None = Field(None, gt=0)
+    max_num_seqs: int | None = Field(None, gt=0)
+    enable_chunked_prefill: bool | None = None
+
+    def merged(self, override: EngineSection | None) -> EngineSection:
+        if override is None:
+            return self
+        return self.model_copy(update=override.model_dump(exclude_none=True))
+
+
+class WorkerSection(_Strict):
+    role: Literal["both", "prefill", "decode"]
+    count: int = Field(1, ge=1, le=64)
+    devices: list[str] | None = None
+    """One device per replica (`cpu`, `cuda:0`, ...); default: cpu for all."""
+    num_threads: int | None = Field(None, gt=0)
+    """Torch threads per worker; default: the machine's cores shared among CPU workers."""
+    engine: EngineSection | None = None
+
+    @model_validator(mode="after")
+    def _devices_match_count(self) -> WorkerSection:
+        if self.devices is not None and len(self.devices) != self.count:
+            raise ValueError(f"devices lists {len(self.devices)} devices for count={self.count} workers")
+        for device in self.devices or ():
+            if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
+                raise ValueError(f"device {device!r} is neither cpu nor cuda[:N]")
+        return self
+
+
+class Deployment(_Strict):
+    model: str | None = None
+    tokenizer: str | None = None
+    served_model_name: str | None = None
+    frontend: FrontendSection = FrontendSection()
+    disaggregation: DisaggSection = DisaggSection()
+    kv_transfer: KVTransferSection = KVTransferSection()
+    engine: EngineSection = EngineSection()
+    workers: list[WorkerSection] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _roles_make_sense(self) -> Deployment:
+        roles = {w.role for w in self.workers}
+        if "prefill" in roles and not roles & {"decode", "both"}:
+            raise ValueError("prefill workers need at least one decode (or both) worker to hand requests to")
+        return self
+
+    # ---- resolution ------------------------------------------------------------------------
+    def replicas(self) -> list[tuple[str, WorkerSection, str]]:
+        """(worker_id, its section, its device) for every worker process, in config order."""
+        out, seen = [], {}
+        for section in self.workers:
+            for i in range(section.count):
+                n = seen.get(section.role, 0)
+                seen[section.role] = n + 1
+                device = section.devices[i] if section.devices else "cpu"
+                out.append((f"{section.role}-{n}", section, device))
+        return out
+
+    def engine_config(self, section: WorkerSection, device: str) -> EngineConfig:
+        e = self.engine.merged(section.engine)
+        cache_defaults, sched_defaults = CacheConfig(), SchedulerConfig()
+        return EngineConfig(
+            model=ModelConfig(model=self.model, tokenizer=self.tokenizer, served_model_name=self.served_model_name,
+                              dtype=e.dtype or "auto", device=device, max_model_len=e.max_model_len,
+                              seed=e.seed or 0),
+            cache=CacheConfig(
+                block_size=e.block_size or cache_defaults.block_size, num_blocks=e.num_kv_blocks,
+                kv_cache_memory_bytes=int(e.kv_cache_memory_gib * (1 << 30)) if e.kv_cache_memory_gib
+                else cache_defaults.kv_cache_memory_bytes,
+                enable_prefix_caching=cache_defaults.enable_prefix_caching if e.enable_prefix_caching is None
+                else e.enable_prefix_caching),
+            scheduler=SchedulerConfig(
+                token_budget=e.token_budget or sched_defaults.token_budget,
+                max_num_seqs=e.max_num_seqs or sched_defaults.max_num_seqs,
+                enable_chunked_prefill=sched_defaults.enable_chunked_prefill if e.enable_chunked_prefill is None
+                else e.enable_chunked_prefill))
+
+    def server_config(self, host: str | None = None, port: int | None = None) -> ServerConfig:
+        f = self.frontend
+        return ServerConfig(host=host or f.host, port=f.port if port is None else port,
+                            max_request_body_bytes=f.max_request_body_bytes, log_level=f.log_level)
+
+    def router_config(self) -> RouterConfig:
+        d = self.disaggregation
+        return RouterConfig(policy=self.frontend.router, seed=self.engine.seed or 0,
+                            disagg=DisaggPolicy(local_prefill_threshold=d.local_prefill_threshold,
+                                                max_prefill_queue_tokens=d.max_prefill_queue_tokens))
+
+    def transfer_config(self, scratch_dir: str) -> KVTransferConfig:
+        t = self.kv_transfer
+        return KVTransferConfig(backend=t.backend, timeout_s=t.timeout_s, debug_delay_s=t.debug_delay_s,
+                                scratch_dir=scratch_dir)
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid deployment config"]
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_deployment(data: object, source: str = "config") -> Deployment:
+    if not isinstance(data, dict):
+        raise DeploymentError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return Deployment.model_validate(data)
+    except ValidationError as exc:
+        raise DeploymentError(format_validation_error(exc, source)) from None
+
+
+def load_deployment(path: str | Path) -> Deployment:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise DeploymentError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise DeploymentError(f"{path}: not valid YAML: {exc}") from None
+    return parse_deployment(data, str(path))

@@ -1,0 +1,70 @@
+"""Discovery: which workers exist, their roles and addresses, and when they come and go.
+
+`Discovery` is the interface callers use; `LocalDiscovery` is the embedded implementation (the
+launcher's own table, in the frontend's process). An etcd implementation (workers registered
+under a lease, so a dead worker disappears when its lease lapses) sits beside it later with the
+same interface: `register`/`unregister` by the side that owns a worker, `list`/`watch` by those
+that use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from tidal.protocol import WorkerInfo
+
+
+@dataclass(frozen=True)
+class DiscoveryEvent:
+    kind: str  # "added" | "removed"
+    worker: WorkerInfo
+    reason: str = ""  # removed: why (exited, stopped)
+
+
+class Discovery(Protocol):
+    async def register(self, worker: WorkerInfo) -> None: ...
+
+    async def unregister(self, worker_id: str, reason: str = "") -> None: ...
+
+    def list(self) -> list[WorkerInfo]: ...
+
+    def watch(self) -> AsyncIterator[DiscoveryEvent]:
+        """The current workers as `added` events, then every change as it happens."""
+
+
+class LocalDiscovery:
+    """An in-memory table; watchers get an asyncio queue each."""
+
+    def __init__(self) -> None:
+        self._workers: dict[str, WorkerInfo] = {}
+        self._watchers: list[asyncio.Queue[DiscoveryEvent]] = []
+
+    async def register(self, worker: WorkerInfo) -> None:
+        self._workers[worker.worker_id] = worker
+        self._notify(DiscoveryEvent("added", worker))
+
+    async def unregister(self, worker_id: str, reason: str = "") -> None:
+        worker = self._workers.pop(worker_id, None)
+        if worker is not None:
+            self._notify(DiscoveryEvent("removed", worker, reason))
+
+    def list(self) -> list[WorkerInfo]:
+        return list(self._workers.values())
+
+    async def watch(self) -> AsyncIterator[DiscoveryEvent]:
+        queue: asyncio.Queue[DiscoveryEvent] = asyncio.Queue()
+        for worker in self._workers.values():
+            queue.put_nowait(DiscoveryEvent("added", worker))
+        self._watchers.append(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._watchers.remove(queue)
+
+    def _notify(self, event: DiscoveryEvent) -> None:
+        for queue in self._watchers:
+            queue.put_nowait(event)
