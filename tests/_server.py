@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 300
@@ -77,6 +78,19 @@ def group_is_gone(pgid: int, timeout_s: float = 10) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def example_config(tmp_path: Path, name: str, **changes) -> Path:
+    """examples/NAME with one torch thread per worker (so equal configs compute equal floats) and
+    `changes` merged into its sections; written under tmp_path."""
+    data = yaml.safe_load((REPO_ROOT / "examples" / name).read_text())
+    for worker in data["workers"]:
+        worker["num_threads"] = 1
+    for section, values in changes.items():
+        data.setdefault(section, {}).update(values)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
 
 
 def metrics(url: str) -> dict[str, float]:

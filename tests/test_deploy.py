@@ -1,9 +1,8 @@
-"""Deployment configs, routing policy and discovery: the parts that need no worker process."""
+"""Deployment configs and discovery: the parts that need no worker process."""
 
 from __future__ import annotations
 
 import asyncio
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +11,6 @@ import pytest
 
 from tidal.deploy.config import DeploymentError, load_deployment, parse_deployment
 from tidal.protocol import WorkerInfo
-from tidal.router.index import ApproxPrefixIndex
-from tidal.router.policy import DisaggPolicy, WorkerView, choose_prefill_worker, choose_worker, decide_prefill
 from tidal.runtime.discovery import LocalDiscovery
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -71,56 +68,6 @@ def test_cli_refuses_a_bad_config_with_exit_2(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "tidal.cli", "serve", "-f", str(tmp_path / "nope.yaml")],
                              capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert missing.returncode == 2 and "cannot read" in missing.stderr
-
-
-# ---- policy ------------------------------------------------------------------------------------
-
-
-def _views(*loads):
-    return [WorkerView(f"w{i}", "decode", open_requests=o, pending_prefill_tokens=p, overlap_blocks=b)
-            for i, (o, p, b) in enumerate(loads)]
-
-
-def test_round_robin_and_least_loaded():
-    rng = random.Random(0)
-    views = _views((0, 0, 0), (0, 0, 0), (0, 0, 0))
-    assert [choose_worker(views, "round_robin", 10, 16, i, rng).worker_id for i in range(4)] == ["w0", "w1", "w2", "w0"]
-    views = _views((3, 0, 0), (1, 0, 0), (1, 0, 0))
-    # ties between the least loaded are taken in turn, so a burst spreads out
-    assert {choose_worker(views, "least_loaded", 10, 16, i, rng).worker_id for i in range(4)} == {"w1", "w2"}
-
-
-def test_kv_policy_weighs_cached_prefix_against_load():
-    rng = random.Random(0)
-    # w1 holds 60 of the prompt's 64 blocks: it wins although it runs one more request
-    views = _views((1, 0, 0), (2, 0, 60))
-    assert choose_worker(views, "kv", 1024, 16, 0, rng).worker_id == "w1"
-    # but not once it is far busier than the cache saves
-    views = _views((1, 0, 0), (30, 0, 60))
-    assert choose_worker(views, "kv", 1024, 16, 0, rng).worker_id == "w0"
-
-
-def test_prefill_choice_and_conditional_disaggregation():
-    prefill = _views((0, 4000, 0), (0, 1000, 0))
-    assert choose_prefill_worker(prefill, 2048, 16, 0).worker_id == "w1"
-    # overlap is credited: w0 holds the whole prompt
-    prefill = _views((0, 1000, 128), (0, 1000, 0))
-    assert choose_prefill_worker(prefill, 2048, 16, 0).worker_id == "w0"
-    policy = DisaggPolicy(local_prefill_threshold=512, max_prefill_queue_tokens=8000)
-    assert decide_prefill(511, prefill, policy) == "local"
-    assert decide_prefill(512, prefill, policy) == "remote"
-    assert decide_prefill(4096, [], policy) == "local"
-    assert decide_prefill(4096, _views((0, 8000, 0), (0, 9000, 0)), policy) == "local"
-
-
-def test_approx_prefix_index_is_lru_bounded():
-    index = ApproxPrefixIndex()
-    index.add_worker("w", capacity_blocks=3)
-    index.record("w", [1, 2, 3])
-    assert index.overlap_blocks("w", [1, 2, 3, 4]) == 3
-    index.record("w", [9])  # evicts the least recently used (1)
-    assert index.overlap_blocks("w", [1, 2, 3]) == 0 and index.overlap_blocks("w", [9]) == 1
-    assert index.overlap_blocks("other", [1]) == 0
 
 
 def test_local_discovery_watch_sees_existing_and_new_workers():

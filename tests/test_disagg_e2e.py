@@ -16,14 +16,12 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import yaml
 
-from _server import REPO_ROOT, metrics, running_server
+from _server import example_config, metrics, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -32,22 +30,11 @@ LONG_TEXT = ("The tide comes in twice a day, pulled by the moon and, to a lesser
              "Sailors learned to read it long before anyone could explain it. ") * 24
 
 
-def _config(tmp_path: Path, name: str, **changes) -> Path:
-    data = yaml.safe_load((REPO_ROOT / "examples" / name).read_text())
-    for worker in data["workers"]:
-        worker["num_threads"] = 1
-    for section, values in changes.items():
-        data.setdefault(section, {}).update(values)
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("disagg")
-    with running_server(["-f", str(_config(tmp, "agg.yaml"))], tmp / "agg.log") as agg, \
-            running_server(["-f", str(_config(tmp, "disagg.yaml"))], tmp / "disagg.log") as disagg:
+    with running_server(["-f", str(example_config(tmp, "agg.yaml"))], tmp / "agg.log") as agg, \
+            running_server(["-f", str(example_config(tmp, "disagg.yaml"))], tmp / "disagg.log") as disagg:
         yield agg, disagg
 
 
@@ -128,7 +115,7 @@ def test_worker_metrics_and_admin_table(servers):
 
 @pytest.fixture()
 def fault_server(tmp_path):
-    path = _config(tmp_path, "disagg.yaml", kv_transfer={"debug_delay_s": 1.5},
+    path = example_config(tmp_path, "disagg.yaml", kv_transfer={"debug_delay_s": 1.5},
                    disaggregation={"local_prefill_threshold": 32})
     with running_server(["-f", str(path)], tmp_path / "fault.log") as url:
         yield url, tmp_path / "fault.log"

@@ -69,6 +69,15 @@ class KVTransferParams(msgspec.Struct, frozen=True, kw_only=True):
     release_addr: str  # the prefill worker's request-plane endpoint
 
 
+class RoutingHints(msgspec.Struct, frozen=True, kw_only=True):
+    """Per-request routing options from the client (the router reads them; workers ignore them)."""
+
+    session_id: str | None = None  # keep a conversation on its worker (x-session-id header or `user`)
+    priority: int = 0  # higher is admitted first when requests queue in the router
+    overlap_weight: float | None = None  # kv policy: weight of prefill work against decode load
+    temperature: float | None = None  # kv policy: 0 picks the cheapest worker; > 0 samples
+
+
 class AddRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     request_id: str
     prompt_token_ids: list[int]
@@ -81,6 +90,7 @@ class AddRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     hold_kv: bool = False
     kv_transfer_params: KVTransferParams | None = None
     output_token_ids: list[int] = []
+    routing: RoutingHints | None = None
 
 
 class AbortRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -91,6 +101,10 @@ class ReleaseKV(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """A decode worker has pulled (or given up on) a request's KV: the prefill worker frees it."""
 
     request_id: str
+
+
+class KVDumpRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """A router asks a worker for every block hash it holds (resync); the answer is a `KVDump`."""
 
 
 class Connect(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -166,6 +180,46 @@ class WorkerReady(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     block_size: int
 
 
+class BlockStored(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    """Full blocks entered in a worker's prefix cache: a chain, each hash the next one's parent;
+    `parent_hash` is the first one's parent (hashing.ROOT_PARENT_HASH at a prompt's start)."""
+
+    block_hashes: list[int]
+    parent_hash: int
+
+
+class BlockRemoved(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    """Blocks evicted from a worker's prefix cache."""
+
+    block_hashes: list[int]
+
+
+class AllBlocksCleared(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    """The worker dropped its whole prefix cache."""
+
+
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+class KVEventBatch(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Event plane, topic `kv`: a worker's cache changes in order. `event_id` counts batches from 1
+    per worker process (`instance_id`), so a gap or a new instance tells a router to resync."""
+
+    worker_id: str
+    instance_id: str
+    event_id: int
+    events: list[KVEvent]
+
+
+class KVDump(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """A worker's whole prefix cache as (block_hash, parent_hash) pairs, as of batch `event_id`."""
+
+    worker_id: str
+    instance_id: str
+    event_id: int
+    blocks: list[tuple[int, int]]
+
+
 class LoadReport(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """Event plane, topic `load`: a worker's load, published every few hundred ms."""
 
@@ -187,6 +241,6 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     device: str = "cpu"
 
 
-RequestPlaneMessage = Connect | AddRequest | AbortRequest | ReleaseKV | Shutdown
-WorkerMessage = WorkerReady | StepOutputs
-EventMessage = LoadReport
+RequestPlaneMessage = Connect | AddRequest | AbortRequest | ReleaseKV | KVDumpRequest | Shutdown
+WorkerMessage = WorkerReady | StepOutputs | KVDump
+EventMessage = LoadReport | KVEventBatch

@@ -7,7 +7,7 @@ resolves one worker's engine settings (the shared `engine` section, then that wo
 overrides) into the engine's frozen `EngineConfig`.
 
     model: null                     # GGUF file, HF folder, dummy:ARCH; null: embedded SmolLM2
-    frontend: {host: 127.0.0.1, port: 8000, router: round_robin}
+    frontend: {host: 127.0.0.1, port: 8000, router: kv, max_queue: 1024, queue_timeout_s: 30}
     disaggregation: {local_prefill_threshold: 512, max_prefill_queue_tokens: 16384}
     kv_transfer: {backend: auto, timeout_s: 30}
     engine: {dtype: auto, token_budget: 256, kv_cache_memory_gib: 0.5, ...}
@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tidal.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
-from tidal.router.policy import DisaggPolicy
+from tidal.router.policy import DisaggPolicy, KVWeights
 from tidal.router.service import RouterConfig
 from tidal.transfer import KVTransferConfig
 
@@ -42,6 +42,18 @@ class FrontendSection(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     router: Literal["round_robin", "random", "least_loaded", "kv"] = "round_robin"
+    kv_overlap_weight: float = Field(1.0, ge=0)
+    """kv router: weight of a worker's prefill work (this prompt's uncached blocks plus its
+    pending prefill) against its decode load (active blocks)."""
+    kv_temperature: float = Field(0.0, ge=0)
+    """kv router: 0 picks the cheapest worker; above 0 samples (softmax over normalized costs)."""
+    max_pending_prefill_tokens: int = Field(32768, gt=0)
+    """Per worker: with this many prompt tokens waiting for their first token it takes no more;
+    when every worker is there, requests queue in the router."""
+    max_queue: int = Field(1024, ge=0)
+    """Requests that may wait in the router; beyond it they get 503 with Retry-After."""
+    queue_timeout_s: float = Field(30.0, gt=0)
+    """A request that waited this long gets 503 with Retry-After."""
     max_request_body_bytes: int = Field(8 << 20, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -152,7 +164,11 @@ class Deployment(_Strict):
 
     def router_config(self) -> RouterConfig:
         d = self.disaggregation
-        return RouterConfig(policy=self.frontend.router, seed=self.engine.seed or 0,
+        f = self.frontend
+        return RouterConfig(policy=f.router, seed=self.engine.seed or 0,
+                            weights=KVWeights(overlap_weight=f.kv_overlap_weight, temperature=f.kv_temperature),
+                            max_pending_prefill_tokens=f.max_pending_prefill_tokens, max_queue=f.max_queue,
+                            queue_timeout_s=f.queue_timeout_s,
                             disagg=DisaggPolicy(local_prefill_threshold=d.local_prefill_threshold,
                                                 max_prefill_queue_tokens=d.max_prefill_queue_tokens))
 

@@ -30,7 +30,8 @@ from tidal.engine.model_runner import ModelRunner, kv_layout
 from tidal.engine.request import Request, RequestStatus
 from tidal.engine.scheduler import Scheduler
 from tidal.models.loader import load_model
-from tidal.protocol import AddRequest, EngineStats, KVTransferParams, TokenDelta
+from tidal.protocol import (AddRequest, AllBlocksCleared, BlockRemoved, BlockStored, EngineStats, KVEvent,
+                            KVTransferParams, TokenDelta)
 from tidal.tokenizer import load_tokenizer
 from tidal.transfer import KVTransferConfig, KVTransferError, Transfer, create_kv_transfer
 
@@ -49,7 +50,7 @@ class _Pull:
 
 class EngineCore:
     def __init__(self, config: EngineConfig, worker_id: str = "engine",
-                 transfer_config: KVTransferConfig | None = None):
+                 transfer_config: KVTransferConfig | None = None, record_kv_events: bool = False):
         self.config = config
         self.worker_id = worker_id
         started = time.monotonic()
@@ -68,7 +69,8 @@ class EngineCore:
         self.max_model_len = min(loaded.max_model_len, config.model.max_model_len or loaded.max_model_len,
                                  self.runner.num_blocks * block_size)
         self.vocab_size = loaded.arch.vocab_size
-        self.kv = KVCacheManager(self.runner.num_blocks, block_size, config.cache.enable_prefix_caching)
+        self.kv = KVCacheManager(self.runner.num_blocks, block_size, config.cache.enable_prefix_caching,
+                                 record_events=record_kv_events)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.eos_token_ids)
         self._pending: list[TokenDelta] = []  # deltas decided outside a step (errors, aborts)
         self.pulls: dict[str, _Pull] = {}  # decode side, in arrival order
@@ -295,6 +297,25 @@ class EngineCore:
                            kv_transfers=self.transfers_total, kv_transfer_failures=self.transfer_failures_total,
                            kv_transfer_bytes=self.transfer_bytes_total,
                            kv_transfer_seconds=self.transfer_seconds_total)
+
+    def take_kv_events(self) -> list[KVEvent]:
+        """Prefix-cache changes since the last call, in order, runs merged (for the router)."""
+        events: list[KVEvent] = []
+        for kind, block_hash, parent_hash in self.kv.pool.take_events():
+            last = events[-1] if events else None
+            if kind == "stored":
+                if isinstance(last, BlockStored) and last.block_hashes[-1] == parent_hash:
+                    last.block_hashes.append(block_hash)
+                else:
+                    events.append(BlockStored([block_hash], parent_hash))
+            elif kind == "removed":
+                if isinstance(last, BlockRemoved):
+                    last.block_hashes.append(block_hash)
+                else:
+                    events.append(BlockRemoved([block_hash]))
+            else:
+                events.append(AllBlocksCleared())
+        return events
 
     def close(self) -> None:
         if self.transfer is not None:

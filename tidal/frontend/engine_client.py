@@ -17,6 +17,15 @@ class EngineDeadError(RuntimeError):
     """The engine behind a client stopped; requests in flight fail with this."""
 
 
+class OverloadedError(RuntimeError):
+    """Refused for now (the router's queue is full, or the request waited too long): 503 with
+    Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class EngineClient(Protocol):
     max_model_len: int
     """Prompt + output tokens one request may hold."""

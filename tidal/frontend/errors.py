@@ -33,8 +33,10 @@ class OpenAIError(Exception):
     """An error answered to the client with `status_code` and OpenAI's error body."""
 
     def __init__(self, status_code: int, message: str, *, param: str | None = None,
-                 error_type: str | None = None, code: str | int | None = None) -> None:
+                 error_type: str | None = None, code: str | int | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
+        self.headers = headers
         self.status_code = status_code
         self.message = message
         self.param = param
@@ -45,7 +47,7 @@ class OpenAIError(Exception):
         return error_body(self.message, self.error_type, self.param, self.code)
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status_code)
+        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
 
 
 def error_body(message: str, error_type: str, param: str | None = None,
@@ -64,6 +66,10 @@ def model_not_found(model: str | None) -> OpenAIError:
 
 def engine_unavailable(message: str = "The engine is not available.") -> OpenAIError:
     return OpenAIError(503, message)
+
+
+def overloaded(message: str, retry_after_s: int) -> OpenAIError:
+    return OpenAIError(503, message, headers={"Retry-After": str(retry_after_s)})
 
 
 def internal_error(message: str = "Internal server error.") -> OpenAIError:

@@ -27,7 +27,7 @@ ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.
 E2E_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0,
                  60.0, 90.0, 120.0, 180.0, 300.0, 600.0)
 
-REQUEST_STATUSES = ("success", "error", "abort")
+REQUEST_STATUSES = ("success", "error", "abort", "rejected")
 
 
 class _EngineStatsCollector(Collector):
@@ -57,7 +57,7 @@ class FrontendMetrics:
         self._engine = engine
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("tidal_requests", "Requests that ran in the engine, by how they ended.",
+        self.requests = Counter("tidal_requests", "Requests by how they ended (rejected: refused by the router's admission).",
                                 ["status"], registry=r)
         for status in REQUEST_STATUSES:
             self.requests.labels(status)

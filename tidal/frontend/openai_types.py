@@ -2,9 +2,9 @@
 
 Requests accept the fields of OpenAI's API plus vLLM's common extensions (`top_k`, `min_p`,
 `stop_token_ids`, `ignore_eos`, `min_tokens`, `include_stop_str_in_output`,
-`skip_special_tokens`, `chat_template_kwargs`). Unknown fields are ignored, as vLLM does, so
-that clients sending options Tidal doesn't implement (penalties, `user`, `tool_choice`, ...)
-still work. Value checks that fail here become 400s before anything reaches the engine.
+`skip_special_tokens`, `chat_template_kwargs`) and Tidal's routing fields (`user` as the
+session, `priority`, `routing`). Unknown fields are ignored, as vLLM does, so that clients
+sending options Tidal doesn't implement (penalties, `tool_choice`, ...) still work. Value checks that fail here become 400s before anything reaches the engine.
 
 Responses mirror OpenAI's shapes field for field.
 """
@@ -66,6 +66,13 @@ class ChatMessage(BaseModel):
         return message
 
 
+class RoutingOptions(OpenAIBaseModel):
+    """Tidal extension: per-request weights of the kv routing policy."""
+
+    overlap_weight: float | None = Field(default=None, ge=0.0)
+    temperature: float | None = Field(default=None, ge=0.0)
+
+
 class SamplingRequest(OpenAIBaseModel):
     """Fields shared by chat and text completions."""
 
@@ -84,6 +91,9 @@ class SamplingRequest(OpenAIBaseModel):
     skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
+    user: str | None = None  # also the routing session when no x-session-id header is sent
+    priority: int = Field(default=0, ge=-1000, le=1000)  # admission order when the router queues
+    routing: RoutingOptions | None = None
 
     @field_validator("n")
     @classmethod

@@ -30,12 +30,12 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from tidal.frontend.detokenizer import OutputAssembler, TokenTextTable
-from tidal.frontend.engine_client import EngineClient, EngineDeadError
+from tidal.frontend.engine_client import EngineClient, EngineDeadError, OverloadedError
 from tidal.frontend.errors import (OpenAIError, bad_request, engine_unavailable,
-                                   from_validation_error, internal_error, model_not_found)
+                                   from_validation_error, internal_error, model_not_found, overloaded)
 from tidal.frontend.metrics import FrontendMetrics
 from tidal.frontend.openai_types import PromptTokensDetails, SamplingRequest, UsageInfo
-from tidal.protocol import AddRequest, SamplingParams, TokenDelta, TokenLogprob
+from tidal.protocol import AddRequest, RoutingHints, SamplingParams, TokenDelta, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +142,30 @@ def build_sampling_params(req: SamplingRequest, max_tokens: int,
         min_tokens=req.min_tokens,
         logprobs=logprobs,
     )
+
+
+def routing_hints(request: Request, req: SamplingRequest) -> RoutingHints | None:
+    """Session (`x-session-id` header, else the `user` field), priority and kv-routing options."""
+    session_id = request.headers.get("x-session-id") or req.user
+    options = req.routing
+    if not session_id and not req.priority and options is None:
+        return None
+    return RoutingHints(session_id=session_id, priority=req.priority,
+                        overlap_weight=options.overlap_weight if options else None,
+                        temperature=options.temperature if options else None)
+
+
+async def admit(ctx: ServingContext, request: AddRequest) -> None:
+    """Lets an engine that queues (the router) admit or refuse the request before any response
+    starts, so a refusal is a plain 503 with Retry-After, streaming or not."""
+    admit_fn = getattr(ctx.engine, "admit", None)
+    if admit_fn is None:
+        return
+    try:
+        await admit_fn(request)
+    except OverloadedError as exc:
+        ctx.metrics.requests.labels("rejected").inc()
+        raise overloaded(str(exc), exc.retry_after_s) from None
 
 
 def clamp_logprob(logprob: float) -> float:
@@ -261,6 +285,8 @@ def error_for(exc: Exception) -> OpenAIError:
     """The client-facing error for an exception raised while a request runs."""
     if isinstance(exc, OpenAIError):
         return exc
+    if isinstance(exc, OverloadedError):
+        return overloaded(str(exc), exc.retry_after_s)
     if isinstance(exc, EngineDeadError):
         return engine_unavailable(f"The engine stopped: {exc}" if str(exc) else
                                   "The engine stopped.")

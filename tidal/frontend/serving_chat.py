@@ -15,10 +15,10 @@ from tidal.frontend.openai_types import (ChatChoiceLogprobs, ChatCompletionChoic
                                          ChatCompletionChunk, ChatCompletionChunkChoice,
                                          ChatCompletionRequest, ChatCompletionResponse,
                                          ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob)
-from tidal.frontend.serving import (SSE_DONE, GenerationRun, ServingContext, SSEResponse,
+from tidal.frontend.serving import (SSE_DONE, GenerationRun, ServingContext, SSEResponse, admit,
                                     build_sampling_params, check_request, clamp_logprob,
                                     json_response, parse_body, resolve_max_tokens,
-                                    run_until_disconnect, sse_error, sse_event)
+                                    routing_hints, run_until_disconnect, sse_error, sse_event)
 from tidal.protocol import AddRequest, TokenLogprob
 
 
@@ -38,7 +38,8 @@ class ChatServing:
         add_request = AddRequest(
             request_id=request_id, prompt_token_ids=prompt_token_ids,
             sampling_params=build_sampling_params(req, max_tokens, req.num_logprobs()),
-            arrival_time=arrival_time)
+            arrival_time=arrival_time, routing=routing_hints(request, req))
+        await admit(ctx, add_request)
         run = GenerationRun(ctx, add_request, skip_special_tokens=req.skip_special_tokens)
         if req.stream:
             return SSEResponse(self._stream(run, req))

@@ -13,11 +13,11 @@ from starlette.responses import Response
 from tidal.frontend.errors import bad_request
 from tidal.frontend.openai_types import (CompletionChoice, CompletionLogprobs,
                                          CompletionRequest, CompletionResponse)
-from tidal.frontend.serving import (SSE_DONE, GenerationRun, ServingContext, SSEResponse,
+from tidal.frontend.serving import (SSE_DONE, GenerationRun, ServingContext, SSEResponse, admit,
                                     build_sampling_params, check_request, check_token_ids,
                                     clamp_logprob, json_response, parse_body,
-                                    resolve_max_tokens, run_until_disconnect, sse_error,
-                                    sse_event)
+                                    resolve_max_tokens, routing_hints, run_until_disconnect,
+                                    sse_error, sse_event)
 from tidal.protocol import AddRequest, TokenLogprob
 
 DEFAULT_MAX_TOKENS = 16
@@ -61,7 +61,8 @@ class CompletionServing:
         add_request = AddRequest(
             request_id=f"cmpl-{uuid.uuid4().hex}", prompt_token_ids=prompt_token_ids,
             sampling_params=build_sampling_params(req, max_tokens, req.logprobs),
-            arrival_time=arrival_time)
+            arrival_time=arrival_time, routing=routing_hints(request, req))
+        await admit(ctx, add_request)
         run = GenerationRun(ctx, add_request, skip_special_tokens=req.skip_special_tokens)
         if req.stream:
             return SSEResponse(self._stream(run, req))

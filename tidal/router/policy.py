@@ -4,7 +4,8 @@
 router has open on it, the prefill tokens it sent there that have not produced a token yet, the
 prompt blocks it holds (from the prefix index), and its last load report.
 
-- `choose_worker` picks where a request runs (aggregated) or decodes, by policy.
+- `choose_worker` picks where a request runs (aggregated) or decodes, by policy; `kv_cost` is
+  the kv policy's cost.
 - `choose_prefill_worker` picks the prefill worker with the least prefill work still to do,
   counting this prompt's uncached part on each (so prefix overlap is credited).
 - `decide_prefill` is conditional disaggregation: remote only when the uncached prompt is long
@@ -13,6 +14,7 @@ prompt blocks it holds (from the prefix index), and its last load report.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -23,11 +25,19 @@ POLICIES = ("round_robin", "random", "least_loaded", "kv")
 class WorkerView:
     worker_id: str
     role: str
-    open_requests: int = 0
-    pending_prefill_tokens: int = 0  # the router's count: sent, no token back yet
-    overlap_blocks: int = 0  # leading prompt blocks it holds
+    open_requests: int = 0  # requests the router has running there
+    pending_prefill_tokens: int = 0  # prompt tokens sent there without a token back yet
+    overlap_blocks: int = 0  # leading blocks of this prompt it holds (KV index)
+    active_blocks: int = 0  # KV blocks its running requests hold (decode load)
     kv_usage: float = 0.0  # used / total blocks, from its last load report
-    reported_waiting: int = 0
+
+
+@dataclass(frozen=True)
+class KVWeights:
+    overlap_weight: float = 1.0
+    """Weight of the prefill work (in blocks) against the decode load (in blocks)."""
+    temperature: float = 0.0
+    """0: the cheapest worker (ties: fewest open requests, then at random); > 0: softmax sampling."""
 
 
 @dataclass(frozen=True)
@@ -38,36 +48,53 @@ class DisaggPolicy:
     """A prefill worker with this many pending prefill tokens is full; all full -> local."""
 
 
-def _argmin(candidates: list[WorkerView], key, counter: int) -> WorkerView:
-    """The candidate with the smallest key; ties taken in turn (so bursts spread out)."""
-    keys = [key(w) for w in candidates]
+def kv_cost(w: WorkerView, num_prompt_tokens: int, block_size: int, overlap_weight: float) -> float:
+    """overlap_weight x (prefill blocks still to compute there, this prompt's uncached part
+    included) + decode blocks active there.
+
+    Example: block_size 16, a 1024-token prompt, weight 1. Worker A holds 60 of its 64 blocks, has
+    128 pending prefill tokens and 200 active blocks: 1 x (128 + 64) / 16 + 200 = 212. Worker B
+    holds none, no pending prefill, 150 active blocks: 1 x 1024 / 16 + 150 = 214. A wins by 2.
+    """
+    uncached = max(num_prompt_tokens - w.overlap_blocks * block_size, 0)
+    return overlap_weight * (w.pending_prefill_tokens + uncached) / block_size + w.active_blocks
+
+
+def _argmin(candidates: list[WorkerView], key, rng: random.Random) -> WorkerView:
+    """The candidate with the smallest key; ties go to the fewest open requests, then at random."""
+    keys = [(key(w), w.open_requests) for w in candidates]
     best = min(keys)
     tied = [w for w, k in zip(candidates, keys) if k == best]
-    return tied[counter % len(tied)]
+    return tied[0] if len(tied) == 1 else rng.choice(tied)
 
 
 def choose_worker(candidates: list[WorkerView], policy: str, num_prompt_tokens: int, block_size: int,
-                  counter: int, rng: random.Random) -> WorkerView:
+                  counter: int, rng: random.Random, weights: KVWeights = KVWeights()) -> WorkerView:
     """The worker for a request among `candidates` (non-empty)."""
     if policy == "round_robin":
         return candidates[counter % len(candidates)]
     if policy == "random":
         return rng.choice(candidates)
     if policy == "least_loaded":
-        return _argmin(candidates, lambda w: (w.open_requests, w.kv_usage), counter)
+        return _argmin(candidates, lambda w: (w.open_requests, w.active_blocks), rng)
     if policy == "kv":
-        # Prefill work this request would cost there (in blocks) plus the decode load already there.
-        def cost(w: WorkerView) -> tuple[float, int]:
-            uncached = max(num_prompt_tokens - w.overlap_blocks * block_size, 0)
-            return (w.pending_prefill_tokens + uncached) / block_size + 4.0 * w.open_requests, w.open_requests
-        return _argmin(candidates, cost, counter)
+        def cost(w: WorkerView) -> float:
+            return kv_cost(w, num_prompt_tokens, block_size, weights.overlap_weight)
+        if weights.temperature <= 0:
+            return _argmin(candidates, cost, rng)
+        costs = [cost(w) for w in candidates]
+        scale = max(costs) or 1.0  # costs normalized to [0, 1], so the temperature is unitless
+        logits = [-c / scale / weights.temperature for c in costs]
+        top = max(logits)
+        return rng.choices(candidates, weights=[math.exp(x - top) for x in logits])[0]
     raise ValueError(f"unknown routing policy {policy!r}; choose one of {', '.join(POLICIES)}")
 
 
 def choose_prefill_worker(candidates: list[WorkerView], num_prompt_tokens: int, block_size: int,
-                          counter: int) -> WorkerView:
+                          rng: random.Random) -> WorkerView:
+    """Least prefill work there once this prompt's uncached part is added (overlap credited)."""
     return _argmin(candidates, lambda w: w.pending_prefill_tokens + max(
-        num_prompt_tokens - w.overlap_blocks * block_size, 0), counter)
+        num_prompt_tokens - w.overlap_blocks * block_size, 0), rng)
 
 
 def decide_prefill(uncached_tokens: int, prefill_workers: list[WorkerView], policy: DisaggPolicy) -> str:

@@ -1,12 +1,17 @@
 """The router service: the frontend's `EngineClient` over every worker that discovery lists.
 
 Owns one `WorkerClient` per live worker (following `Discovery.watch`), the event subscriber
-that brings their load reports, the prefix index, and its own bookkeeping of what it sent where
-(open requests, prefill tokens without a token back yet), so bursts that arrive between load
-reports spread out instead of all picking the same worker.
+that brings their load reports and KV events, the KV index (kept in order per worker, resynced
+from a dump on any gap, new worker or restarted worker), the session table, the admission queue,
+and its own bookkeeping of what it sent where (open requests, prefill tokens without a token back
+yet, blocks of open requests), updated at route, first token and finish and corrected upwards by
+load reports, so bursts that arrive between reports spread out instead of all picking one worker.
 
-One request (`generate`):
-1. pick the decode-capable worker (`both` or `decode`) by the routing policy;
+One request: `admit` (queue while every worker is over its pending-prefill limit; 503 with
+Retry-After when the queue is full or the wait passes its deadline), then `generate`:
+1. pick the decode-capable worker (`both` or `decode`): the session's worker if it has one and
+   is not overloaded, else by the routing policy (`kv` weighs the prompt's uncached blocks there
+   plus its pending prefill against its active blocks);
 2. if prefill workers are alive, decide local or remote prefill (conditional disaggregation)
    from the prompt's uncached length on that worker and the prefill queues;
 3. local: the request runs there whole. Remote: the chosen prefill worker runs it with
@@ -22,22 +27,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from tidal.frontend.engine_client import EngineDeadError
+from tidal.frontend.engine_client import EngineDeadError, OverloadedError
 from tidal.hashing import block_hashes
-from tidal.protocol import AddRequest, EngineStats, LoadReport, TokenDelta
-from tidal.router.index import ApproxPrefixIndex
-from tidal.router.policy import (POLICIES, DisaggPolicy, WorkerView, choose_prefill_worker, choose_worker,
-                                 decide_prefill)
+from tidal.protocol import AddRequest, EngineStats, KVDump, KVEventBatch, LoadReport, TokenDelta
+from tidal.router.index import KVIndex, WorkerEvents
+from tidal.router.policy import (POLICIES, DisaggPolicy, KVWeights, WorkerView, choose_prefill_worker,
+                                 choose_worker, decide_prefill)
 from tidal.runtime.discovery import Discovery
 from tidal.runtime.events import ZmqEventSubscriber, cancel_and_wait
 from tidal.worker.client import WorkerClient
@@ -48,29 +56,78 @@ STAGE_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
                    30.0, 60.0)
 
 
+DECISION_BUCKETS_S = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
+OVERLAP_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+SESSIONS_MAX = 100_000
+PLAN_TTL_S = 60.0  # an admitted request whose stream never starts gives its place back after this
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     policy: str = "round_robin"
     """How a decode (or aggregated) worker is chosen: round_robin, random, least_loaded, kv."""
+    weights: KVWeights = field(default_factory=KVWeights)
+    """kv policy weights (a request's `routing` options override them)."""
     disagg: DisaggPolicy = field(default_factory=DisaggPolicy)
+    max_pending_prefill_tokens: int = 32768
+    """A worker with this many prompt tokens waiting for their first token is full; when all are,
+    requests wait in the router's queue."""
+    max_queue: int = 1024
+    """Requests allowed to wait; more are refused (503, Retry-After)."""
+    queue_timeout_s: float = 30.0
+    """A request that waits longer is refused (503, Retry-After)."""
     seed: int = 0
 
 
 @dataclass
 class _Worker:
     client: WorkerClient
+    events: WorkerEvents = field(default_factory=WorkerEvents)
+    open_requests: int = 0
     pending_prefill_tokens: int = 0
+    active_blocks: int = 0  # blocks of the prompts of its open requests (the router's estimate)
 
     @property
     def worker_id(self) -> str:
         return self.client.worker_id
 
+    @property
+    def pending(self) -> int:
+        """Pending prefill tokens: the router's count, or the worker's report if that is higher
+        (other routers send work there too)."""
+        stats = self.client.stats()
+        return max(self.pending_prefill_tokens, stats.num_pending_prefill_tokens if stats else 0)
+
     def view(self, overlap_blocks: int) -> WorkerView:
         stats = self.client.stats()
         usage = stats.kv_blocks_used / stats.kv_blocks_total if stats and stats.kv_blocks_total else 0.0
-        return WorkerView(self.worker_id, self.client.role, open_requests=self.client.num_open_requests,
-                          pending_prefill_tokens=self.pending_prefill_tokens, overlap_blocks=overlap_blocks,
-                          kv_usage=usage, reported_waiting=stats.num_waiting if stats else 0)
+        active = max(self.active_blocks, stats.kv_blocks_used if stats else 0)
+        return WorkerView(self.worker_id, self.client.role, open_requests=self.open_requests,
+                          pending_prefill_tokens=self.pending, overlap_blocks=overlap_blocks,
+                          active_blocks=active, kv_usage=usage)
+
+
+@dataclass
+class _Plan:
+    """An admitted request's route, with the bookkeeping it added (removed when it ends)."""
+
+    decode: _Worker
+    prefill: _Worker | None
+    uncached: int  # prompt tokens the prefilling worker computes
+    blocks: int
+    created: float
+    pending_on: _Worker | None = None
+    pending_tokens: int = 0
+
+    def first_token(self) -> None:
+        if self.pending_on is not None:
+            self.pending_on.pending_prefill_tokens -= self.pending_tokens
+            self.pending_on = None
+
+    def release(self) -> None:
+        self.first_token()
+        self.decode.open_requests -= 1
+        self.decode.active_blocks -= self.blocks
 
 
 class Router:
@@ -80,8 +137,12 @@ class Router:
         self.discovery = discovery
         self.config = config
         self.workers: dict[str, _Worker] = {}
-        self.index = ApproxPrefixIndex()
-        self.events = ZmqEventSubscriber(("load",))
+        self.index = KVIndex()
+        self.events = ZmqEventSubscriber(("load", "kv"))
+        self.sessions: OrderedDict[str, str] = OrderedDict()  # session id -> worker id
+        self._plans: dict[str, _Plan] = {}
+        self._queue: list = []  # heap of [-priority, seq, request, future]
+        self._seq = itertools.count()
         self._starting: dict[str, asyncio.Task] = {}
         self._tasks: list[asyncio.Task] = []
         self._counter = 0
@@ -127,6 +188,7 @@ class Router:
                 await cancel_and_wait(task)
                 worker = self.workers.pop(worker_id, None)
                 self.index.remove_worker(worker_id)
+                self._wake()
                 self.events.disconnect(worker_id)
                 if worker is not None:
                     worker.client.mark_dead(event.reason or "removed from discovery")
@@ -142,9 +204,11 @@ class Router:
             return
         finally:
             self._starting.pop(info.worker_id, None)
-        self.workers[info.worker_id] = _Worker(client)
-        self.index.add_worker(info.worker_id, client.ready.kv_blocks_total)
+        worker = self.workers[info.worker_id] = _Worker(client)
+        client.on_dump = self._on_dump
+        self.index.add_worker(info.worker_id)
         self.events.connect(info.worker_id, info.event_addr)
+        self._resync(worker)
         self.block_size = client.ready.block_size
         self._model_name = self._model_name or client.model_name
         self._max_model_len = min(self._max_model_len or client.max_model_len, client.max_model_len)
@@ -152,10 +216,44 @@ class Router:
 
     async def _follow_events(self) -> None:
         async for _topic, event in self.events.events():
+            worker = self.workers.get(event.worker_id)
+            if worker is None:
+                continue
             if isinstance(event, LoadReport):
-                worker = self.workers.get(event.worker_id)
-                if worker is not None:
-                    worker.client.update_stats(event.stats)
+                worker.client.update_stats(event.stats)
+                self._wake()
+            elif isinstance(event, KVEventBatch):
+                self.on_kv_events(worker, event)
+
+    def on_kv_events(self, worker: _Worker, batch: KVEventBatch) -> None:
+        if worker.events.accept(batch):
+            self.index.apply(worker.worker_id, batch.events)
+        elif worker.events.resyncing and not worker.events.dump_requested:
+            logger.info("KV events of %s: gap or new instance at batch %d; resyncing", worker.worker_id,
+                        batch.event_id)
+            self._resync(worker)
+
+    def _resync(self, worker: _Worker) -> None:
+        """Drop what the index holds for the worker and ask it for a dump."""
+        worker.events.start_resync()
+        worker.events.dump_requested = True
+        self.index.clear_worker(worker.worker_id)
+        self.resyncs.inc()
+        worker.client.request_dump()
+
+    def _on_dump(self, dump: KVDump) -> None:
+        worker = self.workers.get(dump.worker_id)
+        if worker is None:
+            return
+        worker.events.dump_requested = False
+        later = worker.events.finish_resync(dump)
+        self.index.clear_worker(worker.worker_id)
+        if later is None:  # events after the dump left a gap: once more
+            self._resync(worker)
+            return
+        self.index.store(worker.worker_id, (block_hash for block_hash, _ in dump.blocks))
+        for batch in later:
+            self.index.apply(worker.worker_id, batch.events)
 
     # ---- EngineClient ----------------------------------------------------------------------------
     @property
@@ -186,56 +284,163 @@ class Router:
     def _prefillers(self) -> list[_Worker]:
         return [w for w in self.workers.values() if w.client.role == "prefill" and w.client.is_healthy()]
 
-    async def generate(self, request: AddRequest) -> AsyncIterator[TokenDelta]:
+    # ---- admission -----------------------------------------------------------------------------
+    def _has_room(self) -> bool:
+        limit = self.config.max_pending_prefill_tokens
+        return any(w.pending < limit for w in self._decoders() + self._prefillers())
+
+    async def admit(self, request: AddRequest) -> None:
+        """Routes the request now, or queues it until a worker has room. Raises OverloadedError
+        (queue full, or waited past `queue_timeout_s`) or EngineDeadError (no worker)."""
+        if request.request_id in self._plans:
+            return
+        self._expire_plans()
+        if not self._queue and self._has_room():
+            self._plans[request.request_id] = self._plan(request)
+            return
+        if not self._decoders():
+            raise EngineDeadError("no worker is available to serve requests")
+        if len(self._queue) >= self.config.max_queue:
+            self.rejected.labels("queue_full").inc()
+            raise OverloadedError(f"the server is overloaded: {len(self._queue)} requests are queued",
+                                  retry_after_s=self._retry_after_s())
+        future = asyncio.get_running_loop().create_future()
+        priority = request.routing.priority if request.routing is not None else 0
+        entry = [-priority, next(self._seq), request, future]
+        heapq.heappush(self._queue, entry)
+        self.queue_depth.set(len(self._queue))
+        try:
+            await asyncio.wait_for(asyncio.shield(future), self.config.queue_timeout_s)
+        except asyncio.TimeoutError:
+            self.rejected.labels("queue_timeout").inc()
+            raise OverloadedError(f"the request waited {self.config.queue_timeout_s:g} s for a worker",
+                                  retry_after_s=self._retry_after_s()) from None
+        finally:
+            if not future.done():  # timed out or cancelled (client gone): leave the queue
+                future.cancel()
+                self._queue.remove(entry)
+                heapq.heapify(self._queue)
+                self.queue_depth.set(len(self._queue))
+        future.result()  # EngineDeadError if the workers went away while it waited
+
+    def _retry_after_s(self) -> int:
+        return max(1, min(60, round(self.config.queue_timeout_s / 4)))
+
+    def _wake(self) -> None:
+        """Route queued requests (highest priority, then oldest) while some worker has room."""
+        while self._queue and self._has_room():
+            _, _, request, future = heapq.heappop(self._queue)
+            if future.done():
+                continue
+            try:
+                self._plans[request.request_id] = self._plan(request)
+                future.set_result(None)
+            except EngineDeadError as exc:
+                future.set_exception(exc)
+        self.queue_depth.set(len(self._queue))
+
+    def _expire_plans(self) -> None:
+        now = time.monotonic()
+        for request_id in [r for r, p in self._plans.items() if now - p.created > PLAN_TTL_S]:
+            self._plans.pop(request_id).release()
+
+    def _plan(self, request: AddRequest) -> _Plan:
+        """The route of one request, with the router's bookkeeping updated for it."""
+        started = time.perf_counter()
         decoders = self._decoders()
         if not decoders:
             raise EngineDeadError("no worker is available to serve requests")
         self._counter += 1
         prompt = request.prompt_token_ids
+        hints = request.routing
         hashes = block_hashes(prompt, self.block_size)
-        views = {w.worker_id: w.view(self.index.overlap_blocks(w.worker_id, hashes)) for w in decoders}
-        chosen = choose_worker(list(views.values()), self.config.policy, len(prompt), self.block_size,
-                               self._counter, self._rng)
+        overlaps = self.index.overlaps(hashes)
+        views = [w.view(overlaps.get(w.worker_id, 0)) for w in decoders]
+        chosen = self._session_worker(hints, views)
+        policy = "session" if chosen is not None else self.config.policy
+        if chosen is None:
+            weights = self.config.weights
+            if hints is not None and (hints.overlap_weight is not None or hints.temperature is not None):
+                weights = KVWeights(
+                    overlap_weight=weights.overlap_weight if hints.overlap_weight is None else hints.overlap_weight,
+                    temperature=weights.temperature if hints.temperature is None else hints.temperature)
+            chosen = choose_worker(views, self.config.policy, len(prompt), self.block_size, self._counter,
+                                   self._rng, weights)
+        if hints is not None and hints.session_id:
+            self.sessions[hints.session_id] = chosen.worker_id
+            self.sessions.move_to_end(hints.session_id)
+            if len(self.sessions) > SESSIONS_MAX:
+                self.sessions.popitem(last=False)
         decode = self.workers[chosen.worker_id]
-        prefillers = self._prefillers()
-        where = "local"
+        uncached = len(prompt) - chosen.overlap_blocks * self.block_size
         prefill = None
+        prefillers = self._prefillers()
         if prefillers:
-            pviews = [w.view(self.index.overlap_blocks(w.worker_id, hashes)) for w in prefillers]
-            uncached = len(prompt) - chosen.overlap_blocks * self.block_size
+            pviews = [w.view(overlaps.get(w.worker_id, 0)) for w in prefillers]
             where = decide_prefill(uncached, pviews, self.config.disagg)
             if where == "remote":
-                pick = choose_prefill_worker(pviews, len(prompt), self.block_size, self._counter)
+                pick = choose_prefill_worker(pviews, len(prompt), self.block_size, self._rng)
                 prefill = self.workers[pick.worker_id]
+                uncached = len(prompt) - pick.overlap_blocks * self.block_size
             self.prefill_decisions.labels(where).inc()
-        if prefill is None:
-            stream = self._local(decode, request, len(prompt) - chosen.overlap_blocks * self.block_size)
-        else:
-            stream = self._remote(prefill, decode, request, hashes)
-        output: list[int] = []
-        async with contextlib.aclosing(stream):
-            async for delta in stream:
-                output.extend(delta.new_token_ids)
-                yield delta
-        # Only a request that ran to the end surely left its blocks (prompt and output) there.
-        self.index.record(decode.worker_id, block_hashes(prompt + output, self.block_size))
+        plan = _Plan(decode, prefill, uncached, blocks=-(-len(prompt) // self.block_size),
+                     created=time.monotonic(), pending_on=prefill or decode, pending_tokens=uncached)
+        plan.pending_on.pending_prefill_tokens += uncached
+        decode.open_requests += 1
+        decode.active_blocks += plan.blocks
+        self.decisions.labels(policy).inc()
+        self.overlap_blocks.observe(chosen.overlap_blocks)
+        self.decision_s.observe(time.perf_counter() - started)
+        return plan
 
-    async def _local(self, worker: _Worker, request: AddRequest, uncached: int) -> AsyncIterator[TokenDelta]:
-        worker.pending_prefill_tokens += uncached
-        pending = uncached
+    def _session_worker(self, hints, views: list[WorkerView]) -> WorkerView | None:
+        """The session's worker, unless it is gone or over its pending-prefill limit."""
+        if hints is None or not hints.session_id:
+            return None
+        worker_id = self.sessions.get(hints.session_id)
+        view = next((v for v in views if v.worker_id == worker_id), None)
+        if view is None or view.pending_prefill_tokens >= self.config.max_pending_prefill_tokens:
+            return None
+        return view
+
+    # ---- generation ------------------------------------------------------------------------------
+    async def generate(self, request: AddRequest) -> AsyncIterator[TokenDelta]:
+        plan = self._plans.pop(request.request_id, None)
+        if plan is None:
+            await self.admit(request)
+            plan = self._plans.pop(request.request_id)
         try:
-            async for delta in worker.client.generate(request):
-                if pending:
-                    worker.pending_prefill_tokens -= pending
-                    pending = 0
-                    if delta.queue_s is not None:
-                        self.queue_s.observe(delta.queue_s)
-                yield delta
+            if plan.prefill is None:
+                stream = self._local(plan.decode, request, plan)
+            else:
+                stream = self._remote(plan.prefill, plan.decode, request, plan)
+            output: list[int] = []
+            async with contextlib.aclosing(stream):
+                async for delta in stream:
+                    if delta.new_token_ids:
+                        output.extend(delta.new_token_ids)
+                        if plan.pending_on is not None:
+                            plan.first_token()
+                            self._wake()
+                    yield delta
+            # The worker now caches the prompt and output blocks; its KV events say so too, but the
+            # conversation's next turn may arrive before them (another socket). Removals correct it.
+            self.index.store(plan.decode.worker_id,
+                             block_hashes(request.prompt_token_ids + output, self.block_size))
         finally:
-            worker.pending_prefill_tokens -= pending
+            plan.release()
+            self._wake()
+
+    async def _local(self, worker: _Worker, request: AddRequest, plan: _Plan) -> AsyncIterator[TokenDelta]:
+        queued = False
+        async for delta in worker.client.generate(request):
+            if not queued and delta.queue_s is not None:
+                queued = True
+                self.queue_s.observe(delta.queue_s)
+            yield delta
 
     async def _remote(self, prefill: _Worker, decode: _Worker, request: AddRequest,
-                      hashes: list[int]) -> AsyncIterator[TokenDelta]:
+                      plan: _Plan) -> AsyncIterator[TokenDelta]:
         params = request.sampling_params
         prefill_request = msgspec.structs.replace(
             request, hold_kv=True, sampling_params=msgspec.structs.replace(params, max_tokens=1))
@@ -243,11 +448,9 @@ class Router:
         first = await self._run_prefill(prefill, prefill_request)
         if first is None:  # the prefill worker died before its token: prefill on the decode worker
             self.prefill_fallbacks.inc()
-            async for delta in self._local(decode, request, len(request.prompt_token_ids)):
+            async for delta in self._local(decode, request, plan):
                 yield delta
             return
-        if first.kv_transfer_params is not None:
-            self.index.record(prefill.worker_id, hashes)
         if first.queue_s is not None:
             self.queue_s.observe(first.queue_s)
             self.prefill_s.observe(max(time.monotonic() - sent - first.queue_s, 0.0))
@@ -282,8 +485,6 @@ class Router:
 
     async def _run_prefill(self, prefill: _Worker, request: AddRequest) -> TokenDelta | None:
         """The prefill worker's one finished delta; None if the worker died before it."""
-        tokens = len(request.prompt_token_ids)
-        prefill.pending_prefill_tokens += tokens
         last = None
         try:
             async for delta in prefill.client.generate(request):
@@ -291,8 +492,6 @@ class Router:
         except EngineDeadError as exc:
             logger.warning("prefill worker %s failed %s: %s", prefill.worker_id, request.request_id, exc)
             return None
-        finally:
-            prefill.pending_prefill_tokens -= tokens
         return last
 
     # ---- metrics -----------------------------------------------------------------------------
@@ -314,6 +513,20 @@ class Router:
         self.first_decode_s = Histogram("tidal_request_first_decode_seconds", "From handing a request to its "
                                         "decode worker to its next token, transfer excluded.",
                                         buckets=STAGE_BUCKETS_S, registry=r)
+        self.decisions = Counter("tidal_router_decisions", "Routing decisions, by the policy that made them "
+                                 "(`session`: a session's worker kept).", ["policy"], registry=r)
+        self.overlap_blocks = Histogram("tidal_router_overlap_blocks", "Prompt blocks the chosen worker "
+                                        "already held.", buckets=OVERLAP_BUCKETS, registry=r)
+        self.queue_depth = Gauge("tidal_router_queue_depth", "Requests waiting in the router for a worker "
+                                 "with room.", registry=r)
+        self.rejected = Counter("tidal_router_rejected", "Requests refused with 503: queue full or waited too "
+                                "long.", ["reason"], registry=r)
+        for reason in ("queue_full", "queue_timeout"):
+            self.rejected.labels(reason)
+        self.resyncs = Counter("tidal_router_resyncs", "Times a worker's KV index was rebuilt from a dump "
+                               "(new worker, restarted worker, or a gap in its events).", registry=r)
+        self.decision_s = Histogram("tidal_router_decision_seconds", "Time to route one request (hashing, "
+                                    "index lookup, policy).", buckets=DECISION_BUCKETS_S, registry=r)
         r.register(_WorkerCollector(self))
 
     def worker_table(self) -> list[dict]:

@@ -13,15 +13,15 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
 import zmq
 import zmq.asyncio
 
 from tidal.frontend.engine_client import EngineDeadError
-from tidal.protocol import (AbortRequest, AddRequest, Connect, EngineStats, ReleaseKV, Shutdown, StepOutputs,
-                            TokenDelta, WorkerInfo, WorkerMessage, WorkerReady)
+from tidal.protocol import (AbortRequest, AddRequest, Connect, EngineStats, KVDump, KVDumpRequest, ReleaseKV,
+                            Shutdown, StepOutputs, TokenDelta, WorkerInfo, WorkerMessage, WorkerReady)
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class WorkerClient:
         self._reader: asyncio.Task | None = None
         self.dead_reason: str | None = None
         self.ready: WorkerReady | None = None
+        self.on_dump: Callable[[KVDump], None] | None = None  # answers to `request_dump`
 
     @property
     def worker_id(self) -> str:
@@ -89,6 +90,10 @@ class WorkerClient:
     async def _read_outputs(self) -> None:
         while True:
             msg = self._decoder.decode(await self._sock.recv())
+            if isinstance(msg, KVDump):
+                if self.on_dump is not None:
+                    self.on_dump(msg)
+                continue
             if not isinstance(msg, StepOutputs):
                 continue
             if msg.stats is not None:
@@ -140,6 +145,11 @@ class WorkerClient:
         """Free a remote prefill's held blocks (its KV will not be pulled)."""
         if self.dead_reason is None:
             self._send(ReleaseKV(request_id=request_id))
+
+    def request_dump(self) -> None:
+        """Ask for the worker's whole prefix cache; the `KVDump` goes to `on_dump`."""
+        if self.dead_reason is None:
+            self._send(KVDumpRequest())
 
     def send_shutdown(self) -> None:
         if self.dead_reason is None:

@@ -4,7 +4,9 @@ Sockets (all bound here; clients and peers connect):
 - request plane: a ZMQ ROUTER at `spec.request_addr`. Clients (frontends) send `Connect`, then
   `AddRequest`/`AbortRequest`; each request's `StepOutputs` go back to the client that sent it.
   Prefill-side peers (decode workers) send `ReleaseKV` here too.
-- event plane: a `ZmqEventPublisher` at `spec.event_addr` (load reports now; KV events later).
+- event plane: a `ZmqEventPublisher` at `spec.event_addr`: load reports (topic `load`) and
+  prefix-cache changes (topic `kv`, `KVEventBatch` with ids counting up per worker instance; a
+  router that sees a gap sends `KVDumpRequest` and gets the whole cache as a `KVDump`).
 
 Lifecycle: started by the launcher (or `tidal worker`) -> binds -> loads the engine -> answers
 each `Connect` with `WorkerReady` -> loops {drain messages; run one engine step; send outputs,
@@ -19,6 +21,7 @@ import logging
 import os
 import signal
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -28,8 +31,8 @@ import zmq
 
 from tidal.config import EngineConfig
 from tidal.engine.engine import EngineCore
-from tidal.protocol import (AbortRequest, AddRequest, Connect, LoadReport, ReleaseKV, RequestPlaneMessage,
-                            Shutdown, StepOutputs, TokenDelta, WorkerReady)
+from tidal.protocol import (AbortRequest, AddRequest, Connect, KVDump, KVDumpRequest, KVEventBatch, LoadReport,
+                            ReleaseKV, RequestPlaneMessage, Shutdown, StepOutputs, TokenDelta, WorkerReady)
 from tidal.runtime.events import ZmqEventPublisher
 from tidal.transfer import KVTransferConfig
 
@@ -76,7 +79,7 @@ def run_worker(spec: WorkerSpec) -> None:
     events = ZmqEventPublisher(spec.event_addr, ctx)
     engine = None
     try:
-        engine = EngineCore(spec.engine, spec.worker_id, spec.transfer)
+        engine = EngineCore(spec.engine, spec.worker_id, spec.transfer, record_kv_events=True)
         engine.release_addr = spec.request_addr
         _WorkerLoop(spec, engine, requests, events, ctx, parent_pid, stop).run()
     finally:
@@ -106,6 +109,8 @@ class _WorkerLoop:
                                  max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
                                  kv_blocks_total=engine.kv.num_blocks, block_size=engine.kv.block_size)
         self.last_stats = 0.0
+        self.instance_id = uuid.uuid4().hex  # a restarted worker is a new instance: routers resync
+        self.event_id = 0  # KV event batches published so far
 
     def run(self) -> None:
         engine = self.engine
@@ -120,6 +125,7 @@ class _WorkerLoop:
                 if self.requests.poll(timeout) and not self._drain():
                     return
                 deltas = engine.step() if engine.has_work() or engine.has_pulls() else []
+                self._publish_kv_events()
                 self._send_releases()
                 now = time.monotonic()
                 stats_due = now - self.last_stats > STATS_INTERVAL_S
@@ -152,6 +158,11 @@ class _WorkerLoop:
                 self.engine.abort_request(msg.request_id)
             elif isinstance(msg, ReleaseKV):
                 self.engine.release_kv(msg.request_id)
+            elif isinstance(msg, KVDumpRequest):
+                self._publish_kv_events()  # the dump is the state after every published batch
+                dump = KVDump(worker_id=self.spec.worker_id, instance_id=self.instance_id, event_id=self.event_id,
+                              blocks=self.engine.kv.pool.cached_blocks())
+                self.requests.send_multipart([identity, self.encoder.encode(dump)])
             elif isinstance(msg, Connect):
                 self.clients.add(identity)
                 self.requests.send_multipart([identity, self.encoder.encode(self.ready)])
@@ -173,6 +184,13 @@ class _WorkerLoop:
                 self.requests.send_multipart([client, self.encoder.encode(msg)], zmq.NOBLOCK)
             except zmq.ZMQError:  # that client is gone (ROUTER drops or refuses unroutable peers)
                 self.clients.discard(client)
+
+    def _publish_kv_events(self) -> None:
+        events = self.engine.take_kv_events()
+        if events:
+            self.event_id += 1
+            self.events.publish("kv", KVEventBatch(worker_id=self.spec.worker_id, instance_id=self.instance_id,
+                                                   event_id=self.event_id, events=events))
 
     def _send_releases(self) -> None:
         releases = self.engine.releases

@@ -21,11 +21,12 @@ class KVBlock:
     block_id: int
     ref_count: int = 0
     block_hash: int | None = None
+    parent_hash: int = 0
 
 
 class BlockPool:
     def __init__(self, num_blocks: int, enable_caching: bool = True,
-                 on_evict: Callable[[int], None] | None = None):
+                 on_evict: Callable[[int], None] | None = None, record_events: bool = False):
         assert num_blocks > 0
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
@@ -33,6 +34,10 @@ class BlockPool:
         self.free_queue: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
         self.cached: dict[int, KVBlock] = {}  # block_hash -> block holding it
         self.on_evict = on_evict
+        # Cache changes since the last `take_events`, when recorded (a worker publishes them):
+        # ("stored", hash, parent), ("removed", hash, 0), ("cleared", 0, 0).
+        self.record_events = record_events
+        self.events: list[tuple[str, int, int]] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -73,21 +78,36 @@ class BlockPool:
     def lookup(self, block_hash: int) -> KVBlock | None:
         return self.cached.get(block_hash) if self.enable_caching else None
 
-    def cache_block(self, block: KVBlock, block_hash: int) -> None:
+    def cache_block(self, block: KVBlock, block_hash: int, parent_hash: int = 0) -> None:
         """Record that `block` holds the full block with this chained hash."""
         if not self.enable_caching or block.block_hash is not None:
             return
         if block_hash in self.cached:  # an equal block is cached already; keep that one
             return
         block.block_hash = block_hash
+        block.parent_hash = parent_hash
         self.cached[block_hash] = block
+        if self.record_events:
+            self.events.append(("stored", block_hash, parent_hash))
+
+    def take_events(self) -> list[tuple[str, int, int]]:
+        events, self.events = self.events, []
+        return events
+
+    def cached_blocks(self) -> list[tuple[int, int]]:
+        """(block_hash, parent_hash) of every block in the prefix cache."""
+        return [(h, b.parent_hash) for h, b in self.cached.items()]
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; only when no block is in use."""
         if len(self.free_queue) != self.num_blocks:
             return False
+        recording, self.record_events = self.record_events, False
         for block in self.blocks:
             self._evict(block)
+        self.record_events = recording
+        if recording:
+            self.events.append(("cleared", 0, 0))
         return True
 
     def _evict(self, block: KVBlock) -> None:
@@ -96,4 +116,6 @@ class BlockPool:
                 del self.cached[block.block_hash]
                 if self.on_evict is not None:
                     self.on_evict(block.block_hash)
+                if self.record_events:
+                    self.events.append(("removed", block.block_hash, 0))
             block.block_hash = None

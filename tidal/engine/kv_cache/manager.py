@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from tidal.engine.kv_cache.block_pool import BlockPool, KVBlock
 from tidal.engine.request import Request
+from tidal.hashing import ROOT_PARENT_HASH
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 record_events: bool = False):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching, record_events=record_events)
         self.block_tables: dict[str, list[KVBlock]] = {}
         self._num_hashed: dict[str, int] = {}  # blocks of each request already entered in the cache
         self.held: dict[str, list[KVBlock]] = {}  # finished remote prefills, kept for their puller
@@ -88,7 +90,7 @@ class KVCacheManager:
             return
         hashes = request.update_block_hashes(self.block_size)
         for i in range(done, num_full):
-            self.pool.cache_block(table[i], hashes[i])
+            self.pool.cache_block(table[i], hashes[i], hashes[i - 1] if i else ROOT_PARENT_HASH)
         self._num_hashed[request.request_id] = num_full
 
     def block_ids(self, request_id: str) -> list[int]:
