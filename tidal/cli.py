@@ -3,6 +3,8 @@
     tidal serve [MODEL] [engine flags]    one aggregated worker behind the OpenAI frontend
     tidal serve -f CONFIG.yaml [--host H] [--port P]
                                           a deployment: frontend, router, prefill/decode workers
+    tidal bench --url URL --workload chat|synthetic --arrival ... --rate R --slo ttft_ms=..,itl_ms=..
+                                          load any OpenAI-compatible server; records and a summary
 """
 
 from __future__ import annotations
@@ -64,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=None, help="frontend port (overrides the config's)")
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--max-request-body-bytes", type=int, default=8 << 20)
+    bench = sub.add_parser("bench", help="load an OpenAI-compatible server with chat or synthetic traffic")
+    _add_bench_args(bench)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(args, "log_level", "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         from tidal.deploy.config import DeploymentError, load_deployment
         from tidal.deploy.launcher import serve_deployment
@@ -86,7 +90,74 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             pass
         return 0
+    if args.command == "bench":
+        return _bench(args)
     return 2
+
+
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (without /v1)")
+    p.add_argument("--model", default=None, help="default: the server's first model")
+    p.add_argument("--workload", default="chat", choices=["chat", "synthetic", "trace"])
+    p.add_argument("--trace", default=None, help="trace workload: a Mooncake .jsonl or Azure .csv file")
+    p.add_argument("--trace-format", default="auto", choices=["auto", "mooncake", "azure"])
+    p.add_argument("--time-scale", type=float, default=1.0, help="trace timestamps x this (2: half speed)")
+    p.add_argument("--max-input-len", type=int, default=None, help="trace: cap prompt tokens")
+    p.add_argument("--max-output-len", type=int, default=None, help="trace: cap output tokens")
+    p.add_argument("--arrival", default="poisson", choices=["constant", "poisson", "gamma", "square", "sine", "ramp"])
+    p.add_argument("--rate", type=float, default=1.0, help="sessions (chat) or requests (synthetic) per second")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape k (CV 1/sqrt(k))")
+    p.add_argument("--burst-factor", type=float, default=4.0)
+    p.add_argument("--burst-s", type=float, default=10.0)
+    p.add_argument("--calm-s", type=float, default=30.0)
+    p.add_argument("--requests", type=int, default=100, help="synthetic: requests to send; trace: at most")
+    p.add_argument("--sessions", type=int, default=10, help="chat: sessions to run")
+    p.add_argument("--turns", type=int, default=3)
+    p.add_argument("--think-s", type=float, default=2.0, help="chat: mean think time between turns")
+    p.add_argument("--system-words", type=int, default=200, help="chat: shared system prompt length")
+    p.add_argument("--user-words", type=int, default=30)
+    p.add_argument("--input-len", type=int, default=256, help="synthetic: prompt tokens")
+    p.add_argument("--input-len-range", type=float, default=0.0, help="synthetic: +- fraction, uniform")
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--vocab-size", type=int, default=30000, help="synthetic: token ids drawn below this")
+    p.add_argument("--slo", default=None, help="e.g. ttft_ms=500,itl_ms=50 (also tpot_ms, e2e_ms)")
+    p.add_argument("--output", default=None, help="folder for records.jsonl and summary.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout-s", type=float, default=600.0)
+    p.add_argument("--sweep-rates", default=None, help="e.g. 1,2,4: one run per rate; reports the capacity")
+    p.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
+                   help="no load: compare earlier runs' outputs side by side (table, compare.png in --output)")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from tidal.bench.metrics import parse_slo
+    from tidal.bench.runner import BenchConfig, run_bench, sweep
+
+    if args.compare:
+        from tidal.bench.plots import compare
+
+        print(compare(args.compare, args.output or "."))
+        return 0
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    try:
+        slo = parse_slo(args.slo)
+    except ValueError as exc:
+        print(f"tidal bench: {exc}", file=sys.stderr)
+        return 2
+    config = BenchConfig(
+        url=args.url, workload=args.workload, model=args.model, arrival=args.arrival, rate=args.rate,
+        burstiness=args.burstiness, burst_factor=args.burst_factor, burst_s=args.burst_s, calm_s=args.calm_s,
+        requests=args.requests, sessions=args.sessions, turns=args.turns, think_s=args.think_s,
+        system_words=args.system_words, user_words=args.user_words, input_len=args.input_len,
+        input_len_range=args.input_len_range, output_len=args.output_len, vocab_size=args.vocab_size,
+        seed=args.seed, timeout_s=args.timeout_s, output=args.output, slo=tuple(slo.items()),
+        trace=args.trace, trace_format=args.trace_format, time_scale=args.time_scale,
+        max_input_len=args.max_input_len, max_output_len=args.max_output_len)
+    if args.sweep_rates:
+        sweep(config, [float(r) for r in args.sweep_rates.split(",")])
+    else:
+        run_bench(config)
+    return 0
 
 
 if __name__ == "__main__":

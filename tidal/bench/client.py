@@ -1,0 +1,74 @@
+"""One streamed request against an OpenAI-compatible server, timed chunk by chunk.
+
+`stream_request` posts a body with `stream: true` (and `stream_options.include_usage`), reads the
+server-sent events, and fills a `RequestRecord`: time to the first chunk that carries text, every
+gap between such chunks, end to end, output tokens (the server's usage count when it gives one,
+else the number of text chunks), and how it ended: `ok`, `rejected` (HTTP 429/503: the server
+refused it for load) or `error` (any other status, a broken stream, an error event). It returns
+the generated text too (a chat workload puts it in the next turn's history).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+
+from tidal.bench.metrics import RequestRecord
+
+REJECT_STATUSES = (429, 503)
+
+
+async def stream_request(client: httpx.AsyncClient, path: str, body: dict, record: RequestRecord,
+                         run_start: float) -> str:
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    record.sent_s = start - run_start
+    text_parts: list[str] = []
+    last = None
+    chunks = 0
+    try:
+        async with client.stream("POST", path, json=body) as response:
+            if response.status_code != 200:
+                raw = (await response.aread()).decode(errors="replace")
+                record.status = "rejected" if response.status_code in REJECT_STATUSES else "error"
+                record.error = f"HTTP {response.status_code}: {raw[:300]}"
+                return ""
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    record.status, record.error = "error", str(event["error"].get("message", event["error"]))
+                    return "".join(text_parts)
+                if event.get("usage"):
+                    usage = event["usage"]
+                    record.output_tokens = usage.get("completion_tokens", record.output_tokens)
+                    record.input_tokens = usage.get("prompt_tokens", record.input_tokens)
+                for choice in event.get("choices") or ():
+                    piece = choice.get("text")
+                    if piece is None:
+                        piece = (choice.get("delta") or {}).get("content")
+                    if not piece:
+                        continue
+                    now = time.perf_counter()
+                    if last is None:
+                        record.ttft_s = now - start
+                    else:
+                        record.itl_s.append(now - last)
+                    last = now
+                    chunks += 1
+                    text_parts.append(piece)
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        record.status, record.error = "error", f"{type(exc).__name__}: {exc}"
+        return "".join(text_parts)
+    record.e2e_s = time.perf_counter() - start
+    if not record.output_tokens:
+        record.output_tokens = chunks
+    if record.ttft_s is None:
+        record.status, record.error = "error", "the stream ended without any text"
+    return "".join(text_parts)

@@ -1,0 +1,240 @@
+"""The load generator's run loop: workloads on an arrival clock, records out, a summary at the end.
+
+Workloads:
+- `synthetic`: single-turn `/v1/completions` requests whose prompts are random token ids of
+  `input_len` (+- `input_len_range` x input_len, uniform), asking for `output_len` tokens with
+  `ignore_eos`, so every server does the same work. Requests start on the arrival clock.
+- `trace`: replay of a Mooncake JSONL or Azure CSV trace (`tidal.bench.traces`): each request at
+  its (scaled) timestamp, as `/v1/completions` with synthesized token ids (equal Mooncake hash ids
+  give equal prefixes) and the trace's output length (`ignore_eos`).
+- `chat`: sessions of `turns` turns on `/v1/chat/completions`. Sessions start on the arrival clock;
+  each has a system prompt shared by all sessions (`system_words` words), and every turn adds a user
+  message of `user_words` words; the reply the server actually streamed joins the history, and the
+  next turn is sent after an exponential think time (`think_s` mean).
+
+The schedule is kept by one task per request (or session); the generator warns when it sends
+later than scheduled (`max_schedule_lag_ms` in the summary says by how much), which means the
+client, not the server, was the bottleneck. Results: `records.jsonl` (one line per request) and
+`summary.json` in the output folder, and the summary table on stdout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tidal.bench.arrivals import make_arrivals
+from tidal.bench.client import stream_request
+from tidal.bench.metrics import RequestRecord, format_summary, summarize
+from tidal.bench.plots import plot_run
+from tidal.bench.traces import TraceRequest, load_trace, synthesize_prompt
+
+logger = logging.getLogger(__name__)
+
+LAG_WARN_S = 0.05
+WORDS = ("tide moon sea shore wave sand wind salt boat harbor light storm current reef gull island "
+         "anchor sail deep north").split()
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    url: str
+    workload: str = "chat"  # chat | synthetic | trace
+    model: str | None = None  # None: the server's first model
+    arrival: str = "poisson"
+    rate: float = 1.0  # requests (synthetic) or sessions (chat) per second
+    burstiness: float = 1.0
+    burst_factor: float = 4.0
+    burst_s: float = 10.0
+    calm_s: float = 30.0
+    requests: int = 100  # synthetic
+    sessions: int = 10  # chat
+    turns: int = 3
+    think_s: float = 2.0
+    system_words: int = 200
+    user_words: int = 30
+    input_len: int = 256
+    input_len_range: float = 0.0
+    output_len: int = 64
+    vocab_size: int = 30000
+    seed: int = 0
+    timeout_s: float = 600.0
+    trace: str | None = None  # trace workload: the file
+    trace_format: str = "auto"  # mooncake | azure | auto (by extension)
+    time_scale: float = 1.0  # trace timestamps x this (2.0: half speed)
+    max_input_len: int | None = None  # trace: cap prompt lengths (small models)
+    max_output_len: int | None = None
+    output: str | None = None
+    slo: tuple[tuple[str, float], ...] = ()
+
+
+def _words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+class Bench:
+    def __init__(self, config: BenchConfig) -> None:
+        self.config = config
+        self.rng = random.Random(config.seed)
+        self.records: list[RequestRecord] = []
+        self.start = 0.0
+        self.model = config.model
+        self._progress = None
+        self._task = None
+
+    def _start_progress(self, total: int) -> None:
+        """A progress bar on a terminal (finished requests, or sessions for chat)."""
+        if not sys.stdout.isatty():
+            return
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), transient=True)
+        self._task = self._progress.add_task(self.config.workload, total=total)
+        self._progress.start()
+
+    def _advance(self) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task)
+
+    async def run(self) -> dict:
+        c = self.config
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=1000)
+        async with httpx.AsyncClient(base_url=c.url, timeout=c.timeout_s, limits=limits) as client:
+            if self.model is None:
+                models = (await client.get("/v1/models")).json()["data"]
+                self.model = models[0]["id"]
+            trace = []
+            if c.workload == "trace":
+                if not c.trace:
+                    raise ValueError("the trace workload needs a trace file")
+                trace = load_trace(c.trace, c.trace_format, c.time_scale, c.requests, c.max_input_len,
+                                   c.max_output_len)
+                arrivals = iter([r.time_s for r in trace])
+            else:
+                arrivals = make_arrivals(c.arrival, c.rate, self.rng, burstiness=c.burstiness,
+                                         burst_factor=c.burst_factor, burst_s=c.burst_s, calm_s=c.calm_s)
+            count = {"chat": c.sessions, "synthetic": c.requests, "trace": len(trace)}.get(c.workload)
+            if count is None:
+                raise ValueError(f"unknown workload {c.workload!r}: chat, synthetic or trace")
+            system = _words(self.rng, c.system_words)
+            self._start_progress(count)
+            self.start = time.perf_counter()
+            tasks = []
+            for i, at in zip(range(count), arrivals):
+                delay = self.start + at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if c.workload == "chat":
+                    tasks.append(asyncio.create_task(self._session(client, i, at, system)))
+                elif c.workload == "trace":
+                    tasks.append(asyncio.create_task(self._replay(client, i, at, trace[i])))
+                else:
+                    tasks.append(asyncio.create_task(self._synthetic(client, i, at)))
+            await asyncio.gather(*tasks)
+            duration = time.perf_counter() - self.start
+            if self._progress is not None:
+                self._progress.stop()
+        summary = summarize(self.records, duration, dict(c.slo), offered_rate=c.rate)
+        self._write(summary)
+        return summary
+
+    def _record(self, request_id: str, scheduled_s: float, input_tokens: int, **kw) -> RequestRecord:
+        record = RequestRecord(request_id=request_id, sent_s=0.0, scheduled_s=scheduled_s,
+                               input_tokens=input_tokens, **kw)
+        self.records.append(record)
+        return record
+
+    def _check_lag(self, record: RequestRecord) -> None:
+        lag = record.sent_s - record.scheduled_s
+        if lag > LAG_WARN_S:
+            logger.warning("request %s sent %.0f ms behind schedule: the client is falling behind",
+                           record.request_id, lag * 1e3)
+
+    async def _synthetic(self, client: httpx.AsyncClient, i: int, at: float) -> None:
+        c = self.config
+        spread = int(c.input_len * c.input_len_range)
+        n = max(1, c.input_len + (self.rng.randint(-spread, spread) if spread else 0))
+        prompt = [self.rng.randrange(c.vocab_size) for _ in range(n)]
+        await self._completion(client, f"synthetic-{i}", at, prompt, c.output_len)
+
+    async def _replay(self, client: httpx.AsyncClient, i: int, at: float, request: TraceRequest) -> None:
+        prompt = synthesize_prompt(request, self.config.vocab_size, self.rng)
+        await self._completion(client, f"trace-{i}", at, prompt, request.output_len)
+
+    async def _completion(self, client: httpx.AsyncClient, request_id: str, at: float, prompt: list[int],
+                          max_tokens: int) -> None:
+        """One token-id prompt on /v1/completions, exactly `max_tokens` long (ignore_eos)."""
+        record = self._record(request_id, at, len(prompt))
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+                "temperature": 0.0}
+        await stream_request(client, "/v1/completions", body, record, self.start)
+        self._check_lag(record)
+        self._advance()
+
+    async def _session(self, client: httpx.AsyncClient, session: int, at: float, system: str) -> None:
+        c = self.config
+        rng = random.Random(c.seed * 1_000_003 + session)
+        messages = [{"role": "system", "content": system}]
+        scheduled = at
+        for turn in range(c.turns):
+            messages.append({"role": "user", "content": f"({session}.{turn}) " + _words(rng, c.user_words)})
+            # input_tokens: words until the server's usage report replaces them with its token count
+            words = sum(len(m["content"].split()) for m in messages)
+            record = self._record(f"chat-{session}-{turn}", scheduled, words, session=session, turn=turn)
+            body = {"model": self.model, "messages": messages, "max_tokens": c.output_len, "temperature": 0.0}
+            reply = await stream_request(client, "/v1/chat/completions", body, record, self.start)
+            self._check_lag(record)
+            if record.status != "ok":
+                break  # a session whose turn failed ends there
+            messages.append({"role": "assistant", "content": reply})
+            if turn + 1 < c.turns:
+                think = rng.expovariate(1 / c.think_s) if c.think_s > 0 else 0.0
+                await asyncio.sleep(think)
+                scheduled = time.perf_counter() - self.start
+        self._advance()
+
+    def _write(self, summary: dict) -> None:
+        if not self.config.output:
+            return
+        out = Path(self.config.output)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "records.jsonl", "w") as f:
+            for record in self.records:
+                f.write(json.dumps(record.to_json()) + "\n")
+        config = {k: v for k, v in self.config.__dict__.items()}
+        (out / "summary.json").write_text(json.dumps({"config": config, "model": self.model, **summary}, indent=1))
+        plot_run(out)
+
+
+def run_bench(config: BenchConfig) -> dict:
+    summary = asyncio.run(Bench(config).run())
+    print(format_summary(summary))
+    return summary
+
+
+def sweep(config: BenchConfig, rates: list[float], min_attainment_pct: float = 90.0) -> tuple[list[dict], float | None]:
+    """Runs the workload at each rate (into OUTPUT/rate-R); the capacity is the highest rate whose
+    SLO attainment is at least `min_attainment_pct`."""
+    summaries = []
+    for rate in rates:
+        output = str(Path(config.output) / f"rate-{rate:g}") if config.output else None
+        summaries.append(run_bench(dataclasses.replace(config, rate=rate, output=output)))
+    good = [rate for rate, s in zip(rates, summaries) if (s["slo_attainment_pct"] or 0) >= min_attainment_pct]
+    capacity = max(good) if good else None
+    print("| rate | achieved req/s | goodput | SLO attainment % | TTFT p99 ms | ITL p99 ms |")
+    print("|---|---|---|---|---|---|")
+    for rate, s in zip(rates, summaries):
+        print(f"| {rate:g} | {s['achieved_rate']:.2f} | {s['goodput_rps']:.2f} | {s['slo_attainment_pct']:.1f} | "
+              f"{s['ttft_ms']['p99'] or 0:.1f} | {s['itl_ms']['p99'] or 0:.1f} |")
+    print(f"capacity (>= {min_attainment_pct:g}% SLO attainment): "
+          + (f"{capacity:g} arrivals/s" if capacity is not None else "none of the rates"))
+    return summaries, capacity
