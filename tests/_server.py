@@ -26,11 +26,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
-    """`python -m tidal.cli serve ARGS --port P`, in its own process group; waits for /health."""
+def start_server(args: list[str], log_path: Path, command: str = "serve") -> tuple[subprocess.Popen, str]:
+    """`python -m tidal.cli COMMAND ARGS --port P`, in its own process group; waits for /health."""
     port = free_port()
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "tidal.cli", "serve", *args, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "tidal.cli", command, *args, "--port", str(port)],
                             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     log.close()
@@ -60,8 +60,8 @@ def stop_server(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout_s: flo
 
 
 @contextlib.contextmanager
-def running_server(args: list[str], log_path: Path) -> Iterator[str]:
-    proc, url = start_server(args, log_path)
+def running_server(args: list[str], log_path: Path, command: str = "serve") -> Iterator[str]:
+    proc, url = start_server(args, log_path, command)
     try:
         yield url
     finally:

@@ -3,6 +3,8 @@
     tidal serve [MODEL] [engine flags]    one aggregated worker behind the OpenAI frontend
     tidal serve -f CONFIG.yaml [--host H] [--port P]
                                           a deployment: frontend, router, prefill/decode workers
+    tidal sim --workers N [--speedup S] [--timing ...]
+                                          the real frontend + router over N simulated workers
     tidal bench --url URL --workload chat|synthetic --arrival ... --rate R --slo ttft_ms=..,itl_ms=..
                                           load any OpenAI-compatible server; records and a summary
 """
@@ -66,6 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=None, help="frontend port (overrides the config's)")
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--max-request-body-bytes", type=int, default=8 << 20)
+    sim = sub.add_parser("sim", help="the real frontend and router in front of N simulated workers")
+    sim.add_argument("--workers", type=int, default=8)
+    sim.add_argument("--speedup", type=float, default=1.0, help="simulated time runs this many times faster")
+    sim.add_argument("--timing", default=None, help="e.g. base_s=0.008,prefill_s_per_token=5e-05 (see tidal/sim/timing.py)")
+    sim.add_argument("--router", default="kv", choices=["round_robin", "random", "least_loaded", "kv"])
+    sim.add_argument("--num-kv-blocks", type=int, default=8192, help="per simulated worker")
+    sim.add_argument("--token-budget", type=int, default=2048)
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8000)
+    sim.add_argument("--log-level", default="info")
     bench = sub.add_parser("bench", help="load an OpenAI-compatible server with chat or synthetic traffic")
     _add_bench_args(bench)
     args = parser.parse_args(argv)
@@ -92,7 +104,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "bench":
         return _bench(args)
+    if args.command == "sim":
+        return _sim(args)
     return 2
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from tidal.config import ServerConfig
+    from tidal.router.service import RouterConfig
+    from tidal.sim.serve import parse_timing, serve_sim
+
+    try:
+        timing = parse_timing(args.timing)
+    except ValueError as exc:
+        print(f"tidal sim: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve_sim(args.workers, timing, args.speedup, RouterConfig(policy=args.router),
+                              ServerConfig(host=args.host, port=args.port, log_level=args.log_level),
+                              num_blocks=args.num_kv_blocks, token_budget=args.token_budget))
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def _add_bench_args(p: argparse.ArgumentParser) -> None:

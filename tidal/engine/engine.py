@@ -51,25 +51,53 @@ class _Pull:
 class EngineCore:
     def __init__(self, config: EngineConfig, worker_id: str = "engine",
                  transfer_config: KVTransferConfig | None = None, record_kv_events: bool = False):
-        self.config = config
-        self.worker_id = worker_id
         started = time.monotonic()
         loaded = load_model(config.model)
-        self.model_name = config.model.served_model_name or loaded.name
-        self.tokenizer = self._load_tokenizer(config)
-        tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else ()
-        self.eos_token_ids = frozenset(tokenizer_eos) | frozenset(loaded.arch.eos_token_ids or ())
+        tokenizer = self._load_tokenizer(config)
+        tokenizer_eos = tokenizer.eos_token_ids if tokenizer is not None else ()
         layout = kv_layout(config, loaded)
-        self.transfer = None
+        transfer = None
         if transfer_config is not None:
-            self.transfer = create_kv_transfer(layout, torch.device(loaded.device), worker_id, transfer_config)
-        self.transfer_timeout_s = transfer_config.timeout_s if transfer_config else 30.0
-        self.runner = ModelRunner(config, loaded, layout, self.transfer.cache if self.transfer else None)
-        block_size = config.cache.block_size
-        self.max_model_len = min(loaded.max_model_len, config.model.max_model_len or loaded.max_model_len,
-                                 self.runner.num_blocks * block_size)
-        self.vocab_size = loaded.arch.vocab_size
-        self.kv = KVCacheManager(self.runner.num_blocks, block_size, config.cache.enable_prefix_caching,
+            transfer = create_kv_transfer(layout, torch.device(loaded.device), worker_id, transfer_config)
+        runner = ModelRunner(config, loaded, layout, transfer.cache if transfer else None)
+        max_model_len = min(loaded.max_model_len, config.model.max_model_len or loaded.max_model_len,
+                            runner.num_blocks * layout.block_size)
+        self._setup(config, worker_id, runner, model_name=config.model.served_model_name or loaded.name,
+                    vocab_size=loaded.arch.vocab_size, max_model_len=max_model_len,
+                    eos_token_ids=frozenset(tokenizer_eos) | frozenset(loaded.arch.eos_token_ids or ()),
+                    record_kv_events=record_kv_events, transfer=transfer,
+                    transfer_timeout_s=transfer_config.timeout_s if transfer_config else 30.0)
+        self.tokenizer = tokenizer
+        logger.info("engine ready: model=%s dtype=%s device=%s kv_blocks=%d block_size=%d "
+                    "max_model_len=%d token_budget=%d (%.1fs)", self.model_name, loaded.dtype,
+                    loaded.device, runner.num_blocks, layout.block_size, self.max_model_len,
+                    config.scheduler.token_budget, time.monotonic() - started)
+
+    @classmethod
+    def with_runner(cls, config: EngineConfig, runner, *, model_name: str, vocab_size: int, max_model_len: int,
+                    worker_id: str = "engine", eos_token_ids: frozenset[int] = frozenset(),
+                    record_kv_events: bool = False) -> EngineCore:
+        """An engine around a runner that is not a model (the simulator's timed stand-in): the same
+        scheduler, KV cache manager and request handling, no weights, no tokenizer."""
+        engine = cls.__new__(cls)
+        engine._setup(config, worker_id, runner, model_name=model_name, vocab_size=vocab_size,
+                      max_model_len=max_model_len, eos_token_ids=eos_token_ids, record_kv_events=record_kv_events)
+        engine.tokenizer = None
+        return engine
+
+    def _setup(self, config: EngineConfig, worker_id: str, runner, *, model_name: str, vocab_size: int,
+               max_model_len: int, eos_token_ids: frozenset[int], record_kv_events: bool, transfer=None,
+               transfer_timeout_s: float = 30.0) -> None:
+        self.config = config
+        self.worker_id = worker_id
+        self.model_name = model_name
+        self.eos_token_ids = eos_token_ids
+        self.transfer = transfer
+        self.transfer_timeout_s = transfer_timeout_s
+        self.runner = runner
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.kv = KVCacheManager(runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
                                  record_events=record_kv_events)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.eos_token_ids)
         self._pending: list[TokenDelta] = []  # deltas decided outside a step (errors, aborts)
@@ -83,10 +111,6 @@ class EngineCore:
         self.transfer_failures_total = 0
         self.transfer_bytes_total = 0
         self.transfer_seconds_total = 0.0
-        logger.info("engine ready: model=%s dtype=%s device=%s kv_blocks=%d block_size=%d "
-                    "max_model_len=%d token_budget=%d (%.1fs)", self.model_name, loaded.dtype,
-                    loaded.device, self.runner.num_blocks, block_size, self.max_model_len,
-                    config.scheduler.token_budget, time.monotonic() - started)
 
     @staticmethod
     def _load_tokenizer(config: EngineConfig):

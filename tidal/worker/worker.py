@@ -23,6 +23,7 @@ import signal
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -58,7 +59,9 @@ class WorkerSpec:
     log_level: str = "INFO"
 
 
-class _Stop:
+class StopFlag:
+    """Set `requested` to end a worker loop after its current step (SIGTERM does, in a process)."""
+
     requested = False
 
 
@@ -67,11 +70,17 @@ def run_worker(spec: WorkerSpec) -> None:
     logging.basicConfig(level=spec.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s worker {spec.worker_id}: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    stop = _Stop()
+    stop = StopFlag()
     signal.signal(signal.SIGTERM, lambda *_: setattr(stop, "requested", True))
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
-    parent_pid = os.getppid()
+    serve_engine(spec, lambda: EngineCore(spec.engine, spec.worker_id, spec.transfer, record_kv_events=True),
+                 stop, os.getppid())
+
+
+def serve_engine(spec: WorkerSpec, make_engine: Callable[[], EngineCore], stop: StopFlag, parent_pid: int) -> None:
+    """Bind the worker's sockets, build the engine, run the loop until `stop` (or Shutdown); close all.
+    The worker process runs this; the simulator runs it on threads of one process."""
     ctx = zmq.Context()
     requests = ctx.socket(zmq.ROUTER)
     requests.setsockopt(zmq.LINGER, 0)
@@ -79,7 +88,7 @@ def run_worker(spec: WorkerSpec) -> None:
     events = ZmqEventPublisher(spec.event_addr, ctx)
     engine = None
     try:
-        engine = EngineCore(spec.engine, spec.worker_id, spec.transfer, record_kv_events=True)
+        engine = make_engine()
         engine.release_addr = spec.request_addr
         _WorkerLoop(spec, engine, requests, events, ctx, parent_pid, stop).run()
     finally:
@@ -92,7 +101,7 @@ def run_worker(spec: WorkerSpec) -> None:
 
 class _WorkerLoop:
     def __init__(self, spec: WorkerSpec, engine: EngineCore, requests: zmq.Socket,
-                 events: ZmqEventPublisher, ctx: zmq.Context, parent_pid: int, stop: _Stop):
+                 events: ZmqEventPublisher, ctx: zmq.Context, parent_pid: int, stop: StopFlag):
         self.spec = spec
         self.engine = engine
         self.requests = requests

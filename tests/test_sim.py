@@ -1,0 +1,47 @@
+"""`tidal sim`: the real frontend and router over simulated workers, driven by `tidal bench`.
+
+With a timing model of 20 ms a step plus 50 us a prefill token, a 512-token prompt alone costs one
+45.6 ms prefill step, so at low load TTFT sits just above that; at a load the eight workers can't
+absorb in one step each, requests wait behind other steps and TTFT grows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from _server import running_server
+from tidal.bench.runner import Bench, BenchConfig
+from tidal.sim.serve import parse_timing
+from tidal.sim.timing import TimingModel
+
+pytestmark = pytest.mark.slow
+
+
+def test_timing_model_and_its_parser():
+    model = parse_timing("base_s=0.02,prefill_s_per_token=0.00005")
+    assert model.step_s(512, 0, 0) == pytest.approx(0.0456)
+    assert model.step_s(0, 10, 10_000) == pytest.approx(0.02 + 10 * TimingModel().decode_s_per_seq
+                                                        + 10_000 * TimingModel().decode_s_per_kv_token)
+    with pytest.raises(ValueError, match="base_s"):
+        parse_timing("bogus=1")
+
+
+def test_sim_with_8_workers_ttft_grows_with_load(tmp_path):
+    args = ["--workers", "8", "--timing", "base_s=0.02,prefill_s_per_token=0.00005", "--router", "round_robin"]
+    with running_server(args, tmp_path / "sim.log", command="sim") as url:
+        def run(rate: float, n: int) -> dict:
+            config = BenchConfig(url=url, workload="synthetic", arrival="constant", rate=rate, requests=n,
+                                 input_len=512, output_len=4, vocab_size=49152)
+            return asyncio.run(Bench(config).run())
+
+        low = run(2.0, 8)
+        high = run(160.0, 160)
+        workers = httpx.get(url + "/admin/workers").json()["workers"]
+    assert low["ok"] == 8 and high["ok"] == 160
+    assert len(workers) == 8 and all(w["stats"]["prompt_tokens"] > 0 for w in workers)
+    # low load: one 45.6 ms prefill step, plus the frontend's share
+    assert 45.6 <= low["ttft_ms"]["p50"] < 150
+    assert high["ttft_ms"]["p50"] > 1.5 * low["ttft_ms"]["p50"]
