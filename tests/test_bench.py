@@ -129,10 +129,10 @@ def test_bench_run_against_a_server_writes_records_and_summary(tmp_path):
     from _server import running_server
     from tidal.bench.runner import Bench, BenchConfig
 
-    with running_server(["dummy:tiny-llama"], tmp_path / "serve.log") as url:
+    with running_server([], tmp_path / "serve.log") as url:  # the embedded model
         import asyncio
 
-        synthetic = BenchConfig(url=url, workload="synthetic", arrival="poisson", rate=20.0, requests=12,
+        synthetic = BenchConfig(url=url, workload="synthetic", arrival="gamma", burstiness=0.5, rate=20.0, requests=12,
                                 input_len=40, input_len_range=0.5, output_len=6, vocab_size=49152,
                                 output=str(tmp_path / "synthetic"), slo=(("ttft_ms", 60000.0),))
         chat = BenchConfig(url=url, workload="chat", arrival="constant", rate=10.0, sessions=3, turns=3,
@@ -143,7 +143,7 @@ def test_bench_run_against_a_server_writes_records_and_summary(tmp_path):
         summaries = [asyncio.run(Bench(config).run()) for config in (synthetic, chat, trace)]
         from tidal.bench.runner import sweep
 
-        runs, capacity = sweep(BenchConfig(url=url, workload="synthetic", arrival="constant", requests=3,
+        runs, capacity = sweep(BenchConfig(url=url, workload="synthetic", arrival="sine", period_s=1.0, requests=3,
                                            input_len=20, output_len=3, vocab_size=49152,
                                            output=str(tmp_path / "sweep"), slo=(("ttft_ms", 60000.0),)),
                                [2.0, 4.0])

@@ -143,6 +143,10 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--burst-factor", type=float, default=4.0)
     p.add_argument("--burst-s", type=float, default=10.0)
     p.add_argument("--calm-s", type=float, default=30.0)
+    p.add_argument("--amplitude", type=float, default=0.8, help="sine: rate x (1 + A sin(2 pi t / period))")
+    p.add_argument("--period-s", type=float, default=60.0, help="sine: period")
+    p.add_argument("--end-rate", type=float, default=None, help="ramp: from --rate to this over --ramp-s")
+    p.add_argument("--ramp-s", type=float, default=60.0)
     p.add_argument("--requests", type=int, default=100, help="synthetic: requests to send; trace: at most")
     p.add_argument("--sessions", type=int, default=10, help="chat: sessions to run")
     p.add_argument("--turns", type=int, default=3)
@@ -180,6 +184,7 @@ def _bench(args: argparse.Namespace) -> int:
     config = BenchConfig(
         url=args.url, workload=args.workload, model=args.model, arrival=args.arrival, rate=args.rate,
         burstiness=args.burstiness, burst_factor=args.burst_factor, burst_s=args.burst_s, calm_s=args.calm_s,
+        amplitude=args.amplitude, period_s=args.period_s, end_rate=args.end_rate, ramp_s=args.ramp_s,
         requests=args.requests, sessions=args.sessions, turns=args.turns, think_s=args.think_s,
         system_words=args.system_words, user_words=args.user_words, input_len=args.input_len,
         input_len_range=args.input_len_range, output_len=args.output_len, vocab_size=args.vocab_size,

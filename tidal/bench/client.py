@@ -1,4 +1,6 @@
-"""One streamed request against an OpenAI-compatible server, timed chunk by chunk.
+"""One streamed request against an OpenAI-compatible server, timed chunk by chunk (aiohttp: its
+client keeps up with thousands of open streams where httpx fell behind, see
+benchmarks/bench_client_capacity.py).
 
 `stream_request` posts a body with `stream: true` (and `stream_options.include_usage`), reads the
 server-sent events, and fills a `RequestRecord`: time to the first chunk that carries text, every
@@ -10,17 +12,18 @@ the generated text too (a chat workload puts it in the next turn's history).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
-import httpx
+import aiohttp
 
 from tidal.bench.metrics import RequestRecord
 
 REJECT_STATUSES = (429, 503)
 
 
-async def stream_request(client: httpx.AsyncClient, path: str, body: dict, record: RequestRecord,
+async def stream_request(client: aiohttp.ClientSession, path: str, body: dict, record: RequestRecord,
                          run_start: float) -> str:
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
@@ -29,13 +32,14 @@ async def stream_request(client: httpx.AsyncClient, path: str, body: dict, recor
     last = None
     chunks = 0
     try:
-        async with client.stream("POST", path, json=body) as response:
-            if response.status_code != 200:
-                raw = (await response.aread()).decode(errors="replace")
-                record.status = "rejected" if response.status_code in REJECT_STATUSES else "error"
-                record.error = f"HTTP {response.status_code}: {raw[:300]}"
+        async with client.post(path, json=body) as response:
+            if response.status != 200:
+                raw = (await response.read()).decode(errors="replace")
+                record.status = "rejected" if response.status in REJECT_STATUSES else "error"
+                record.error = f"HTTP {response.status}: {raw[:300]}"
                 return ""
-            async for line in response.aiter_lines():
+            async for raw_line in response.content:
+                line = raw_line.decode().rstrip("\r\n")
                 if not line.startswith("data: "):
                     continue
                 data = line[6:]
@@ -63,7 +67,7 @@ async def stream_request(client: httpx.AsyncClient, path: str, body: dict, recor
                     last = now
                     chunks += 1
                     text_parts.append(piece)
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
         record.status, record.error = "error", f"{type(exc).__name__}: {exc}"
         return "".join(text_parts)
     record.e2e_s = time.perf_counter() - start

@@ -116,6 +116,9 @@ def summarize(records: list[RequestRecord], duration_s: float, slo: dict[str, fl
         "slo": slo,
         "goodput_rps": len(good) / duration_s,
         "slo_attainment_pct": 100 * len(good) / len(records) if records else None,
+        "send_rate": (len(records) - 1) / max(max(r.sent_s for r in records) - min(r.sent_s for r in records), 1e-9)
+        if len(records) > 1 else None,
+        "schedule_lag_p99_ms": (percentile([r.sent_s - r.scheduled_s for r in records], 99) or 0.0) * 1e3,
         "max_schedule_lag_ms": max((r.sent_s - r.scheduled_s for r in records), default=0.0) * 1e3,
     }
 

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+import aiohttp
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tidal.bench.arrivals import make_arrivals
@@ -57,6 +57,10 @@ class BenchConfig:
     burst_factor: float = 4.0
     burst_s: float = 10.0
     calm_s: float = 30.0
+    amplitude: float = 0.8  # sine
+    period_s: float = 60.0  # sine
+    end_rate: float | None = None  # ramp: from `rate` to this over `ramp_s`
+    ramp_s: float = 60.0
     requests: int = 100  # synthetic
     sessions: int = 10  # chat
     turns: int = 3
@@ -107,11 +111,12 @@ class Bench:
 
     async def run(self) -> dict:
         c = self.config
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=1000)
-        async with httpx.AsyncClient(base_url=c.url, timeout=c.timeout_s, limits=limits) as client:
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
+        timeout = aiohttp.ClientTimeout(total=c.timeout_s)
+        async with aiohttp.ClientSession(base_url=c.url, timeout=timeout, connector=connector) as client:
             if self.model is None:
-                models = (await client.get("/v1/models")).json()["data"]
-                self.model = models[0]["id"]
+                async with client.get("/v1/models") as response:
+                    self.model = (await response.json())["data"][0]["id"]
             trace = []
             if c.workload == "trace":
                 if not c.trace:
@@ -121,7 +126,9 @@ class Bench:
                 arrivals = iter([r.time_s for r in trace])
             else:
                 arrivals = make_arrivals(c.arrival, c.rate, self.rng, burstiness=c.burstiness,
-                                         burst_factor=c.burst_factor, burst_s=c.burst_s, calm_s=c.calm_s)
+                                         burst_factor=c.burst_factor, burst_s=c.burst_s, calm_s=c.calm_s,
+                                         amplitude=c.amplitude, period_s=c.period_s, end_rate=c.end_rate,
+                                         duration_s=c.ramp_s)
             count = {"chat": c.sessions, "synthetic": c.requests, "trace": len(trace)}.get(c.workload)
             if count is None:
                 raise ValueError(f"unknown workload {c.workload!r}: chat, synthetic or trace")
@@ -159,18 +166,18 @@ class Bench:
             logger.warning("request %s sent %.0f ms behind schedule: the client is falling behind",
                            record.request_id, lag * 1e3)
 
-    async def _synthetic(self, client: httpx.AsyncClient, i: int, at: float) -> None:
+    async def _synthetic(self, client: aiohttp.ClientSession, i: int, at: float) -> None:
         c = self.config
         spread = int(c.input_len * c.input_len_range)
         n = max(1, c.input_len + (self.rng.randint(-spread, spread) if spread else 0))
         prompt = [self.rng.randrange(c.vocab_size) for _ in range(n)]
         await self._completion(client, f"synthetic-{i}", at, prompt, c.output_len)
 
-    async def _replay(self, client: httpx.AsyncClient, i: int, at: float, request: TraceRequest) -> None:
+    async def _replay(self, client: aiohttp.ClientSession, i: int, at: float, request: TraceRequest) -> None:
         prompt = synthesize_prompt(request, self.config.vocab_size, self.rng)
         await self._completion(client, f"trace-{i}", at, prompt, request.output_len)
 
-    async def _completion(self, client: httpx.AsyncClient, request_id: str, at: float, prompt: list[int],
+    async def _completion(self, client: aiohttp.ClientSession, request_id: str, at: float, prompt: list[int],
                           max_tokens: int) -> None:
         """One token-id prompt on /v1/completions, exactly `max_tokens` long (ignore_eos)."""
         record = self._record(request_id, at, len(prompt))
@@ -180,7 +187,7 @@ class Bench:
         self._check_lag(record)
         self._advance()
 
-    async def _session(self, client: httpx.AsyncClient, session: int, at: float, system: str) -> None:
+    async def _session(self, client: aiohttp.ClientSession, session: int, at: float, system: str) -> None:
         c = self.config
         rng = random.Random(c.seed * 1_000_003 + session)
         messages = [{"role": "system", "content": system}]
