@@ -43,7 +43,8 @@ def _serve(port: int, chunks: int, stream_s: float) -> None:
                                  + str(len(MODELS)).encode() + b"\r\n\r\n" + MODELS)
                     await writer.drain()
                     continue
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                             b"transfer-encoding: chunked\r\n\r\n")
                 for i in range(chunks):
                     await asyncio.sleep(stream_s / chunks)
                     data = b'data: {"choices":[{"index":0,"text":"x"}]}\n\n'

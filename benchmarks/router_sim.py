@@ -140,8 +140,9 @@ def decision_time(args) -> dict:
         index.store(f"w{p % args.index_workers}", hashes)
         if p % 4 == 0:  # some prefixes are held by two workers
             index.store(f"w{(p + 1) % args.index_workers}", hashes[:len(hashes) // 2])
-    views_base = [WorkerView(f"w{i}", "both", open_requests=rng.randrange(8), pending_prefill_tokens=rng.randrange(4096),
-                             active_blocks=rng.randrange(2000)) for i in range(args.index_workers)]
+    views_base = [WorkerView(f"w{i}", "both", open_requests=rng.randrange(8),
+                             pending_prefill_tokens=rng.randrange(4096), active_blocks=rng.randrange(2000))
+                  for i in range(args.index_workers)]
     hash_s, walk_s, total_s = [], [], []
     for i in range(args.decisions):
         prompt = prompts[i % len(prompts)][:prompt_tokens - 7] + [1, 2, 3, 4, 5, 6, 7]

@@ -169,7 +169,8 @@ def test_abort_while_prefilling_queued_held_pulling_and_decoding():
                                        sampling_params=_greedy(1)))
         first = _run_to_end(engines, "x")[-1]
         decode.add_request(AddRequest(request_id="x", prompt_token_ids=prompt, sampling_params=_greedy(20),
-                                      kv_transfer_params=first.kv_transfer_params, output_token_ids=first.new_token_ids))
+                                      kv_transfer_params=first.kv_transfer_params,
+                                      output_token_ids=first.new_token_ids))
         _pump(engines)
         assert decode.pulls["x"].transfer is not None and not decode.pulls["x"].transfer.done()
         decode.abort_request("x")
@@ -181,7 +182,8 @@ def test_abort_while_prefilling_queued_held_pulling_and_decoding():
                                        sampling_params=_greedy(1)))
         first = _run_to_end(engines, "y")[-1]
         decode.add_request(AddRequest(request_id="y", prompt_token_ids=prompt, sampling_params=_greedy(50),
-                                      kv_transfer_params=first.kv_transfer_params, output_token_ids=first.new_token_ids))
+                                      kv_transfer_params=first.kv_transfer_params,
+                                      output_token_ids=first.new_token_ids))
         got = []
         while len(got) < 3:
             got += [d for d in _pump(engines) if d.request_id == "y" and d.new_token_ids]
@@ -199,16 +201,19 @@ def test_failed_and_timed_out_pulls_free_both_sides():
     engines = {"p": prefill, "d": decode}
     try:
         prompt = list(range(3, 30))
-        prefill.add_request(AddRequest(request_id="t", prompt_token_ids=prompt, hold_kv=True, sampling_params=_greedy(1)))
+        prefill.add_request(AddRequest(request_id="t", prompt_token_ids=prompt, hold_kv=True,
+                                       sampling_params=_greedy(1)))
         first = _run_to_end(engines, "t")[-1]
         decode.add_request(AddRequest(request_id="t", prompt_token_ids=prompt, sampling_params=_greedy(5),
-                                      kv_transfer_params=first.kv_transfer_params, output_token_ids=first.new_token_ids))
+                                      kv_transfer_params=first.kv_transfer_params,
+                                      output_token_ids=first.new_token_ids))
         end = _run_to_end(engines, "t")[-1]
         assert end.finish_reason == "error" and "KV transfer failed" in end.error
         assert decode.transfer_failures_total == 1
         _assert_nothing_held(prefill, decode)
         # A source that vanished (a prefill worker gone): the pull fails, nothing leaks.
-        prefill.add_request(AddRequest(request_id="v", prompt_token_ids=prompt, hold_kv=True, sampling_params=_greedy(1)))
+        prefill.add_request(AddRequest(request_id="v", prompt_token_ids=prompt, hold_kv=True,
+                                       sampling_params=_greedy(1)))
         first = _run_to_end(engines, "v")[-1]
         prefill.close()
         bad = msgspec.structs.replace(first.kv_transfer_params, release_addr="d")

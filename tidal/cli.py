@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     sim = sub.add_parser("sim", help="the real frontend and router in front of N simulated workers")
     sim.add_argument("--workers", type=int, default=8)
     sim.add_argument("--speedup", type=float, default=1.0, help="simulated time runs this many times faster")
-    sim.add_argument("--timing", default=None, help="e.g. base_s=0.008,prefill_s_per_token=5e-05 (see tidal/sim/timing.py)")
+    sim.add_argument("--timing", default=None,
+                     help="e.g. base_s=0.008,prefill_s_per_token=5e-05 (see tidal/sim/timing.py)")
     sim.add_argument("--router", default="kv", choices=["round_robin", "random", "least_loaded", "kv"])
     sim.add_argument("--num-kv-blocks", type=int, default=8192, help="per simulated worker")
     sim.add_argument("--token-budget", type=int, default=2048)
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="load an OpenAI-compatible server with chat or synthetic traffic")
     _add_bench_args(bench)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         from tidal.deploy.config import DeploymentError, load_deployment
         from tidal.deploy.launcher import serve_deployment

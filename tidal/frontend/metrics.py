@@ -57,8 +57,8 @@ class FrontendMetrics:
         self._engine = engine
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("tidal_requests", "Requests by how they ended (rejected: refused by the router's admission).",
-                                ["status"], registry=r)
+        self.requests = Counter("tidal_requests", "Requests by how they ended (rejected: refused by the "
+                                "router's admission).", ["status"], registry=r)
         for status in REQUEST_STATUSES:
             self.requests.labels(status)
         self.ttft_s = Histogram("tidal_request_ttft_seconds", "Time to first token.",

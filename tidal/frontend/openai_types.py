@@ -4,7 +4,8 @@ Requests accept the fields of OpenAI's API plus vLLM's common extensions (`top_k
 `stop_token_ids`, `ignore_eos`, `min_tokens`, `include_stop_str_in_output`,
 `skip_special_tokens`, `chat_template_kwargs`) and Tidal's routing fields (`user` as the
 session, `priority`, `routing`). Unknown fields are ignored, as vLLM does, so that clients
-sending options Tidal doesn't implement (penalties, `tool_choice`, ...) still work. Value checks that fail here become 400s before anything reaches the engine.
+sending options Tidal doesn't implement (penalties, `tool_choice`, ...) still work. Value checks
+that fail here become 400s before anything reaches the engine.
 
 Responses mirror OpenAI's shapes field for field.
 """

@@ -177,7 +177,8 @@ class LlamaModel(nn.Module):
         if slot is None:
             return
         if slot.dim() == tensor.dim() and slot.shape != tensor.shape:
-            raise ValueError(f"weight {name}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(slot.shape)}")
+            raise ValueError(f"weight {name}: checkpoint shape {tuple(tensor.shape)}, "
+                             f"model expects {tuple(slot.shape)}")
         with torch.no_grad():
             slot.copy_(tensor)  # q/k norms ([head_dim]) broadcast over their heads
         self._loaded.add(name)
