@@ -77,17 +77,28 @@ def _greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
+def _remote_prefill(engines, request_id: str, prompt: list[int], params: SamplingParams) -> TokenDelta:
+    """The prefill side's run (max_tokens=1, hold_kv) to its one finished delta."""
+    engines["p"].add_request(AddRequest(request_id=request_id, prompt_token_ids=prompt, hold_kv=True,
+                                        sampling_params=msgspec.structs.replace(params, max_tokens=1)))
+    return _run_to_end(engines, request_id)[-1]
+
+
+def _hand_off(decode: EngineCore, request_id: str, prompt: list[int], first: TokenDelta,
+              params: SamplingParams, kv_transfer_params=None) -> None:
+    """The decode side takes the request with the prefill's first token and KV."""
+    decode.add_request(AddRequest(request_id=request_id, prompt_token_ids=prompt, sampling_params=params,
+                                  kv_transfer_params=kv_transfer_params or first.kv_transfer_params,
+                                  output_token_ids=first.new_token_ids))
+
+
 def _disagg_generate(prefill: EngineCore, decode: EngineCore, request_id: str, prompt: list[int],
                      max_tokens: int) -> list[int]:
     engines = {"p": prefill, "d": decode}
     params = _greedy(max_tokens)
-    prefill.add_request(AddRequest(request_id=request_id, prompt_token_ids=prompt, hold_kv=True,
-                                   sampling_params=msgspec.structs.replace(params, max_tokens=1)))
-    first = _run_to_end(engines, request_id)[-1]
+    first = _remote_prefill(engines, request_id, prompt, params)
     assert first.finish_reason == "length" and first.kv_transfer_params is not None
-    decode.add_request(AddRequest(request_id=request_id, prompt_token_ids=prompt, sampling_params=params,
-                                  kv_transfer_params=first.kv_transfer_params,
-                                  output_token_ids=first.new_token_ids))
+    _hand_off(decode, request_id, prompt, first, params)
     rest = _run_to_end(engines, request_id)
     assert rest[-1].finish_reason == "length", rest[-1]
     return first.new_token_ids + [t for d in rest for t in d.new_token_ids]
@@ -137,11 +148,8 @@ def test_seeded_sampling_continues_the_same_stream(pair, aggregated):
     aggregated.add_request(AddRequest(request_id="s-agg", prompt_token_ids=prompt, sampling_params=params))
     want = [t for d in _run_to_end({"a": aggregated}, "s-agg") for t in d.new_token_ids]
     engines = {"p": prefill, "d": decode}
-    prefill.add_request(AddRequest(request_id="s", prompt_token_ids=prompt, hold_kv=True,
-                                   sampling_params=msgspec.structs.replace(params, max_tokens=1)))
-    first = _run_to_end(engines, "s")[-1]
-    decode.add_request(AddRequest(request_id="s", prompt_token_ids=prompt, sampling_params=params,
-                                  kv_transfer_params=first.kv_transfer_params, output_token_ids=first.new_token_ids))
+    first = _remote_prefill(engines, "s", prompt, params)
+    _hand_off(decode, "s", prompt, first, params)
     rest = [t for d in _run_to_end(engines, "s") for t in d.new_token_ids]
     assert first.new_token_ids + rest == want
 
@@ -159,18 +167,12 @@ def test_abort_while_prefilling_queued_held_pulling_and_decoding():
         prefill.abort_request("q2")
         prefill.abort_request("q1")
         # held: finished prefill, no decode came; an abort (the frontend's release) frees it
-        prefill.add_request(AddRequest(request_id="h", prompt_token_ids=prompt, hold_kv=True,
-                                       sampling_params=_greedy(1)))
-        held = _run_to_end(engines, "h")[-1]
+        _remote_prefill(engines, "h", prompt, _greedy(1))
         assert prefill.kv.held
         prefill.abort_request("h")
         # pulling: the abort waits for the copy to end, then frees both sides
-        prefill.add_request(AddRequest(request_id="x", prompt_token_ids=prompt, hold_kv=True,
-                                       sampling_params=_greedy(1)))
-        first = _run_to_end(engines, "x")[-1]
-        decode.add_request(AddRequest(request_id="x", prompt_token_ids=prompt, sampling_params=_greedy(20),
-                                      kv_transfer_params=first.kv_transfer_params,
-                                      output_token_ids=first.new_token_ids))
+        first = _remote_prefill(engines, "x", prompt, _greedy(1))
+        _hand_off(decode, "x", prompt, first, _greedy(20))
         _pump(engines)
         assert decode.pulls["x"].transfer is not None and not decode.pulls["x"].transfer.done()
         decode.abort_request("x")
@@ -178,18 +180,13 @@ def test_abort_while_prefilling_queued_held_pulling_and_decoding():
         end = _run_to_end(engines, "x")
         assert end[-1].finish_reason == "abort"
         # decoding
-        prefill.add_request(AddRequest(request_id="y", prompt_token_ids=prompt, hold_kv=True,
-                                       sampling_params=_greedy(1)))
-        first = _run_to_end(engines, "y")[-1]
-        decode.add_request(AddRequest(request_id="y", prompt_token_ids=prompt, sampling_params=_greedy(50),
-                                      kv_transfer_params=first.kv_transfer_params,
-                                      output_token_ids=first.new_token_ids))
+        first = _remote_prefill(engines, "y", prompt, _greedy(1))
+        _hand_off(decode, "y", prompt, first, _greedy(50))
         got = []
         while len(got) < 3:
             got += [d for d in _pump(engines) if d.request_id == "y" and d.new_token_ids]
         decode.abort_request("y")
         _pump(engines, 3)
-        del held
         _assert_nothing_held(prefill, decode)
     finally:
         prefill.close()
@@ -201,24 +198,17 @@ def test_failed_and_timed_out_pulls_free_both_sides():
     engines = {"p": prefill, "d": decode}
     try:
         prompt = list(range(3, 30))
-        prefill.add_request(AddRequest(request_id="t", prompt_token_ids=prompt, hold_kv=True,
-                                       sampling_params=_greedy(1)))
-        first = _run_to_end(engines, "t")[-1]
-        decode.add_request(AddRequest(request_id="t", prompt_token_ids=prompt, sampling_params=_greedy(5),
-                                      kv_transfer_params=first.kv_transfer_params,
-                                      output_token_ids=first.new_token_ids))
+        first = _remote_prefill(engines, "t", prompt, _greedy(1))
+        _hand_off(decode, "t", prompt, first, _greedy(5))
         end = _run_to_end(engines, "t")[-1]
         assert end.finish_reason == "error" and "KV transfer failed" in end.error
         assert decode.transfer_failures_total == 1
         _assert_nothing_held(prefill, decode)
         # A source that vanished (a prefill worker gone): the pull fails, nothing leaks.
-        prefill.add_request(AddRequest(request_id="v", prompt_token_ids=prompt, hold_kv=True,
-                                       sampling_params=_greedy(1)))
-        first = _run_to_end(engines, "v")[-1]
+        first = _remote_prefill(engines, "v", prompt, _greedy(1))
         prefill.close()
         bad = msgspec.structs.replace(first.kv_transfer_params, release_addr="d")
-        decode.add_request(AddRequest(request_id="v", prompt_token_ids=prompt, sampling_params=_greedy(5),
-                                      kv_transfer_params=bad, output_token_ids=first.new_token_ids))
+        _hand_off(decode, "v", prompt, first, _greedy(5), kv_transfer_params=bad)
         end = _run_to_end({"d": decode}, "v")[-1]
         assert end.finish_reason == "error"
         assert decode.kv.num_used_blocks == 0 and not decode.pulls

@@ -41,10 +41,6 @@ def tokenizer():
     return load_tokenizer(None)
 
 
-def _metrics(server_url: str) -> dict[str, float]:
-    return metrics(server_url)
-
-
 def _chat_stream(client, **kwargs):
     return list(client.chat.completions.create(model=MODEL, stream=True, **kwargs))
 
@@ -191,7 +187,7 @@ def test_errors_then_serving(server_url, client):
 
 def test_abort_mid_stream_frees_blocks(server_url, client):
     _assert_serving(client)
-    idle = _metrics(server_url)
+    idle = metrics(server_url)
     assert idle["tidal_running_requests"] == 0
     stream = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Tell me a very long story."}],
@@ -199,12 +195,12 @@ def test_abort_mid_stream_frees_blocks(server_url, client):
     for i, _ in enumerate(stream):
         if i == 5:
             break
-    busy = _metrics(server_url)
+    busy = metrics(server_url)
     assert busy["tidal_kv_blocks_used"] > idle["tidal_kv_blocks_used"]
     stream.close()
     deadline = time.monotonic() + 10  # generous: the CI machine may be shared
     while True:
-        now = _metrics(server_url)
+        now = metrics(server_url)
         if (now["tidal_running_requests"] == 0
                 and now["tidal_kv_blocks_used"] == idle["tidal_kv_blocks_used"]):
             break

@@ -15,14 +15,10 @@ ROOT_PARENT_HASH = 0
 _xxh3 = xxhash.xxh3_64_intdigest
 
 
-def hash_block(parent_hash: int, token_ids: Sequence[int]) -> int:
-    """Hash of one full block given its parent's hash (ROOT_PARENT_HASH for the first): xxh3-64 of
-    the token ids as little-endian int64, seeded with the parent's hash."""
-    return _xxh3(array("q", token_ids), parent_hash)
-
-
 def block_hashes(token_ids: Sequence[int], block_size: int, parent_hash: int = ROOT_PARENT_HASH) -> list[int]:
-    """Chained hashes of every full block of `token_ids` (one conversion, then one call a block)."""
+    """Chained hashes of every full block of `token_ids`: block i's hash is xxh3-64 of its token ids
+    as int64 (native byte order: little-endian on every platform we run), seeded with block i-1's hash
+    (`parent_hash` for the first). One array conversion, then one call a block."""
     num_blocks = len(token_ids) // block_size
     data = memoryview(array("q", token_ids[:num_blocks * block_size])).cast("B")
     step = block_size * 8

@@ -11,7 +11,7 @@ import enum
 
 import torch
 
-from tidal.hashing import hash_block, ROOT_PARENT_HASH
+from tidal.hashing import ROOT_PARENT_HASH, block_hashes
 from tidal.protocol import SamplingParams
 
 
@@ -72,11 +72,10 @@ class Request:
 
     def update_block_hashes(self, block_size: int) -> list[int]:
         """Extend `block_hashes` to cover every full block of the known tokens."""
-        num_full = self.num_tokens // block_size
-        parent = self.block_hashes[-1] if self.block_hashes else ROOT_PARENT_HASH
-        for i in range(len(self.block_hashes), num_full):
-            parent = hash_block(parent, self.all_token_ids[i * block_size:(i + 1) * block_size])
-            self.block_hashes.append(parent)
+        done = len(self.block_hashes) * block_size
+        if self.num_tokens - done >= block_size:
+            parent = self.block_hashes[-1] if self.block_hashes else ROOT_PARENT_HASH
+            self.block_hashes += block_hashes(self.all_token_ids[done:], block_size, parent)
         return self.block_hashes
 
     def __repr__(self) -> str:

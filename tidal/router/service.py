@@ -41,7 +41,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from tidal.frontend.engine_client import EngineDeadError, OverloadedError
-from tidal.hashing import block_hashes
+from tidal.hashing import ROOT_PARENT_HASH, block_hashes
 from tidal.protocol import AddRequest, EngineStats, KVDump, KVEventBatch, LoadReport, TokenDelta
 from tidal.router.index import KVIndex, WorkerEvents
 from tidal.router.policy import (POLICIES, DisaggPolicy, KVWeights, WorkerView, choose_prefill_worker,
@@ -113,6 +113,7 @@ class _Plan:
 
     decode: _Worker
     prefill: _Worker | None
+    hashes: list[int]  # the prompt's full blocks
     uncached: int  # prompt tokens the prefilling worker computes
     blocks: int
     created: float
@@ -383,7 +384,7 @@ class Router:
                 prefill = self.workers[pick.worker_id]
                 uncached = len(prompt) - pick.overlap_blocks * self.block_size
             self.prefill_decisions.labels(where).inc()
-        plan = _Plan(decode, prefill, uncached, blocks=-(-len(prompt) // self.block_size),
+        plan = _Plan(decode, prefill, hashes, uncached, blocks=-(-len(prompt) // self.block_size),
                      created=time.monotonic(), pending_on=prefill or decode, pending_tokens=uncached)
         plan.pending_on.pending_prefill_tokens += uncached
         decode.open_requests += 1
@@ -411,9 +412,9 @@ class Router:
             plan = self._plans.pop(request.request_id)
         try:
             if plan.prefill is None:
-                stream = self._local(plan.decode, request, plan)
+                stream = self._local(plan.decode, request)
             else:
-                stream = self._remote(plan.prefill, plan.decode, request, plan)
+                stream = self._remote(plan.prefill, plan.decode, request)
             output: list[int] = []
             async with contextlib.aclosing(stream):
                 async for delta in stream:
@@ -425,13 +426,16 @@ class Router:
                     yield delta
             # The worker now caches the prompt and output blocks; its KV events say so too, but the
             # conversation's next turn may arrive before them (another socket). Removals correct it.
+            # Only the blocks past the prompt's full ones are hashed here: those came with the plan.
+            bs, hashes = self.block_size, plan.hashes
+            tail = request.prompt_token_ids[len(hashes) * bs:] + output
             self.index.store(plan.decode.worker_id,
-                             block_hashes(request.prompt_token_ids + output, self.block_size))
+                             hashes + block_hashes(tail, bs, hashes[-1] if hashes else ROOT_PARENT_HASH))
         finally:
             plan.release()
             self._wake()
 
-    async def _local(self, worker: _Worker, request: AddRequest, plan: _Plan) -> AsyncIterator[TokenDelta]:
+    async def _local(self, worker: _Worker, request: AddRequest) -> AsyncIterator[TokenDelta]:
         queued = False
         async for delta in worker.client.generate(request):
             if not queued and delta.queue_s is not None:
@@ -439,8 +443,7 @@ class Router:
                 self.queue_s.observe(delta.queue_s)
             yield delta
 
-    async def _remote(self, prefill: _Worker, decode: _Worker, request: AddRequest,
-                      plan: _Plan) -> AsyncIterator[TokenDelta]:
+    async def _remote(self, prefill: _Worker, decode: _Worker, request: AddRequest) -> AsyncIterator[TokenDelta]:
         params = request.sampling_params
         prefill_request = msgspec.structs.replace(
             request, hold_kv=True, sampling_params=msgspec.structs.replace(params, max_tokens=1))
@@ -448,7 +451,7 @@ class Router:
         first = await self._run_prefill(prefill, prefill_request)
         if first is None:  # the prefill worker died before its token: prefill on the decode worker
             self.prefill_fallbacks.inc()
-            async for delta in self._local(decode, request, plan):
+            async for delta in self._local(decode, request):
                 yield delta
             return
         if first.queue_s is not None:

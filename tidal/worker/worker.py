@@ -32,8 +32,9 @@ import zmq
 
 from tidal.config import EngineConfig
 from tidal.engine.engine import EngineCore
-from tidal.protocol import (AbortRequest, AddRequest, Connect, KVDump, KVDumpRequest, KVEventBatch, LoadReport,
-                            ReleaseKV, RequestPlaneMessage, Shutdown, StepOutputs, TokenDelta, WorkerReady)
+from tidal.protocol import (AbortRequest, AddRequest, Connect, EngineStats, KVDump, KVDumpRequest, KVEventBatch,
+                            LoadReport, ReleaseKV, RequestPlaneMessage, Shutdown, StepOutputs, TokenDelta,
+                            WorkerReady)
 from tidal.runtime.events import ZmqEventPublisher
 from tidal.transfer import KVTransferConfig
 
@@ -138,12 +139,15 @@ class _WorkerLoop:
                 self._send_releases()
                 now = time.monotonic()
                 stats_due = now - self.last_stats > STATS_INTERVAL_S
-                if deltas or stats_due:
-                    self._send_outputs(deltas, stats_due)
+                # Every step's outputs carry a load snapshot (the frontend's gauges are one step old at
+                # most); every STATS_INTERVAL_S it goes to every client and out as a load report.
+                stats = engine.stats() if deltas or stats_due else None
+                if stats is not None:
+                    self._send_outputs(deltas, stats, to_all=stats_due)
                 if stats_due:
                     self.last_stats = now
                     self.events.publish("load", LoadReport(worker_id=self.spec.worker_id, role=self.spec.role,
-                                                           stats=engine.stats(), time=time.time()))
+                                                           stats=stats, time=time.time()))
                     if os.getppid() != self.parent_pid:
                         logger.warning("parent process is gone; exiting")
                         return
@@ -179,14 +183,14 @@ class _WorkerLoop:
                 logger.info("shutdown requested")
                 return False
 
-    def _send_outputs(self, deltas: list[TokenDelta], with_stats: bool) -> None:
+    def _send_outputs(self, deltas: list[TokenDelta], stats: EngineStats, to_all: bool) -> None:
+        """Each client's deltas with the load snapshot; `to_all`: a message to every client."""
         by_client: dict[bytes, list[TokenDelta]] = defaultdict(list)
         for delta in deltas:
             owner = self.owners.pop(delta.request_id, None) if delta.finished else self.owners.get(delta.request_id)
             if owner is not None:
                 by_client[owner].append(delta)
-        stats = self.engine.stats()
-        targets = self.clients if with_stats else by_client.keys()
+        targets = self.clients | by_client.keys() if to_all else by_client.keys()
         for client in list(targets):
             msg = StepOutputs(deltas=by_client.get(client, []), stats=stats)
             try:
