@@ -58,6 +58,17 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class RunnerConfig:
+    attention_backend: str = "auto"
+    """`torch` (plain torch, any device), `triton` (the Triton kernels, CUDA) or `auto` (Triton on CUDA
+    when it is installed, else torch)."""
+    enable_cuda_graphs: bool = True
+    """Capture decode steps as CUDA graphs (CUDA with the Triton backend only)."""
+    cuda_graph_max_batch: int = 256
+    """Largest decode batch run from a graph; larger batches run eagerly. Capped by `max_num_seqs`."""
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -71,6 +82,7 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
 
     def replace(self, **changes) -> EngineConfig:
         return dataclasses.replace(self, **changes)

@@ -15,8 +15,11 @@ import numpy as np
 import torch
 
 from tidal.config import EngineConfig
+from tidal.engine.batch import StepBatch, build_step_batch
+from tidal.engine.cuda_graphs import DecodeGraphs
 from tidal.engine.sampler import SamplingBatch, sample
 from tidal.engine.scheduler import ScheduledRequest, SchedulerOutput
+from tidal.kernels.attention import resolve_backend
 from tidal.kernels.paged_attention import AttentionMetadata, PrefillSpan
 from tidal.models.llama import kv_bytes_per_token
 from tidal.models.loader import LoadedModel
@@ -47,6 +50,14 @@ class ModelRunner:
         assert tuple(cache.shape) == layout.shape and cache.dtype == self.dtype, (cache.shape, layout)
         self.cache = cache
         self.kv_caches = [(cache[i, 0], cache[i, 1]) for i in range(layout.num_layers)]
+        self.backend = resolve_backend(config.runner.attention_backend, self.device)
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
+            if self.device.type == "cuda" else 1
+        self.graphs: DecodeGraphs | None = None
+        max_graph_batch = min(config.runner.cuda_graph_max_batch, config.scheduler.max_num_seqs)
+        if self.backend == "triton" and config.runner.enable_cuda_graphs and max_graph_batch > 0:
+            self.graphs = DecodeGraphs(self, max_graph_batch, math.ceil(loaded.max_model_len / self.block_size))
+            self.graphs.capture()
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, eos_token_ids: frozenset[int]
@@ -54,63 +65,63 @@ class ModelRunner:
         """Run one step; returns the sampled token (and logprobs) of each request that samples."""
         decodes = [s for s in out.scheduled if s.num_new_tokens == 1]
         prefills = [s for s in out.scheduled if s.num_new_tokens > 1]
-        ordered = decodes + prefills
-        input_ids, positions, meta, logits_rows = self._prepare(decodes, prefills)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        samplers = [s for s, row in zip(ordered, logits_rows) if row >= 0]
+        batch = build_step_batch(decodes, prefills, self.block_size)
+        logits = self.forward(batch)
+        samplers = [s for s in decodes + prefills if s.samples]
         if not samplers:
             return {}, {}
-        rows = torch.tensor([row for row in logits_rows if row >= 0], device=self.device)
-        logits = self.model.compute_logits(hidden[rows])
-        batch = SamplingBatch(
+        sampling = SamplingBatch(
             params=[s.request.sampling_params for s in samplers],
             generators=[s.request.generator for s in samplers],
             banned_token_ids=_banned(samplers, eos_token_ids))
-        token_ids, logprobs = sample(logits, batch)
+        token_ids, logprobs = sample(logits, sampling)
         sampled = {s.request.request_id: t for s, t in zip(samplers, token_ids)}
         sampled_logprobs = {s.request.request_id: lp for s, lp in zip(samplers, logprobs) if lp is not None}
         return sampled, sampled_logprobs
 
-    def _prepare(self, decodes: list[ScheduledRequest], prefills: list[ScheduledRequest]):
-        bs = self.block_size
-        tokens: list[int] = []
-        position_parts: list[np.ndarray] = []
-        logits_rows: list[int] = []
-        nd = len(decodes)
-        # Decode tokens first: one query each, keys from a padded block table.
-        dec_pos = np.fromiter((s.request.num_computed_tokens for s in decodes), dtype=np.int64, count=nd)
-        max_blocks = int(dec_pos.max()) // bs + 1 if nd else 0
-        dec_tables = np.zeros((nd, max_blocks), dtype=np.int64)
-        for row, s in enumerate(decodes):
-            num = int(dec_pos[row]) // bs + 1
-            dec_tables[row, :num] = s.block_ids[:num]
-            tokens.append(s.request.all_token_ids[int(dec_pos[row])])
-            logits_rows.append(row if s.samples else -1)
-        slot_parts = [dec_tables[np.arange(nd), dec_pos // bs] * bs + dec_pos % bs] if nd else []
-        position_parts.append(dec_pos)
-        spans = []
-        start = nd
-        for s in prefills:
-            nc, n = s.request.num_computed_tokens, s.num_new_tokens
-            pos = np.arange(nc, nc + n, dtype=np.int64)
-            table = np.asarray(s.block_ids[:math.ceil((nc + n) / bs)], dtype=np.int64)
-            tokens.extend(s.request.all_token_ids[nc:nc + n])
-            position_parts.append(pos)
-            slot_parts.append(table[pos // bs] * bs + pos % bs)
-            spans.append(PrefillSpan(start, start + n, nc + n, torch.from_numpy(table).to(self.device)))
-            logits_rows.append(start + n - 1 if s.samples else -1)
-            start += n
-        to_dev = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
-        meta = AttentionMetadata(
-            slot_mapping=to_dev(np.concatenate(slot_parts)),
-            num_decode_tokens=nd,
-            decode_block_tables=to_dev(dec_tables) if nd else None,
-            decode_context_lens=to_dev(dec_pos + 1) if nd else None,
-            decode_max_context_len=int(dec_pos.max()) + 1 if nd else 0,
+    def forward(self, batch: StepBatch) -> torch.Tensor | None:
+        """The model over one batch -> logits [S, vocab] (float32) of `batch.logits_rows`."""
+        if self.graphs is not None and self.graphs.can_run(batch):
+            return self.graphs.run(batch)
+        packed = self.to_device(batch.pack())
+        fields = batch.view_of(packed)  # the same fields, now views of the device buffer
+        meta = self.attention_metadata(batch, fields)
+        hidden = self.model(fields.input_ids, fields.positions, self.kv_caches, meta)
+        if not len(batch.logits_rows):
+            return None
+        return self.model.compute_logits(hidden.index_select(0, fields.logits_rows))
+
+    def to_device(self, array: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(array)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    def attention_metadata(self, batch: StepBatch, fields: StepBatch, num_splits: int | None = None
+                           ) -> AttentionMetadata:
+        """Attention metadata over `fields` (device tensors laid out as `batch`, the host copy)."""
+        nd = batch.num_decodes
+        if self.backend == "triton":
+            if num_splits is None:
+                from tidal.kernels.triton_attention import choose_num_splits
+                num_splits = choose_num_splits(nd, self.arch.num_kv_heads,
+                                               int(batch.decode_context_lens.max()) if nd else 0, self.num_sms)
+            return AttentionMetadata(
+                slot_mapping=fields.slot_mapping, num_decode_tokens=nd, backend="triton", num_splits=num_splits,
+                decode_block_tables=fields.decode_block_tables, decode_context_lens=fields.decode_context_lens,
+                prefill_cu_query_lens=fields.prefill_cu_query_lens, prefill_context_lens=fields.prefill_context_lens,
+                prefill_block_tables=fields.prefill_block_tables,
+                prefill_max_query_len=batch.prefill_max_query_len)
+        cu, ctx = batch.prefill_cu_query_lens, batch.prefill_context_lens
+        spans = [PrefillSpan(nd + int(cu[i]), nd + int(cu[i + 1]), int(ctx[i]),
+                             fields.prefill_block_tables[i, :-(-int(ctx[i]) // self.block_size)])
+                 for i in range(batch.num_prefills)]
+        return AttentionMetadata(
+            slot_mapping=fields.slot_mapping.long(), num_decode_tokens=nd,
+            decode_block_tables=fields.decode_block_tables if nd else None,
+            decode_context_lens=fields.decode_context_lens if nd else None,
+            decode_max_context_len=int(batch.decode_context_lens.max()) if nd else 0,
             prefills=spans)
-        input_ids = torch.tensor(tokens, dtype=torch.int64, device=self.device)
-        positions = to_dev(np.concatenate(position_parts))
-        return input_ids, positions, meta, logits_rows
 
 
 def _banned(samplers: list[ScheduledRequest], eos_token_ids: frozenset[int]) -> list[list[int]] | None:

@@ -25,46 +25,68 @@ class SamplingBatch:
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits: [N, vocab] float32 -> (token id per row, logprobs per row or None)."""
+    """logits: [N, vocab] float32 -> (token id per row, logprobs per row or None).
+
+    Every decision about which work to do is made from the host-side parameters, and host lists
+    reach the device through pinned memory, so the device queue is never waited on until the one
+    copy of the results at the end.
+    """
     logits = logits.float()
+    device = logits.device
     if batch.banned_token_ids is not None:
-        for row, banned in enumerate(batch.banned_token_ids):
-            if banned:
-                logits[row, banned] = float("-inf")
+        rows = [row for row, banned in enumerate(batch.banned_token_ids) for _ in banned]
+        cols = [token for banned in batch.banned_token_ids for token in banned]
+        if rows:
+            logits = logits.clone()
+            logits[_to_device(rows, torch.int64, device), _to_device(cols, torch.int64, device)] = float("-inf")
     num_logprobs = [p.logprobs for p in batch.params]
     want_logprobs = any(k is not None for k in num_logprobs)
-    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
 
     if all(p.greedy for p in batch.params):
         token_ids = logits.argmax(dim=-1)
     else:
         token_ids = _sample_random(logits, batch)
-    token_list = token_ids.tolist()
+    if not want_logprobs:
+        return token_ids.tolist(), [None] * len(batch.params)
+    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    k_max = max(k or 0 for k in num_logprobs)
+    top_vals, top_ids = raw_logprobs.topk(max(k_max, 1), dim=-1)
+    chosen = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
+    # One trip to the host for everything (ids are exact in float64).
+    host = torch.cat([token_ids[:, None].double(), chosen[:, None].double(), top_vals.double(),
+                      top_ids.double()], dim=1).cpu()
+    token_list = host[:, 0].long().tolist()
+    chosen_list = host[:, 1].tolist()
+    width = top_vals.shape[1]
+    vals, ids = host[:, 2:2 + width].tolist(), host[:, 2 + width:].long().tolist()
     logprobs: list[TokenLogprob | None] = [None] * len(token_list)
-    if want_logprobs:
-        k_max = max(k or 0 for k in num_logprobs)
-        top_vals, top_ids = raw_logprobs.topk(max(k_max, 1), dim=-1)
-        chosen = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1).tolist()
-        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-        for row, k in enumerate(num_logprobs):
-            if k is not None:
-                top = list(zip(top_ids[row][:k], top_vals[row][:k]))
-                logprobs[row] = TokenLogprob(token_list[row], chosen[row], top)
+    for row, k in enumerate(num_logprobs):
+        if k is not None:
+            logprobs[row] = TokenLogprob(token_list[row], chosen_list[row], list(zip(ids[row][:k], vals[row][:k])))
     return token_list, logprobs
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list on `device` without waiting on the device queue (pinned, asynchronous copy)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     params = batch.params
     num_rows, vocab = logits.shape
     device = logits.device
-    greedy = torch.tensor([p.greedy for p in params], device=device)
-    temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
+    greedy = _to_device([p.greedy for p in params], torch.bool, device)
+    temperature = _to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, device)
     logits = logits / temperature[:, None]
 
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
-    min_p = torch.tensor([p.min_p for p in params], device=device)
-    if (top_k < vocab).any() or (top_p < 1.0).any() or (min_p > 0).any():
+    top_k_list = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if any(k < vocab for k in top_k_list) or any(p.top_p < 1.0 for p in params) or any(p.min_p > 0 for p in params):
+        top_k = _to_device(top_k_list, torch.int64, device)
+        top_p = _to_device([p.top_p for p in params], torch.float32, device)
+        min_p = _to_device([p.min_p for p in params], torch.float32, device)
         sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=device)[None, :]
         drop = ranks >= top_k[:, None]
@@ -78,12 +100,10 @@ def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         logits = torch.empty_like(logits).scatter_(1, sorted_ids, sorted_logits)
 
     probs = logits.softmax(dim=-1)
-    noise = torch.empty_like(probs)
-    unseeded = [row for row, g in enumerate(batch.generators) if g is None]
-    if unseeded:
-        noise[unseeded] = torch.empty(len(unseeded), vocab, device=device).exponential_()
+    noise = torch.empty_like(probs).exponential_()
     for row, generator in enumerate(batch.generators):
-        if generator is not None:
-            noise[row] = torch.empty(vocab, device="cpu").exponential_(generator=generator).to(device)
+        if generator is not None:  # a seeded request draws from its own (host) generator
+            seeded = torch.empty(vocab).exponential_(generator=generator)
+            noise[row] = seeded.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else seeded
     sampled = (probs / noise).argmax(dim=-1)
     return torch.where(greedy, logits.argmax(dim=-1), sampled)

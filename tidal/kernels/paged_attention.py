@@ -30,12 +30,25 @@ class PrefillSpan:
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] int64
+    """Where this step's K/V go and what each query attends to.
+
+    `backend` picks the implementation (`tidal.kernels.attention`): `torch` reads `prefills` (one span
+    per request) and `decode_max_context_len`; `triton` reads the batched `prefill_*` tensors and
+    `num_splits`, and never a device value on the host, so its decode steps can be graph-captured.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64 (torch) or int32 (triton); negative: padding, not stored
     num_decode_tokens: int = 0
-    decode_block_tables: torch.Tensor | None = None  # [Nd, max_blocks] int64 (padding: 0)
-    decode_context_lens: torch.Tensor | None = None  # [Nd] int64, this step's token included
+    decode_block_tables: torch.Tensor | None = None  # [Nd, max_blocks] int (padding: 0)
+    decode_context_lens: torch.Tensor | None = None  # [Nd] int, this step's token included; 0: padding row
     decode_max_context_len: int = 0
     prefills: list[PrefillSpan] = field(default_factory=list)
+    backend: str = "torch"
+    num_splits: int = 1  # decode: key-range splits per (request, kv head)
+    prefill_cu_query_lens: torch.Tensor | None = None  # [P + 1] int32, offsets after the decode tokens
+    prefill_context_lens: torch.Tensor | None = None  # [P] int32, this chunk included
+    prefill_block_tables: torch.Tensor | None = None  # [P, max_blocks] int32
+    prefill_max_query_len: int = 0
 
 
 def cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, int, int, int]:

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tidal.kernels.paged_attention import AttentionMetadata, cache_shape, paged_attention, write_kv
+from tidal.kernels.attention import attend, store_kv
+from tidal.kernels.paged_attention import AttentionMetadata, cache_shape
 from tidal.models.arch import ModelArch
 from tidal.models.layers import add_rms_norm, apply_rope, rms_norm, rope_cos_sin_cache, silu_and_mul
 
@@ -92,8 +93,8 @@ class DecoderLayer(nn.Module):
         k = qk[:, arch.num_heads:]  # [T, kvH, D]
         v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, arch.num_kv_heads, arch.head_dim)
         k_cache, v_cache = kv_cache
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
+        store_kv(k, v, k_cache, v_cache, meta)
+        out = attend(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
         return F.linear(out.reshape(num_tokens, self.q_size), self.o_weight)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
