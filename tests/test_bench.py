@@ -134,7 +134,8 @@ def test_bench_run_against_a_server_writes_records_and_summary(tmp_path):
 
         synthetic = BenchConfig(url=url, workload="synthetic", arrival="gamma", burstiness=0.5, rate=20.0, requests=12,
                                 input_len=40, input_len_range=0.5, output_len=6, vocab_size=49152,
-                                output=str(tmp_path / "synthetic"), slo=(("ttft_ms", 60000.0),))
+                                output=str(tmp_path / "synthetic"), slo=(("ttft_ms", 60000.0),),
+                                max_concurrency=2)
         chat = BenchConfig(url=url, workload="chat", arrival="constant", rate=10.0, sessions=3, turns=3,
                            think_s=0.05, system_words=20, user_words=5, output_len=5, output=str(tmp_path / "chat"))
         trace = BenchConfig(url=url, workload="trace", trace=str(_mooncake_sample(tmp_path / "m.jsonl")),
@@ -150,6 +151,9 @@ def test_bench_run_against_a_server_writes_records_and_summary(tmp_path):
         assert [r["requests"] for r in runs] == [3, 3] and capacity == 4.0
         assert (tmp_path / "sweep" / "rate-4" / "summary.json").exists()
     assert summaries[0]["requests"] == 12 and summaries[0]["ok"] == 12
+    spans = [(r["sent_s"], r["sent_s"] + r["e2e_s"]) for r in
+             map(json.loads, (tmp_path / "synthetic" / "records.jsonl").read_text().splitlines())]
+    assert max(sum(a <= t < b for a, b in spans) for t, _ in spans) <= 2  # max_concurrency held
     assert summaries[0]["slo_attainment_pct"] == 100.0
     assert summaries[1]["requests"] == 9 and summaries[1]["ok"] == 9
     assert summaries[2]["requests"] == 3 and summaries[2]["ok"] == 3

@@ -36,6 +36,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--no-chunked-prefill", action="store_true")
     p.add_argument("--num-threads", type=int, default=None, help="torch threads in the worker")
+    p.add_argument("--attention-backend", default=None, choices=["auto", "torch", "triton"],
+                   help="auto: the Triton kernels on CUDA, plain torch elsewhere")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on CUDA")
 
 
 def deployment_from_args(args: argparse.Namespace):
@@ -46,7 +49,8 @@ def deployment_from_args(args: argparse.Namespace):
               "block_size": args.block_size, "num_kv_blocks": args.num_kv_blocks,
               "kv_cache_memory_gib": args.kv_cache_memory, "enable_prefix_caching": not args.no_prefix_caching,
               "token_budget": args.token_budget, "max_num_seqs": args.max_num_seqs,
-              "enable_chunked_prefill": not args.no_chunked_prefill}
+              "enable_chunked_prefill": not args.no_chunked_prefill, "attention_backend": args.attention_backend,
+              "enable_cuda_graphs": False if args.no_cuda_graphs else None}
     return parse_deployment({
         "model": args.model, "tokenizer": args.tokenizer, "served_model_name": args.served_model_name,
         "frontend": {"host": args.host or "127.0.0.1", "port": 8000 if args.port is None else args.port,
@@ -162,6 +166,8 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo", default=None, help="e.g. ttft_ms=500,itl_ms=50 (also tpot_ms, e2e_ms)")
     p.add_argument("--output", default=None, help="folder for records.jsonl and summary.json")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-concurrency", type=int, default=None,
+                   help="at most this many requests (chat: sessions) in flight; with a high --rate, a closed loop")
     p.add_argument("--timeout-s", type=float, default=600.0)
     p.add_argument("--sweep-rates", default=None, help="e.g. 1,2,4: one run per rate; reports the capacity")
     p.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
@@ -192,7 +198,7 @@ def _bench(args: argparse.Namespace) -> int:
         input_len_range=args.input_len_range, output_len=args.output_len, vocab_size=args.vocab_size,
         seed=args.seed, timeout_s=args.timeout_s, output=args.output, slo=tuple(slo.items()),
         trace=args.trace, trace_format=args.trace_format, time_scale=args.time_scale,
-        max_input_len=args.max_input_len, max_output_len=args.max_output_len)
+        max_input_len=args.max_input_len, max_output_len=args.max_output_len, max_concurrency=args.max_concurrency)
     if args.sweep_rates:
         sweep(config, [float(r) for r in args.sweep_rates.split(",")])
     else:

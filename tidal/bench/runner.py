@@ -36,7 +36,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tidal.bench.arrivals import make_arrivals
 from tidal.bench.client import stream_request
 from tidal.bench.metrics import RequestRecord, format_summary, summarize
-from tidal.bench.plots import plot_run
 from tidal.bench.traces import TraceRequest, load_trace, synthesize_prompt
 
 logger = logging.getLogger(__name__)
@@ -80,6 +79,7 @@ class BenchConfig:
     max_output_len: int | None = None
     output: str | None = None
     slo: tuple[tuple[str, float], ...] = ()
+    max_concurrency: int | None = None  # at most this many requests (or sessions) in flight; later ones wait
 
 
 def _words(rng: random.Random, n: int) -> str:
@@ -95,6 +95,7 @@ class Bench:
         self.model = config.model
         self._progress = None
         self._task = None
+        self._slots = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
 
     def _start_progress(self, total: int) -> None:
         """A progress bar on a terminal (finished requests, or sessions for chat)."""
@@ -141,11 +142,12 @@ class Bench:
                 if delay > 0:
                     await asyncio.sleep(delay)
                 if c.workload == "chat":
-                    tasks.append(asyncio.create_task(self._session(client, i, at, system)))
+                    work = self._session(client, i, at, system)
                 elif c.workload == "trace":
-                    tasks.append(asyncio.create_task(self._replay(client, i, at, trace[i])))
+                    work = self._replay(client, i, at, trace[i])
                 else:
-                    tasks.append(asyncio.create_task(self._synthetic(client, i, at)))
+                    work = self._synthetic(client, i, at)
+                tasks.append(asyncio.create_task(self._limited(work)))
             await asyncio.gather(*tasks)
             duration = time.perf_counter() - self.start
             if self._progress is not None:
@@ -153,6 +155,13 @@ class Bench:
         summary = summarize(self.records, duration, dict(c.slo), offered_rate=c.rate)
         self._write(summary)
         return summary
+
+    async def _limited(self, work) -> None:
+        """Run `work` once a concurrency slot is free (at once without `max_concurrency`)."""
+        if self._slots is None:
+            return await work
+        async with self._slots:
+            await work
 
     def _record(self, request_id: str, scheduled_s: float, input_tokens: int, **kw) -> RequestRecord:
         record = RequestRecord(request_id=request_id, sent_s=0.0, scheduled_s=scheduled_s,
@@ -219,6 +228,8 @@ class Bench:
                 f.write(json.dumps(record.to_json()) + "\n")
         config = {k: v for k, v in self.config.__dict__.items()}
         (out / "summary.json").write_text(json.dumps({"config": config, "model": self.model, **summary}, indent=1))
+        from tidal.bench.plots import plot_run  # matplotlib loads only when a run is written
+
         plot_run(out)
 
 

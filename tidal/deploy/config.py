@@ -24,7 +24,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tidal.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
+from tidal.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig, ServerConfig
 from tidal.router.policy import DisaggPolicy, KVWeights
 from tidal.router.service import RouterConfig
 from tidal.transfer import KVTransferConfig
@@ -83,6 +83,8 @@ class EngineSection(_Strict):
     token_budget: int | None = Field(None, gt=0)
     max_num_seqs: int | None = Field(None, gt=0)
     enable_chunked_prefill: bool | None = None
+    attention_backend: Literal["auto", "torch", "triton"] | None = None
+    enable_cuda_graphs: bool | None = None
 
     def merged(self, override: EngineSection | None) -> EngineSection:
         if override is None:
@@ -155,7 +157,10 @@ class Deployment(_Strict):
                 token_budget=e.token_budget or sched_defaults.token_budget,
                 max_num_seqs=e.max_num_seqs or sched_defaults.max_num_seqs,
                 enable_chunked_prefill=sched_defaults.enable_chunked_prefill if e.enable_chunked_prefill is None
-                else e.enable_chunked_prefill))
+                else e.enable_chunked_prefill),
+            runner=RunnerConfig(
+                attention_backend=e.attention_backend or "auto",
+                enable_cuda_graphs=True if e.enable_cuda_graphs is None else e.enable_cuda_graphs))
 
     def server_config(self, host: str | None = None, port: int | None = None) -> ServerConfig:
         f = self.frontend

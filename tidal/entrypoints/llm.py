@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from tidal.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tidal.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig
 from tidal.engine.engine import EngineCore
 from tidal.frontend.detokenizer import OutputAssembler
 from tidal.protocol import AddRequest, SamplingParams, TokenLogprob
@@ -38,7 +38,8 @@ class LLM:
                  device: str = "cpu", max_model_len: int | None = None, seed: int = 0, block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_memory_bytes: int = 1 << 30,
                  enable_prefix_caching: bool = True, token_budget: int = 256, max_num_seqs: int = 128,
-                 enable_chunked_prefill: bool = True):
+                 enable_chunked_prefill: bool = True, attention_backend: str = "auto",
+                 enable_cuda_graphs: bool = True):
         self.config = EngineConfig(
             model=ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, device=device,
                               max_model_len=max_model_len, seed=seed),
@@ -46,7 +47,8 @@ class LLM:
                               kv_cache_memory_bytes=kv_cache_memory_bytes,
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(token_budget=token_budget, max_num_seqs=max_num_seqs,
-                                      enable_chunked_prefill=enable_chunked_prefill))
+                                      enable_chunked_prefill=enable_chunked_prefill),
+            runner=RunnerConfig(attention_backend=attention_backend, enable_cuda_graphs=enable_cuda_graphs))
         self.engine = EngineCore(self.config)
         self.tokenizer = self.engine.tokenizer
 

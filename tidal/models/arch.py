@@ -116,6 +116,16 @@ PRESETS: dict[str, ModelArch] = {
         "llama", hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
         intermediate_size=1536, vocab_size=49152, rope_theta=100000.0, rms_norm_eps=1e-5,
         tie_word_embeddings=True, max_position_embeddings=8192, bos_token_id=1, eos_token_ids=(2,)),
+    # Small random-weight models for GPU tests: shapes the Triton kernels are tuned for (head dims
+    # 64 and 128, GQA 4), small enough to compare against a float32 CPU run.
+    "small-llama": ModelArch(
+        "llama", hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64,
+        intermediate_size=1536, vocab_size=49152, rope_theta=10000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, max_position_embeddings=4096, bos_token_id=1, eos_token_ids=(2,)),
+    "small-qwen3": ModelArch(
+        "qwen3", hidden_size=1024, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=128,
+        intermediate_size=2048, vocab_size=49152, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        qk_norm=True, max_position_embeddings=4096, bos_token_id=1, eos_token_ids=(2,)),
     # Tiny test models. Their vocabulary is the embedded SmolLM2 tokenizer's, so a server started
     # on `dummy:tiny-*` can take any prompt that tokenizer produces.
     "tiny-llama": ModelArch(
