@@ -11,11 +11,14 @@ import math
 import torch
 import torch.nn.functional as F
 
+from tidal.kernels import fused
 from tidal.models.arch import ModelArch, rope_type_of
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim; x: [..., N], weight: [N] (or broadcastable to x)."""
+    if weight.dim() == 1 and x.dim() == 2 and fused.usable(x):
+        return fused.add_rms_norm(x, None, weight, eps)[0]
     if weight.dim() == 1:
         return F.rms_norm(x, weight.shape, weight, eps)
     # Per-head weights ([heads, D], q and k norms side by side): normalize, then scale.
@@ -25,12 +28,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual): the residual add fused into the pre-norm."""
+    if fused.usable(x):
+        return fused.add_rms_norm(x, residual, weight, eps)
     residual = residual.add_(x)
     return F.rms_norm(residual, weight.shape, weight, eps), residual
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[T, 2 * I] (gate then up, side by side) -> silu(gate) * up: [T, I]."""
+    if fused.usable(gate_up):
+        return fused.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate).mul_(up)
 

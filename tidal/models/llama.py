@@ -16,14 +16,23 @@ The token axis is flat: the tokens of every request in the step, concatenated, n
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tidal.kernels import fused
 from tidal.kernels.attention import attend, store_kv
 from tidal.kernels.paged_attention import AttentionMetadata, cache_shape
 from tidal.models.arch import ModelArch
 from tidal.models.layers import add_rms_norm, apply_rope, rms_norm, rope_cos_sin_cache, silu_and_mul
+
+
+class Rope(NamedTuple):
+    cache: torch.Tensor  # [max_positions, 2, head_dim]: cos, sign-folded sin (see rope_cos_sin_cache)
+    positions: torch.Tensor  # [T]
+    cos_sin: torch.Tensor | None  # [T, 2, head_dim]: rows of `cache` (torch path only)
 
 
 def _empty(shape, dtype, device) -> nn.Parameter:
@@ -78,29 +87,35 @@ class DecoderLayer(nn.Module):
             names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
         return names
 
-    def attention(self, x: torch.Tensor, cos_sin: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+    def attention(self, x: torch.Tensor, rope: Rope, kv_cache: tuple[torch.Tensor, torch.Tensor],
                   meta: AttentionMetadata) -> torch.Tensor:
         """x: [T, hidden] (normed) -> [T, hidden]."""
         arch = self.arch
         num_tokens = x.shape[0]
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # [T, q_size + 2 * kv_size]
-        # q and k are adjacent in qkv: normalize and rotate them together as heads [T, H + kvH, D].
-        qk = qkv[:, :self.q_size + self.kv_size].view(num_tokens, arch.num_heads + arch.num_kv_heads, arch.head_dim)
-        if self.qk_norm is not None:
-            qk = rms_norm(qk, self.qk_norm, arch.rms_norm_eps)
-        qk = apply_rope(qk, cos_sin)
-        q = qk[:, :arch.num_heads]  # [T, H, D]
-        k = qk[:, arch.num_heads:]  # [T, kvH, D]
-        v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, arch.num_kv_heads, arch.head_dim)
         k_cache, v_cache = kv_cache
-        store_kv(k, v, k_cache, v_cache, meta)
+        if meta.backend == "triton":  # one kernel: q/k norm, RoPE (q in place), k and v into the cache
+            fused.rope_store_kv(qkv, rope.cache, rope.positions, self.qk_norm, arch.rms_norm_eps, arch.num_heads,
+                                arch.num_kv_heads, k_cache, v_cache, meta.slot_mapping)
+            q = qkv[:, :self.q_size].view(num_tokens, arch.num_heads, arch.head_dim)
+        else:
+            # q and k are adjacent in qkv: normalize and rotate them together as heads [T, H + kvH, D].
+            qk = qkv[:, :self.q_size + self.kv_size].view(num_tokens, arch.num_heads + arch.num_kv_heads,
+                                                          arch.head_dim)
+            if self.qk_norm is not None:
+                qk = rms_norm(qk, self.qk_norm, arch.rms_norm_eps)
+            qk = apply_rope(qk, rope.cos_sin)
+            q = qk[:, :arch.num_heads]  # [T, H, D]
+            k = qk[:, arch.num_heads:]  # [T, kvH, D]
+            v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, arch.num_kv_heads, arch.head_dim)
+            store_kv(k, v, k_cache, v_cache, meta)
         out = attend(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
         return F.linear(out.reshape(num_tokens, self.q_size), self.o_weight)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(silu_and_mul(F.linear(x, self.gate_up_weight)), self.down_weight)
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos_sin: torch.Tensor,
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: Rope,
                 kv_cache: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden, residual) -> (hidden, residual); the true stream is hidden + residual.
@@ -113,7 +128,7 @@ class DecoderLayer(nn.Module):
             hidden = rms_norm(hidden, self.input_layernorm, eps)
         else:
             hidden, residual = add_rms_norm(hidden, residual, self.input_layernorm, eps)
-        hidden = self.attention(hidden, cos_sin, kv_cache, meta)
+        hidden = self.attention(hidden, rope, kv_cache, meta)
         hidden, residual = add_rms_norm(hidden, residual, self.post_attention_layernorm, eps)
         return self.mlp(hidden), residual
 
@@ -141,10 +156,12 @@ class LlamaModel(nn.Module):
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], attn_metadata: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] int64 -> final hidden states [T, hidden] (after the last norm)."""
         hidden = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
-        cos_sin = self.cos_sin_cache.index_select(0, positions)  # [T, 2, head_dim]
+        # The fused (Triton) path reads the table by position itself; the torch path gathers rows once.
+        cos_sin = None if attn_metadata.backend == "triton" else self.cos_sin_cache.index_select(0, positions)
+        rope = Rope(self.cos_sin_cache, positions, cos_sin)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden, residual = layer(hidden, residual, cos_sin, kv_cache, attn_metadata)
+            hidden, residual = layer(hidden, residual, rope, kv_cache, attn_metadata)
         hidden, _ = add_rms_norm(hidden, residual, self.norm, self.arch.rms_norm_eps)
         return hidden
 

@@ -1,0 +1,281 @@
+"""The GPU engine against the card's ceilings, in one device call per part.
+
+    python benchmarks/gpu_engine.py --parts ceilings,decode,prefill,server,hf \
+        --models llama-3.1-8b,qwen3-8b --tokenizer .gpu_assets/tokenizer
+    python benchmarks/gpu_engine.py --parts ceilings,tp --tp-model llama-3.1-70b --tp 2
+
+Parts:
+- ceilings: device-to-device copy bandwidth (bytes read + written) and bf16 matmul rate.
+- decode: the runner's decode step (inputs to sampled token ids on the host, CUDA graphs on) at
+  batch 1/16/64/256 x context 1k/8k, against (weight bytes read + KV bytes read) / bandwidth.
+  The KV cache is filled with random values. A point whose KV does not fit in the cache reuses
+  blocks across requests (marked `kv_shared`: its bytes still count, some may come from L2).
+- prefill: one prompt of 2k/8k/32k tokens in one step, against 2 x params x tokens / matmul rate
+  (params: the decoder layers, which every token passes; also shown with attention's FLOPs).
+- server: `tidal serve` on the GPU, `tidal bench` closed loop at concurrency 1/16/64/256, input
+  1024 and output 256 tokens (ignore_eos), output tokens/s.
+- hf: Hugging Face transformers `generate` (eager, bf16, same shape, random weights) at batch 1
+  and 64, same input and output lengths: the naive peer.
+- tp: the decode and prefill points for a tensor-parallel model (`--tp-model`, `--tp` GPUs).
+
+Results merge into `--out` (default $OUT or benchmarks/results) as gpu_engine-<card>.json, so a
+later call adds parts; a table is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.gpu_smoke import ceilings  # noqa: E402
+from tidal import LLM  # noqa: E402
+from tidal.engine.batch import StepBatch  # noqa: E402
+from tidal.models.arch import get_preset, param_count  # noqa: E402
+from tidal.models.llama import kv_bytes_per_token  # noqa: E402
+
+GiB = 1 << 30
+
+
+def i32(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.int32)
+
+
+def decode_batch(batch: int, context: int, block_size: int, num_blocks: int, vocab: int,
+                 rng: np.random.Generator) -> tuple[StepBatch, bool]:
+    """`batch` requests at position context-1, each with its own blocks while they fit."""
+    per_request = math.ceil(context / block_size)
+    shared = batch * per_request > num_blocks - 1
+    tables = (np.arange(batch * per_request).reshape(batch, per_request) % (num_blocks - 1) + 1).astype(np.int32)
+    pos = context - 1
+    return StepBatch(
+        input_ids=i32(rng.integers(0, vocab, batch)), positions=i32([pos] * batch),
+        slot_mapping=tables[:, pos // block_size] * block_size + pos % block_size,
+        decode_context_lens=i32([context] * batch), decode_block_tables=tables,
+        prefill_cu_query_lens=i32([0]), prefill_context_lens=i32([]),
+        prefill_block_tables=np.zeros((0, 0), np.int32), logits_rows=i32(range(batch))), shared
+
+
+def prefill_batch(tokens: int, block_size: int, vocab: int, rng: np.random.Generator) -> StepBatch:
+    blocks = math.ceil(tokens / block_size)
+    return StepBatch(
+        input_ids=i32(rng.integers(0, vocab, tokens)), positions=i32(range(tokens)), slot_mapping=i32(range(tokens)),
+        decode_context_lens=i32([]), decode_block_tables=np.zeros((0, 0), np.int32),
+        prefill_cu_query_lens=i32([0, tokens]), prefill_context_lens=i32([tokens]),
+        prefill_block_tables=i32([list(range(1, blocks + 1))]), logits_rows=i32([tokens - 1]))
+
+
+def timed_steps(run, batch: StepBatch, iters: int) -> float:
+    """Median wall time of one step: host inputs -> device -> forward -> greedy ids on the host."""
+    for _ in range(3):
+        run(batch).argmax(-1).tolist()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        run(batch).argmax(-1).tolist()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def model_bytes(llm: LLM) -> tuple[int, int]:
+    """(bytes a decode step reads: every weight but the embedding table, decoder-layer params)."""
+    model = llm.engine.runner.model
+    arch = model.arch
+    read = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+               if name != "embed_tokens" or arch.tie_word_embeddings)
+    layer_params = sum(p.numel() for name, p in model.named_parameters() if name.startswith("layers."))
+    return read, layer_params
+
+
+def engine_for(preset: str, kv_gib: float, tp: int = 1, max_seqs: int = 256) -> LLM:
+    kwargs = {"tensor_parallel_size": tp} if tp > 1 else {}
+    return LLM(f"dummy:{preset}", device="cuda", dtype="bfloat16", kv_cache_memory_bytes=int(kv_gib * GiB),
+               max_num_seqs=max_seqs, token_budget=32768, max_model_len=40960, **kwargs)
+
+
+def engine_points(llm: LLM, ceil: dict, decode_grid, prefill_grid, tp: int = 1) -> dict:
+    runner = llm.engine.runner
+    arch = runner.arch
+    runner.cache.normal_()  # never time on zeros
+    run = getattr(runner, "forward_all_ranks", runner.forward)  # a TP leader must include its followers
+    weight_read, layer_params = model_bytes(llm)
+    weight_read *= tp  # every rank reads its shard: the group reads all of it, in parallel
+    bw = ceil["copy_GBps_read_plus_write"] * 1e9 * tp
+    mm = ceil["bf16_matmul_TFLOPs"] * 1e12 * tp
+    kv_token = kv_bytes_per_token(arch, torch.bfloat16)  # all layers, all kv heads
+    rng = np.random.default_rng(0)
+    out = {"decode": [], "prefill": [], "weight_bytes_read": weight_read, "num_blocks": runner.num_blocks,
+           "tp": tp}
+    for context in (1024, 8192):
+        for batch in decode_grid:
+            step, shared = decode_batch(batch, context, runner.block_size, runner.num_blocks, arch.vocab_size, rng)
+            seconds = timed_steps(run, step, 30)
+            floor = (weight_read + batch * context * kv_token) / bw
+            out["decode"].append({"batch": batch, "context": context, "step_ms": seconds * 1e3,
+                                  "floor_ms": floor * 1e3, "x_floor": seconds / floor, "kv_shared": shared})
+            print(f"decode b={batch} ctx={context}: {seconds * 1e3:.2f} ms (floor {floor * 1e3:.2f})", flush=True)
+    for tokens in prefill_grid:
+        if math.ceil(tokens / runner.block_size) >= runner.num_blocks:
+            continue
+        seconds = timed_steps(run, prefill_batch(tokens, runner.block_size, arch.vocab_size, rng), 5)
+        linear = 2 * layer_params * tp * tokens
+        attention = 4 * arch.num_layers * arch.num_heads * arch.head_dim * tokens * (tokens + 1) / 2
+        out["prefill"].append({"tokens": tokens, "ms": seconds * 1e3, "tokens_per_s": tokens / seconds,
+                               "floor_ms": linear / mm * 1e3, "mfu_pct": 100 * linear / mm / seconds,
+                               "mfu_with_attention_pct": 100 * (linear + attention) / mm / seconds})
+        print(f"prefill {tokens}: {seconds * 1e3:.1f} ms, {100 * linear / mm / seconds:.0f}% of matmul", flush=True)
+    return out
+
+
+def serve_throughput(preset: str, tokenizer: str, concurrencies, kv_gib: float) -> list[dict]:
+    import httpx
+
+    from tidal.bench.runner import BenchConfig, run_bench
+
+    port = 8437
+    cmd = [sys.executable, "-m", "tidal.cli", "serve", f"dummy:{preset}", "--device", "cuda", "--dtype", "bfloat16",
+           "--port", str(port), "--kv-cache-memory", str(kv_gib), "--max-num-seqs", "256",
+           "--token-budget", "8192", "--max-model-len", "8192", "--tokenizer", tokenizer]
+    log = open(os.path.join(os.environ.get("OUT", "/tmp"), f"serve-{preset}.log"), "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    rows = []
+    try:
+        deadline = time.time() + 400
+        while True:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"tidal serve did not come up (exit {proc.poll()}); see serve-{preset}.log")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        vocab = get_preset(preset).vocab_size
+        for c in concurrencies:
+            config = BenchConfig(url=f"http://127.0.0.1:{port}", workload="synthetic", arrival="constant", rate=1e4,
+                                 requests=max(4, 2 * c), input_len=1024, output_len=256, vocab_size=vocab - 1000,
+                                 max_concurrency=c, seed=c)
+            summary = run_bench(config)
+            rows.append({"concurrency": c, "output_tokens_per_s": summary["output_tokens_per_s"],
+                         "ok": summary["ok"], "requests": summary["requests"],
+                         "ttft_ms_p50": summary["ttft_ms"]["p50"], "itl_ms_p50": summary["itl_ms"]["p50"],
+                         "itl_ms_p99": summary["itl_ms"]["p99"]})
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(60)
+    return rows
+
+
+def hf_generate(preset: str, batches) -> list[dict]:
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    arch = get_preset(preset)
+    common = dict(hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
+                  num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads,
+                  num_key_value_heads=arch.num_kv_heads, vocab_size=arch.vocab_size, rope_theta=arch.rope_theta,
+                  max_position_embeddings=4096, rms_norm_eps=arch.rms_norm_eps, head_dim=arch.head_dim)
+    if arch.architecture == "qwen3":
+        config, cls = Qwen3Config(**common), Qwen3ForCausalLM
+    else:
+        config, cls = LlamaConfig(**common, rope_scaling=arch.rope_scaling), LlamaForCausalLM
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = cls(config).eval()
+    torch.set_default_dtype(torch.float32)
+    rows = []
+    for batch in batches:
+        ids = torch.randint(100, arch.vocab_size - 100, (batch, 1024), device="cuda")
+        kwargs = dict(max_new_tokens=256, min_new_tokens=256, do_sample=False, pad_token_id=0)
+        model.generate(ids[:, :64], **{**kwargs, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = model.generate(ids, **kwargs)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        new = (out.shape[1] - ids.shape[1]) * batch
+        rows.append({"batch": batch, "seconds": seconds, "output_tokens_per_s": new / seconds})
+        print(f"hf generate b={batch}: {new / seconds:.0f} tok/s", flush=True)
+    del model
+    torch.cuda.empty_cache()
+    return rows
+
+
+def print_table(results: dict) -> None:
+    c = results.get("ceilings", {})
+    print(f"\n{results['card']}: copy {c.get('copy_GBps_read_plus_write', 0):.0f} GB/s, "
+          f"bf16 matmul {c.get('bf16_matmul_TFLOPs', 0):.0f} TFLOP/s")
+    for model, r in results.get("models", {}).items():
+        for d in r.get("decode", []):
+            print(f"{model} tp{r.get('tp', 1)} decode b={d['batch']:<3} ctx={d['context']:<5} {d['step_ms']:7.2f} ms "
+                  f"floor {d['floor_ms']:6.2f}  x{d['x_floor']:.2f}{'  kv_shared' if d['kv_shared'] else ''}")
+        for p in r.get("prefill", []):
+            print(f"{model} tp{r.get('tp', 1)} prefill {p['tokens']:<6} {p['ms']:8.1f} ms {p['tokens_per_s']:8.0f} tok/s "
+                  f"{p['mfu_pct']:4.0f}% of matmul ({p['mfu_with_attention_pct']:.0f}% with attention)")
+        for s in r.get("server", []):
+            print(f"{model} server c={s['concurrency']:<4} {s['output_tokens_per_s']:8.0f} out tok/s "
+                  f"ttft p50 {s['ttft_ms_p50']:.0f} ms itl p50 {s['itl_ms_p50']:.1f} p99 {s['itl_ms_p99']:.1f} ms")
+        for h in r.get("hf", []):
+            print(f"{model} hf generate b={h['batch']:<3} {h['output_tokens_per_s']:8.0f} out tok/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", default="ceilings,decode,prefill,server,hf")
+    parser.add_argument("--models", default="llama-3.1-8b,qwen3-8b")
+    parser.add_argument("--server-models", default="llama-3.1-8b")
+    parser.add_argument("--tokenizer", default=".gpu_assets/tokenizer")
+    parser.add_argument("--decode-batches", default="1,16,64,256")
+    parser.add_argument("--prefill-tokens", default="2048,8192,32768")
+    parser.add_argument("--concurrency", default="1,16,64,256")
+    parser.add_argument("--hf-batches", default="1,64")
+    parser.add_argument("--kv-gib", type=float, default=None, help="default: most of the free memory")
+    parser.add_argument("--tp-model", default="llama-3.1-70b")
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    card = torch.cuda.get_device_name(0).replace(" ", "-")
+    path = os.path.join(args.out, f"gpu_engine-{card}.json")
+    results = json.load(open(path)) if os.path.exists(path) else {"card": card, "models": {}}
+    results["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    results["ceilings"] = ceilings()
+    print("ceilings", results["ceilings"], flush=True)
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    free_gib = torch.cuda.mem_get_info(0)[0] / GiB
+    for preset in args.models.split(",") if parts & {"decode", "prefill"} else []:
+        # The rest of the memory after the weights and ~10 GiB for activations of a 32k prefill and graphs.
+        kv_gib = args.kv_gib or (free_gib - 2 * param_count(get_preset(preset)) / GiB - 10)
+        llm = engine_for(preset, kv_gib)
+        entry = results["models"].setdefault(preset, {})
+        entry.update(engine_points(llm, results["ceilings"], ints(args.decode_batches) if "decode" in parts else [],
+                                   ints(args.prefill_tokens) if "prefill" in parts else []))
+        del llm
+        torch.cuda.empty_cache()
+        json.dump(results, open(path, "w"), indent=1)
+    for preset in args.server_models.split(",") if "server" in parts else []:
+        rows = serve_throughput(preset, args.tokenizer, ints(args.concurrency), kv_gib=min(40.0, free_gib - 30))
+        results["models"].setdefault(preset, {})["server"] = rows
+        json.dump(results, open(path, "w"), indent=1)
+    for preset in args.server_models.split(",") if "hf" in parts else []:
+        results["models"].setdefault(preset, {})["hf"] = hf_generate(preset, ints(args.hf_batches))
+        json.dump(results, open(path, "w"), indent=1)
+    if "tp" in parts:
+        llm = engine_for(args.tp_model, kv_gib=8.0, tp=args.tp, max_seqs=64)
+        key = f"{args.tp_model}-tp{args.tp}"
+        results["models"][key] = engine_points(llm, results["ceilings"], [1, 16, 64], [2048, 8192], tp=args.tp)
+        llm.close() if hasattr(llm, "close") else None
+        json.dump(results, open(path, "w"), indent=1)
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()
