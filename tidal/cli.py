@@ -3,8 +3,10 @@
     tidal serve [MODEL] [engine flags]    one aggregated worker behind the OpenAI frontend
     tidal serve -f CONFIG.yaml [--host H] [--port P]
                                           a deployment: frontend, router, prefill/decode workers
-    tidal sim --workers N [--speedup S] [--timing ...]
+    tidal sim --workers N [--speedup S] [--timing ... | --profile PROFILE.json]
                                           the real frontend + router over N simulated workers
+    tidal profile --model MODEL [--device cuda] [--prefill-tokens 128,...] --out PROFILE.json
+                                          measure prefill and decode step times; writes a profile
     tidal bench --url URL --workload chat|synthetic --arrival ... --rate R --slo ttft_ms=..,itl_ms=..
                                           load any OpenAI-compatible server; records and a summary
 """
@@ -19,10 +21,13 @@ import sys
 logger = logging.getLogger("tidal")
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=None,
-                   help="GGUF file, Hugging Face folder or dummy:ARCH (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--served-model-name", default=None)
+def _add_model_args(p: argparse.ArgumentParser, model_option: bool = False) -> None:
+    """The model, its device and its KV cache: what `serve` and `profile` share."""
+    model_help = "GGUF file, Hugging Face folder or dummy:ARCH (default: embedded SmolLM2-135M-Instruct)"
+    if model_option:
+        p.add_argument("--model", default=None, help=model_help)
+    else:
+        p.add_argument("model", nargs="?", default=None, help=model_help)
     p.add_argument("--tokenizer", default=None, help="folder with tokenizer.json, or a .gguf file")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -31,14 +36,66 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB for the KV cache")
+    p.add_argument("--num-threads", type=int, default=None, help="torch threads (CPU)")
+    p.add_argument("--attention-backend", default=None, choices=["auto", "torch", "triton"],
+                   help="auto: the Triton kernels on CUDA, plain torch elsewhere")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on CUDA")
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--served-model-name", default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--token-budget", type=int, default=256, help="tokens per engine step")
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--no-chunked-prefill", action="store_true")
-    p.add_argument("--num-threads", type=int, default=None, help="torch threads in the worker")
-    p.add_argument("--attention-backend", default=None, choices=["auto", "torch", "triton"],
-                   help="auto: the Triton kernels on CUDA, plain torch elsewhere")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on CUDA")
+
+
+def _add_profile_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p, model_option=True)
+    p.add_argument("--prefill-tokens", type=_ints, default=None,
+                   help="prefill points, tokens per step (default 128,256,512,1024,2048,4096,8192,16384)")
+    p.add_argument("--decode-batches", type=_ints, default=None,
+                   help="decode points, sequences per step (default 1,2,4,8,16,32,64,128,256)")
+    p.add_argument("--decode-contexts", type=_ints, default=None,
+                   help="decode points, context tokens per sequence (default 512,1024,2048,4096,8192)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of each point first")
+    p.add_argument("--repeats", type=int, default=3, help="timed prefill steps per point (median)")
+    p.add_argument("--decode-steps", type=int, default=5, help="timed decode steps per point (median)")
+    p.add_argument("--itl-targets-ms", type=_floats, default=(20.0, 50.0, 100.0),
+                   help="the table shows the largest decode batch within each of these ITLs")
+    p.add_argument("--out", default="profile.json", help="the profile file to write")
+    p.add_argument("--log-level", default="info")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def engine_config_from_args(args: argparse.Namespace):
+    """The model and cache flags as an `EngineConfig` (scheduler settings left at their defaults)."""
+    from tidal.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig
+
+    return EngineConfig(
+        model=ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+                          max_model_len=args.max_model_len, seed=args.seed),
+        cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
+                          kv_cache_memory_bytes=int(args.kv_cache_memory * (1 << 30))),
+        runner=RunnerConfig(attention_backend=args.attention_backend or "auto",
+                            enable_cuda_graphs=not args.no_cuda_graphs))
 
 
 def deployment_from_args(args: argparse.Namespace):
@@ -75,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     sim = sub.add_parser("sim", help="the real frontend and router in front of N simulated workers")
     sim.add_argument("--workers", type=int, default=8)
     sim.add_argument("--speedup", type=float, default=1.0, help="simulated time runs this many times faster")
-    sim.add_argument("--timing", default=None,
-                     help="e.g. base_s=0.008,prefill_s_per_token=5e-05 (see tidal/sim/timing.py)")
+    timing = sim.add_mutually_exclusive_group()
+    timing.add_argument("--timing", default=None,
+                        help="e.g. base_s=0.008,prefill_s_per_token=5e-05 (see tidal/sim/timing.py)")
+    timing.add_argument("--profile", default=None, help="step times from a `tidal profile` file instead")
     sim.add_argument("--router", default="kv", choices=["round_robin", "random", "least_loaded", "kv"])
     sim.add_argument("--num-kv-blocks", type=int, default=8192, help="per simulated worker")
     sim.add_argument("--token-budget", type=int, default=2048)
@@ -85,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--log-level", default="info")
     bench = sub.add_parser("bench", help="load an OpenAI-compatible server with chat or synthetic traffic")
     _add_bench_args(bench)
+    profile = sub.add_parser("profile", help="measure prefill and decode step times of a model on a device")
+    _add_profile_args(profile)
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -112,16 +173,19 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(args)
     if args.command == "sim":
         return _sim(args)
+    if args.command == "profile":
+        return _profile(args)
     return 2
 
 
 def _sim(args: argparse.Namespace) -> int:
     from tidal.config import ServerConfig
     from tidal.router.service import RouterConfig
+    from tidal.perf.profile import load_profile
     from tidal.sim.serve import parse_timing, serve_sim
 
     try:
-        timing = parse_timing(args.timing)
+        timing = load_profile(args.profile) if args.profile else parse_timing(args.timing)
     except ValueError as exc:
         print(f"tidal sim: {exc}", file=sys.stderr)
         return 2
@@ -131,6 +195,33 @@ def _sim(args: argparse.Namespace) -> int:
                               num_blocks=args.num_kv_blocks, token_budget=args.token_budget))
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+
+    from tidal.perf.profile import save_profile
+    from tidal.perf.report import profile_report
+    from tidal.perf.sweep import SweepConfig, SweepError, run_profile
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    grids = {"prefill_tokens": args.prefill_tokens, "decode_batches": args.decode_batches,
+             "decode_contexts": args.decode_contexts}
+    sweep = SweepConfig(**{k: v for k, v in grids.items() if v is not None}, warmup=args.warmup,
+                        repeats=args.repeats, decode_steps=args.decode_steps, seed=args.seed)
+    try:
+        profile = run_profile(engine_config_from_args(args), sweep)
+    except (SweepError, ValueError) as exc:
+        print(f"tidal profile: {exc}", file=sys.stderr)
+        return 1
+    save_profile(profile, args.out)
+    console = Console()
+    for part in profile_report(profile, args.itl_targets_ms):
+        console.print(part, markup=False)
+    console.print(f"wrote {args.out}")
     return 0
 
 

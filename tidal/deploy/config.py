@@ -4,7 +4,9 @@ The schema is pydantic models that forbid unknown fields, so a typo or a bad val
 with a message naming the field (`workers.1.role: Input should be 'both', 'prefill' or
 'decode'`). `load_deployment(path)` reads and validates; `Deployment.engine_config(worker)`
 resolves one worker's engine settings (the shared `engine` section, then that worker's
-overrides) into the engine's frozen `EngineConfig`.
+overrides) into the engine's frozen `EngineConfig`; with a `profile` (a `tidal profile` file), a
+prefill worker's token budget and a decode worker's sequence cap default to what the profile
+says suits the role (`resolve_role_limits`).
 
     model: null                     # GGUF file, HF folder, dummy:ARCH; null: embedded SmolLM2
     frontend: {host: 127.0.0.1, port: 8000, router: kv, max_queue: 1024, queue_timeout_s: 30}
@@ -13,11 +15,14 @@ overrides) into the engine's frozen `EngineConfig`.
     engine: {dtype: auto, token_budget: 256, kv_cache_memory_gib: 0.5, ...}
     workers:
       - {role: prefill, count: 1, devices: [cpu], engine: {token_budget: 512}}
-      - {role: decode, count: 1}
+      - {role: decode, count: 1, engine: {profile: profile.json, itl_target_ms: 50}}
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -25,9 +30,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tidal.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig, ServerConfig
+from tidal.perf.profile import load_profile
 from tidal.router.policy import DisaggPolicy, KVWeights
 from tidal.router.service import RouterConfig
 from tidal.transfer import KVTransferConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TUNING_CONTEXT_LEN = 2048
 
 
 class DeploymentError(ValueError):
@@ -85,6 +95,15 @@ class EngineSection(_Strict):
     enable_chunked_prefill: bool | None = None
     attention_backend: Literal["auto", "torch", "triton"] | None = None
     enable_cuda_graphs: bool | None = None
+    profile: str | None = None
+    """A `tidal profile` file of this model on this device. Unless set explicitly, a prefill worker's
+    token_budget becomes the profile's prefill knee and a decode worker's max_num_seqs the largest
+    batch whose step time stays within itl_target_ms; role `both` keeps its settings."""
+    itl_target_ms: float | None = Field(None, gt=0)
+    """Decode workers tuned from a profile: the inter-token latency (= decode step time) to keep under."""
+    tuning_context_len: int | None = Field(None, gt=0)
+    """Decode workers tuned from a profile: the context length (tokens per sequence) at which the
+    ITL target must hold; default 2048."""
 
     def merged(self, override: EngineSection | None) -> EngineSection:
         if override is None:
@@ -128,6 +147,15 @@ class Deployment(_Strict):
             raise ValueError("prefill workers need at least one decode (or both) worker to hand requests to")
         return self
 
+    @model_validator(mode="after")
+    def _profiles_resolve(self) -> Deployment:
+        for i, section in enumerate(self.workers):
+            try:
+                resolve_role_limits(section.role, self.engine.merged(section.engine))
+            except ValueError as exc:
+                raise ValueError(f"workers.{i} ({section.role}): {exc}") from None
+        return self
+
     # ---- resolution ------------------------------------------------------------------------
     def replicas(self) -> list[tuple[str, WorkerSection, str]]:
         """(worker_id, its section, its device) for every worker process, in config order."""
@@ -143,6 +171,9 @@ class Deployment(_Strict):
     def engine_config(self, section: WorkerSection, device: str) -> EngineConfig:
         e = self.engine.merged(section.engine)
         cache_defaults, sched_defaults = CacheConfig(), SchedulerConfig()
+        limits = resolve_role_limits(section.role, e)
+        if limits.derived:
+            _log_once(f"{section.role} workers: {limits.derived}")
         return EngineConfig(
             model=ModelConfig(model=self.model, tokenizer=self.tokenizer, served_model_name=self.served_model_name,
                               dtype=e.dtype or "auto", device=device, max_model_len=e.max_model_len,
@@ -154,8 +185,7 @@ class Deployment(_Strict):
                 enable_prefix_caching=cache_defaults.enable_prefix_caching if e.enable_prefix_caching is None
                 else e.enable_prefix_caching),
             scheduler=SchedulerConfig(
-                token_budget=e.token_budget or sched_defaults.token_budget,
-                max_num_seqs=e.max_num_seqs or sched_defaults.max_num_seqs,
+                token_budget=limits.token_budget, max_num_seqs=limits.max_num_seqs,
                 enable_chunked_prefill=sched_defaults.enable_chunked_prefill if e.enable_chunked_prefill is None
                 else e.enable_chunked_prefill),
             runner=RunnerConfig(
@@ -181,6 +211,45 @@ class Deployment(_Strict):
         t = self.kv_transfer
         return KVTransferConfig(backend=t.backend, timeout_s=t.timeout_s, debug_delay_s=t.debug_delay_s,
                                 scratch_dir=scratch_dir)
+
+
+@dataclass(frozen=True)
+class RoleLimits:
+    token_budget: int
+    max_num_seqs: int
+    derived: str | None = None
+    """What came from a profile, and why, for the log; None when nothing did."""
+
+
+def resolve_role_limits(role: str, e: EngineSection) -> RoleLimits:
+    """One worker's token_budget and max_num_seqs. Explicit settings win; else, with a profile:
+    - prefill: token_budget = the profile's prefill knee, the smallest batch that saturates the
+      device (larger ones add TTFT for little throughput);
+    - decode: max_num_seqs = the largest batch whose decode step, at `tuning_context_len` tokens of
+      context, stays within `itl_target_ms`;
+    else (and for role `both`) the engine defaults. Raises ValueError for an unreadable profile, a
+    decode worker without itl_target_ms, or a target that even batch 1 misses."""
+    defaults = SchedulerConfig()
+    token_budget, max_num_seqs, derived = e.token_budget, e.max_num_seqs, None
+    if e.profile is not None and role == "prefill" and token_budget is None:
+        token_budget = load_profile(e.profile).prefill_knee_tokens()
+        derived = f"token_budget={token_budget}, the prefill knee of {e.profile}"
+    elif e.profile is not None and role == "decode" and max_num_seqs is None:
+        if e.itl_target_ms is None:
+            raise ValueError(f"a decode worker tuned from a profile ({e.profile}) needs engine.itl_target_ms")
+        context_len = e.tuning_context_len or DEFAULT_TUNING_CONTEXT_LEN
+        max_num_seqs = load_profile(e.profile).max_decode_batch(e.itl_target_ms, context_len)
+        derived = (f"max_num_seqs={max_num_seqs}, the largest batch of {e.profile} within "
+                   f"itl_target_ms={e.itl_target_ms:g} at context {context_len}")
+    token_budget = token_budget or defaults.token_budget
+    if derived and role == "decode" and max_num_seqs > token_budget:
+        derived += f" (but token_budget={token_budget} caps a step's batch lower)"
+    return RoleLimits(token_budget, max_num_seqs or defaults.max_num_seqs, derived)
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    logger.info(message)
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:

@@ -11,7 +11,7 @@ import logging
 
 from tidal.config import ServerConfig
 from tidal.router.service import Router, RouterConfig
-from tidal.sim.timing import TimingModel
+from tidal.sim.timing import StepTimeModel, TimingModel
 from tidal.sim.workers import SIM_MODEL_NAME, SimCluster
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def parse_timing(text: str | None) -> TimingModel:
     return TimingModel(**values)
 
 
-async def serve_sim(num_workers: int, timing: TimingModel, speedup: float, router_config: RouterConfig,
+async def serve_sim(num_workers: int, timing: StepTimeModel, speedup: float, router_config: RouterConfig,
                     server_config: ServerConfig, **cluster_options) -> None:
     from tidal.frontend.app import build_app, serve_http
     from tidal.tokenizer import load_tokenizer

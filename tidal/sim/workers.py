@@ -1,8 +1,8 @@
 """Simulated workers: the real engine core (scheduler, block pool, prefix cache, KV events, load
-reports, request plane) around a runner that computes nothing and takes the time the timing model
-says, divided by a speed-up factor.
+reports, request plane) around a runner that computes nothing and takes the time a step-time model
+(`TimingModel` or a measured `Profile`) says, divided by a speed-up factor.
 
-`SimRunner.execute` sleeps `TimingModel.step_s(...) / speedup` and "samples" a token for every
+`SimRunner.execute` sleeps `timing.step_s(...) / speedup` and "samples" a token for every
 request that reaches the end of its tokens (a fixed, deterministic id that is never an eos, so
 requests run to their max_tokens). `SimCluster` starts N such workers on threads of this process,
 each bound to its own ipc sockets and registered in a `LocalDiscovery`, so the real router and
@@ -23,7 +23,7 @@ from tidal.engine.engine import EngineCore
 from tidal.engine.scheduler import SchedulerOutput
 from tidal.protocol import WorkerInfo
 from tidal.runtime.discovery import LocalDiscovery
-from tidal.sim.timing import TimingModel
+from tidal.sim.timing import StepTimeModel, TimingModel
 from tidal.worker.worker import StopFlag, WorkerSpec, serve_engine
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ SIM_MODEL_NAME = "sim"
 
 
 class SimRunner:
-    def __init__(self, num_blocks: int, timing: TimingModel, speedup: float, vocab_size: int) -> None:
+    def __init__(self, num_blocks: int, timing: StepTimeModel, speedup: float, vocab_size: int) -> None:
         self.num_blocks = num_blocks
         self.timing = timing
         self.speedup = speedup
@@ -63,7 +63,7 @@ class SimRunner:
 class SimCluster:
     """N simulated workers (role `both`) on threads, registered in `discovery`."""
 
-    def __init__(self, num_workers: int, timing: TimingModel = TimingModel(), speedup: float = 1.0,
+    def __init__(self, num_workers: int, timing: StepTimeModel = TimingModel(), speedup: float = 1.0,
                  num_blocks: int = 8192, block_size: int = 16, token_budget: int = 2048, max_num_seqs: int = 256,
                  max_model_len: int = 32768, vocab_size: int = 49152) -> None:
         self.num_workers = num_workers
