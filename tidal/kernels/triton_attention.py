@@ -30,9 +30,12 @@ LOG2E = 1.4426950408889634
 
 
 # --- Launch configurations ----------------------------------------------------------------------
-# Picked from the usual FlashAttention-2 / flash-decoding values for Hopper (no autotuning here:
-# the kernels are written and checked on a machine without a GPU). Shared memory per prefill
-# program at D=128: Q 128x128 + num_stages x (K + V) 64x128 tiles in bf16 = 32 + 3 x 32 KiB.
+# The usual FlashAttention-2 / flash-decoding values for Hopper, not autotuned (the kernels were
+# written on a machine without a GPU; `benchmarks/attention_gpu.py` measures them). What ptxas
+# reports for sm_90 in bf16 (tests/test_triton_kernels.py compiles them, failing on spills):
+#   prefill D=128, 128x64 tiles, 8 warps, 3 stages: 185 registers, ~96 KiB shared, wgmma, cp.async
+#   prefill D=64, 128x64 tiles, 4 warps, 3 stages: 255 registers, ~48 KiB shared
+#   decode D=128, 64-key tiles, 4 warps, 2 stages: ~92 registers, ~38 KiB shared (several per SM)
 
 def prefill_config(head_dim: int, dtype: torch.dtype) -> dict:
     """BLOCK_M query rows x BLOCK_N keys per step, for the padded head dim."""
@@ -48,8 +51,9 @@ def prefill_config(head_dim: int, dtype: torch.dtype) -> dict:
 
 
 def decode_config(head_dim: int) -> dict:
-    """Decode is bandwidth-bound: a 64-key tile is 16 KiB of K (+16 of V) at D=128 in bf16, and
-    two stages keep two tiles in flight while leaving room for 3 programs per SM."""
+    """Decode is bandwidth-bound: a 64-key tile is 16 KiB of K (+16 of V) at D=128 in bf16; two
+    stages keep the next tile's loads in flight during this one's math, and a small program lets
+    several share an SM (more bytes in flight per SM)."""
     if head_dim <= 128:
         return dict(BLOCK_N=64, num_warps=4, num_stages=2)
     return dict(BLOCK_N=32, num_warps=4, num_stages=2)
@@ -192,15 +196,16 @@ if HAS_TRITON:
         q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + (heads * stride_qh)[:, None] + d[None, :],
                     mask=io_mask, other=0.0)
         q = q.to(k_ptr.dtype.element_ty)
-        kv_off = kvh.to(tl.int64) * stride_kh
+        k_base = k_ptr + kvh.to(tl.int64) * stride_kh
+        v_base = v_ptr + kvh.to(tl.int64) * stride_kh
         bt_row = bt_ptr + b.to(tl.int64) * stride_btb
         acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
         # A finite floor instead of -inf keeps exp2(m_i - m_new) finite; it is only a stabilizer.
         m_i = tl.full([G_PAD], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([G_PAD], dtype=tl.float32)
         for n0 in range(start, end, BLOCK_N):
-            acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_ptr + kv_off, v_ptr + kv_off, bt_row, n0, end, g, d, d_ok,
-                                    qk_scale, stride_kb, stride_kt, BLOCK_SIZE, BLOCK_N, True, False, EVEN_D, IEEE)
+            acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_base, v_base, bt_row, n0, end, g, d, d_ok, qk_scale,
+                                    stride_kb, stride_kt, BLOCK_SIZE, BLOCK_N, True, False, EVEN_D, IEEE)
         has_keys = l_i > 0
         o = acc / tl.where(has_keys, l_i, 1.0)[:, None]  # empty: acc is 0, so o is 0
         if DIRECT:
@@ -258,22 +263,23 @@ if HAS_TRITON:
         rows = (q_start + i).to(tl.int64)
         q = tl.load(q_ptr + (rows * stride_qt)[:, None] + h * stride_qh + d[None, :], mask=io_mask, other=0.0)
         q = q.to(k_ptr.dtype.element_ty)
-        # Keys [0, tile_first) precede every row of the tile (no mask); [.., kv_end) need the causal mask.
+        # Keys [0, tile_first) precede every row of the tile (no mask); keys up to kv_end need the causal one.
         tile_first = ctx - q_len + tile * BLOCK_M
         kv_end = tl.minimum(ctx, tile_first + BLOCK_M)
         kv_end = tl.where(tile * BLOCK_M < q_len, kv_end, 0)  # tiles past this chunk's end: nothing
         full_end = tl.minimum((tile_first // BLOCK_N) * BLOCK_N, kv_end)
-        kv_off = (h // G).to(tl.int64) * stride_kh
+        k_base = k_ptr + (h // G).to(tl.int64) * stride_kh
+        v_base = v_ptr + (h // G).to(tl.int64) * stride_kh
         bt_row = bt_ptr + p.to(tl.int64) * stride_btp
         acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         for n0 in range(0, full_end, BLOCK_N):
-            acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_ptr + kv_off, v_ptr + kv_off, bt_row, n0, kv_end, q_pos, d,
-                                    d_ok, qk_scale, stride_kb, stride_kt, BLOCK_SIZE, BLOCK_N, False, False, EVEN_D, IEEE)
+            acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_base, v_base, bt_row, n0, kv_end, q_pos, d, d_ok, qk_scale,
+                                    stride_kb, stride_kt, BLOCK_SIZE, BLOCK_N, False, False, EVEN_D, IEEE)
         for n0 in range(full_end, kv_end, BLOCK_N):
-            acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_ptr + kv_off, v_ptr + kv_off, bt_row, n0, kv_end, q_pos, d,
-                                    d_ok, qk_scale, stride_kb, stride_kt, BLOCK_SIZE, BLOCK_N, True, True, EVEN_D, IEEE)
+            acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_base, v_base, bt_row, n0, kv_end, q_pos, d, d_ok, qk_scale,
+                                    stride_kb, stride_kt, BLOCK_SIZE, BLOCK_N, True, True, EVEN_D, IEEE)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + (rows * stride_ot)[:, None] + h * stride_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=io_mask)

@@ -1,4 +1,4 @@
-"""Fixes for two bugs of the Triton 3.6 interpreter (TRITON_INTERPRET=1), applied by the tests only.
+"""Fixes for two bugs of the Triton 3.6 interpreter (TRITON_INTERPRET=1), for CPU test and smoke runs.
 
 1. With numpy >= 2.4 a loop bound computed from a loaded value (`range(start, end, ...)`) raises
    "only 0-dimensional arrays can be converted to Python scalars": the interpreter keeps scalars
@@ -28,20 +28,21 @@ def _bf16_to_f32(handle: interpreter.TensorHandle) -> interpreter.TensorHandle:
 
 
 def apply() -> None:
+    """Idempotent; a patch whose target a later triton renamed is skipped."""
     global _applied
     if _applied:
         return
     _applied = True
-    patch_tensor = interpreter._patch_lang_tensor
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is not None:
+        def patch_tensor_index(tensor, scope):
+            patch_tensor(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
-    def patch_tensor_index(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+        interpreter._patch_lang_tensor = patch_tensor_index
+    create_dot = getattr(interpreter.InterpreterBuilder, "create_dot", None)
+    if create_dot is not None:
+        def create_dot_bf16(self, a, b, d, *args, **kwargs):
+            return create_dot(self, _bf16_to_f32(a), _bf16_to_f32(b), d, *args, **kwargs)
 
-    interpreter._patch_lang_tensor = patch_tensor_index
-    create_dot = interpreter.InterpreterBuilder.create_dot
-
-    def create_dot_bf16(self, a, b, d, *args, **kwargs):
-        return create_dot(self, _bf16_to_f32(a), _bf16_to_f32(b), d, *args, **kwargs)
-
-    interpreter.InterpreterBuilder.create_dot = create_dot_bf16
+        interpreter.InterpreterBuilder.create_dot = create_dot_bf16
