@@ -102,11 +102,9 @@ def check_write_kv(device, dtype, head_dim, kv_heads, block_size, num_tokens=40)
     k, v = (_strided(num_tokens, kv_heads, head_dim, dtype, device) for _ in range(2))
     ta.write_kv(k, v, k_cache, v_cache, slots)
     ta.reference_write_kv(k, v, expected_k, expected_v, slots)
-    # Bitwise equal, NaN (untouched slots) included.
-    assert torch.equal(k_cache.view(torch.int16 if dtype != FP32 else torch.int32),
-                       expected_k.view(torch.int16 if dtype != FP32 else torch.int32))
-    assert torch.equal(v_cache.view(torch.int16 if dtype != FP32 else torch.int32),
-                       expected_v.view(torch.int16 if dtype != FP32 else torch.int32))
+    bits = torch.int32 if dtype == FP32 else torch.int16  # bitwise equal, NaN (untouched slots) included
+    assert torch.equal(k_cache.view(bits), expected_k.view(bits))
+    assert torch.equal(v_cache.view(bits), expected_v.view(bits))
 
 
 def check_decode(device, dtype, head_dim, groups, block_size, lengths, num_splits, table_dtype=torch.int32):
