@@ -16,6 +16,8 @@ Parts:
   1024 and output 256 tokens (ignore_eos), output tokens/s.
 - hf: Hugging Face transformers `generate` (eager, bf16, same shape, random weights) at batch 1
   and 64, same input and output lengths: the naive peer.
+- profile: `tidal profile` of the first model (a reduced grid), the step-time file `tidal sim` and
+  the per-role tuning read; written beside the results as profile-<model>-<card>.json.
 - tp: the decode and prefill points for a tensor-parallel model (`--tp-model`, `--tp` GPUs).
 
 Results merge into `--out` (default $OUT or benchmarks/results) as gpu_engine-<card>.json, so a
@@ -268,6 +270,15 @@ def main() -> None:
     for preset in args.server_models.split(",") if "hf" in parts else []:
         results["models"].setdefault(preset, {})["hf"] = hf_generate(preset, ints(args.hf_batches))
         json.dump(results, open(path, "w"), indent=1)
+    if "profile" in parts:
+        preset = args.models.split(",")[0]
+        target = os.path.join(args.out, f"profile-{preset}-{card}.json")
+        subprocess.run([sys.executable, "-m", "tidal.cli", "profile", "--model", f"dummy:{preset}", "--device", "cuda",
+                        "--dtype", "bfloat16", "--kv-cache-memory", str(min(60.0, free_gib - 30)),
+                        "--max-model-len", "16384", "--prefill-tokens", "256,512,1024,2048,4096,8192,16384",
+                        "--decode-batches", "1,8,32,64,128,256", "--decode-contexts", "1024,4096",
+                        "--out", target], check=True, timeout=400)
+        results["models"].setdefault(preset, {})["profile_file"] = os.path.basename(target)
     if "tp" in parts:
         llm = engine_for(args.tp_model, kv_gib=8.0, tp=args.tp, max_seqs=64)
         key = f"{args.tp_model}-tp{args.tp}"
