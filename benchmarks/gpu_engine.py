@@ -18,6 +18,8 @@ Parts:
   and 64, same input and output lengths: the naive peer.
 - profile: `tidal profile` of the first model (a reduced grid), the step-time file `tidal sim` and
   the per-role tuning read; written beside the results as profile-<model>-<card>.json.
+- breakdown: where a decode step's time goes (batch 1 and 64, context 1k): wall time of the step,
+  GPU time of the graph replay alone, and the kernels of an eager step by GPU time (torch.profiler).
 - tp: the decode and prefill points for a tensor-parallel model (`--tp-model`, `--tp` GPUs).
 
 Results merge into `--out` (default $OUT or benchmarks/results) as gpu_engine-<card>.json, so a
@@ -136,6 +138,46 @@ def engine_points(llm: LLM, ceil: dict, decode_grid, prefill_grid, tp: int = 1) 
                                "mfu_with_attention_pct": 100 * (linear + attention) / mm / seconds})
         print(f"prefill {tokens}: {seconds * 1e3:.1f} ms, {100 * linear / mm / seconds:.0f}% of matmul", flush=True)
     return out
+
+
+def breakdown(llm: LLM, batches=(1, 64)) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = llm.engine.runner
+    rng = np.random.default_rng(1)
+    rows = []
+    for batch in batches:
+        step, _ = decode_batch(batch, 1024, runner.block_size, runner.num_blocks, runner.arch.vocab_size, rng)
+        wall = timed_steps(runner.forward, step, 50)
+        graphs = runner.graphs
+        graphs.run(step)  # inputs into the static buffers once; then the replay alone
+        graph = graphs.graphs[next(s for s in graphs.sizes if s >= batch)]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(50):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        replay_ms = start.elapsed_time(end) / 50
+        runner.graphs = None  # an eager step, to see each kernel
+        try:
+            timed_steps(runner.forward, step, 3)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    runner.forward(step).argmax(-1).tolist()
+        finally:
+            runner.graphs = graphs
+        kernels = sorted(((e.key, e.device_time_total / 5 / 1e3, e.count // 5) for e in prof.key_averages()
+                          if e.device_time_total > 0), key=lambda k: -k[1])
+        total = sum(k[1] for k in kernels)
+        rows.append({"batch": batch, "context": 1024, "step_wall_ms": wall * 1e3, "graph_replay_ms": replay_ms,
+                     "eager_kernel_ms": total, "eager_kernels_per_step": sum(k[2] for k in kernels),
+                     "top_kernels": [{"name": n[:90], "ms": t, "count": c} for n, t, c in kernels[:14]]})
+        print(f"breakdown b={batch}: step {wall * 1e3:.2f} ms, graph replay {replay_ms:.2f} ms, "
+              f"eager kernels {total:.2f} ms in {sum(k[2] for k in kernels)} launches", flush=True)
+        for n, t, c in kernels[:14]:
+            print(f"   {t:7.3f} ms  x{c:<4} {n[:90]}")
+    return rows
 
 
 def serve_throughput(preset: str, tokenizer: str, concurrencies, kv_gib: float) -> list[dict]:
@@ -263,6 +305,12 @@ def main() -> None:
         del llm
         torch.cuda.empty_cache()
         json.dump(results, open(path, "w"), indent=1)
+    if "breakdown" in parts:
+        preset = args.models.split(",")[0]
+        llm = engine_for(preset, 20.0)
+        results["models"].setdefault(preset, {})["breakdown"] = breakdown(llm)
+        del llm
+        torch.cuda.empty_cache()
     for preset in args.server_models.split(",") if "server" in parts else []:
         rows = serve_throughput(preset, args.tokenizer, ints(args.concurrency), kv_gib=min(40.0, free_gib - 30))
         results["models"].setdefault(preset, {})["server"] = rows

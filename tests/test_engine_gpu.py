@@ -17,7 +17,8 @@ from tidal.engine.batch import StepBatch
 
 pytestmark = pytest.mark.gpu
 
-TIE_GAP = 0.05  # logits closer than this (on logits of spread ~10) are a tie at bf16 precision
+TIE_GAP = 0.25  # logits closer than this (their spread is ~8) are a tie at bf16 precision
+EMBED_SCALE = 8.0  # tied embeddings this large make logits of spread ~8: few near-ties to excuse
 
 
 def _random_weights(model, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -26,6 +27,8 @@ def _random_weights(model, seed: int = 0) -> dict[str, torch.Tensor]:
     for name, p in model.named_parameters():
         if p.dim() == 1 or name.endswith("qk_norm"):
             weights[name] = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
+        elif name in ("embed_tokens", "lm_head"):  # the input side is normalized by the first norm
+            weights[name] = EMBED_SCALE * torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5
         else:
             weights[name] = torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5
     return weights
