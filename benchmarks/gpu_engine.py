@@ -159,6 +159,13 @@ def breakdown(llm: LLM, batches=(1, 64)) -> list[dict]:
         end.record()
         torch.cuda.synchronize()
         replay_ms = start.elapsed_time(end) / 50
+        with profile(activities=[ProfilerActivity.CPU]) as host_prof:  # the host's share of a graph step
+            for _ in range(20):
+                runner.forward(step).argmax(-1).tolist()
+        host_ops = sorted(((e.key, e.self_cpu_time_total / 20 / 1e3) for e in host_prof.key_averages()),
+                          key=lambda k: -k[1])[:10]
+        print(f"breakdown b={batch} host ops (self ms per step): "
+              + ", ".join(f"{n[:40]} {t:.3f}" for n, t in host_ops), flush=True)
         runner.graphs = None  # an eager step, to see each kernel
         try:
             timed_steps(runner.forward, step, 3)
@@ -172,7 +179,8 @@ def breakdown(llm: LLM, batches=(1, 64)) -> list[dict]:
         total = sum(k[1] for k in kernels)
         rows.append({"batch": batch, "context": 1024, "step_wall_ms": wall * 1e3, "graph_replay_ms": replay_ms,
                      "eager_kernel_ms": total, "eager_kernels_per_step": sum(k[2] for k in kernels),
-                     "top_kernels": [{"name": n[:90], "ms": t, "count": c} for n, t, c in kernels[:14]]})
+                     "top_kernels": [{"name": n[:90], "ms": t, "count": c} for n, t, c in kernels[:14]],
+                     "graph_step_host_ops": [{"name": n[:60], "self_ms": t} for n, t in host_ops]})
         print(f"breakdown b={batch}: step {wall * 1e3:.2f} ms, graph replay {replay_ms:.2f} ms, "
               f"eager kernels {total:.2f} ms in {sum(k[2] for k in kernels)} launches", flush=True)
         for n, t, c in kernels[:14]:

@@ -2,7 +2,8 @@
 
 Weights are drawn once on the CPU with a 1/sqrt(fan_in) scale (so logits are peaked and greedy
 choices are not coin flips), then copied into both engines. Greedy tokens must agree for 32 steps
-except where the CPU's own top two logits are a true tie at bf16 precision; the logits of a whole
+except at a true tie (the CPU's margin between the two tokens is within the GPU's measured error on
+those logits); the logits of a whole
 sequence must agree within bf16 tolerance. Marker `gpu`: skipped without a CUDA device.
 """
 
@@ -17,7 +18,6 @@ from tidal.engine.batch import StepBatch
 
 pytestmark = pytest.mark.gpu
 
-TIE_GAP = 0.25  # logits closer than this (their spread is ~8) are a tie at bf16 precision
 EMBED_SCALE = 8.0  # tied embeddings this large make logits of spread ~8: few near-ties to excuse
 
 
@@ -71,11 +71,16 @@ def test_gpu_bf16_matches_cpu_fp32(preset):
     gpu_out = [o.outputs[0].token_ids for o in gpu.generate(prompts, params)]
     compared = 0
     for prompt, want, got in zip(prompts, cpu_out, gpu_out):
-        logits = _whole_sequence_logits(cpu, prompt + want)
+        cpu_logits = _whole_sequence_logits(cpu, prompt + want)
+        gpu_logits = _whole_sequence_logits(gpu, prompt + want)  # the same tokens, teacher-forced
         for i, (a, b) in enumerate(zip(want, got)):
-            if a != b:  # allowed only at a true tie; after it the sequences differ, so stop
-                row = logits[len(prompt) + i - 1]
-                assert float(row[a] - row[b]) < TIE_GAP, (preset, i, float(row[a]), float(row[b]))
+            if a != b:
+                # Allowed only at a true tie: the CPU's margin for its token is within the GPU's own
+                # measured error on those two logits. After it the sequences differ, so stop.
+                row = len(prompt) + i - 1
+                margin = float(cpu_logits[row, a] - cpu_logits[row, b])
+                error = float((gpu_logits[row, [a, b]] - cpu_logits[row, [a, b]]).abs().sum())
+                assert margin <= error + 1e-3, (preset, i, margin, error)
                 break
             compared += 1
     assert compared >= 0.75 * 32 * len(prompts)

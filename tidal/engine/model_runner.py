@@ -53,6 +53,8 @@ class ModelRunner:
         self.backend = resolve_backend(config.runner.attention_backend, self.device)
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
             if self.device.type == "cuda" else 1
+        self._staging: torch.Tensor | None = None  # pinned int32 host buffer of `to_device`
+        self._staging_done = torch.cuda.Event() if self.device.type == "cuda" else None
         self.graphs: DecodeGraphs | None = None
         max_graph_batch = min(config.runner.cuda_graph_max_batch, config.scheduler.max_num_seqs)
         if self.backend == "triton" and config.runner.enable_cuda_graphs and max_graph_batch > 0:
@@ -92,10 +94,21 @@ class ModelRunner:
         return self.model.compute_logits(hidden.index_select(0, fields.logits_rows))
 
     def to_device(self, array: np.ndarray) -> torch.Tensor:
+        """`array` on the device through one reused pinned buffer (no allocation per step); the
+        copy is asynchronous, and the buffer is refilled only after the last copy from it ended."""
         host = torch.from_numpy(array)
         if self.device.type != "cuda":
             return host
-        return host.pin_memory().to(self.device, non_blocking=True)
+        n = host.numel()
+        if self._staging is None or self._staging.numel() < n:
+            self._staging = torch.empty(max(n, 2 * (0 if self._staging is None else self._staging.numel()), 1 << 16),
+                                        dtype=host.dtype, pin_memory=True)
+        else:
+            self._staging_done.synchronize()
+        self._staging[:n].copy_(host)
+        out = self._staging[:n].to(self.device, non_blocking=True)
+        self._staging_done.record()
+        return out
 
     def attention_metadata(self, batch: StepBatch, fields: StepBatch, num_splits: int | None = None
                            ) -> AttentionMetadata:
