@@ -29,6 +29,7 @@ later call adds parts; a table is printed at the end.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -110,7 +111,10 @@ def engine_points(llm: LLM, ceil: dict, decode_grid, prefill_grid, tp: int = 1) 
     runner = llm.engine.runner
     arch = runner.arch
     runner.cache.normal_()  # never time on zeros
-    run = getattr(runner, "forward_all_ranks", runner.forward)  # a TP leader must include its followers
+    def run(batch: StepBatch):
+        if runner.on_step is not None:  # a tensor-parallel leader sends the step to its followers first
+            runner.on_step(batch)
+        return runner.forward(batch)
     weight_read, layer_params = model_bytes(llm)
     weight_read *= tp  # every rank reads its shard: the group reads all of it, in parallel
     bw = ceil["copy_GBps_read_plus_write"] * 1e9 * tp
@@ -310,14 +314,18 @@ def main() -> None:
         entry = results["models"].setdefault(preset, {})
         entry.update(engine_points(llm, results["ceilings"], ints(args.decode_batches) if "decode" in parts else [],
                                    ints(args.prefill_tokens) if "prefill" in parts else []))
+        llm.close()
         del llm
+        gc.collect()  # the runner and its graphs refer to each other
         torch.cuda.empty_cache()
         json.dump(results, open(path, "w"), indent=1)
     if "breakdown" in parts:
         preset = args.models.split(",")[0]
         llm = engine_for(preset, 20.0)
         results["models"].setdefault(preset, {})["breakdown"] = breakdown(llm)
+        llm.close()
         del llm
+        gc.collect()  # the runner and its graphs refer to each other
         torch.cuda.empty_cache()
     for preset in args.server_models.split(",") if "server" in parts else []:
         rows = serve_throughput(preset, args.tokenizer, ints(args.concurrency), kv_gib=min(40.0, free_gib - 30))
@@ -339,7 +347,7 @@ def main() -> None:
         llm = engine_for(args.tp_model, kv_gib=8.0, tp=args.tp, max_seqs=64)
         key = f"{args.tp_model}-tp{args.tp}"
         results["models"][key] = engine_points(llm, results["ceilings"], [1, 16, 64], [2048, 8192], tp=args.tp)
-        llm.close() if hasattr(llm, "close") else None
+        llm.close()
         json.dump(results, open(path, "w"), indent=1)
     print_table(results)
 

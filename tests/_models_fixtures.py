@@ -20,7 +20,7 @@ class PagedSequences:
         self.model = model
         self.block_size = block_size
         arch, dtype, device = model.arch, model.dtype, model.device
-        shape = kv_cache_shape(arch, num_blocks, block_size)
+        shape = kv_cache_shape(arch, num_blocks, block_size, model.shard.size)  # this rank's kv heads
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                           for _ in range(arch.num_layers)]
         # Reversed and interleaved block ids: sequence i gets blocks that are neither 0.. nor contiguous.

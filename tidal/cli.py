@@ -29,7 +29,9 @@ def _add_model_args(p: argparse.ArgumentParser, model_option: bool = False) -> N
     else:
         p.add_argument("model", nargs="?", default=None, help=model_help)
     p.add_argument("--tokenizer", default=None, help="folder with tokenizer.json, or a .gguf file")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (with -tp: the first of consecutive devices)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over this many devices (cuda:N, cuda:N+1, ...), one process each")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -100,8 +102,11 @@ def engine_config_from_args(args: argparse.Namespace):
 
 def deployment_from_args(args: argparse.Namespace):
     """`tidal serve MODEL --flags`: one aggregated worker, as a deployment."""
+    from tidal.config import rank_devices
     from tidal.deploy.config import parse_deployment
 
+    tp = args.tensor_parallel_size
+    devices = list(rank_devices(args.device, tp)) if tp > 1 else [args.device]
     engine = {"dtype": args.dtype, "max_model_len": args.max_model_len, "seed": args.seed,
               "block_size": args.block_size, "num_kv_blocks": args.num_kv_blocks,
               "kv_cache_memory_gib": args.kv_cache_memory, "enable_prefix_caching": not args.no_prefix_caching,
@@ -113,7 +118,7 @@ def deployment_from_args(args: argparse.Namespace):
         "frontend": {"host": args.host or "127.0.0.1", "port": 8000 if args.port is None else args.port,
                      "max_request_body_bytes": args.max_request_body_bytes, "log_level": args.log_level},
         "engine": {k: v for k, v in engine.items() if v is not None},
-        "workers": [{"role": "both", "devices": [args.device], "num_threads": args.num_threads}],
+        "workers": [{"role": "both", "devices": devices, "tensor_parallel_size": tp, "num_threads": args.num_threads}],
     }, "command line")
 
 

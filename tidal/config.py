@@ -69,6 +69,34 @@ class RunnerConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    """Ranks that split every layer (attention heads, MLP rows, vocabulary) over as many devices.
+    Rank 0 runs the engine and leads; the others follow its steps (`tidal.engine.tensor_parallel`)."""
+    devices: tuple[str, ...] = ()
+    """The device of each rank, rank 0's first (the one `model.device` names); empty:
+    `rank_devices(model.device, tensor_parallel_size)`."""
+
+    def __post_init__(self):
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.devices and len(self.devices) != self.tensor_parallel_size:
+            raise ValueError(f"parallel.devices lists {len(self.devices)} devices for "
+                             f"tensor_parallel_size={self.tensor_parallel_size}")
+
+
+def rank_devices(device: str, tensor_parallel_size: int) -> tuple[str, ...]:
+    """One device per rank from the first: `cuda:N` -> cuda:N, cuda:N+1, ...; `cpu` -> cpu for all."""
+    if device == "cpu":
+        return ("cpu",) * tensor_parallel_size
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or not (index or "0").isdigit():
+        raise ValueError(f"device {device!r} is neither cpu nor cuda[:N]")
+    first = int(index or 0)
+    return tuple(f"cuda:{first + rank}" for rank in range(tensor_parallel_size))
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -83,6 +111,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def replace(self, **changes) -> EngineConfig:
         return dataclasses.replace(self, **changes)

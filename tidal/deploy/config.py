@@ -16,6 +16,8 @@ says suits the role (`resolve_role_limits`).
     workers:
       - {role: prefill, count: 1, devices: [cpu], engine: {token_budget: 512}}
       - {role: decode, count: 1, engine: {profile: profile.json, itl_target_ms: 50}}
+      # or, one worker over 4 GPUs (tensor parallel; aggregated only, for now):
+      - {role: both, count: 1, tensor_parallel_size: 4, devices: [cuda:0, cuda:1, cuda:2, cuda:3]}
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tidal.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig, ServerConfig
+from tidal.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig, RunnerConfig, SchedulerConfig,
+                          ServerConfig)
 from tidal.perf.profile import load_profile
 from tidal.router.policy import DisaggPolicy, KVWeights
 from tidal.router.service import RouterConfig
@@ -115,15 +118,23 @@ class WorkerSection(_Strict):
     role: Literal["both", "prefill", "decode"]
     count: int = Field(1, ge=1, le=64)
     devices: list[str] | None = None
-    """One device per replica (`cpu`, `cuda:0`, ...); default: cpu for all."""
+    """One device per replica (`cpu`, `cuda:0`, ...), or `tensor_parallel_size` consecutive devices
+    per replica; default: cpu for all."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """Devices (processes) each worker of this group spans; its rank 0 runs the engine."""
     num_threads: int | None = Field(None, gt=0)
     """Torch threads per worker; default: the machine's cores shared among CPU workers."""
     engine: EngineSection | None = None
 
     @model_validator(mode="after")
     def _devices_match_count(self) -> WorkerSection:
-        if self.devices is not None and len(self.devices) != self.count:
-            raise ValueError(f"devices lists {len(self.devices)} devices for count={self.count} workers")
+        tp = self.tensor_parallel_size
+        if self.devices is not None and len(self.devices) != self.count * tp:
+            per_worker = f" x tensor_parallel_size={tp} (each worker takes {tp} consecutive devices)" if tp > 1 else ""
+            raise ValueError(f"devices lists {len(self.devices)} devices for count={self.count} workers{per_worker}")
+        if tp > 1 and self.role != "both":
+            raise ValueError(f"tensor_parallel_size={tp} with role {self.role!r}: tensor-parallel workers run "
+                             f"aggregated for now (role both)")
         for device in self.devices or ():
             if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
                 raise ValueError(f"device {device!r} is neither cpu nor cuda[:N]")
@@ -145,6 +156,9 @@ class Deployment(_Strict):
         roles = {w.role for w in self.workers}
         if "prefill" in roles and not roles & {"decode", "both"}:
             raise ValueError("prefill workers need at least one decode (or both) worker to hand requests to")
+        if "prefill" in roles and any(w.tensor_parallel_size > 1 for w in self.workers):
+            raise ValueError("tensor-parallel workers run aggregated for now: they can't take KV from prefill "
+                             "workers, so a deployment with prefill workers can't have them")
         return self
 
     @model_validator(mode="after")
@@ -158,17 +172,24 @@ class Deployment(_Strict):
 
     # ---- resolution ------------------------------------------------------------------------
     def replicas(self) -> list[tuple[str, WorkerSection, str]]:
-        """(worker_id, its section, its device) for every worker process, in config order."""
+        """(worker_id, its section, its device: rank 0's) for every worker, in config order."""
+        return [(worker_id, section, devices[0]) for worker_id, section, devices in self.worker_groups()]
+
+    def worker_groups(self) -> list[tuple[str, WorkerSection, tuple[str, ...]]]:
+        """(worker_id, its section, the devices of its tensor-parallel ranks) for every worker."""
         out, seen = [], {}
         for section in self.workers:
+            tp = section.tensor_parallel_size
             for i in range(section.count):
                 n = seen.get(section.role, 0)
                 seen[section.role] = n + 1
-                device = section.devices[i] if section.devices else "cpu"
-                out.append((f"{section.role}-{n}", section, device))
+                devices = tuple(section.devices[i * tp:(i + 1) * tp]) if section.devices else ("cpu",) * tp
+                out.append((f"{section.role}-{n}", section, devices))
         return out
 
-    def engine_config(self, section: WorkerSection, device: str) -> EngineConfig:
+    def engine_config(self, section: WorkerSection, device: str, devices: tuple[str, ...] = ()) -> EngineConfig:
+        """One worker's engine settings; `device` is its rank 0's, `devices` every rank's (default:
+        `rank_devices(device, tensor_parallel_size)`)."""
         e = self.engine.merged(section.engine)
         cache_defaults, sched_defaults = CacheConfig(), SchedulerConfig()
         limits = resolve_role_limits(section.role, e)
@@ -190,7 +211,9 @@ class Deployment(_Strict):
                 else e.enable_chunked_prefill),
             runner=RunnerConfig(
                 attention_backend=e.attention_backend or "auto",
-                enable_cuda_graphs=True if e.enable_cuda_graphs is None else e.enable_cuda_graphs))
+                enable_cuda_graphs=True if e.enable_cuda_graphs is None else e.enable_cuda_graphs),
+            parallel=ParallelConfig(tensor_parallel_size=section.tensor_parallel_size,
+                                    devices=tuple(devices) if section.tensor_parallel_size > 1 else ()))
 
     def server_config(self, host: str | None = None, port: int | None = None) -> ServerConfig:
         f = self.frontend

@@ -55,25 +55,28 @@ class Launcher:
     async def start(self) -> None:
         shm = "/dev/shm"
         self.dir = tempfile.mkdtemp(prefix="tidal-", dir=shm if os.path.isdir(shm) else None)
-        replicas = self.deployment.replicas()
-        num_cpu_workers = sum(1 for _, _, device in replicas if device == "cpu") or 1
-        default_threads = max(1, (os.cpu_count() or 1) // num_cpu_workers)
+        groups = self.deployment.worker_groups()
+        num_cpu_ranks = sum(devices.count("cpu") for _, _, devices in groups) or 1
+        default_threads = max(1, (os.cpu_count() or 1) // num_cpu_ranks)
         transfer = self.deployment.transfer_config(self.dir)
         mp = multiprocessing.get_context("spawn")
-        for worker_id, section, device in replicas:
+        for worker_id, section, devices in groups:
+            device, tp = devices[0], section.tensor_parallel_size
             spec = WorkerSpec(
-                worker_id=worker_id, role=section.role, engine=self.deployment.engine_config(section, device),
+                worker_id=worker_id, role=section.role, engine=self.deployment.engine_config(section, device, devices),
                 request_addr=f"ipc://{self.dir}/{worker_id}.req", event_addr=f"ipc://{self.dir}/{worker_id}.ev",
-                transfer=transfer, num_threads=section.num_threads or (default_threads if device == "cpu" else None),
+                transfer=transfer if tp == 1 else None,  # tensor-parallel workers run aggregated, for now
+                num_threads=section.num_threads or (default_threads if device == "cpu" else None),
                 log_level=self.log_level)
-            process = mp.Process(target=run_worker, args=(spec,), name=f"tidal-{worker_id}", daemon=True)
+            # A daemonic process may not start processes, and a tensor-parallel worker starts its other ranks.
+            process = mp.Process(target=run_worker, args=(spec,), name=f"tidal-{worker_id}", daemon=tp == 1)
             process.start()
             info = WorkerInfo(worker_id=worker_id, role=section.role, request_addr=spec.request_addr,
                               event_addr=spec.event_addr, pid=process.pid, host=socket.gethostname(),
                               device=device)
             self.procs[worker_id] = _Proc(spec, info, process)
             await self.discovery.register(info)
-            logger.info("started worker %s (role=%s, device=%s, pid=%d)", worker_id, section.role, device,
+            logger.info("started worker %s (role=%s, device=%s, pid=%d)", worker_id, section.role, ",".join(devices),
                         process.pid)
         self._supervisor = asyncio.create_task(self._supervise())
 

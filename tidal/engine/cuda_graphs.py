@@ -44,7 +44,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(largest, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.logits = torch.zeros(largest, runner.arch.vocab_size, dtype=torch.float32, device=device)
         # A long context is the case split-KV is for; the split count is fixed per captured size.
-        self.num_splits = {size: choose_num_splits(size, runner.arch.num_kv_heads, 8192, runner.num_sms)
+        self.num_splits = {size: choose_num_splits(size, runner.num_kv_heads, 8192, runner.num_sms)
                            for size in self.sizes}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 

@@ -7,6 +7,10 @@ Every request ends with exactly one finished delta (stop, length, abort or error
 the engine holds nothing for it, with one exception: a remote prefill (`hold_kv`) leaves its
 blocks held until the decode worker's `ReleaseKV` (or an abort, or the hold's timeout).
 
+With `parallel.tensor_parallel_size > 1` the engine is rank 0 of a tensor-parallel group: it
+starts the other ranks' processes (`tensor_parallel.TensorParallelGroup`) before loading its own
+shard, and `close()` stops them. Whoever builds an `EngineCore` closes it.
+
 Disaggregation, decode side: an `AddRequest` with `kv_transfer_params` becomes a request in
 WAITING_FOR_KV; each step the engine gives such requests blocks (locally cached prefix blocks
 are reused, only the rest is pulled), starts their pulls, and polls them. A finished pull joins
@@ -29,6 +33,7 @@ from tidal.engine.kv_cache.manager import KVCacheManager
 from tidal.engine.model_runner import ModelRunner, kv_layout
 from tidal.engine.request import Request, RequestStatus
 from tidal.engine.scheduler import Scheduler
+from tidal.engine.tensor_parallel import TensorParallelGroup
 from tidal.models.loader import load_model
 from tidal.protocol import (AddRequest, AllBlocksCleared, BlockRemoved, BlockStored, EngineStats, KVEvent,
                             KVTransferParams, TokenDelta)
@@ -49,17 +54,30 @@ class _Pull:
 
 
 class EngineCore:
+    tp_group: TensorParallelGroup | None = None  # tensor parallel: the other ranks (this is rank 0)
+
     def __init__(self, config: EngineConfig, worker_id: str = "engine",
                  transfer_config: KVTransferConfig | None = None, record_kv_events: bool = False):
         started = time.monotonic()
-        loaded = load_model(config.model)
-        tokenizer = self._load_tokenizer(config)
+        tp_size = config.parallel.tensor_parallel_size
+        if tp_size > 1:
+            self.tp_group = TensorParallelGroup(config, with_kv_transfer=transfer_config is not None)
+        try:
+            loaded = load_model(config.model, tp_size=tp_size)
+            tokenizer = self._load_tokenizer(config)
+            layout = kv_layout(config, loaded)
+            transfer = None
+            if transfer_config is not None:
+                transfer = create_kv_transfer(layout, torch.device(loaded.device), worker_id, transfer_config)
+            if self.tp_group is not None:
+                self.tp_group.connect()
+            runner = ModelRunner(config, loaded, layout, transfer.cache if transfer else None,
+                                 on_step=self.tp_group.broadcast if self.tp_group is not None else None)
+        except BaseException:
+            if self.tp_group is not None:
+                self.tp_group.close()
+            raise
         tokenizer_eos = tokenizer.eos_token_ids if tokenizer is not None else ()
-        layout = kv_layout(config, loaded)
-        transfer = None
-        if transfer_config is not None:
-            transfer = create_kv_transfer(layout, torch.device(loaded.device), worker_id, transfer_config)
-        runner = ModelRunner(config, loaded, layout, transfer.cache if transfer else None)
         max_model_len = min(loaded.max_model_len, config.model.max_model_len or loaded.max_model_len,
                             runner.num_blocks * layout.block_size)
         self._setup(config, worker_id, runner, model_name=config.model.served_model_name or loaded.name,
@@ -344,6 +362,8 @@ class EngineCore:
     def close(self) -> None:
         if self.transfer is not None:
             self.transfer.close()
+        if self.tp_group is not None:
+            self.tp_group.close()
 
 
 class _ImmediateTransfer(Transfer):

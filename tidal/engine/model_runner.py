@@ -5,11 +5,17 @@ Owns the model and the KV cache: one tensor of `KVLayout.shape`
 KV transfer backend, so peers can reach it) or here, and seen by the model as one (k, v) pair of
 [num_kv_heads, num_blocks, block_size, head_dim] views per layer. Stateless between steps apart
 from those: every step's inputs are rebuilt from the scheduler's output.
+
+Tensor parallel: every rank has a runner over its shard and its part of the KV cache
+(num_kv_heads / tp_size heads). Rank 0's `execute` hands each step's batch to `on_step` (the
+broadcast to the other ranks) before its own `forward`; the others call `forward` on what they
+receive, so every rank runs the same forwards (eager or graph) in the same order.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -27,20 +33,22 @@ from tidal.protocol import KVLayout, TokenLogprob
 
 
 def kv_layout(config: EngineConfig, loaded: LoadedModel) -> KVLayout:
-    """The KV cache this engine needs: `cache.num_blocks`, or as many as the memory allows."""
-    arch, block_size = loaded.arch, config.cache.block_size
+    """The KV cache this engine (this rank of it) needs: `cache.num_blocks`, or as many as the memory allows."""
+    arch, block_size, tp_size = loaded.arch, config.cache.block_size, config.parallel.tensor_parallel_size
     num_blocks = config.cache.num_blocks or max(
-        1, config.cache.kv_cache_memory_bytes // (block_size * kv_bytes_per_token(arch, loaded.dtype)))
-    return KVLayout(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads, num_blocks=num_blocks,
+        1, config.cache.kv_cache_memory_bytes // (block_size * kv_bytes_per_token(arch, loaded.dtype, tp_size)))
+    return KVLayout(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads // tp_size, num_blocks=num_blocks,
                     block_size=block_size, head_dim=arch.head_dim,
                     dtype=str(loaded.dtype).removeprefix("torch."))
 
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, loaded: LoadedModel, layout: KVLayout,
-                 cache: torch.Tensor | None = None):
+                 cache: torch.Tensor | None = None, on_step: Callable[[StepBatch], None] | None = None):
         self.model = loaded.model
         self.arch = loaded.arch
+        self.on_step = on_step  # tensor-parallel rank 0: send the step to the other ranks
+        self.num_kv_heads = layout.num_kv_heads  # this rank's
         self.device = torch.device(loaded.device)
         self.dtype = loaded.dtype
         self.block_size = layout.block_size
@@ -68,6 +76,8 @@ class ModelRunner:
         decodes = [s for s in out.scheduled if s.num_new_tokens == 1]
         prefills = [s for s in out.scheduled if s.num_new_tokens > 1]
         batch = build_step_batch(decodes, prefills, self.block_size)
+        if self.on_step is not None:
+            self.on_step(batch)
         logits = self.forward(batch)
         samplers = [s for s in decodes + prefills if s.samples]
         if not samplers:
@@ -117,7 +127,7 @@ class ModelRunner:
         if self.backend == "triton":
             if num_splits is None:
                 from tidal.kernels.triton_attention import choose_num_splits
-                num_splits = choose_num_splits(nd, self.arch.num_kv_heads,
+                num_splits = choose_num_splits(nd, self.num_kv_heads,
                                                int(batch.decode_context_lens.max()) if nd else 0, self.num_sms)
             return AttentionMetadata(
                 slot_mapping=fields.slot_mapping, num_decode_tokens=nd, backend="triton", num_splits=num_splits,

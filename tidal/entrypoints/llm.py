@@ -2,7 +2,9 @@
 
 Runs the same `EngineCore` the worker runs, on the caller's thread, until every prompt of the
 call has finished. Text, hidden stop tokens and stop strings go through the server's `OutputAssembler`, so offline
-and served outputs agree.
+and served outputs agree. With `tensor_parallel_size > 1` the engine starts a process per extra
+rank (spawned, so a script must build the `LLM` under `if __name__ == "__main__":`), and `close()`
+(or leaving a `with LLM(...)` block) stops them.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from tidal.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig
+from tidal.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, RunnerConfig, SchedulerConfig
 from tidal.engine.engine import EngineCore
 from tidal.frontend.detokenizer import OutputAssembler
 from tidal.protocol import AddRequest, SamplingParams, TokenLogprob
@@ -39,7 +41,7 @@ class LLM:
                  num_kv_blocks: int | None = None, kv_cache_memory_bytes: int = 1 << 30,
                  enable_prefix_caching: bool = True, token_budget: int = 256, max_num_seqs: int = 128,
                  enable_chunked_prefill: bool = True, attention_backend: str = "auto",
-                 enable_cuda_graphs: bool = True):
+                 enable_cuda_graphs: bool = True, tensor_parallel_size: int = 1):
         self.config = EngineConfig(
             model=ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, device=device,
                               max_model_len=max_model_len, seed=seed),
@@ -48,9 +50,20 @@ class LLM:
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(token_budget=token_budget, max_num_seqs=max_num_seqs,
                                       enable_chunked_prefill=enable_chunked_prefill),
-            runner=RunnerConfig(attention_backend=attention_backend, enable_cuda_graphs=enable_cuda_graphs))
+            runner=RunnerConfig(attention_backend=attention_backend, enable_cuda_graphs=enable_cuda_graphs),
+            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size))
         self.engine = EngineCore(self.config)
         self.tokenizer = self.engine.tokenizer
+
+    def close(self) -> None:
+        """Release the engine (and stop its tensor-parallel processes); the LLM can't generate after."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:

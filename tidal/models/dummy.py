@@ -2,7 +2,9 @@
 
 Weights are drawn uniform in [-scale, scale] by one seeded generator on the model's own device,
 in place and in the model's dtype, so an 8B model starts in seconds on a GPU. Norm weights are 1,
-so activations stay in a sane range.
+so activations stay in a sane range. A tensor-parallel rank fills only its own shard, from a
+generator seeded by the seed and its rank (values don't matter here, so the shards are not
+slices of the unsharded model's weights).
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import torch
 
 DUMMY_WEIGHT_SCALE = 0.02
+RANK_SEED_STRIDE = 1_000_003
 
 
 @torch.no_grad()
 def init_dummy_weights(model, seed: int = 0) -> None:
-    generator = torch.Generator(device=model.device).manual_seed(seed)
+    generator = torch.Generator(device=model.device).manual_seed(seed + RANK_SEED_STRIDE * model.shard.rank)
     for name, param in model.named_parameters():
         if name.endswith("layernorm") or name in ("norm",) or name.endswith("qk_norm"):
             param.fill_(1.0)

@@ -11,6 +11,11 @@ Fused weight layout per layer (`load_weight` writes checkpoint tensors into thes
   gate_up_weight  [2 * intermediate_size, hidden]       rows: gate_proj, then up_proj
   o_weight [hidden, q_size], down_weight [hidden, intermediate_size]
 
+Tensor parallel (`tp_size > 1`, see `tidal.models.parallel`): the same layout over this rank's
+heads and MLP rows (num_heads, num_kv_heads, intermediate_size and the sizes above divided by
+`tp_size`), and this rank's rows of the vocabulary; `load_weight` takes a full checkpoint tensor
+and writes only this rank's slice of it.
+
 The token axis is flat: the tokens of every request in the step, concatenated, no batch dim.
 """
 
@@ -27,6 +32,10 @@ from tidal.kernels.attention import attend, store_kv
 from tidal.kernels.paged_attention import AttentionMetadata, cache_shape
 from tidal.models.arch import ModelArch
 from tidal.models.layers import add_rms_norm, apply_rope, rms_norm, rope_cos_sin_cache, silu_and_mul
+from tidal.models.parallel import (TPShard, check_tensor_parallel, row_parallel_linear, shard_rows,
+                                   vocab_parallel_embedding, vocab_parallel_logits, vocab_per_rank)
+
+_VOCAB_WEIGHTS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 class Rope(NamedTuple):
@@ -39,43 +48,55 @@ def _empty(shape, dtype, device) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
+class WeightSlot(NamedTuple):
+    target: torch.Tensor
+    """The parameter, or slice of a fused one, that a checkpoint tensor fills."""
+    split_dim: int | None = None
+    """The checkpoint tensor's dim that tensor-parallel ranks split; None: each rank holds it whole."""
+
+
 class DecoderLayer(nn.Module):
     """One transformer block: pre-norm attention then pre-norm SiLU-gated MLP."""
 
-    def __init__(self, arch: ModelArch, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, device: torch.device | str, shard: TPShard = TPShard()):
         super().__init__()
         self.arch = arch
         h = arch.hidden_size
-        self.q_size, self.kv_size = arch.q_size, arch.kv_size
+        # This rank's heads and MLP rows (all of them without tensor parallelism).
+        self.num_heads, self.num_kv_heads = arch.num_heads // shard.size, arch.num_kv_heads // shard.size
+        self.intermediate_size = arch.intermediate_size // shard.size
+        self.q_size, self.kv_size = self.num_heads * arch.head_dim, self.num_kv_heads * arch.head_dim
+        # o_proj and down_proj: partial sums on each rank, all-reduced, when sharded.
+        self.row_linear = F.linear if shard.size == 1 else row_parallel_linear
         self.scale = arch.head_dim ** -0.5
         self.input_layernorm = _empty((h,), dtype, device)
         self.qkv_weight = _empty((self.q_size + 2 * self.kv_size, h), dtype, device)
         self.qkv_bias = _empty((self.q_size + 2 * self.kv_size,), dtype, device) if arch.attention_bias else None
-        self.qk_norm = _empty((arch.num_heads + arch.num_kv_heads, arch.head_dim), dtype, device) \
+        self.qk_norm = _empty((self.num_heads + self.num_kv_heads, arch.head_dim), dtype, device) \
             if arch.qk_norm else None
         self.o_weight = _empty((h, self.q_size), dtype, device)
         self.post_attention_layernorm = _empty((h,), dtype, device)
-        self.gate_up_weight = _empty((2 * arch.intermediate_size, h), dtype, device)
-        self.down_weight = _empty((h, arch.intermediate_size), dtype, device)
+        self.gate_up_weight = _empty((2 * self.intermediate_size, h), dtype, device)
+        self.down_weight = _empty((h, self.intermediate_size), dtype, device)
 
-    def weight_slot(self, name: str) -> torch.Tensor | None:
+    def weight_slot(self, name: str) -> WeightSlot | None:
         """Hugging Face name inside the layer (`self_attn.q_proj.weight`) -> where it goes."""
-        q, kv, inter = self.q_size, self.kv_size, self.arch.intermediate_size
-        heads = self.arch.num_heads
+        q, kv, inter = self.q_size, self.kv_size, self.intermediate_size
+        heads = self.num_heads
         qkv_rows = {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, q + 2 * kv)}
         module, _, kind = name.rpartition(".")
         part = module.rpartition(".")[2]
         if part in qkv_rows:
             fused = self.qkv_weight if kind == "weight" else self.qkv_bias
-            return None if fused is None else fused[qkv_rows[part]]
+            return None if fused is None else WeightSlot(fused[qkv_rows[part]], 0)
         if part in ("q_norm", "k_norm") and self.qk_norm is not None:
-            return self.qk_norm[:heads] if part == "q_norm" else self.qk_norm[heads:]
+            return WeightSlot(self.qk_norm[:heads] if part == "q_norm" else self.qk_norm[heads:])
         if part in ("gate_proj", "up_proj"):
-            return self.gate_up_weight[:inter] if part == "gate_proj" else self.gate_up_weight[inter:]
-        return {"input_layernorm.weight": self.input_layernorm,
-                "post_attention_layernorm.weight": self.post_attention_layernorm,
-                "self_attn.o_proj.weight": self.o_weight,
-                "mlp.down_proj.weight": self.down_weight}.get(name)
+            return WeightSlot(self.gate_up_weight[:inter] if part == "gate_proj" else self.gate_up_weight[inter:], 0)
+        return {"input_layernorm.weight": WeightSlot(self.input_layernorm),
+                "post_attention_layernorm.weight": WeightSlot(self.post_attention_layernorm),
+                "self_attn.o_proj.weight": WeightSlot(self.o_weight, 1),
+                "mlp.down_proj.weight": WeightSlot(self.down_weight, 1)}.get(name)
 
     def weight_names(self) -> list[str]:
         names = ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.weight",
@@ -95,25 +116,25 @@ class DecoderLayer(nn.Module):
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # [T, q_size + 2 * kv_size]
         k_cache, v_cache = kv_cache
         if meta.backend == "triton":  # one kernel: q/k norm, RoPE (q in place), k and v into the cache
-            fused.rope_store_kv(qkv, rope.cache, rope.positions, self.qk_norm, arch.rms_norm_eps, arch.num_heads,
-                                arch.num_kv_heads, k_cache, v_cache, meta.slot_mapping)
-            q = qkv[:, :self.q_size].view(num_tokens, arch.num_heads, arch.head_dim)
+            fused.rope_store_kv(qkv, rope.cache, rope.positions, self.qk_norm, arch.rms_norm_eps, self.num_heads,
+                                self.num_kv_heads, k_cache, v_cache, meta.slot_mapping)
+            q = qkv[:, :self.q_size].view(num_tokens, self.num_heads, arch.head_dim)
         else:
             # q and k are adjacent in qkv: normalize and rotate them together as heads [T, H + kvH, D].
-            qk = qkv[:, :self.q_size + self.kv_size].view(num_tokens, arch.num_heads + arch.num_kv_heads,
+            qk = qkv[:, :self.q_size + self.kv_size].view(num_tokens, self.num_heads + self.num_kv_heads,
                                                           arch.head_dim)
             if self.qk_norm is not None:
                 qk = rms_norm(qk, self.qk_norm, arch.rms_norm_eps)
             qk = apply_rope(qk, rope.cos_sin)
-            q = qk[:, :arch.num_heads]  # [T, H, D]
-            k = qk[:, arch.num_heads:]  # [T, kvH, D]
-            v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, arch.num_kv_heads, arch.head_dim)
+            q = qk[:, :self.num_heads]  # [T, H, D]
+            k = qk[:, self.num_heads:]  # [T, kvH, D]
+            v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, self.num_kv_heads, arch.head_dim)
             store_kv(k, v, k_cache, v_cache, meta)
         out = attend(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
-        return F.linear(out.reshape(num_tokens, self.q_size), self.o_weight)
+        return self.row_linear(out.reshape(num_tokens, self.q_size), self.o_weight)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(silu_and_mul(F.linear(x, self.gate_up_weight)), self.down_weight)
+        return self.row_linear(silu_and_mul(F.linear(x, self.gate_up_weight)), self.down_weight)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: Rope,
                 kv_cache: tuple[torch.Tensor, torch.Tensor],
@@ -134,20 +155,28 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Embedding, decoder layers, final norm, LM head (tied to the embedding or its own)."""
+    """Embedding, decoder layers, final norm, LM head (tied to the embedding or its own).
+
+    Built as rank `tp_rank` of `tp_size` it holds that rank's shard and its forward runs the
+    collectives of `tidal.models.parallel`, so every rank of the group must run the same forwards.
+    """
 
     def __init__(self, arch: ModelArch, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 max_positions: int | None = None):
+                 max_positions: int | None = None, tp_rank: int = 0, tp_size: int = 1):
         super().__init__()
+        check_tensor_parallel(arch, tp_size)
         self.arch = arch
         self.dtype = dtype
         self.device = torch.device(device)
         self.max_positions = max_positions or arch.max_position_embeddings
-        self.embed_tokens = _empty((arch.vocab_size, arch.hidden_size), dtype, device)
-        self.layers = nn.ModuleList(DecoderLayer(arch, dtype, device) for _ in range(arch.num_layers))
+        self.shard = TPShard(tp_rank, tp_size)
+        self.vocab_rows = vocab_per_rank(arch.vocab_size, tp_size)  # rows of the vocabulary held here
+        self.vocab_start = tp_rank * self.vocab_rows
+        self.embed_tokens = _empty((self.vocab_rows, arch.hidden_size), dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(arch, dtype, device, self.shard) for _ in range(arch.num_layers))
         self.norm = _empty((arch.hidden_size,), dtype, device)
         self.lm_head = self.embed_tokens if arch.tie_word_embeddings \
-            else _empty((arch.vocab_size, arch.hidden_size), dtype, device)
+            else _empty((self.vocab_rows, arch.hidden_size), dtype, device)
         cache = rope_cos_sin_cache(arch, self.max_positions, dtype, self.device)
         self.register_buffer("cos_sin_cache", cache, persistent=False)  # [P, 2, head_dim]
         self._loaded: set[str] = set()
@@ -155,7 +184,10 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], attn_metadata: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] int64 -> final hidden states [T, hidden] (after the last norm)."""
-        hidden = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
+        if self.shard.size == 1:
+            hidden = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
+        else:
+            hidden = vocab_parallel_embedding(input_ids, self.embed_tokens, self.vocab_start)
         # The fused (Triton) path reads the table by position itself; the torch path gathers rows once.
         cos_sin = None if attn_metadata.backend == "triton" else self.cos_sin_cache.index_select(0, positions)
         rope = Rope(self.cos_sin_cache, positions, cos_sin)
@@ -167,20 +199,21 @@ class LlamaModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32."""
-        return F.linear(hidden, self.lm_head).float()
-
+        if self.shard.size == 1:
+            return F.linear(hidden, self.lm_head).float()
+        return vocab_parallel_logits(hidden, self.lm_head, self.arch.vocab_size).float().contiguous()
 
     # ---- weight loading: checkpoint tensors (Hugging Face names) into the fused layout ----
 
-    def weight_slot(self, name: str) -> torch.Tensor | None:
-        """The parameter, or slice of a fused one, that checkpoint tensor `name` fills."""
+    def weight_slot(self, name: str) -> WeightSlot | None:
+        """Where checkpoint tensor `name` goes (and how ranks split it)."""
         if name == "model.embed_tokens.weight":
-            return self.embed_tokens
+            return WeightSlot(self.embed_tokens, 0)
         if name == "model.norm.weight":
-            return self.norm
+            return WeightSlot(self.norm)
         if name == "lm_head.weight":
             # A tied model may still ship a copy of the embedding as lm_head: ignore it.
-            return None if self.arch.tie_word_embeddings else self.lm_head
+            return None if self.arch.tie_word_embeddings else WeightSlot(self.lm_head, 0)
         prefix = "model.layers."
         if not name.startswith(prefix):
             return None
@@ -190,16 +223,36 @@ class LlamaModel(nn.Module):
         return self.layers[int(index)].weight_slot(rest)
 
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:
-        """Copy one checkpoint tensor into place (casting to the model dtype and device)."""
+        """Copy one checkpoint tensor (this rank's slice of it) into place, cast to the model dtype and device."""
         slot = self.weight_slot(name)
         if slot is None:
             return
-        if slot.dim() == tensor.dim() and slot.shape != tensor.shape:
+        target = slot.target
+        if slot.split_dim is not None and self.shard.size > 1:
+            tensor, target = self._rank_slice(name, tensor, slot)
+        if target.dim() == tensor.dim() and target.shape != tensor.shape:
             raise ValueError(f"weight {name}: checkpoint shape {tuple(tensor.shape)}, "
-                             f"model expects {tuple(slot.shape)}")
+                             f"model expects {tuple(target.shape)}")
         with torch.no_grad():
-            slot.copy_(tensor)  # q/k norms ([head_dim]) broadcast over their heads
+            target.copy_(tensor)  # q/k norms ([head_dim]) broadcast over their heads
         self._loaded.add(name)
+
+    def _rank_slice(self, name: str, tensor: torch.Tensor, slot: WeightSlot) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this rank's slice of the full `tensor`, the part of the slot it fills). The last rank of
+        a padded vocabulary fills fewer rows; its padding rows are zeroed."""
+        dim, target = slot.split_dim, slot.target
+        rows = target.shape[dim]
+        full = self.arch.vocab_size if name in _VOCAB_WEIGHTS else rows * self.shard.size
+        if tensor.dim() != target.dim() or tensor.shape[dim] != full:
+            raise ValueError(f"weight {name}: checkpoint shape {tuple(tensor.shape)}, model expects "
+                             f"{full} along dim {dim} (split over {self.shard.size} ranks)")
+        part = shard_rows(tensor, dim, self.shard, rows)
+        filled = part.shape[dim]
+        if filled < rows:
+            with torch.no_grad():
+                target.narrow(dim, filled, rows - filled).zero_()
+            target = target.narrow(dim, 0, filled)
+        return part, target
 
     def expected_weight_names(self) -> list[str]:
         names = ["model.embed_tokens.weight", "model.norm.weight"]
@@ -218,12 +271,12 @@ class LlamaModel(nn.Module):
         self._loaded.clear()
 
 
-def kv_cache_shape(arch: ModelArch, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
-    """Shape of one layer's k (or v) cache (the attention kernels' layout)."""
-    return cache_shape(num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
+def kv_cache_shape(arch: ModelArch, num_blocks: int, block_size: int, tp_size: int = 1) -> tuple[int, int, int, int]:
+    """Shape of one layer's k (or v) cache on one rank (the attention kernels' layout)."""
+    return cache_shape(num_blocks, block_size, arch.num_kv_heads // tp_size, arch.head_dim)
 
 
-def kv_bytes_per_token(arch: ModelArch, dtype: torch.dtype) -> int:
-    """Bytes of K and V, all layers, for one token."""
+def kv_bytes_per_token(arch: ModelArch, dtype: torch.dtype, tp_size: int = 1) -> int:
+    """Bytes of K and V, all layers, for one token on one rank (of `tp_size`)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * itemsize
+    return 2 * arch.num_layers * (arch.num_kv_heads // tp_size) * arch.head_dim * itemsize

@@ -1,7 +1,8 @@
 """`load_model`: from a `ModelConfig` to a ready `LlamaModel` with its shape, name and limits.
 
 The model is built with empty parameters on the target device in the target dtype, then one
-source fills them: a GGUF file, a Hugging Face folder, or dummy random weights.
+source fills them: a GGUF file, a Hugging Face folder, or dummy random weights. A tensor-parallel
+rank builds and fills only its shard (`tp_rank`, `tp_size`), reading the same full checkpoint.
 """
 
 from __future__ import annotations
@@ -42,15 +43,16 @@ def resolve_max_model_len(requested: int | None, arch: ModelArch) -> int:
     return requested
 
 
-def load_model(model_config: ModelConfig) -> LoadedModel:
-    """Build and fill the model named by `model_config.model` (see `resolve_model_source`)."""
+def load_model(model_config: ModelConfig, tp_rank: int = 0, tp_size: int = 1) -> LoadedModel:
+    """Build and fill the model named by `model_config.model` (see `resolve_model_source`), or
+    rank `tp_rank`'s shard of it."""
     source = resolve_model_source(model_config.model)
     dtype = resolve_dtype(model_config.dtype, model_config.device)
     device = torch.device(model_config.device)
     reader = GGUFFile(source.path) if source.kind == "gguf" else None
     arch = _read_arch(source, reader)
     max_model_len = resolve_max_model_len(model_config.max_model_len, arch)
-    model = LlamaModel(arch, dtype, device, max_positions=max_model_len)
+    model = LlamaModel(arch, dtype, device, max_positions=max_model_len, tp_rank=tp_rank, tp_size=tp_size)
     if source.kind == "gguf":
         load_gguf_weights(model, reader)
     elif source.kind == "hf":
@@ -60,6 +62,12 @@ def load_model(model_config: ModelConfig) -> LoadedModel:
     model.eval()
     return LoadedModel(model=model, arch=arch, name=model_config.served_model_name or source.name,
                        max_model_len=max_model_len, dtype=dtype, device=device)
+
+
+def read_arch(model_config: ModelConfig) -> ModelArch:
+    """The model's shape alone (no weights read)."""
+    source = resolve_model_source(model_config.model)
+    return _read_arch(source, GGUFFile(source.path) if source.kind == "gguf" else None)
 
 
 def _read_arch(source: ModelSource, reader) -> ModelArch:
