@@ -215,10 +215,12 @@ def serve_throughput(preset: str, tokenizer: str, concurrencies, kv_gib: float) 
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        vocab = get_preset(preset).vocab_size
+        # Token-id prompts must lie in the served tokenizer's vocabulary (the GPU box's tokenizer may
+        # be smaller than the model's); a dummy model's speed does not depend on which ids they are.
+        vocab = min(get_preset(preset).vocab_size, _tokenizer_vocab(tokenizer))
         for c in concurrencies:
             config = BenchConfig(url=f"http://127.0.0.1:{port}", workload="synthetic", arrival="constant", rate=1e4,
-                                 requests=max(4, 2 * c), input_len=1024, output_len=256, vocab_size=vocab - 1000,
+                                 requests=max(4, 2 * c), input_len=1024, output_len=256, vocab_size=vocab - 100,
                                  max_concurrency=c, seed=c)
             summary = run_bench(config)
             rows.append({"concurrency": c, "output_tokens_per_s": summary["output_tokens_per_s"],
@@ -229,6 +231,12 @@ def serve_throughput(preset: str, tokenizer: str, concurrencies, kv_gib: float) 
         os.killpg(proc.pid, 15)
         proc.wait(60)
     return rows
+
+
+def _tokenizer_vocab(folder: str) -> int:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(os.path.join(folder, "tokenizer.json")).get_vocab_size()
 
 
 def hf_generate(preset: str, batches) -> list[dict]:
@@ -277,6 +285,9 @@ def print_table(results: dict) -> None:
             print(f"{model} tp{r.get('tp', 1)} prefill {p['tokens']:<6} {p['ms']:8.1f} ms {p['tokens_per_s']:8.0f} tok/s "
                   f"{p['mfu_pct']:4.0f}% of matmul ({p['mfu_with_attention_pct']:.0f}% with attention)")
         for s in r.get("server", []):
+            if not s["ok"]:
+                print(f"{model} server c={s['concurrency']}: every request failed")
+                continue
             print(f"{model} server c={s['concurrency']:<4} {s['output_tokens_per_s']:8.0f} out tok/s "
                   f"ttft p50 {s['ttft_ms_p50']:.0f} ms itl p50 {s['itl_ms_p50']:.1f} p99 {s['itl_ms_p99']:.1f} ms")
         for h in r.get("hf", []):
