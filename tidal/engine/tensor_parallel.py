@@ -171,8 +171,20 @@ class TensorParallelGroup:
                 process.kill()
                 process.join()
         if self._connected:
-            destroy_tensor_parallel()
+            self._leave_group()
         self.store = None
+
+    def _leave_group(self) -> None:
+        """Destroy the process group; under NCCL in a side thread, bounded, since its teardown can
+        wait on peers that are gone (a later group in this process then can't start: logged)."""
+        if self.backend != "nccl":
+            destroy_tensor_parallel()
+            return
+        done = threading.Thread(target=destroy_tensor_parallel, name="tidal-tp-destroy", daemon=True)
+        done.start()
+        done.join(STOP_TIMEOUT_S)
+        if done.is_alive():
+            logger.warning("the NCCL process group did not shut down in %.0fs; leaving it", STOP_TIMEOUT_S)
 
 
 # ---- the follower process ------------------------------------------------------------------
@@ -214,6 +226,12 @@ def _follow(runner: ModelRunner) -> None:
     """Run every step the leader sends, until it sends stop."""
     while (packed := receive_step()) is not None:
         runner.forward(StepBatch.unpack(packed))
+    if runner.device.type == "cuda":
+        # NCCL's teardown waits on its peers and can hang a stopping group (seen on 2x H200): after
+        # the last step has finished there is nothing to hand back, so leave without it.
+        torch.cuda.synchronize(runner.device)
+        logging.shutdown()
+        os._exit(0)
 
 
 def _exit_when_orphaned(leader_pid: int) -> None:
