@@ -334,6 +334,7 @@ def main() -> None:
         preset = args.models.split(",")[0]
         llm = engine_for(preset, 20.0)
         results["models"].setdefault(preset, {})["breakdown"] = breakdown(llm)
+        json.dump(results, open(path, "w"), indent=1)
         llm.close()
         del llm
         gc.collect()  # the runner and its graphs refer to each other
@@ -354,6 +355,7 @@ def main() -> None:
                         "--decode-batches", "1,8,32,64,128,256", "--decode-contexts", "1024,4096",
                         "--out", target], check=True, timeout=400)
         results["models"].setdefault(preset, {})["profile_file"] = os.path.basename(target)
+        json.dump(results, open(path, "w"), indent=1)
     if "tp" in parts:
         llm = engine_for(args.tp_model, kv_gib=8.0, tp=args.tp, max_seqs=64)
         key = f"{args.tp_model}-tp{args.tp}"
