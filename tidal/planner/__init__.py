@@ -1,0 +1,1 @@
+"""The SLA planner: a pure core (observations -> decisions) and its adapters (see types.py)."""

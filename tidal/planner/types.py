@@ -1,0 +1,104 @@
+"""The planner's vocabulary: what it observes, how it is configured, what it decides.
+
+Values only (frozen dataclasses), so the pure core (`tidal.planner.core.Planner`), its adapters (the
+observation collector in a running deployment, the fleet simulator) and the actuators share one
+contract and never each other's code. Units are in the names. Imports nothing from the engine,
+router or models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["prefill", "decode", "both"]
+WorkerState = Literal["starting", "active", "draining", "flipping", "stopping"]
+ActionKind = Literal["add", "remove", "flip"]
+
+
+@dataclass(frozen=True)
+class WorkerObservation:
+    """One worker over the last observation interval (rates and means over that interval)."""
+
+    worker_id: str
+    role: Role
+    state: WorkerState = "active"
+    num_running: int = 0  # requests in its batch at the end of the interval
+    num_waiting: int = 0  # requests queued in its scheduler
+    pending_prefill_tokens: int = 0  # prompt tokens not yet prefilled (its queue, in tokens)
+    kv_used_fraction: float = 0.0
+    steps: int = 0  # engine steps in the interval
+    step_s_mean: float = 0.0  # mean wall time of those steps
+    prefill_tokens: int = 0  # prompt tokens computed in the interval
+    decode_tokens: int = 0  # output tokens produced in the interval
+    decode_batch_mean: float = 0.0  # mean decode sequences per step
+    context_tokens_mean: float = 0.0  # mean context length of those sequences
+
+
+@dataclass(frozen=True)
+class FrontendObservation:
+    """Request-level figures over the last interval (None where nothing finished)."""
+
+    request_rate: float = 0.0  # arrivals per second
+    ttft_ms_p50: float | None = None
+    ttft_ms_p90: float | None = None
+    itl_ms_p50: float | None = None
+    itl_ms_p90: float | None = None
+    isl_mean: float | None = None  # prompt tokens per request
+    osl_mean: float | None = None  # output tokens per request
+    prefix_hit_rate: float = 0.0  # share of prompt tokens found in a prefix cache
+    queue_depth: int = 0  # requests waiting in the router for a worker
+    num_requests: int = 0  # arrivals in the interval
+
+
+@dataclass(frozen=True)
+class Observation:
+    time_s: float  # a monotonic clock (simulated or real)
+    interval_s: float  # the span the rates and means cover
+    frontend: FrontendObservation
+    workers: tuple[WorkerObservation, ...]
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft_ms: float = 1000.0  # P90 target
+    itl_ms: float = 50.0  # P90 target
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    slo: SLO = field(default_factory=SLO)
+    max_workers: int = 8
+    """The GPU budget, in workers: prefill + decode never exceed it."""
+    min_prefill: int = 0
+    """Prefill workers to keep (0: decode workers may prefill everything themselves)."""
+    min_decode: int = 1
+    reactive_interval_s: float = 2.0
+    """The fast loop: acts when queues or estimated TTFT/ITL cross their targets."""
+    predictive_interval_s: float = 30.0
+    """The slow loop: forecasts rate and lengths, sizes each pool from the performance model."""
+    predictor: Literal["moving_average", "holt", "arima"] = "holt"
+    headroom: float = 0.15
+    """Size pools for (1 + headroom) x the forecast load."""
+    scale_down_cooldown_s: float = 30.0
+    """No removal or flip away from a pool within this long of adding to it (no flapping)."""
+    allow_flips: bool = True
+    """Move capacity by flipping a worker's role (fast, no weight reload) before adding/removing."""
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: ActionKind
+    role: Role  # add: the new worker's role; flip: the role it takes; remove: the role it had
+    worker_id: str | None = None  # remove / flip: which worker (None for add)
+    reason: str = ""  # a metric label: e.g. "ttft_over_slo", "itl_over_slo", "forecast", "idle"
+
+
+@dataclass(frozen=True)
+class Decision:
+    time_s: float
+    target_prefill: int
+    target_decode: int
+    actions: tuple[Action, ...] = ()
+    loop: Literal["reactive", "predictive", "none"] = "none"
+    explanation: str = ""  # one log line: the numbers behind the decision
