@@ -32,3 +32,13 @@ def test_stop_string_truncates_text_and_tokens(llm):
     assert cut.text == full.text[:full.text.index(stop)]
     assert cut.token_ids == full.token_ids[:len(cut.token_ids)] and len(cut.token_ids) < len(full.token_ids)
     assert llm.engine.kv.num_used_blocks == 0  # the aborted request let go of its blocks
+
+
+def test_sampling_can_be_kept_below_a_vocabulary_limit():
+    """What a dummy model whose tokenizer is smaller than its vocabulary does (every sampled id decodes)."""
+    llm = LLM("dummy:tiny-llama", num_kv_blocks=64)
+    llm.engine.runner.sample_vocab_size = 100
+    outs = llm.generate([list(range(5, 40))] * 2, [SamplingParams(max_tokens=12, ignore_eos=True),
+                                                    SamplingParams(max_tokens=12, temperature=1.0, seed=3,
+                                                                   ignore_eos=True)])
+    assert all(t < 100 for o in outs for t in o.outputs[0].token_ids)

@@ -86,6 +86,11 @@ class EngineCore:
                     record_kv_events=record_kv_events, transfer=transfer,
                     transfer_timeout_s=transfer_config.timeout_s if transfer_config else 30.0)
         self.tokenizer = tokenizer
+        if (config.model.model or "").startswith("dummy:") and tokenizer is not None \
+                and tokenizer.vocab_size < loaded.arch.vocab_size:
+            # Random weights pick every id alike, and ids past the tokenizer decode to no text, so a
+            # client would see tokens arrive in clumps: a dummy model samples inside its tokenizer.
+            runner.sample_vocab_size = tokenizer.vocab_size
         logger.info("engine ready: model=%s dtype=%s device=%s kv_blocks=%d block_size=%d "
                     "max_model_len=%d token_budget=%d (%.1fs)", self.model_name, loaded.dtype,
                     loaded.device, runner.num_blocks, layout.block_size, self.max_model_len,

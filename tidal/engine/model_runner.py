@@ -61,6 +61,7 @@ class ModelRunner:
         self.backend = resolve_backend(config.runner.attention_backend, self.device)
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
             if self.device.type == "cuda" else 1
+        self.sample_vocab_size: int | None = None  # sample only ids below this (a dummy model's tokenizer)
         self._staging: torch.Tensor | None = None  # pinned int32 host buffer of `to_device`
         self._staging_done = torch.cuda.Event() if self.device.type == "cuda" else None
         self.graphs: DecodeGraphs | None = None
@@ -86,6 +87,8 @@ class ModelRunner:
             params=[s.request.sampling_params for s in samplers],
             generators=[s.request.generator for s in samplers],
             banned_token_ids=_banned(samplers, eos_token_ids))
+        if self.sample_vocab_size is not None:
+            logits = logits[:, :self.sample_vocab_size]
         token_ids, logprobs = sample(logits, sampling)
         sampled = {s.request.request_id: t for s, t in zip(samplers, token_ids)}
         sampled_logprobs = {s.request.request_id: lp for s, lp in zip(samplers, logprobs) if lp is not None}
