@@ -102,3 +102,5 @@ class Decision:
     actions: tuple[Action, ...] = ()
     loop: Literal["reactive", "predictive", "none"] = "none"
     explanation: str = ""  # one log line: the numbers behind the decision
+    reason: str = ""
+    """Why a wanted action was not taken (a metric label: "at_budget"); empty otherwise."""
