@@ -91,7 +91,7 @@ def _burst(url: str, n: int) -> None:
 def test_serve_with_planner_section_decides_under_a_burst(tmp_path):
     pytest.importorskip("tidal.planner.core")
     data = yaml.safe_load((REPO_ROOT / "examples" / "planner.yaml").read_text())
-    data["model"] = "dummy:tiny-llama"
+    data.update(model="dummy:tiny-llama", served_model_name="m")
     data["planner"].update(slo={"ttft_ms": 5, "itl_ms": 1}, reactive_interval_s=0.5)
     for worker in data["workers"]:
         worker["num_threads"] = 1

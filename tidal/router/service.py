@@ -432,9 +432,10 @@ class Router:
         for request_id in [r for r, p in self._plans.items() if now - p.created > PLAN_TTL_S]:
             self._plans.pop(request_id).release()
 
-    def _plan(self, request: AddRequest, arrived: float) -> _Plan:
+    def _plan(self, request: AddRequest, arrived: float | None = None) -> _Plan:
         """The route of one request, with the router's bookkeeping updated for it."""
         started = time.perf_counter()
+        arrived = time.monotonic() if arrived is None else arrived
         decoders = self._decoders()
         if not decoders:
             raise EngineDeadError("no worker is available to serve requests")
