@@ -155,6 +155,12 @@ class EngineStats(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     kv_transfer_failures: int = 0
     kv_transfer_bytes: int = 0
     kv_transfer_seconds: float = 0.0
+    # Cumulative step counters since the worker started (a planner diffs them per interval).
+    steps_total: int = 0  # engine steps that computed something
+    step_seconds_total: float = 0.0  # wall time of those steps
+    prefill_tokens_total: int = 0  # prompt tokens computed (cache hits and pulled KV excluded)
+    decode_seqs_total: int = 0  # sequences decoded, summed over steps (/ steps: mean decode batch)
+    context_tokens_total: int = 0  # context length of those sequences, summed (/ decode_seqs: mean)
 
 
 class StepOutputs(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -166,6 +172,21 @@ class StepOutputs(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
 class Shutdown(msgspec.Struct, frozen=True, tag=True):
     """Asks a worker to stop after its current step."""
+
+
+class SetRole(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Switch an idle worker's role (planner flips); it keeps its weights, KV cache and prefix cache.
+    The answer is a `WorkerReady` with the new role, or `RoleRefused` while it still has work."""
+
+    role: str  # "both" | "prefill" | "decode"
+
+
+class RoleRefused(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """A worker's answer to a `SetRole` it could not follow; its role is unchanged."""
+
+    worker_id: str
+    role: str  # the role it keeps
+    reason: str
 
 
 class WorkerReady(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -241,6 +262,6 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     device: str = "cpu"
 
 
-RequestPlaneMessage = Connect | AddRequest | AbortRequest | ReleaseKV | KVDumpRequest | Shutdown
-WorkerMessage = WorkerReady | StepOutputs | KVDump
+RequestPlaneMessage = Connect | AddRequest | AbortRequest | ReleaseKV | KVDumpRequest | SetRole | Shutdown
+WorkerMessage = WorkerReady | RoleRefused | StepOutputs | KVDump
 EventMessage = LoadReport | KVEventBatch

@@ -18,6 +18,13 @@ says suits the role (`resolve_role_limits`).
       - {role: decode, count: 1, engine: {profile: profile.json, itl_target_ms: 50}}
       # or, one worker over 4 GPUs (tensor parallel; aggregated only, for now):
       - {role: both, count: 1, tensor_parallel_size: 4, devices: [cuda:0, cuda:1, cuda:2, cuda:3]}
+    planner:                        # optional: `tidal serve` runs the SLA planner (docs/planner.md)
+      slo: {ttft_ms: 1000, itl_ms: 50}
+      max_workers: 4                # the budget: prefill + decode workers never exceed it
+      min_prefill: 0
+      min_decode: 1
+      devices: [cuda:2, cuda:3]     # free devices for added workers (CPU workers need none)
+      actuator: local               # or kubernetes (+ kubernetes: {namespace, prefill_deployment, ...})
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from tidal.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig, RunnerConfig, SchedulerConfig,
                           ServerConfig)
 from tidal.perf.profile import load_profile
+from tidal.planner.types import SLO, PlannerConfig
 from tidal.router.policy import DisaggPolicy, KVWeights
 from tidal.router.service import RouterConfig
 from tidal.transfer import KVTransferConfig
@@ -141,6 +149,55 @@ class WorkerSection(_Strict):
         return self
 
 
+class SLOSection(_Strict):
+    ttft_ms: float = Field(1000.0, gt=0)
+    itl_ms: float = Field(50.0, gt=0)
+
+
+class KubernetesSection(_Strict):
+    namespace: str = "default"
+    prefill_deployment: str = "tidal-prefill"
+    decode_deployment: str = "tidal-decode"
+    base_url: str | None = None
+    """The API server; default: the in-cluster one (KUBERNETES_SERVICE_HOST/PORT), with the pod's
+    service-account token and CA."""
+    token: str | None = None
+
+
+class PlannerSection(_Strict):
+    slo: SLOSection = SLOSection()
+    max_workers: int = Field(8, ge=1)
+    min_prefill: int = Field(0, ge=0)
+    min_decode: int = Field(1, ge=1)
+    reactive_interval_s: float = Field(2.0, gt=0)
+    predictive_interval_s: float = Field(30.0, gt=0)
+    predictor: Literal["moving_average", "holt", "arima"] = "holt"
+    headroom: float = Field(0.15, ge=0)
+    scale_down_cooldown_s: float = Field(30.0, ge=0)
+    allow_flips: bool = True
+    devices: list[str] = []
+    """Free devices for workers the planner adds (one each); empty: CPU workers."""
+    actuator: Literal["local", "kubernetes"] = "local"
+    kubernetes: KubernetesSection = KubernetesSection()
+    drain_timeout_s: float = Field(300.0, gt=0)
+    """A drain (before a removal or flip) that takes longer fails the action; the worker rejoins."""
+
+    @model_validator(mode="after")
+    def _fits_budget(self) -> PlannerSection:
+        if self.min_prefill + self.min_decode > self.max_workers:
+            raise ValueError(f"min_prefill + min_decode = {self.min_prefill + self.min_decode} exceeds "
+                             f"max_workers = {self.max_workers}")
+        return self
+
+    def planner_config(self) -> PlannerConfig:
+        return PlannerConfig(slo=SLO(ttft_ms=self.slo.ttft_ms, itl_ms=self.slo.itl_ms), max_workers=self.max_workers,
+                             min_prefill=self.min_prefill, min_decode=self.min_decode,
+                             reactive_interval_s=self.reactive_interval_s,
+                             predictive_interval_s=self.predictive_interval_s, predictor=self.predictor,
+                             headroom=self.headroom, scale_down_cooldown_s=self.scale_down_cooldown_s,
+                             allow_flips=self.allow_flips)
+
+
 class Deployment(_Strict):
     model: str | None = None
     tokenizer: str | None = None
@@ -150,6 +207,7 @@ class Deployment(_Strict):
     kv_transfer: KVTransferSection = KVTransferSection()
     engine: EngineSection = EngineSection()
     workers: list[WorkerSection] = Field(min_length=1)
+    planner: PlannerSection | None = None
 
     @model_validator(mode="after")
     def _roles_make_sense(self) -> Deployment:

@@ -7,14 +7,21 @@ reported, unregistered (so its open requests fail at once with a clear error, an
 choosing it) and its files are removed. `stop()` sends SIGTERM to every worker, waits, kills
 what is left, and removes the folder.
 
-`serve_deployment` is `tidal serve -f CONFIG.yaml`: launcher + router + HTTP frontend in this
-process, everything torn down in reverse order on Ctrl-C/SIGTERM.
+The planner's local actuator changes the fleet while it runs: `add_worker(role, device)` spawns and
+registers one more worker (named `ROLE-N`, N one past the highest used), `remove_worker` stops one
+(the caller drains it first) and unregisters it, `set_role` records a flipped worker's new role
+(its id keeps the old name: ids are names, roles are what discovery says).
+
+`serve_deployment` is `tidal serve -f CONFIG.yaml`: launcher + router + HTTP frontend (+ the planner
+service, with a `planner:` section) in this process, everything torn down in reverse order on
+Ctrl-C/SIGTERM.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -23,7 +30,9 @@ import socket
 import tempfile
 from dataclasses import dataclass
 
-from tidal.deploy.config import Deployment
+import msgspec
+
+from tidal.deploy.config import Deployment, WorkerSection
 from tidal.protocol import WorkerInfo
 from tidal.runtime.discovery import Discovery, LocalDiscovery
 from tidal.worker.worker import WorkerSpec, run_worker
@@ -39,7 +48,7 @@ class _Proc:
     spec: WorkerSpec
     info: WorkerInfo
     process: multiprocessing.process.BaseProcess
-    reported: bool = False
+    reported: bool = False  # its exit was handled (or expected: stopped on purpose)
 
 
 class Launcher:
@@ -51,39 +60,79 @@ class Launcher:
         self.dir: str | None = None
         self._supervisor: asyncio.Task | None = None
         self._stopping = False
+        self._default_threads = 1
 
     async def start(self) -> None:
         shm = "/dev/shm"
         self.dir = tempfile.mkdtemp(prefix="tidal-", dir=shm if os.path.isdir(shm) else None)
         groups = self.deployment.worker_groups()
         num_cpu_ranks = sum(devices.count("cpu") for _, _, devices in groups) or 1
-        default_threads = max(1, (os.cpu_count() or 1) // num_cpu_ranks)
-        transfer = self.deployment.transfer_config(self.dir)
-        mp = multiprocessing.get_context("spawn")
+        self._default_threads = max(1, (os.cpu_count() or 1) // num_cpu_ranks)
         for worker_id, section, devices in groups:
-            device, tp = devices[0], section.tensor_parallel_size
-            spec = WorkerSpec(
-                worker_id=worker_id, role=section.role, engine=self.deployment.engine_config(section, device, devices),
-                request_addr=f"ipc://{self.dir}/{worker_id}.req", event_addr=f"ipc://{self.dir}/{worker_id}.ev",
-                transfer=transfer if tp == 1 else None,  # tensor-parallel workers run aggregated, for now
-                num_threads=section.num_threads or (default_threads if device == "cpu" else None),
-                log_level=self.log_level)
-            # A daemonic process may not start processes, and a tensor-parallel worker starts its other ranks.
-            process = mp.Process(target=run_worker, args=(spec,), name=f"tidal-{worker_id}", daemon=tp == 1)
-            process.start()
-            info = WorkerInfo(worker_id=worker_id, role=section.role, request_addr=spec.request_addr,
-                              event_addr=spec.event_addr, pid=process.pid, host=socket.gethostname(),
-                              device=device)
-            self.procs[worker_id] = _Proc(spec, info, process)
-            await self.discovery.register(info)
-            logger.info("started worker %s (role=%s, device=%s, pid=%d)", worker_id, section.role, ",".join(devices),
-                        process.pid)
+            await self._spawn(worker_id, section, devices)
         self._supervisor = asyncio.create_task(self._supervise())
+
+    async def _spawn(self, worker_id: str, section: WorkerSection, devices: tuple[str, ...]) -> WorkerInfo:
+        device, tp = devices[0], section.tensor_parallel_size
+        spec = WorkerSpec(
+            worker_id=worker_id, role=section.role, engine=self.deployment.engine_config(section, device, devices),
+            request_addr=f"ipc://{self.dir}/{worker_id}.req", event_addr=f"ipc://{self.dir}/{worker_id}.ev",
+            transfer=self.deployment.transfer_config(self.dir) if tp == 1 else None,  # TP workers run aggregated
+            num_threads=section.num_threads or (self._default_threads if device == "cpu" else None),
+            log_level=self.log_level)
+        # A daemonic process may not start processes, and a tensor-parallel worker starts its other ranks.
+        process = multiprocessing.get_context("spawn").Process(target=run_worker, args=(spec,),
+                                                               name=f"tidal-{worker_id}", daemon=tp == 1)
+        process.start()
+        info = WorkerInfo(worker_id=worker_id, role=section.role, request_addr=spec.request_addr,
+                          event_addr=spec.event_addr, pid=process.pid, host=socket.gethostname(), device=device)
+        self.procs[worker_id] = _Proc(spec, info, process)
+        await self.discovery.register(info)
+        logger.info("started worker %s (role=%s, device=%s, pid=%d)", worker_id, section.role, ",".join(devices),
+                    process.pid)
+        return info
+
+    # ---- the planner's local actuator --------------------------------------------------------
+    async def add_worker(self, role: str, device: str = "cpu") -> str:
+        """Start one more worker of `role` on `device` (engine settings: the first worker section of
+        that role in the config, else the first section); returns its id once it is registered."""
+        template = next((w for w in self.deployment.workers if w.role == role), self.deployment.workers[0])
+        section = template.model_copy(update={"role": role, "count": 1, "devices": None, "tensor_parallel_size": 1})
+        taken = [int(w.rsplit("-", 1)[1]) for w in self.procs if w.rsplit("-", 1)[0] == role]
+        worker_id = f"{role}-{max(taken, default=-1) + 1}"
+        await self._spawn(worker_id, section, (device,))
+        return worker_id
+
+    async def remove_worker(self, worker_id: str) -> None:
+        """Stop one (drained) worker: SIGTERM, wait, kill if it lingers; unregister it; remove its files."""
+        proc = self.procs[worker_id]
+        proc.reported = True  # an exit on purpose: supervision stays quiet
+        if proc.process.is_alive():
+            proc.process.terminate()
+        await asyncio.to_thread(proc.process.join, STOP_TIMEOUT_S)
+        if proc.process.is_alive():
+            logger.warning("worker %s did not stop in %.0fs; killing it", worker_id, STOP_TIMEOUT_S)
+            proc.process.kill()
+            await asyncio.to_thread(proc.process.join, 5)
+        await self.discovery.unregister(worker_id, "removed by the planner")
+        self._remove_files(worker_id)
+        del self.procs[worker_id]
+        logger.info("stopped worker %s (role=%s)", worker_id, proc.info.role)
+
+    async def set_role(self, worker_id: str, role: str) -> None:
+        """Record a flipped worker's new role (the worker and the router already switched)."""
+        proc = self.procs[worker_id]
+        proc.info = msgspec.structs.replace(proc.info, role=role)
+        proc.spec = dataclasses.replace(proc.spec, role=role)
+        await self.discovery.update(proc.info)
+
+    def devices_in_use(self) -> set[str]:
+        return {proc.info.device for proc in self.procs.values()}
 
     async def _supervise(self) -> None:
         while True:
             await asyncio.sleep(SUPERVISE_INTERVAL_S)
-            for worker_id, proc in self.procs.items():
+            for worker_id, proc in list(self.procs.items()):
                 if proc.reported or proc.process.is_alive():
                     continue
                 proc.reported = True
@@ -107,7 +156,7 @@ class Launcher:
             if proc.process.is_alive():
                 proc.process.terminate()  # SIGTERM: the worker finishes its step and closes
         await asyncio.gather(*(asyncio.to_thread(p.process.join, STOP_TIMEOUT_S) for p in self.procs.values()))
-        for worker_id, proc in self.procs.items():
+        for worker_id, proc in list(self.procs.items()):
             if proc.process.is_alive():
                 logger.warning("worker %s did not stop in %.0fs; killing it", worker_id, STOP_TIMEOUT_S)
                 proc.process.kill()
@@ -137,6 +186,7 @@ async def serve_deployment(deployment: Deployment, host: str | None = None, port
     tokenizer = load_tokenizer(deployment.model, deployment.tokenizer)
     launcher = Launcher(deployment, log_level=server_config.log_level.upper())
     router = Router(launcher.discovery, deployment.router_config())
+    planner = None
     try:
         await launcher.start()
         await router.start()
@@ -146,7 +196,29 @@ async def serve_deployment(deployment: Deployment, host: str | None = None, port
                     ", ".join(f"{w}={p.spec.role}" for w, p in launcher.procs.items()))
         app = build_app(router, tokenizer, router.model_name, server_config)
         app.state.launcher = launcher
+        if deployment.planner is not None:
+            planner = await start_planner(deployment, launcher, router)
         await serve_http(app, server_config)
     finally:
+        if planner is not None:
+            await planner.close()
         await router.close()
         await launcher.stop()
+
+
+async def start_planner(deployment: Deployment, launcher: Launcher, router):
+    """The planner service over this deployment's launcher (or Kubernetes) and router, started."""
+    from tidal.planner.actuators import KubernetesActuator, KubernetesConfig, LocalActuator
+    from tidal.planner.service import PlannerService
+
+    section = deployment.planner
+    if section.actuator == "kubernetes":
+        k = section.kubernetes
+        actuator = KubernetesActuator(KubernetesConfig(namespace=k.namespace, prefill_deployment=k.prefill_deployment,
+                                                       decode_deployment=k.decode_deployment, base_url=k.base_url,
+                                                       token=k.token), router=router)
+    else:
+        actuator = LocalActuator(launcher, router, tuple(section.devices), drain_timeout_s=section.drain_timeout_s)
+    service = PlannerService(section.planner_config(), router, actuator)
+    await service.start()
+    return service

@@ -21,6 +21,7 @@ deferred until the pull ends, so no block is freed while a copy may still write 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -51,6 +52,32 @@ class _Pull:
     params: KVTransferParams
     transfer: Transfer | None = None  # None until blocks are allocated and the pull started
     abort_pending: bool = False
+
+
+@dataclass
+class StepCounters:
+    """Cumulative step statistics for load reports (a planner diffs them per interval)."""
+
+    steps_total: int = 0
+    step_seconds_total: float = 0.0
+    prefill_tokens_total: int = 0
+    decode_seqs_total: int = 0
+    context_tokens_total: int = 0
+
+    def count(self, out) -> None:
+        """One scheduled step, before its tokens are applied: a sequence whose prompt is all
+        computed decodes (context = the tokens already computed); the others prefill."""
+        self.steps_total += 1
+        for item in out.scheduled:
+            request = item.request
+            if request.num_computed_tokens >= request.num_prompt_tokens:
+                self.decode_seqs_total += 1
+                self.context_tokens_total += request.num_computed_tokens
+            else:
+                self.prefill_tokens_total += item.num_new_tokens
+
+    def as_fields(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 class EngineCore:
@@ -134,6 +161,7 @@ class EngineCore:
         self.transfer_failures_total = 0
         self.transfer_bytes_total = 0
         self.transfer_seconds_total = 0.0
+        self.step_counters = StepCounters()
 
     @staticmethod
     def _load_tokenizer(config: EngineConfig):
@@ -233,8 +261,10 @@ class EngineCore:
         if not out.scheduled:
             return deltas
         now = time.monotonic()
+        self.step_counters.count(out)
         sampled, logprobs = self.runner.execute(out, self.eos_token_ids)
         self.scheduler.update(out, sampled)
+        self.step_counters.step_seconds_total += time.monotonic() - now
         for item in out.scheduled:
             request = item.request
             if request.first_scheduled_time is None:
@@ -343,7 +373,15 @@ class EngineCore:
                            num_waiting_for_kv=len(self.pulls), num_held_kv=len(self.kv.held),
                            kv_transfers=self.transfers_total, kv_transfer_failures=self.transfer_failures_total,
                            kv_transfer_bytes=self.transfer_bytes_total,
-                           kv_transfer_seconds=self.transfer_seconds_total)
+                           kv_transfer_seconds=self.transfer_seconds_total,
+                           **self.step_counters.as_fields())
+
+    def idle_for_role_change(self) -> str | None:
+        """None when the worker holds no request (running, waiting, pulling or held KV); else why not."""
+        busy = {"running or waiting requests": len(self.scheduler.running) + len(self.scheduler.waiting),
+                "KV pulls in flight": len(self.pulls), "finished prefills holding KV": len(self.kv.held)}
+        what = [f"{n} {name}" for name, n in busy.items() if n]
+        return ", ".join(what) if what else None
 
     def take_kv_events(self) -> list[KVEvent]:
         """Prefix-cache changes since the last call, in order, runs merged (for the router)."""

@@ -21,6 +21,12 @@ Retry-After when the queue is full or the wait passes its deadline), then `gener
    request fall back to a local prefill; after it, the decode side's pull fails the request.
 Blocks held on a prefill worker are released on every path that does not hand them to a
 decode worker (stop at the first token, client gone, decode worker gone).
+
+Drain (the planner's actuators): `drain(worker_id)` takes a worker out of routing (as decode and as
+prefill target), waits until no admitted request uses it (a prefill worker counts until the decode
+side has its KV) and the worker itself confirms it holds nothing (it accepts `SetRole` of its own
+role only when idle); `undrain` puts it back; `set_role` flips a drained worker. Every finished
+request's latencies and lengths go to `request_log` (the planner reads it).
 """
 
 from __future__ import annotations
@@ -44,11 +50,12 @@ from tidal.frontend.engine_client import EngineDeadError, OverloadedError
 from tidal.hashing import ROOT_PARENT_HASH, block_hashes
 from tidal.protocol import AddRequest, EngineStats, KVDump, KVEventBatch, LoadReport, TokenDelta
 from tidal.router.index import KVIndex, WorkerEvents
+from tidal.router.request_log import RequestLog
 from tidal.router.policy import (POLICIES, DisaggPolicy, KVWeights, WorkerView, choose_prefill_worker,
                                  choose_worker, decide_prefill)
 from tidal.runtime.discovery import Discovery
 from tidal.runtime.events import ZmqEventSubscriber, cancel_and_wait
-from tidal.worker.client import WorkerClient
+from tidal.worker.client import RoleChangeError, WorkerClient
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +67,7 @@ DECISION_BUCKETS_S = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3
 OVERLAP_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 SESSIONS_MAX = 100_000
 PLAN_TTL_S = 60.0  # an admitted request whose stream never starts gives its place back after this
+DRAIN_POLL_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,8 @@ class _Worker:
     open_requests: int = 0
     pending_prefill_tokens: int = 0
     active_blocks: int = 0  # blocks of the prompts of its open requests (the router's estimate)
+    inflight: int = 0  # admitted requests that use it (as decode or as prefill worker)
+    draining: bool = False  # routing skips it; a drain waits for inflight == 0
 
     @property
     def worker_id(self) -> str:
@@ -117,8 +127,16 @@ class _Plan:
     uncached: int  # prompt tokens the prefilling worker computes
     blocks: int
     created: float
+    arrived: float = 0.0  # when the router first saw it (before any queueing)
     pending_on: _Worker | None = None
     pending_tokens: int = 0
+    prefill_held: bool = False  # counted in the prefill worker's inflight
+
+    def prefill_done(self) -> None:
+        """The decode worker has the KV (or the prefill worker is out of the picture)."""
+        if self.prefill_held:
+            self.prefill_held = False
+            self.prefill.inflight -= 1
 
     def first_token(self) -> None:
         if self.pending_on is not None:
@@ -127,6 +145,8 @@ class _Plan:
 
     def release(self) -> None:
         self.first_token()
+        self.prefill_done()
+        self.decode.inflight -= 1
         self.decode.open_requests -= 1
         self.decode.active_blocks -= self.blocks
 
@@ -151,6 +171,7 @@ class Router:
         self.block_size = 16
         self._max_model_len: int | None = None
         self._model_name: str | None = None
+        self.request_log = RequestLog()
         self._init_metrics()
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -184,6 +205,8 @@ class Router:
             worker_id = event.worker.worker_id
             if event.kind == "added":
                 self._starting[worker_id] = asyncio.create_task(self._connect(event.worker))
+            elif event.kind == "updated":
+                pass  # a flip: `set_role` already changed the client's role
             else:
                 task = self._starting.pop(worker_id, None)
                 await cancel_and_wait(task)
@@ -268,6 +291,11 @@ class Router:
     def is_healthy(self) -> bool:
         return bool(self._decoders())
 
+    @property
+    def queue_length(self) -> int:
+        """Requests waiting in the router for a worker with room."""
+        return len(self._queue)
+
     def stats(self) -> EngineStats | None:
         reports = [w.client.stats() for w in self.workers.values() if w.client.stats() is not None]
         if not reports:
@@ -280,10 +308,67 @@ class Router:
             await worker.client.abort(request_id)
 
     def _decoders(self) -> list[_Worker]:
-        return [w for w in self.workers.values() if w.client.role in ("both", "decode") and w.client.is_healthy()]
+        return [w for w in self.workers.values()
+                if w.client.role in ("both", "decode") and w.client.is_healthy() and not w.draining]
 
     def _prefillers(self) -> list[_Worker]:
-        return [w for w in self.workers.values() if w.client.role == "prefill" and w.client.is_healthy()]
+        return [w for w in self.workers.values()
+                if w.client.role == "prefill" and w.client.is_healthy() and not w.draining]
+
+    # ---- drain and role flips (the planner's actuators) --------------------------------------------
+    async def wait_worker(self, worker_id: str, timeout_s: float = 600.0) -> None:
+        """Until a newly registered worker is connected and routable."""
+        deadline = time.monotonic() + timeout_s
+        while worker_id not in self.workers:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker {worker_id} did not become ready in {timeout_s:g}s")
+            if worker_id not in self._starting and worker_id not in {w.worker_id for w in self.discovery.list()}:
+                raise RuntimeError(f"worker {worker_id} went away before it was ready")
+            await asyncio.sleep(DRAIN_POLL_S)
+
+    async def drain(self, worker_id: str, timeout_s: float = 300.0) -> float:
+        """Route nothing new to the worker and wait until it has finished everything it has:
+        its admitted requests, KV it holds for a decode worker, KV it is pulling. Returns the
+        seconds it took. On timeout the worker stays drained (the caller undrains or removes it)."""
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            raise KeyError(f"no worker {worker_id}")
+        started = time.monotonic()
+        deadline = started + timeout_s
+        worker.draining = True
+        self._wake()  # queued requests may now route elsewhere
+        while worker.inflight > 0:
+            if not worker.client.is_healthy():
+                raise RuntimeError(f"worker {worker_id} died while draining")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker {worker_id} still has {worker.inflight} requests after {timeout_s:g}s")
+            await asyncio.sleep(DRAIN_POLL_S)
+        # The router's count is zero; held KV is freed by the decode worker's ReleaseKV, which the
+        # router does not see. The worker accepts SetRole (of its own role) only once it holds nothing.
+        while True:
+            try:
+                await worker.client.set_role(worker.client.role)
+                return time.monotonic() - started
+            except RoleChangeError:
+                if time.monotonic() > deadline or not worker.client.is_healthy():
+                    raise
+                await asyncio.sleep(DRAIN_POLL_S)
+
+    def undrain(self, worker_id: str) -> None:
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            worker.draining = False
+            self._wake()
+
+    def is_draining(self, worker_id: str) -> bool:
+        worker = self.workers.get(worker_id)
+        return worker is not None and worker.draining
+
+    async def set_role(self, worker_id: str, role: str) -> None:
+        """Flip a drained worker's role (raises RoleChangeError if it refuses). Its prefix cache
+        stays valid: the index keeps its blocks."""
+        await self.workers[worker_id].client.set_role(role)
+        logger.info("worker %s is now %s", worker_id, role)
 
     # ---- admission -----------------------------------------------------------------------------
     def _has_room(self) -> bool:
@@ -295,9 +380,11 @@ class Router:
         (queue full, or waited past `queue_timeout_s`) or EngineDeadError (no worker)."""
         if request.request_id in self._plans:
             return
+        arrived = time.monotonic()
+        self.request_log.arrived()
         self._expire_plans()
         if not self._queue and self._has_room():
-            self._plans[request.request_id] = self._plan(request)
+            self._plans[request.request_id] = self._plan(request, arrived)
             return
         if not self._decoders():
             raise EngineDeadError("no worker is available to serve requests")
@@ -307,7 +394,7 @@ class Router:
                                   retry_after_s=self._retry_after_s())
         future = asyncio.get_running_loop().create_future()
         priority = request.routing.priority if request.routing is not None else 0
-        entry = [-priority, next(self._seq), request, future]
+        entry = [-priority, next(self._seq), request, future, arrived]
         heapq.heappush(self._queue, entry)
         self.queue_depth.set(len(self._queue))
         try:
@@ -330,11 +417,11 @@ class Router:
     def _wake(self) -> None:
         """Route queued requests (highest priority, then oldest) while some worker has room."""
         while self._queue and self._has_room():
-            _, _, request, future = heapq.heappop(self._queue)
+            _, _, request, future, arrived = heapq.heappop(self._queue)
             if future.done():
                 continue
             try:
-                self._plans[request.request_id] = self._plan(request)
+                self._plans[request.request_id] = self._plan(request, arrived)
                 future.set_result(None)
             except EngineDeadError as exc:
                 future.set_exception(exc)
@@ -345,9 +432,10 @@ class Router:
         for request_id in [r for r, p in self._plans.items() if now - p.created > PLAN_TTL_S]:
             self._plans.pop(request_id).release()
 
-    def _plan(self, request: AddRequest) -> _Plan:
+    def _plan(self, request: AddRequest, arrived: float | None = None) -> _Plan:
         """The route of one request, with the router's bookkeeping updated for it."""
         started = time.perf_counter()
+        arrived = time.monotonic() if arrived is None else arrived
         decoders = self._decoders()
         if not decoders:
             raise EngineDeadError("no worker is available to serve requests")
@@ -385,8 +473,12 @@ class Router:
                 uncached = len(prompt) - pick.overlap_blocks * self.block_size
             self.prefill_decisions.labels(where).inc()
         plan = _Plan(decode, prefill, hashes, uncached, blocks=-(-len(prompt) // self.block_size),
-                     created=time.monotonic(), pending_on=prefill or decode, pending_tokens=uncached)
+                     created=time.monotonic(), arrived=arrived, pending_on=prefill or decode,
+                     pending_tokens=uncached, prefill_held=prefill is not None)
         plan.pending_on.pending_prefill_tokens += uncached
+        decode.inflight += 1
+        if prefill is not None:
+            prefill.inflight += 1
         decode.open_requests += 1
         decode.active_blocks += plan.blocks
         self.decisions.labels(policy).inc()
@@ -414,16 +506,24 @@ class Router:
             if plan.prefill is None:
                 stream = self._local(plan.decode, request)
             else:
-                stream = self._remote(plan.prefill, plan.decode, request)
+                stream = self._remote(plan.prefill, plan.decode, request, plan)
             output: list[int] = []
+            first_at = last_at = None
+            cached = 0
             async with contextlib.aclosing(stream):
                 async for delta in stream:
                     if delta.new_token_ids:
                         output.extend(delta.new_token_ids)
+                        last_at = time.monotonic()
+                        first_at = first_at or last_at
                         if plan.pending_on is not None:
                             plan.first_token()
                             self._wake()
+                    cached = max(cached, delta.num_cached_tokens)
                     yield delta
+            if last_at is not None:
+                self.request_log.finish(plan.arrived, first_at, last_at, len(request.prompt_token_ids), cached,
+                                        len(output))
             # The worker now caches the prompt and output blocks; its KV events say so too, but the
             # conversation's next turn may arrive before them (another socket). Removals correct it.
             # Only the blocks past the prompt's full ones are hashed here: those came with the plan.
@@ -443,7 +543,8 @@ class Router:
                 self.queue_s.observe(delta.queue_s)
             yield delta
 
-    async def _remote(self, prefill: _Worker, decode: _Worker, request: AddRequest) -> AsyncIterator[TokenDelta]:
+    async def _remote(self, prefill: _Worker, decode: _Worker, request: AddRequest,
+                      plan: _Plan | None = None) -> AsyncIterator[TokenDelta]:
         params = request.sampling_params
         prefill_request = msgspec.structs.replace(
             request, hold_kv=True, sampling_params=msgspec.structs.replace(params, max_tokens=1))
@@ -473,6 +574,8 @@ class Router:
             stream = decode.client.generate(decode_request)
             async with contextlib.aclosing(stream):
                 async for delta in stream:
+                    if plan is not None:
+                        plan.prefill_done()  # the decode worker has pulled the KV (or failed to)
                     if delta.kv_transfer_s is not None:
                         self.kv_transfer_s.observe(delta.kv_transfer_s)
                         if delta.new_token_ids:

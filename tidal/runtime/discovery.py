@@ -19,7 +19,7 @@ from tidal.protocol import WorkerInfo
 
 @dataclass(frozen=True)
 class DiscoveryEvent:
-    kind: str  # "added" | "removed"
+    kind: str  # "added" | "removed" | "updated" (same worker, new record: a role flip)
     worker: WorkerInfo
     reason: str = ""  # removed: why (exited, stopped)
 
@@ -28,6 +28,9 @@ class Discovery(Protocol):
     async def register(self, worker: WorkerInfo) -> None: ...
 
     async def unregister(self, worker_id: str, reason: str = "") -> None: ...
+
+    async def update(self, worker: WorkerInfo) -> None:
+        """A registered worker's record changed (its role, after a flip)."""
 
     def list(self) -> list[WorkerInfo]: ...
 
@@ -50,6 +53,11 @@ class LocalDiscovery:
         worker = self._workers.pop(worker_id, None)
         if worker is not None:
             self._notify(DiscoveryEvent("removed", worker, reason))
+
+    async def update(self, worker: WorkerInfo) -> None:
+        if worker.worker_id in self._workers:
+            self._workers[worker.worker_id] = worker
+            self._notify(DiscoveryEvent("updated", worker))
 
     def list(self) -> list[WorkerInfo]:
         return list(self._workers.values())

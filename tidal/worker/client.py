@@ -5,6 +5,7 @@ routes each `TokenDelta` to its request's queue. It does not own the worker proc
 started the worker (the launcher) watches it and calls `mark_dead` when it exits.
 Lifecycle: `start()` (Connect, wait for WorkerReady) -> `generate()` many times -> `close()`.
 Once dead, every open request ends with `EngineDeadError` and `is_healthy()` is False.
+`set_role()` flips an idle worker's role (the planner's actuator drains it first); `role` follows.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import zmq.asyncio
 
 from tidal.frontend.engine_client import EngineDeadError
 from tidal.protocol import (AbortRequest, AddRequest, Connect, EngineStats, KVDump, KVDumpRequest, ReleaseKV,
-                            Shutdown, StepOutputs, TokenDelta, WorkerInfo, WorkerMessage, WorkerReady)
+                            RoleRefused, SetRole, Shutdown, StepOutputs, TokenDelta, WorkerInfo, WorkerMessage,
+                            WorkerReady)
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,10 @@ class _Dead:
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
+
+
+class RoleChangeError(RuntimeError):
+    """A worker refused (or did not answer) a `SetRole`; its role is unchanged."""
 
 
 class WorkerClient:
@@ -45,6 +51,7 @@ class WorkerClient:
         self._decoder = msgspec.msgpack.Decoder(WorkerMessage)
         self._queues: dict[str, asyncio.Queue] = {}
         self._stats: EngineStats | None = None
+        self._role_reply: asyncio.Future | None = None
         self._reader: asyncio.Task | None = None
         self.dead_reason: str | None = None
         self.ready: WorkerReady | None = None
@@ -94,10 +101,14 @@ class WorkerClient:
                 if self.on_dump is not None:
                     self.on_dump(msg)
                 continue
+            if isinstance(msg, (WorkerReady, RoleRefused)):
+                if self._role_reply is not None and not self._role_reply.done():
+                    self._role_reply.set_result(msg)
+                continue
             if not isinstance(msg, StepOutputs):
                 continue
             if msg.stats is not None:
-                self._stats = msg.stats
+                self.update_stats(msg.stats)
             for delta in msg.deltas:
                 queue = self._queues.get(delta.request_id)
                 if queue is not None:
@@ -150,6 +161,24 @@ class WorkerClient:
         """Ask for the worker's whole prefix cache; the `KVDump` goes to `on_dump`."""
         if self.dead_reason is None:
             self._send(KVDumpRequest())
+
+    async def set_role(self, role: str, timeout_s: float = 10.0) -> None:
+        """Ask the (idle) worker to take `role`; raises RoleChangeError if it refuses or is silent."""
+        if self.dead_reason is not None:
+            raise RoleChangeError(f"worker {self.worker_id} is not running")
+        self._role_reply = asyncio.get_running_loop().create_future()
+        try:
+            self._send(SetRole(role=role))
+            reply = await asyncio.wait_for(self._role_reply, timeout_s)
+        except asyncio.TimeoutError:
+            raise RoleChangeError(f"worker {self.worker_id} did not answer SetRole({role}) in {timeout_s:g}s") \
+                from None
+        finally:
+            self._role_reply = None
+        if isinstance(reply, RoleRefused):
+            raise RoleChangeError(f"worker {self.worker_id} refused to become {role}: {reply.reason}")
+        self.ready = reply
+        self.info = msgspec.structs.replace(self.info, role=reply.role)
 
     def send_shutdown(self) -> None:
         if self.dead_reason is None:

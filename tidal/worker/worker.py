@@ -10,7 +10,8 @@ Sockets (all bound here; clients and peers connect):
 
 Lifecycle: started by the launcher (or `tidal worker`) -> binds -> loads the engine -> answers
 each `Connect` with `WorkerReady` -> loops {drain messages; run one engine step; send outputs,
-KV releases and load reports} -> exits on `Shutdown`, SIGTERM, or when its parent is gone
+KV releases and load reports} -> (a planner may flip an idle worker's role with `SetRole`: the
+engine, its weights and its caches stay; only the role it reports changes) -> exits on `Shutdown`, SIGTERM, or when its parent is gone
 (SIGINT is ignored: Ctrl-C reaches the launcher, which stops its workers in order).
 The requests a worker holds die with it; the client side fails them.
 """
@@ -33,8 +34,8 @@ import zmq
 from tidal.config import EngineConfig
 from tidal.engine.engine import EngineCore
 from tidal.protocol import (AbortRequest, AddRequest, Connect, EngineStats, KVDump, KVDumpRequest, KVEventBatch,
-                            LoadReport, ReleaseKV, RequestPlaneMessage, Shutdown, StepOutputs, TokenDelta,
-                            WorkerReady)
+                            LoadReport, ReleaseKV, RequestPlaneMessage, RoleRefused, SetRole, Shutdown, StepOutputs,
+                            TokenDelta, WorkerReady)
 from tidal.runtime.events import ZmqEventPublisher
 from tidal.transfer import KVTransferConfig
 
@@ -115,6 +116,7 @@ class _WorkerLoop:
         self.clients: set[bytes] = set()
         self.owners: dict[str, bytes] = {}  # request_id -> the client that sent it
         self.peers: dict[str, zmq.Socket] = {}  # prefill workers this one releases KV to
+        self.role = spec.role  # changes on SetRole
         self.ready = WorkerReady(worker_id=spec.worker_id, role=spec.role, model_name=engine.model_name,
                                  max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
                                  kv_blocks_total=engine.kv.num_blocks, block_size=engine.kv.block_size)
@@ -146,7 +148,7 @@ class _WorkerLoop:
                     self._send_outputs(deltas, stats, to_all=stats_due)
                 if stats_due:
                     self.last_stats = now
-                    self.events.publish("load", LoadReport(worker_id=self.spec.worker_id, role=self.spec.role,
+                    self.events.publish("load", LoadReport(worker_id=self.spec.worker_id, role=self.role,
                                                            stats=stats, time=time.time()))
                     if os.getppid() != self.parent_pid:
                         logger.warning("parent process is gone; exiting")
@@ -179,9 +181,24 @@ class _WorkerLoop:
             elif isinstance(msg, Connect):
                 self.clients.add(identity)
                 self.requests.send_multipart([identity, self.encoder.encode(self.ready)])
+            elif isinstance(msg, SetRole):
+                self.requests.send_multipart([identity, self.encoder.encode(self._set_role(msg.role))])
             elif isinstance(msg, Shutdown):
                 logger.info("shutdown requested")
                 return False
+
+    def _set_role(self, role: str) -> WorkerReady | RoleRefused:
+        """Switch roles if nothing is in flight here (the router drains the worker first)."""
+        busy = self.engine.idle_for_role_change()
+        reason = f"unknown role {role!r}" if role not in ROLES else (f"still has {busy}" if busy else None)
+        if reason is not None:
+            logger.warning("refusing to become %s: %s", role, reason)
+            return RoleRefused(worker_id=self.spec.worker_id, role=self.role, reason=reason)
+        logger.info("role %s -> %s", self.role, role)
+        self.role = role
+        self.ready = msgspec.structs.replace(self.ready, role=role)
+        self.last_stats = 0.0  # a load report with the new role goes out after this step
+        return self.ready
 
     def _send_outputs(self, deltas: list[TokenDelta], stats: EngineStats, to_all: bool) -> None:
         """Each client's deltas with the load snapshot; `to_all`: a message to every client."""

@@ -1,0 +1,76 @@
+"""The planner's actuators on real CPU worker processes (dummy:tiny-llama), in this process's loop.
+
+- A decode worker flipped to prefill and back while 24 streaming requests run (long prompts that go
+  remote, short ones that stay local): every request completes, no KV block is left used or held on
+  any worker, and the flipped worker's unavailability (drain finished -> back in routing) is < 1 s.
+- A worker added and one removed under load: no request fails, the removed worker's process is
+  gone, the added one gets work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from _fleet import Fleet as _Fleet, deployment as _deployment
+
+pytestmark = pytest.mark.slow
+
+
+async def test_flip_under_load_drops_nothing_and_rejoins_fast():
+    async with _Fleet(_deployment(prefill=1, decode=2)) as fleet:
+        tasks = fleet.load(24)
+        stop = asyncio.Event()
+        feeder = asyncio.create_task(fleet.feed(tasks, stop))  # new requests keep arriving throughout
+        await asyncio.sleep(0.3)
+        to_prefill = await fleet.actuator.flip_worker("decode-1", "prefill")
+        assert fleet.router.workers["decode-1"].client.role == "prefill"
+        assert fleet.busy_elsewhere("decode-1")  # flipped under load
+        await asyncio.sleep(0.5)  # long prompts may now prefill on decode-1
+        to_decode = await fleet.actuator.flip_worker("decode-1", "decode")
+        assert fleet.busy_elsewhere("decode-1")
+        await asyncio.sleep(0.3)
+        stop.set()
+        await feeder
+        reasons = await asyncio.gather(*tasks)
+        assert reasons == ["length"] * len(tasks) and len(tasks) > 40
+        await fleet.wait_all_free()
+        assert fleet.launcher.procs["decode-1"].info.role == "decode"
+        stats = fleet.router.workers["decode-1"].client.stats()
+        assert stats.prefill_tokens_total > 0 and stats.steps_total > 0
+        for flip in (to_prefill, to_decode):
+            print(f"flip {flip.worker_id} -> {flip.role}: drain {flip.drain_s * 1e3:.1f} ms, unavailable "
+                  f"{flip.unavailable_s * 1e3:.1f} ms, total {flip.total_s * 1e3:.1f} ms ({len(tasks)} requests)")
+            assert flip.unavailable_s < 1.0
+
+
+async def test_set_role_is_refused_while_the_worker_has_requests():
+    from tidal.worker.client import RoleChangeError
+
+    async with _Fleet(_deployment(prefill=0, decode=1)) as fleet:
+        task = asyncio.create_task(fleet.request(long=True, max_tokens=200))
+        while not fleet.router.workers["decode-0"].inflight:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        with pytest.raises(RoleChangeError, match="still has"):
+            await fleet.router.set_role("decode-0", "prefill")
+        assert await task == "length"
+        assert fleet.router.workers["decode-0"].client.role == "decode"
+
+
+async def test_add_and_remove_under_load():
+    async with _Fleet(_deployment(prefill=1, decode=1)) as fleet:
+        first = fleet.load(16)
+        added = await fleet.actuator.add_worker("decode")
+        assert added == "decode-1"
+        second = fleet.load(16)
+        await asyncio.sleep(0.2)
+        removed = fleet.launcher.procs["prefill-0"].process
+        await fleet.actuator.remove_worker("prefill-0")
+        third = fleet.load(8)  # no prefill worker now: every prompt prefills on its decode worker
+        assert await asyncio.gather(*first, *second, *third) == ["length"] * 40
+        assert not removed.is_alive() and "prefill-0" not in fleet.router.workers
+        assert "prefill-0" not in {w.worker_id for w in fleet.launcher.discovery.list()}
+        await fleet.wait_all_free()
+        assert fleet.router.workers[added].client.stats().generation_tokens > 0

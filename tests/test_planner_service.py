@@ -1,0 +1,109 @@
+"""The planner service in a deployment.
+
+- In-process, with a scripted planner: the observations it gets carry per-worker step statistics
+  and request latencies; its flip runs through the local actuator under load; the decision shows in
+  `tidal_planner_decisions_total`, the flip in `tidal_planner_flip_unavailable_seconds`, and in the log.
+- End to end (`tidal serve -f` with a `planner:` section and the real `Planner` core): a burst of
+  requests makes a decision appear in /metrics and in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+
+import httpx
+import pytest
+import yaml
+from prometheus_client import generate_latest
+
+from _fleet import Fleet, deployment
+from _server import REPO_ROOT, metrics, running_server
+from tidal.planner.service import PlannerService, _percentile
+from tidal.planner.types import Action, Decision, PlannerConfig, SLO
+
+
+def test_percentile_is_nearest_rank():
+    # 10 values: p50 -> rank ceil(5.0) = 5 -> 5; p90 -> rank ceil(9.0) = 9 -> 9; one value: itself.
+    values = [float(v) for v in range(10, 0, -1)]
+    assert (_percentile(values, 50), _percentile(values, 90), _percentile([7.0], 90), _percentile([], 50)) == \
+        (5.0, 9.0, 7.0, None)
+
+
+class _Scripted:
+    """Flips decode-1 to prefill at the first observation that saw finished requests."""
+
+    def __init__(self):
+        self.observations = []
+
+    def step(self, obs):
+        self.observations.append(obs)
+        flip = obs.frontend.ttft_ms_p90 is not None and len(self.observations) == 2
+        actions = (Action("flip", "prefill", "decode-1", reason="ttft_over_slo"),) if flip else ()
+        return Decision(obs.time_s, 2 if flip else 1, 1 if flip else 2, actions, "reactive", "scripted")
+
+
+@pytest.mark.slow
+async def test_service_observes_decides_and_flips_under_load(caplog):
+    caplog.set_level(logging.INFO, logger="tidal.planner")
+    async with Fleet(deployment(prefill=1, decode=2)) as fleet:
+        scripted = _Scripted()
+        service = PlannerService(PlannerConfig(slo=SLO(ttft_ms=1, itl_ms=1)), fleet.router, fleet.actuator, scripted)
+        await service.start()
+        service.step_once()  # a first look: the baseline of every counter
+        tasks = fleet.load(24)
+        while sum(t.done() for t in tasks) < 8:
+            await asyncio.sleep(0.02)
+        stop = asyncio.Event()
+        feeder = asyncio.create_task(fleet.feed(tasks, stop))
+        service.step_once()  # sees finished requests -> the scripted flip
+        while service._executor is not None and not service._executor.done():
+            await asyncio.sleep(0.02)
+        stop.set()
+        await feeder
+        assert await asyncio.gather(*tasks) == ["length"] * len(tasks)
+        await service.close()
+        obs = scripted.observations[1]
+        assert obs.frontend.num_requests >= 24 and obs.frontend.ttft_ms_p90 > 0 and obs.frontend.isl_mean > 0
+        by_id = {w.worker_id: w for w in obs.workers}
+        assert by_id["prefill-0"].prefill_tokens > 0 and by_id["decode-0"].decode_tokens > 0
+        assert by_id["decode-0"].steps > 0 and by_id["decode-0"].step_s_mean > 0
+        assert by_id["decode-0"].decode_batch_mean >= 1 and by_id["decode-0"].context_tokens_mean > 0
+        assert fleet.router.workers["decode-1"].client.role == "prefill"
+        text = generate_latest(fleet.router.registry).decode()
+        assert 'tidal_planner_decisions_total{action="flip",reason="ttft_over_slo"} 1.0' in text
+        assert 'tidal_planner_target_workers{role="prefill"} 2.0' in text
+        assert "tidal_planner_flip_unavailable_seconds_count 1.0" in text
+        assert service.flips[0].unavailable_s < 1.0
+        assert "flip decode-1 -> prefill (ttft_over_slo)" in caplog.text
+
+
+def _burst(url: str, n: int) -> None:
+    body = {"model": "m", "prompt": "The tide comes in twice a day. " * 30, "max_tokens": 32, "temperature": 0}
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        replies = list(pool.map(lambda _: httpx.post(url + "/v1/completions", json=body, timeout=120), range(n)))
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200]
+
+
+@pytest.mark.slow
+def test_serve_with_planner_section_decides_under_a_burst(tmp_path):
+    pytest.importorskip("tidal.planner.core")
+    data = yaml.safe_load((REPO_ROOT / "examples" / "planner.yaml").read_text())
+    data.update(model="dummy:tiny-llama", served_model_name="m")
+    data["planner"].update(slo={"ttft_ms": 5, "itl_ms": 1}, reactive_interval_s=0.5)
+    for worker in data["workers"]:
+        worker["num_threads"] = 1
+    path = tmp_path / "planner.yaml"
+    path.write_text(yaml.safe_dump(data))
+    log = tmp_path / "planner.log"
+    with running_server(["-f", str(path)], log) as url:
+        deadline = time.monotonic() + 30
+        decided = {}
+        while not decided:
+            _burst(url, 16)
+            decided = {k: v for k, v in metrics(url).items() if k.startswith("tidal_planner_decisions_total") and v}
+            assert time.monotonic() < deadline, "no planner decision after 30 s of bursts"
+        assert any(k.startswith("tidal_planner_target_workers") for k in metrics(url))
+    assert "decision:" in log.read_text()
