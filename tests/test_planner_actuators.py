@@ -74,3 +74,22 @@ async def test_add_and_remove_under_load():
         assert "prefill-0" not in {w.worker_id for w in fleet.launcher.discovery.list()}
         await fleet.wait_all_free()
         assert fleet.router.workers[added].client.stats().generation_tokens > 0
+
+
+def test_a_flip_takes_the_new_roles_scheduler_limits():
+    """Each role has its own limits (a prefill worker's budget is its prefill knee, a decode worker's
+    batch cap keeps ITL in target): the launcher resolves them per role, the engine applies them."""
+    from tidal import LLM
+    from tidal.deploy.config import parse_deployment
+    from tidal.deploy.launcher import Launcher
+
+    deployment = parse_deployment({
+        "model": "dummy:tiny-llama",
+        "workers": [{"role": "prefill", "engine": {"token_budget": 512, "max_num_seqs": 8}},
+                    {"role": "decode", "engine": {"token_budget": 64, "max_num_seqs": 96}}]}, "test")
+    launcher = Launcher(deployment)
+    assert (launcher.role_limits("prefill").token_budget, launcher.role_limits("prefill").max_num_seqs) == (512, 8)
+    assert (launcher.role_limits("decode").token_budget, launcher.role_limits("decode").max_num_seqs) == (64, 96)
+    engine = LLM("dummy:tiny-llama", num_kv_blocks=32).engine
+    engine.set_scheduler_limits(512, None)
+    assert (engine.scheduler.config.token_budget, engine.scheduler.config.max_num_seqs) == (512, 128)

@@ -179,6 +179,8 @@ class SetRole(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     The answer is a `WorkerReady` with the new role, or `RoleRefused` while it still has work."""
 
     role: str  # "both" | "prefill" | "decode"
+    token_budget: int | None = None  # the new role's scheduler limits (None: keep the current ones)
+    max_num_seqs: int | None = None
 
 
 class RoleRefused(msgspec.Struct, frozen=True, kw_only=True, tag=True):

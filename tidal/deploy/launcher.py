@@ -93,11 +93,21 @@ class Launcher:
         return info
 
     # ---- the planner's local actuator --------------------------------------------------------
-    async def add_worker(self, role: str, device: str = "cpu") -> str:
-        """Start one more worker of `role` on `device` (engine settings: the first worker section of
-        that role in the config, else the first section); returns its id once it is registered."""
+    def _role_section(self, role: str):
+        """The settings a worker of `role` gets: the first worker section of that role in the config,
+        else the first section, with that role."""
         template = next((w for w in self.deployment.workers if w.role == role), self.deployment.workers[0])
-        section = template.model_copy(update={"role": role, "count": 1, "devices": None, "tensor_parallel_size": 1})
+        return template.model_copy(update={"role": role, "count": 1, "devices": None, "tensor_parallel_size": 1})
+
+    def role_limits(self, role: str):
+        """The scheduler limits (token_budget, max_num_seqs) a worker of `role` runs with, profile
+        tuning included: what a flipped worker takes on."""
+        return self.deployment.engine_config(self._role_section(role), "cpu").scheduler
+
+    async def add_worker(self, role: str, device: str = "cpu") -> str:
+        """Start one more worker of `role` on `device` (engine settings: `_role_section`); returns
+        its id once it is registered."""
+        section = self._role_section(role)
         taken = [int(w.rsplit("-", 1)[1]) for w in self.procs if w.rsplit("-", 1)[0] == role]
         worker_id = f"{role}-{max(taken, default=-1) + 1}"
         await self._spawn(worker_id, section, (device,))

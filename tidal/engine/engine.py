@@ -376,6 +376,15 @@ class EngineCore:
                            kv_transfer_seconds=self.transfer_seconds_total,
                            **self.step_counters.as_fields())
 
+    def set_scheduler_limits(self, token_budget: int | None, max_num_seqs: int | None) -> None:
+        """A role flip's new limits (each role has its own: a prefill worker's budget is its device's
+        prefill knee, a decode worker's batch cap keeps ITL in target); None keeps a limit."""
+        changes = {k: v for k, v in (("token_budget", token_budget), ("max_num_seqs", max_num_seqs)) if v}
+        if changes:
+            self.scheduler.config = dataclasses.replace(self.scheduler.config, **changes)
+            logger.info("scheduler limits now token_budget=%d max_num_seqs=%d", self.scheduler.config.token_budget,
+                        self.scheduler.config.max_num_seqs)
+
     def idle_for_role_change(self) -> str | None:
         """None when the worker holds no request (running, waiting, pulling or held KV); else why not."""
         busy = {"running or waiting requests": len(self.scheduler.running) + len(self.scheduler.waiting),

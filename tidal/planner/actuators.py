@@ -107,7 +107,9 @@ class LocalActuator:
         drain_s = await self._drain(worker_id)
         drained = time.monotonic()
         try:
-            await self.router.set_role(worker_id, role)
+            limits = self.launcher.role_limits(role)
+            await self.router.set_role(worker_id, role, token_budget=limits.token_budget,
+                                       max_num_seqs=limits.max_num_seqs)
             await self.launcher.set_role(worker_id, role)
         except Exception as exc:
             raise ActuatorError(f"flip of {worker_id} to {role} failed: {exc}") from exc

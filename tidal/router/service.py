@@ -364,10 +364,11 @@ class Router:
         worker = self.workers.get(worker_id)
         return worker is not None and worker.draining
 
-    async def set_role(self, worker_id: str, role: str) -> None:
-        """Flip a drained worker's role (raises RoleChangeError if it refuses). Its prefix cache
-        stays valid: the index keeps its blocks."""
-        await self.workers[worker_id].client.set_role(role)
+    async def set_role(self, worker_id: str, role: str, token_budget: int | None = None,
+                       max_num_seqs: int | None = None) -> None:
+        """Flip a drained worker's role, with the new role's scheduler limits (raises RoleChangeError
+        if it refuses). Its prefix cache stays valid: the index keeps its blocks."""
+        await self.workers[worker_id].client.set_role(role, token_budget=token_budget, max_num_seqs=max_num_seqs)
         logger.info("worker %s is now %s", worker_id, role)
 
     # ---- admission -----------------------------------------------------------------------------

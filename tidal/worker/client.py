@@ -162,13 +162,14 @@ class WorkerClient:
         if self.dead_reason is None:
             self._send(KVDumpRequest())
 
-    async def set_role(self, role: str, timeout_s: float = 10.0) -> None:
+    async def set_role(self, role: str, timeout_s: float = 10.0, token_budget: int | None = None,
+                       max_num_seqs: int | None = None) -> None:
         """Ask the (idle) worker to take `role`; raises RoleChangeError if it refuses or is silent."""
         if self.dead_reason is not None:
             raise RoleChangeError(f"worker {self.worker_id} is not running")
         self._role_reply = asyncio.get_running_loop().create_future()
         try:
-            self._send(SetRole(role=role))
+            self._send(SetRole(role=role, token_budget=token_budget, max_num_seqs=max_num_seqs))
             reply = await asyncio.wait_for(self._role_reply, timeout_s)
         except asyncio.TimeoutError:
             raise RoleChangeError(f"worker {self.worker_id} did not answer SetRole({role}) in {timeout_s:g}s") \

@@ -182,7 +182,10 @@ class _WorkerLoop:
                 self.clients.add(identity)
                 self.requests.send_multipart([identity, self.encoder.encode(self.ready)])
             elif isinstance(msg, SetRole):
-                self.requests.send_multipart([identity, self.encoder.encode(self._set_role(msg.role))])
+                reply = self._set_role(msg.role)
+                if isinstance(reply, WorkerReady):
+                    self.engine.set_scheduler_limits(msg.token_budget, msg.max_num_seqs)
+                self.requests.send_multipart([identity, self.encoder.encode(reply)])
             elif isinstance(msg, Shutdown):
                 logger.info("shutdown requested")
                 return False
