@@ -23,6 +23,7 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching, record_events=record_events)
         self.block_tables: dict[str, list[KVBlock]] = {}
+        self._block_ids: dict[str, list[int]] = {}  # the same tables as ids, extended with them (every step reads them)
         self._num_hashed: dict[str, int] = {}  # blocks of each request already entered in the cache
         self.held: dict[str, list[KVBlock]] = {}  # finished remote prefills, kept for their puller
 
@@ -57,6 +58,11 @@ class KVCacheManager:
         the new full blocks are not entered in the prefix cache (their KV is not there yet).
         """
         table = self.block_tables.get(request.request_id, [])
+        if table and not cached_prefix and not defer_caching:  # the common case: a running request's next token(s)
+            num_computed = request.num_computed_tokens
+            if -(-(num_computed + num_new_tokens) // self.block_size) <= len(table):
+                self._cache_full_blocks(request, table, num_computed + num_new_tokens)
+                return True
         cached_prefix = cached_prefix or []
         num_computed = request.num_computed_tokens + len(cached_prefix) * self.block_size
         num_needed = -(-(num_computed + num_new_tokens) // self.block_size) - len(table) - len(cached_prefix)
@@ -66,11 +72,14 @@ class KVCacheManager:
             return False
         if not table:
             self.block_tables[request.request_id] = table
+            self._block_ids[request.request_id] = []
             self._num_hashed[request.request_id] = 0
         self.pool.touch(cached_prefix)
+        start = len(table)
         table.extend(cached_prefix)
         if num_needed > 0:
             table.extend(self.pool.allocate(num_needed))
+        self._block_ids[request.request_id].extend(b.block_id for b in table[start:])
         if defer_caching:
             self._num_hashed[request.request_id] = max(self._num_hashed[request.request_id], len(cached_prefix))
         else:
@@ -94,10 +103,12 @@ class KVCacheManager:
         self._num_hashed[request.request_id] = num_full
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.block_tables[request_id]]
+        """The request's block table as ids (the manager's own list: read it, don't change it)."""
+        return self._block_ids[request_id]
 
     def free(self, request: Request) -> None:
         table = self.block_tables.pop(request.request_id, None)
+        self._block_ids.pop(request.request_id, None)
         self._num_hashed.pop(request.request_id, None)
         if table:
             self.pool.free(reversed(table))
@@ -105,6 +116,7 @@ class KVCacheManager:
     def hold(self, request: Request) -> list[int]:
         """Keep a finished request's blocks under its id (for a peer to pull); their ids."""
         table = self.block_tables.pop(request.request_id, [])
+        self._block_ids.pop(request.request_id, None)
         self._num_hashed.pop(request.request_id, None)
         self.held[request.request_id] = table
         return [b.block_id for b in table]
