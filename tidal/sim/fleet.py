@@ -90,6 +90,10 @@ class FleetConfig:
     """Prompts with fewer uncached tokens prefill on their decode worker (conditional disaggregation)."""
     kv_bytes_per_token: int = 131_072
     """KV bytes per token moved to the decode worker (Llama-3.1-8B: 2 x 32 layers x 8 heads x 128 x 2 B)."""
+    prefill_dispatch_tokens: int = 4096
+    """The router sends a prefill worker more prompts only while its queue holds fewer tokens than this;
+    the rest wait in the router, first come first served, for the first worker with room (0: no limit,
+    every prompt goes straight to the least-loaded worker's queue)."""
     transfer_bytes_per_s: float = 40e9
     transfer_latency_s: float = 0.002
     startup_s: float = 30.0
@@ -203,7 +207,8 @@ class Fleet:
         self._ids = itertools.count()
         self.workers: dict[str, SimWorker] = {}
         self.gone: list[SimWorker] = []
-        self.router_queue: deque[SimRequest] = deque()
+        self.prefill_queue: deque[SimRequest] = deque()  # held by the router for a prefill worker
+        self.router_queue: deque[SimRequest] = deque()  # held by the router for a decode worker
         self.requests: list[SimRequest] = []
         self.gaps: list[tuple[float, float, float]] = []
         self.timeline: list[dict] = []
@@ -260,13 +265,13 @@ class Fleet:
     def _on_started(self, worker: SimWorker) -> None:
         if worker.state == "starting":
             self._set_state(worker, "active")
-            self._retry_router_queue()
+            self._drain_queues()
 
     def _on_flipped(self, worker: SimWorker) -> None:
         worker.role, worker.next_role, worker.switching = worker.next_role, None, False
         self._set_state(worker, "active")
         worker.t_last = self.now
-        self._retry_router_queue()
+        self._drain_queues()
 
     def _maybe_leave(self, worker: SimWorker) -> None:
         """A draining or flipping worker that has emptied leaves, or starts its role switch."""
@@ -302,11 +307,37 @@ class Fleet:
             request.local_prefill = True
             self._route_decode(request)
             return
-        worker = min(prefill, key=lambda w: w.pending_tokens)
+        worker = min(prefill, key=_pending_tokens)
+        if self.prefill_queue or not self._prefill_room(worker):
+            self.prefill_queue.append(request)  # the router holds it (first come, first served)
+            return
+        self._send_prefill(worker, request)
+
+    def _prefill_room(self, worker: SimWorker) -> bool:
+        limit = self.config.prefill_dispatch_tokens
+        return not limit or worker.pending_tokens < limit
+
+    def _send_prefill(self, worker: SimWorker, request: SimRequest) -> None:
         worker.queue.append(request)
         worker.pending_tokens += request.uncached_tokens
         if not worker.prefill_busy:
             self._start_prefill_step(worker)
+
+    def _drain_prefill_queue(self) -> None:
+        """Send held prompts to prefill workers with room; with no prefill worker left, to decode workers."""
+        queue = self.prefill_queue
+        while queue:
+            prefill = self._active("prefill")
+            if not prefill:
+                while queue:
+                    request = queue.popleft()
+                    request.local_prefill = True
+                    self._route_decode(request)
+                return
+            worker = min(prefill, key=_pending_tokens)
+            if not self._prefill_room(worker):
+                return
+            self._send_prefill(worker, queue.popleft())
 
     def _start_prefill_step(self, worker: SimWorker) -> None:
         budget = self.config.token_budget
@@ -343,31 +374,44 @@ class Fleet:
                 continue
             transfer_s = config.transfer_latency_s + request.input_len * config.kv_bytes_per_token / config.transfer_bytes_per_s
             self._at(self.now + transfer_s, "kv_ready", request)
-        if worker.queue:
+        self._drain_prefill_queue()
+        if worker.queue and not worker.prefill_busy:
             self._start_prefill_step(worker)
         else:
             self._maybe_leave(worker)
 
     # ---- decode ---------------------------------------------------------------------------------
     def _route_decode(self, request: SimRequest) -> None:
+        if self.router_queue or not self._send_decode(request):
+            self.router_queue.append(request)
+
+    def _send_decode(self, request: SimRequest) -> bool:
+        """To the least-loaded active decode worker, if it has a free slot and the KV (or is empty)."""
         decode = self._active("decode")
         if not decode:
-            self.router_queue.append(request)
-            return
-        worker = min(decode, key=lambda w: (len(w.batch) + len(w.waiting), w.kv_used))
+            return False
+        worker = min(decode, key=_decode_load)
+        config = self.config
+        empty = not (worker.batch or worker.waiting)
+        room = (not worker.waiting and len(worker.batch) < config.max_decode_batch
+                and worker.kv_used + request.kv_tokens <= config.kv_capacity_tokens)
+        if not (empty or room):
+            return False
         request.worker_id = worker.worker_id
         self._advance(worker)
         worker.waiting.append(request)
         self._admit(worker)
         self._reschedule(worker)
+        return True
 
-    def _retry_router_queue(self) -> None:
-        pending, self.router_queue = self.router_queue, deque()
-        for request in pending:
-            if request.first_token_s is None and not request.local_prefill:
-                self._route_prefill(request)
-            else:
-                self._route_decode(request)
+    def _drain_decode_queue(self) -> None:
+        queue = self.router_queue
+        while queue and self._send_decode(queue[0]):
+            queue.popleft()
+
+    def _drain_queues(self) -> None:
+        self._drain_prefill_queue()
+        self._drain_decode_queue()
 
     def _advance(self, worker: SimWorker) -> None:
         """Move the worker's token clock to now at the current span's step time."""
@@ -448,6 +492,8 @@ class Fleet:
             worker.ctx_base -= request.input_len + 1 - request.join_clock
         self._admit(worker)
         self._reschedule(worker)
+        if self.router_queue:
+            self._drain_decode_queue()
         if not worker.batch:
             self._maybe_leave(worker)
 
@@ -481,6 +527,7 @@ class Fleet:
                 worker.next_role = action.role
                 self._set_state(worker, "flipping")
                 self._maybe_leave(worker)
+            self._drain_queues()  # with no prefill worker left, held prompts go to decode workers
         self.actions[action.kind] += 1
         return True
 
@@ -500,7 +547,10 @@ class Fleet:
 
     def observe(self) -> Observation:
         """The planner's view of the last interval; resets the interval's statistics."""
-        workers = tuple(self._observe_worker(w) for w in self.workers.values())
+        decode = self._active("decode")
+        held = len(self.router_queue)  # reported as waiting on the decode workers, where a pushing router puts them
+        shares = {w.worker_id: held // len(decode) + (i < held % len(decode)) for i, w in enumerate(decode)}
+        workers = tuple(self._observe_worker(w, shares.get(w.worker_id, 0)) for w in self.workers.values())
         arrivals, firsts = self._interval_arrivals, self._interval_first
         gaps = self.gaps[self._gap_mark:]
         self._interval_arrivals, self._interval_first, self._gap_mark = [], [], len(self.gaps)
@@ -513,10 +563,10 @@ class Fleet:
             isl_mean=isl / len(arrivals) if arrivals else None,
             osl_mean=sum(r.output_len for r in arrivals) / len(arrivals) if arrivals else None,
             prefix_hit_rate=sum(r.cached_tokens for r in arrivals) / isl if isl else 0.0,
-            queue_depth=len(self.router_queue), num_requests=len(arrivals))
+            queue_depth=len(self.prefill_queue), num_requests=len(arrivals))
         return Observation(time_s=self.now, interval_s=self.interval_s, frontend=frontend, workers=workers)
 
-    def _observe_worker(self, worker: SimWorker) -> WorkerObservation:
+    def _observe_worker(self, worker: SimWorker, held: int = 0) -> WorkerObservation:
         if worker.role == "decode":
             self._advance(worker)  # a flipping worker reports the role it is becoming (the planner's contract)
         stats, worker.stats = worker.stats, _Stats()
@@ -524,7 +574,7 @@ class Fleet:
         return WorkerObservation(
             worker_id=worker.worker_id, role=worker.next_role or worker.role, state=worker.state,
             num_running=len(worker.batch) + (1 if worker.prefill_busy else 0),
-            num_waiting=len(worker.queue) + len(worker.waiting), pending_prefill_tokens=worker.pending_tokens,
+            num_waiting=len(worker.queue) + len(worker.waiting) + held, pending_prefill_tokens=worker.pending_tokens,
             kv_used_fraction=worker.kv_used / self.config.kv_capacity_tokens, steps=round(steps),
             step_s_mean=stats.busy_s / steps if steps else 0.0, prefill_tokens=stats.prefill_tokens,
             decode_tokens=round(stats.decode_tokens),
@@ -533,7 +583,7 @@ class Fleet:
 
     def _record_timeline(self, observation: Observation) -> None:
         row = {"time_s": self.now, "prefill": 0, "decode": 0, "starting": 0, "draining": 0, "flipping": 0,
-               "alive": len(self.workers), "router_queue": len(self.router_queue)}
+               "alive": len(self.workers), "prefill_queue": len(self.prefill_queue), "decode_queue": len(self.router_queue)}
         for w in observation.workers:
             if w.state == "active":
                 row[w.role] += 1
@@ -548,6 +598,14 @@ class Fleet:
         dropped = sum(1 for r in self.requests if r.finish_s is None)
         return FleetResult(self.requests, worker_seconds, end, self.timeline, self.gaps, dict(self.actions),
                            self.decisions, dropped)
+
+
+def _pending_tokens(worker: SimWorker) -> int:
+    return worker.pending_tokens
+
+
+def _decode_load(worker: SimWorker) -> tuple[int, int]:
+    return len(worker.batch) + len(worker.waiting), worker.kv_used
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -237,7 +237,7 @@ def best_static(config: ExperimentConfig, fleet: FleetConfig, model: StepTimeMod
         low, high = 2, config.max_workers
         if attempt(high, share)["attainment"] < config.attainment_goal:
             continue
-        while high - low > max(1, config.max_workers // 32):
+        while high - low > max(1, config.max_workers // 16):
             mid = (low + high) // 2
             if attempt(mid, share)["attainment"] >= config.attainment_goal:
                 high = mid
