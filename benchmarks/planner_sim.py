@@ -22,7 +22,7 @@ import argparse
 import json
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,13 +59,17 @@ def main() -> int:
     parser.add_argument("--plots", default=str(ROOT / "docs/img"))
     args = parser.parse_args()
     jobs = [(w, int(n), args.startup_s) for n in args.workers.split(",") for w in args.workloads.split(",")]
+    results = []
     with ProcessPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(experiment, jobs))
-    for result in results:
-        workload, workers = result["config"]["workload"], result["config"]["max_workers"]
-        plot_experiment(result, Path(args.plots) / f"planner_sim_{workload}_{workers}.png",
-                        f"{result['name']}: {result['workload']}")
-        print(f"{result['name']}: {result['workload']} ({result['wall_s']:.0f} s wall)")
+        for future in as_completed([pool.submit(experiment, job) for job in jobs]):
+            result = future.result()  # plotted and shown as each experiment ends
+            workload, workers = result["config"]["workload"], result["config"]["max_workers"]
+            plot_experiment(result, Path(args.plots) / f"planner_sim_{workload}_{workers}.png",
+                            f"{result['name']}: {result['workload']}")
+            print(f"{result['name']}: {result['workload']} ({result['wall_s']:.0f} s wall)")
+            print(table([result]), flush=True)
+            results.append(result)
+    results.sort(key=lambda r: (r["config"]["max_workers"], r["config"]["workload"]))
     print(table(results))
     slim = [{**r, "arms": [{k: v for k, v in a.items() if k != "series" or a["arm"] == "planner"}
                            for a in r["arms"]]} for r in results]
