@@ -29,6 +29,11 @@ Approximations (the price of speed; the test file checks the exact cases):
   step (`step_s(uncached, batch, ctx) - step_s(0, batch, ctx)`).
 - KV: a decode worker reserves `input_len + output_len` tokens of its capacity on admission (no
   preemption); a request that doesn't fit, or finds the batch full, waits in that worker's queue.
+- Routing: a prompt goes to the prefill worker with the fewest pending tokens while that worker holds
+  fewer than `prefill_dispatch_tokens`; otherwise the router holds it (FIFO) until a worker has room,
+  so capacity that arrives later takes the backlog. A sequence goes to the least-loaded decode worker
+  with a free slot and the KV; otherwise the router holds it, and observations report those as
+  waiting on the decode workers (where a router that pushes would have queued them).
 - The prefix cache is fleet-wide (ideal KV-aware routing): the workload says how many prompt tokens
   hit.
 - ITL: the fleet's inter-token gaps are the decode step times weighted by the tokens they produced
