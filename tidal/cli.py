@@ -5,6 +5,8 @@
                                           a deployment: frontend, router, prefill/decode workers
     tidal sim --workers N [--speedup S] [--timing ... | --profile PROFILE.json]
                                           the real frontend + router over N simulated workers
+    tidal sim-fleet --workload square|trace|poisson --max-workers N [--planner on|off] [--compare-static]
+                                          discrete-event fleet simulator, the SLA planner in the loop
     tidal profile --model MODEL [--device cuda] [--prefill-tokens 128,...] --out PROFILE.json
                                           measure prefill and decode step times; writes a profile
     tidal bench --url URL --workload chat|synthetic --arrival ... --rate R --slo ttft_ms=..,itl_ms=..
@@ -147,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8000)
     sim.add_argument("--log-level", default="info")
+    fleet = sub.add_parser("sim-fleet", help="simulate a prefill/decode fleet of up to hundreds of workers, "
+                                             "the SLA planner in the loop (no servers, simulated time)")
+    _add_sim_fleet_args(fleet)
     bench = sub.add_parser("bench", help="load an OpenAI-compatible server with chat or synthetic traffic")
     _add_bench_args(bench)
     profile = sub.add_parser("profile", help="measure prefill and decode step times of a model on a device")
@@ -178,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(args)
     if args.command == "sim":
         return _sim(args)
+    if args.command == "sim-fleet":
+        return _sim_fleet(args)
     if args.command == "profile":
         return _profile(args)
     return 2
@@ -200,6 +207,63 @@ def _sim(args: argparse.Namespace) -> int:
                               num_blocks=args.num_kv_blocks, token_budget=args.token_budget))
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+def _add_sim_fleet_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workload", default="square", choices=["square", "trace", "poisson"])
+    p.add_argument("--planner", default="on", choices=["on", "off"], help="off: only the static split(s)")
+    p.add_argument("--profile", default=None, help="step times from a `tidal profile` file (default: the linear "
+                                                   "TimingModel)")
+    p.add_argument("--max-workers", type=int, default=64, help="the GPU budget, in workers")
+    p.add_argument("--ttft-ms", type=float, default=1000.0, help="TTFT p90 target")
+    p.add_argument("--itl-ms", type=float, default=50.0, help="ITL target")
+    p.add_argument("--duration-s", type=float, default=600.0, help="simulated seconds of arrivals")
+    p.add_argument("--calm-s", type=float, default=140.0, help="square: calm phase (0.5x) of each period")
+    p.add_argument("--burst-s", type=float, default=60.0, help="square: burst phase (2x) of each period")
+    p.add_argument("--trace", default=None, help="trace: a Mooncake .jsonl (default: ../shared/traces/"
+                                                 "mooncake_conversation_trace.jsonl)")
+    p.add_argument("--startup-s", type=float, default=30.0, help="a new worker's start-up delay")
+    p.add_argument("--flip-s", type=float, default=1.0, help="a drained worker's role switch")
+    p.add_argument("--interval-s", type=float, default=2.0, help="the planner's reactive interval")
+    p.add_argument("--compare-static", action="store_true",
+                   help="also run the static baselines: the best static split (swept) and peak provisioning")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="folder for results.json and fleet.png")
+
+
+def _sim_fleet(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from tidal.perf.profile import load_profile
+    from tidal.sim.fleet import FleetConfig
+    from tidal.sim.fleet_experiment import ExperimentConfig, compare, table
+    from tidal.sim.timing import TimingModel
+
+    try:
+        model = load_profile(args.profile) if args.profile else TimingModel()
+    except ValueError as exc:
+        print(f"tidal sim-fleet: {exc}", file=sys.stderr)
+        return 2
+    fleet = FleetConfig(startup_s=args.startup_s, flip_s=args.flip_s,
+                        **({"token_budget": model.prefill_knee_tokens()} if args.profile else {}))
+    extra = {"trace": args.trace} if args.trace else {}
+    config = ExperimentConfig(workload=args.workload, max_workers=args.max_workers, duration_s=args.duration_s,
+                              ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, calm_s=args.calm_s, burst_s=args.burst_s,
+                              interval_s=args.interval_s, seed=args.seed, **extra)
+    result = compare(config, fleet, model, with_static=args.compare_static, with_planner=args.planner == "on")
+    result["name"] = f"{args.workload}, {args.max_workers} workers"
+    print(result["workload"])
+    print(table([result]))
+    if args.output:
+        from tidal.sim.fleet_plots import plot_experiment
+
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+        plot_experiment(result, out / "fleet.png", f"{result['name']}: {result['workload']}")
+        print(f"wrote {out / 'results.json'} and {out / 'fleet.png'}")
     return 0
 
 
