@@ -21,7 +21,8 @@ from prometheus_client import generate_latest
 
 from _fleet import Fleet, deployment
 from _server import REPO_ROOT, metrics, running_server
-from tidal.planner.service import PlannerService, _percentile
+from tidal.planner.service import PlannerService
+from tidal.planner.types import percentile as _percentile
 from tidal.planner.types import Action, Decision, PlannerConfig, SLO
 
 

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tidal.planner.actuators import Actuator
 from tidal.planner.types import (Action, Decision, FrontendObservation, Observation, PlannerConfig,
-                                 WorkerObservation)
+                                 WorkerObservation, percentile)
 from tidal.protocol import EngineStats
 from tidal.router.request_log import FinishedRequest
 
@@ -37,15 +37,6 @@ logger = logging.getLogger(__name__)
 FLIP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _ZERO_STATS = EngineStats(num_running=0, num_waiting=0, kv_blocks_used=0, kv_blocks_total=0,
                           prefix_cache_hit_tokens=0, prompt_tokens=0, generation_tokens=0)
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100); None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * q // 100))
-    return ordered[int(rank) - 1]
 
 
 class ObservationCollector:
@@ -78,9 +69,9 @@ class ObservationCollector:
         itl_ms = [f.itl_s * 1e3 for f in finished if f.itl_s is not None]
         prompt = sum(f.prompt_tokens for f in finished)
         return FrontendObservation(
-            request_rate=arrivals / interval_s, ttft_ms_p50=_percentile(ttft_ms, 50),
-            ttft_ms_p90=_percentile(ttft_ms, 90), itl_ms_p50=_percentile(itl_ms, 50),
-            itl_ms_p90=_percentile(itl_ms, 90),
+            request_rate=arrivals / interval_s, ttft_ms_p50=percentile(ttft_ms, 50),
+            ttft_ms_p90=percentile(ttft_ms, 90), itl_ms_p50=percentile(itl_ms, 50),
+            itl_ms_p90=percentile(itl_ms, 90),
             isl_mean=prompt / len(finished) if finished else None,
             osl_mean=sum(f.output_tokens for f in finished) / len(finished) if finished else None,
             prefix_hit_rate=sum(f.cached_tokens for f in finished) / prompt if prompt else 0.0,

@@ -1,6 +1,6 @@
 """The planner's vocabulary: what it observes, how it is configured, what it decides.
 
-Values only (frozen dataclasses), so the pure core (`tidal.planner.core.Planner`), its adapters (the
+Values (frozen dataclasses) and the percentile rule they are summarized with, so the pure core (`tidal.planner.core.Planner`), its adapters (the
 observation collector in a running deployment, the fleet simulator) and the actuators share one
 contract and never each other's code. Units are in the names. Imports nothing from the engine,
 router or models.
@@ -8,6 +8,7 @@ router or models.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -49,6 +50,15 @@ class FrontendObservation:
     prefix_hit_rate: float = 0.0  # share of prompt tokens found in a prefix cache
     queue_depth: int = 0  # requests waiting in the router for a worker
     num_requests: int = 0  # arrivals in the interval
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of observed latencies; None for no values. The one rule
+    every adapter (the deployment's collector, the fleet simulator) summarizes requests with."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered), max(1, math.ceil(len(ordered) * q / 100))) - 1]
 
 
 @dataclass(frozen=True)

@@ -50,13 +50,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
 from tidal.planner.types import (Action, Decision, FrontendObservation, Observation, Role,
-                                 WorkerObservation)
+                                 WorkerObservation, percentile)
 from tidal.sim.timing import StepTimeModel
 
 
@@ -611,13 +610,6 @@ def _pending_tokens(worker: SimWorker) -> int:
 
 def _decode_load(worker: SimWorker) -> tuple[int, int]:
     return len(worker.batch) + len(worker.waiting), worker.kv_used
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
 def weighted_percentile(samples: list[tuple[float, float, float]], q: float) -> float | None:

@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 from tidal.planner.types import SLO, PlannerConfig
-from tidal.sim.fleet import Fleet, FleetConfig, FleetResult, SimRequest, percentile, weighted_percentile
+from tidal.planner.types import percentile
+from tidal.sim.fleet import Fleet, FleetConfig, FleetResult, SimRequest, weighted_percentile
 from tidal.sim.fleet_workloads import (DEFAULT_TRACE, Lengths, in_burst, poisson, shape_of, square_wave,
                                        trace_workload, worker_rates)
 from tidal.sim.timing import StepTimeModel
