@@ -113,7 +113,7 @@ def engine_points(llm: LLM, ceil: dict, decode_grid, prefill_grid, tp: int = 1) 
     runner.cache.normal_()  # never time on zeros
     def run(batch: StepBatch):
         if runner.on_step is not None:  # a tensor-parallel leader sends the step to its followers first
-            runner.on_step(batch)
+            runner.on_step(batch.pack())
         return runner.forward(batch)
     weight_read, layer_params = model_bytes(llm)
     weight_read *= tp  # every rank reads its shard: the group reads all of it, in parallel

@@ -7,7 +7,7 @@ KV transfer backend, so peers can reach it) or here, and seen by the model as on
 from those: every step's inputs are rebuilt from the scheduler's output.
 
 Tensor parallel: every rank has a runner over its shard and its part of the KV cache
-(num_kv_heads / tp_size heads). Rank 0's `execute` hands each step's batch to `on_step` (the
+(num_kv_heads / tp_size heads). Rank 0's `execute` hands each step's packed batch to `on_step` (the
 broadcast to the other ranks) before its own `forward`; the others call `forward` on what they
 receive, so every rank runs the same forwards (eager or graph) in the same order.
 """
@@ -44,10 +44,10 @@ def kv_layout(config: EngineConfig, loaded: LoadedModel) -> KVLayout:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, loaded: LoadedModel, layout: KVLayout,
-                 cache: torch.Tensor | None = None, on_step: Callable[[StepBatch], None] | None = None):
+                 cache: torch.Tensor | None = None, on_step: Callable[[np.ndarray], None] | None = None):
         self.model = loaded.model
         self.arch = loaded.arch
-        self.on_step = on_step  # tensor-parallel rank 0: send the step to the other ranks
+        self.on_step = on_step  # tensor-parallel rank 0: send the packed step to the other ranks
         self.num_kv_heads = layout.num_kv_heads  # this rank's
         self.device = torch.device(loaded.device)
         self.dtype = loaded.dtype
@@ -77,9 +77,10 @@ class ModelRunner:
         decodes = [s for s in out.scheduled if s.num_new_tokens == 1]
         prefills = [s for s in out.scheduled if s.num_new_tokens > 1]
         batch = build_step_batch(decodes, prefills, self.block_size)
+        packed = batch.pack()
         if self.on_step is not None:
-            self.on_step(batch)
-        logits = self.forward(batch)
+            self.on_step(packed)
+        logits = self.forward(batch, packed)
         samplers = [s for s in decodes + prefills if s.samples]
         if not samplers:
             return {}, {}
@@ -94,12 +95,13 @@ class ModelRunner:
         sampled_logprobs = {s.request.request_id: lp for s, lp in zip(samplers, logprobs) if lp is not None}
         return sampled, sampled_logprobs
 
-    def forward(self, batch: StepBatch) -> torch.Tensor | None:
-        """The model over one batch -> logits [S, vocab] (float32) of `batch.logits_rows`."""
+    def forward(self, batch: StepBatch, packed: np.ndarray | None = None) -> torch.Tensor | None:
+        """The model over one batch -> logits [S, vocab] (float32) of `batch.logits_rows`;
+        `packed`: `batch.pack()` when the caller already has it."""
         if self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(batch)
-        packed = self.to_device(batch.pack())
-        fields = batch.view_of(packed)  # the same fields, now views of the device buffer
+        device_packed = self.to_device(batch.pack() if packed is None else packed)
+        fields = batch.view_of(device_packed)  # the same fields, now views of the device buffer
         meta = self.attention_metadata(batch, fields)
         hidden = self.model(fields.input_ids, fields.positions, self.kv_caches, meta)
         if not len(batch.logits_rows):

@@ -10,7 +10,7 @@ at, and a thread that watches them. Lifecycle:
    once if one exited), then joins the group as rank 0. Every rank then builds a `ModelRunner`
    from the same config, so they capture the same CUDA graphs (warm-up and capture run the same
    collectives everywhere).
-3. Every step: `broadcast(batch)` (the leader runner's `on_step`) sends the packed `StepBatch`;
+3. Every step: `broadcast(packed)` (the leader runner's `on_step`) sends the packed `StepBatch`;
    each follower unpacks it and runs `runner.forward` (its logits are dropped: rank 0 samples).
 4. `close()`: sends the stop message, joins the followers (SIGTERM, then SIGKILL, for any that
    have not exited in time) and leaves the group. Idempotent; `EngineCore.close` calls it.
@@ -37,6 +37,7 @@ import signal
 import threading
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -125,11 +126,11 @@ class TensorParallelGroup:
         init_tensor_parallel(0, self.size, backend=self.backend, store=self.store, device=self.devices[0])
         self._connected = True
 
-    def broadcast(self, batch: StepBatch) -> None:
-        """Send one step to the followers (the leader runner's `on_step`)."""
+    def broadcast(self, packed: np.ndarray) -> None:
+        """Send one packed step (`StepBatch.pack()`) to the followers (the leader runner's `on_step`)."""
         if self.failure is None:
             try:
-                broadcast_step(batch.pack())
+                broadcast_step(packed)
                 return
             except RuntimeError:
                 self._watcher.join(1)  # a follower that died shows here first: let the watcher name it
@@ -225,7 +226,7 @@ def _start_follower(config: EngineConfig, rank: int, store_port: int) -> ModelRu
 def _follow(runner: ModelRunner) -> None:
     """Run every step the leader sends, until it sends stop."""
     while (packed := receive_step()) is not None:
-        runner.forward(StepBatch.unpack(packed))
+        runner.forward(StepBatch.unpack(packed), packed)
     if runner.device.type == "cuda":
         # NCCL's teardown waits on its peers and can hang a stopping group (seen on 2x H200): after
         # the last step has finished there is nothing to hand back, so leave without it.
