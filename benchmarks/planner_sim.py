@@ -4,9 +4,10 @@
 
 Runs, on the measured H200 profile of Llama-3.1-8B (benchmarks/results/profile-llama-3.1-8b-NVIDIA-H200.json):
 
-- square: a square wave, 3 periods of 140 s calm at 0.5x and 60 s burst at 2x the rate half the
+- square: a square wave, 6 periods of 140 s calm at 0.5x and 60 s burst at 2x the rate half the
   budget carries at 80% utilisation (so the burst needs the whole budget), ISL 2048 +- 50% (30% prefix
-  hits), OSL 256 +- 50%; SLO TTFT p90 1000 ms, ITL 50 ms;
+  hits), OSL 256 +- 50%; SLO TTFT p90 1000 ms, ITL 50 ms; bursts from the third period on are also
+  reported apart (the planner's seasonal predictor has seen two periods by then);
 - trace: the Mooncake conversation trace (../shared/traces), its hour compressed into 600 s and overlaid
   until its mean rate is half the budget's capacity; SLO TTFT 2000 ms (prompts average 12k tokens and
   reach 126k: the longest take over a second to prefill alone), ITL 50 ms;
@@ -41,7 +42,8 @@ def experiment(args: tuple[str, int, float]) -> dict:
     model = load_profile(PROFILE)
     fleet = FleetConfig(token_budget=model.prefill_knee_tokens(), startup_s=startup_s)
     config = ExperimentConfig(workload=workload, max_workers=workers,
-                              ttft_ms=2000.0 if workload == "trace" else 1000.0)
+                              ttft_ms=2000.0 if workload == "trace" else 1000.0,
+                              duration_s=1200.0 if workload == "square" else 600.0)
     started = time.perf_counter()
     result = compare(config, fleet, model)
     result["name"] = f"{workload}, {workers} workers"

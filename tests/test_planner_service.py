@@ -38,12 +38,14 @@ class _Scripted:
 
     def __init__(self):
         self.observations = []
+        self.flipped = False
 
     def step(self, obs):
         self.observations.append(obs)
         flip = obs.frontend.ttft_ms_p90 is not None and len(self.observations) == 2
         actions = (Action("flip", "prefill", "decode-1", reason="ttft_over_slo"),) if flip else ()
-        return Decision(obs.time_s, 2 if flip else 1, 1 if flip else 2, actions, "reactive", "scripted")
+        self.flipped = self.flipped or flip  # the service's own loop may call again on a slow box: targets stay
+        return Decision(obs.time_s, 2 if self.flipped else 1, 1 if self.flipped else 2, actions, "reactive", "scripted")
 
 
 @pytest.mark.slow

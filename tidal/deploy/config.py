@@ -171,8 +171,10 @@ class PlannerSection(_Strict):
     min_decode: int = Field(1, ge=1)
     reactive_interval_s: float = Field(2.0, gt=0)
     predictive_interval_s: float = Field(30.0, gt=0)
-    predictor: Literal["moving_average", "holt", "arima"] = "holt"
+    predictor: Literal["moving_average", "holt", "seasonal", "arima"] = "seasonal"
     headroom: float = Field(0.15, ge=0)
+    worker_startup_s: float = Field(30.0, gt=0)
+    backlog_drain_s: float = Field(20.0, gt=0)
     scale_down_cooldown_s: float = Field(30.0, ge=0)
     allow_flips: bool = True
     devices: list[str] = []
@@ -195,6 +197,7 @@ class PlannerSection(_Strict):
                              reactive_interval_s=self.reactive_interval_s,
                              predictive_interval_s=self.predictive_interval_s, predictor=self.predictor,
                              headroom=self.headroom, scale_down_cooldown_s=self.scale_down_cooldown_s,
+                             worker_startup_s=self.worker_startup_s, backlog_drain_s=self.backlog_drain_s,
                              allow_flips=self.allow_flips)
 
 

@@ -4,25 +4,30 @@
 planner loop, or the simulator). Each call runs one of two loops:
 
 - predictive (whenever `predictive_interval_s` has passed since the last one, or since the first
-  call): feeds the interval's request rate, ISL and OSL to the predictors, forecasts one interval
-  ahead, sizes both pools with the `PerfModel` x (1 + headroom) and moves toward those targets:
-  flips first (one pool over its target, the other under), then adds, then at most one removal
-  (from an idle pool that has not grown within `scale_down_cooldown_s`);
-- reactive (every other call): when TTFT is in trouble (P90 over the SLO, or the prefill queue
-  would take more than `queue_wait_fraction` of the TTFT target to drain) the prefill pool gets one
-  worker; when ITL is (P90 or decode step time over the target, or KV use over `kv_pressure`) the
-  decode pool does. The worker comes by flipping the least-loaded worker of the other pool when
-  that pool has slack, else by adding one within the budget, else nothing (reason `at_budget`).
+  call): feeds the interval's request rate, ISL and OSL to the predictors and sizes both pools with
+  the `PerfModel` x (1 + headroom) for the highest rate forecast over the lead time (the start-up
+  time of a worker, as seen or configured, plus one interval: the soonest capacity ordered now can
+  serve), never below the rate seen in the last few calls. It moves toward those targets: flips
+  first (one pool over its target, the other under), then adds; then removes the excess of each
+  pool that is idle (slack) and has not grown within `scale_down_cooldown_s`;
+- reactive (every other call): a pool is in trouble when its signals cross their targets (prefill:
+  TTFT P90 over the SLO, or the prefill queue would take more than `queue_wait_fraction` of the TTFT
+  target to drain; decode: ITL P90 or decode step time over the target, or KV use over
+  `kv_pressure`). A pool in trouble is sized at once for the rate seen in the last few calls plus
+  its queue drained within `backlog_drain_s` (one worker when that model finds none missing and
+  none is on its way); one worker of it may come by a flip from the other pool when that pool has
+  slack and more workers than the current rate needs, the rest are added within the budget
+  (reason `at_budget` when the budget stops it).
 
-State it owns: the predictors, the window of observations since the last predictive loop, when
-each pool last grew, and the workers it has acted on that have not yet finished (pending).
+State it owns: the predictors, the window of observations since the last predictive loop, the last
+few calls' arrivals, the start-up time it has seen, when each pool last grew, and the workers it
+has acted on that have not yet finished (pending).
 
 Invariants:
 - prefill + decode (+ `both`) workers never exceed `max_workers`; no action takes a pool below
   its minimum, and a pool under its minimum gets a worker first (reason `minimum`).
 - A worker in transition (starting, draining, flipping, stopping, or acted on and not yet seen
-  finished) counts toward the pool it is becoming and is never picked for another action; the
-  reactive loop does not grow a pool that already has a worker coming into it.
+  finished) counts toward the pool it is becoming and is never picked for another action.
 - No removal from, and no flip away from, a pool within `scale_down_cooldown_s` of its growing.
 
 Contract with the adapters: after a decision, the next observation shows an added worker as
@@ -34,10 +39,11 @@ Aggregated (`both`) workers count toward the budget only; the planner sizes pref
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 from tidal.planner.perf_model import PerfModel
-from tidal.planner.predictors import Predictor, make_predictor
+from tidal.planner.predictors import MovingAverage, Predictor, forecast_peak, make_predictor
 from tidal.planner.types import (Action, Decision, FrontendObservation, Observation, PlannerConfig, Role,
                                  WorkerObservation)
 
@@ -56,6 +62,22 @@ class Thresholds:
     under this share of its target."""
     pending_timeout_s: float = 300.0
     """Forget an action not seen finished after this long (an actuator that failed)."""
+    decode_queue_workers: float = 0.25
+    """The decode pool is in trouble when the requests waiting for a decode slot would fill this
+    share of one worker's batch."""
+    recent_calls: int = 5
+    """The rate "seen now" is the mean over this many calls (the latest observations)."""
+    lengths_window_s: float = 60.0
+    """ISL, OSL and prefix hit rate "seen now" are request-weighted means decaying with this time
+    constant (one interval's mean of a heavy-tailed trace is noise)."""
+    length_windows: int = 6
+    """The predictive loop forecasts ISL and OSL by the mean of this many windows."""
+    scale_down_window_s: float = 60.0
+    """With no period found in the load, a pool is only cut to the largest target of this long
+    (a dip in an aperiodic load is no reason to give back capacity that takes a start-up to return);
+    with a period, the forecast already says what is coming and the cut is to the latest target."""
+    startup_alpha: float = 0.5
+    """Weight of the newest start-up time seen in the planner's estimate (EWMA)."""
 
 
 @dataclass
@@ -77,6 +99,7 @@ class _Health:
 
     trouble: str | None  # the reason label when in trouble
     worst_ratio: float
+    backlog_workers: float = 0.0  # workers it would take to drain its queue within backlog_drain_s
 
 
 @dataclass
@@ -117,17 +140,25 @@ class Planner:
         self.perf = perf or PerfModel.default()
         self.thresholds = thresholds or Thresholds()
         self.rate_predictor: Predictor = make_predictor(config.predictor)
-        self.isl_predictor: Predictor = make_predictor(config.predictor)
-        self.osl_predictor: Predictor = make_predictor(config.predictor)
+        self.isl_predictor: Predictor = MovingAverage(self.thresholds.length_windows)
+        self.osl_predictor: Predictor = MovingAverage(self.thresholds.length_windows)
         self._window = _Window()
         self._last_predictive_s: float | None = None
         self._last_grew_s: dict[Role, float] = {"prefill": -math.inf, "decode": -math.inf}
         self._pending: dict[str, tuple[Role | None, float]] = {}  # worker_id -> (role it becomes, since)
         self._have: dict[Role, int] = {"prefill": 0, "decode": 0}
+        self._recent: deque[tuple[float, float]] = deque(maxlen=self.thresholds.recent_calls)  # (span, arrivals)
+        self._length_sums = [0.0, 0.0, 0.0, 0.0]  # decayed sums: weight, weight x ISL, x OSL, x prefix hit
+        self._recent_targets: deque[tuple[float, dict[Role, int]]] = deque()
+        self.startup_s = config.worker_startup_s  # start-up time: configured, then as seen
+        self._starting_since: dict[str, float] = {}
 
     def step(self, obs: Observation) -> Decision:
         self.perf.observe(obs.workers)
         self._window.add(obs.frontend, obs.interval_s)
+        self._recent.append((obs.interval_s, obs.frontend.request_rate * obs.interval_s))
+        self._fold_lengths(obs)
+        self._watch_startups(obs)
         self._forget_finished(obs)
         pools, num_both = self._count(obs)
         health = {"prefill": self._prefill_health(obs, pools), "decode": self._decode_health(obs, pools)}
@@ -137,6 +168,46 @@ class Planner:
         if obs.time_s - self._last_predictive_s >= self.config.predictive_interval_s - 1e-9:
             return self._predictive(obs, pools, num_both, health)
         return self._reactive(obs, pools, num_both, health)
+
+    # ---- what it has seen ----------------------------------------------------------------------
+    def rate_now(self) -> float:
+        """Arrivals per second over the last `recent_calls` observations."""
+        span = sum(span for span, _ in self._recent)
+        return sum(arrivals for _, arrivals in self._recent) / span if span > 0 else 0.0
+
+    @property
+    def _lengths(self) -> tuple[float, float, float]:
+        """ISL, OSL and prefix hit rate seen now (request-weighted, decaying)."""
+        weight, isl, osl, hit = self._length_sums
+        return (isl / weight, osl / weight, hit / weight) if weight > 0 else (0.0, 0.0, 0.0)
+
+    def _fold_lengths(self, obs: Observation) -> None:
+        front = obs.frontend
+        decay = math.exp(-obs.interval_s / self.thresholds.lengths_window_s)
+        self._length_sums = [x * decay for x in self._length_sums]
+        if front.isl_mean is not None and front.osl_mean is not None:
+            weight = max(front.num_requests, 1)
+            for i, value in enumerate((1.0, front.isl_mean, front.osl_mean, front.prefix_hit_rate)):
+                self._length_sums[i] += weight * value
+
+    def lead_s(self) -> float:
+        """How far ahead the predictive loop sizes: a worker's start-up plus one interval."""
+        return self.startup_s + self.config.predictive_interval_s
+
+    def _watch_startups(self, obs: Observation) -> None:
+        """Time each worker from first seen `starting` to `active` (plus one interval: it was ordered
+        before it was seen) and fold that into `startup_s`."""
+        for w in obs.workers:
+            if w.state == "starting":
+                self._starting_since.setdefault(w.worker_id, obs.time_s - obs.interval_s)
+            elif w.worker_id in self._starting_since:
+                since = self._starting_since.pop(w.worker_id)
+                if w.state == "active":
+                    a = self.thresholds.startup_alpha
+                    self.startup_s = (1 - a) * self.startup_s + a * (obs.time_s - since)
+        alive = {w.worker_id for w in obs.workers}
+        for worker_id in [i for i in self._starting_since if i not in alive]:
+            del self._starting_since[worker_id]
 
     # ---- counting ------------------------------------------------------------------------------
     def _forget_finished(self, obs: Observation) -> None:
@@ -186,10 +257,12 @@ class Planner:
         wait_s = queued_tokens / throughput if throughput > 0 else (math.inf if queued_tokens > 0 else 0.0)
         queue_ratio = wait_s / (self.thresholds.queue_wait_fraction * ttft_ms / 1000)
         trouble = "ttft_over_slo" if ttft_ratio > 1 else "prefill_queue" if queue_ratio > 1 else None
-        return _Health(trouble, max(ttft_ratio, queue_ratio))
+        backlog = queued_tokens / (self.perf.prefill_tokens_per_s(ttft_ms) * self.config.backlog_drain_s)
+        return _Health(trouble, max(ttft_ratio, queue_ratio), backlog)
 
     def _decode_health(self, obs: Observation, pools: dict[Role, _Pool]) -> _Health:
-        """ITL P90 and the decode workers' step time against the ITL target; their KV use."""
+        """ITL P90 and the decode workers' step time against the ITL target; their KV use; requests
+        waiting for a decode slot (their backlog is those requests over a worker's batch)."""
         itl_ms = self.config.slo.itl_ms
         itl_ratio = (obs.frontend.itl_ms_p90 or 0.0) / itl_ms
         decoding = pools["decode"].active or [w for w in obs.workers if w.state == "active" and w.role == "both"]
@@ -198,11 +271,18 @@ class Planner:
         step_ratio = step_ms / itl_ms
         kv_ratio = (sum(w.kv_used_fraction for w in decoding) / len(decoding) / self.thresholds.kv_pressure
                     if decoding else 0.0)
+        isl, osl, _ = self._lengths
+        batch = self.perf.decode_batch(itl_ms, isl + osl / 2, isl + osl)
+        waiting = sum(w.num_waiting for w in pools["decode"].active)
+        backlog = waiting / batch
+        queue_ratio = backlog / self.thresholds.decode_queue_workers
         if itl_ratio > 1 or step_ratio > 1:
             trouble = "itl_over_slo"
+        elif kv_ratio > 1:
+            trouble = "kv_pressure"
         else:
-            trouble = "kv_pressure" if kv_ratio > 1 else None
-        return _Health(trouble, max(itl_ratio, step_ratio, kv_ratio))
+            trouble = "decode_queue" if queue_ratio > 1 else None
+        return _Health(trouble, max(itl_ratio, step_ratio, kv_ratio, queue_ratio), backlog)
 
     def _has_slack(self, health: _Health) -> bool:
         return health.trouble is None and health.worst_ratio < self.thresholds.slack_fraction
@@ -241,24 +321,61 @@ class Planner:
         return self.config.max_workers - num_both - sum(p.count for p in pools.values())
 
     # ---- the reactive loop ---------------------------------------------------------------------
+    def _need_now(self, role: Role) -> float:
+        """Workers `role` needs (x (1 + headroom)) for the rate seen now at the latest lengths."""
+        rate, (isl, osl, hit) = self.rate_now(), self._lengths
+        slo = self.config.slo
+        if role == "prefill":
+            need = self.perf.prefill_workers_needed(rate, isl, hit, slo.ttft_ms)
+        else:
+            need = self.perf.decode_workers_needed(rate, isl, osl, slo.itl_ms)
+        return need * (1 + self.config.headroom)
+
     def _reactive(self, obs: Observation, pools: dict[Role, _Pool], num_both: int,
                   health: dict[Role, _Health]) -> Decision:
-        actions: list[Action] = []
+        """Size each pool in trouble (or over capacity for the rate now) at once; cut both to the
+        budget together; flip one worker where the other pool can spare it, add the rest."""
+        want: dict[Role, int] = {}
+        reasons: dict[Role, str] = {}
+        for role in POOLS:
+            pool = pools[role]
+            need = self._need_now(role)
+            over = need / (1 + self.config.headroom) > pool.count  # estimated utilisation above 1
+            if pool.count < self._minimum(role):
+                want[role], reasons[role] = self._minimum(role), "minimum"
+            elif health[role].trouble is not None or over:
+                wanted = math.ceil(need + health[role].backlog_workers - 1e-9)
+                if wanted <= pool.count and pool.incoming == 0 and health[role].trouble is not None:
+                    wanted = pool.count + 1  # trouble the model does not explain: one more, then look again
+                want[role] = max(pool.count, wanted)
+                reasons[role] = health[role].trouble or "over_capacity"
+            else:
+                want[role] = pool.count
         held = ""
+        budget = self.config.max_workers - num_both
+        if sum(want.values()) > budget:  # cut the pool furthest over its need for the rate now first
+            held = "at_budget"
+            while sum(want.values()) > budget:
+                cuttable = [r for r in POOLS if want[r] > max(pools[r].count, self._minimum(r))]
+                if not cuttable:
+                    break
+                role = max(cuttable, key=lambda r: want[r] / max(self._need_now(r), 1e-9))
+                want[role] -= 1
+        actions: list[Action] = []
         for role in POOLS:
             pool, other = pools[role], pools[_other(role)]
-            if pool.count < self._minimum(role):
-                reason = "minimum"
-            elif health[role].trouble is not None and pool.incoming == 0:
-                reason = health[role].trouble
-            else:
-                continue
-            if (reason != "minimum" and self.config.allow_flips
+            missing = want[role] - pool.count
+            if (missing > 0 and reasons[role] != "minimum" and self.config.allow_flips
+                    and want[other.role] <= other.count
+                    and other.count - 1 >= math.ceil(self._need_now(other.role) - 1e-9)
                     and self._may_give(other, health[other.role], obs.time_s, need_slack=True)):
-                actions.append(self._flip(other, pool, reason, obs.time_s))
-            elif self._budget_left(pools, num_both) > 0:
-                actions.append(self._add(pool, reason, obs.time_s))
-            else:
+                actions.append(self._flip(other, pool, reasons[role], obs.time_s))
+                want[other.role] -= 1  # the worker it gave is not missing there
+                missing -= 1
+            while missing > 0 and self._budget_left(pools, num_both) > 0:
+                actions.append(self._add(pool, reasons[role], obs.time_s))
+                missing -= 1
+            if missing > 0:
                 held = "at_budget"
         return Decision(obs.time_s, pools["prefill"].count, pools["decode"].count, tuple(actions), "reactive",
                         self._explain(obs, health, held=held), reason=held)
@@ -269,25 +386,31 @@ class Planner:
         self._last_predictive_s = obs.time_s
         window, self._window = self._window, _Window()
         rate, isl, osl = self._forecast(window)
+        rate = max(rate, self.rate_now())
         slo = self.config.slo
         needs = {"prefill": self.perf.prefill_workers_needed(rate, isl, window.prefix_hit_rate, slo.ttft_ms),
                  "decode": self.perf.decode_workers_needed(rate, isl, osl, slo.itl_ms)}
         targets, cut = self._targets(needs, num_both)
-        actions, held = self._move_toward(targets, pools, num_both, health, obs.time_s)
+        floors = self._scale_down_floors(targets, obs.time_s)
+        actions, held = self._move_toward(targets, floors, pools, num_both, health, obs.time_s)
         held = "at_budget" if cut else held
-        forecast = f"rate {window.rate():.2f} req/s -> forecast {rate:.2f} req/s, ISL {isl:.0f}, OSL {osl:.0f}"
+        forecast = (f"rate {window.rate():.2f} req/s -> {rate:.2f} req/s (the highest forecast over the next "
+                    f"{self.lead_s():.0f} s, or the rate now), ISL {isl:.0f}, OSL {osl:.0f}")
         return Decision(obs.time_s, targets["prefill"], targets["decode"], tuple(actions), "predictive",
                         self._explain(obs, health, forecast=forecast, needs=needs, held=held), reason=held)
 
     def _forecast(self, window: _Window) -> tuple[float, float, float]:
-        """Feed the window to the predictors; forecast rate, ISL and OSL one interval ahead."""
+        """Feed the window to the predictors; forecast the highest rate over the lead time, and ISL
+        and OSL one interval ahead."""
         self.rate_predictor.update(window.rate())
         isl, osl = _Window.mean(window.isl_weighted), _Window.mean(window.osl_weighted)
         if isl is not None:
             self.isl_predictor.update(isl)
         if osl is not None:
             self.osl_predictor.update(osl)
-        return self.rate_predictor.forecast(1), self.isl_predictor.forecast(1), self.osl_predictor.forecast(1)
+        horizon = math.ceil(self.lead_s() / self.config.predictive_interval_s - 1e-9)
+        return (forecast_peak(self.rate_predictor, horizon), self.isl_predictor.forecast(1),
+                self.osl_predictor.forecast(1))
 
     def _targets(self, needs: dict[Role, float], num_both: int) -> tuple[dict[Role, int], bool]:
         """ceil(need x (1 + headroom)), at least the minimum; cut to the budget (the larger target
@@ -303,8 +426,18 @@ class Planner:
             targets[role] -= 1
         return targets, cut
 
-    def _move_toward(self, targets: dict[Role, int], pools: dict[Role, _Pool], num_both: int,
-                     health: dict[Role, _Health], time_s: float) -> tuple[list[Action], str]:
+    def _scale_down_floors(self, targets: dict[Role, int], time_s: float) -> dict[Role, int]:
+        """What each pool may be cut to: the latest target when the rate predictor knows the load's
+        period, else the largest target of the last `scale_down_window_s`."""
+        self._recent_targets.append((time_s, dict(targets)))
+        while self._recent_targets[0][0] < time_s - self.thresholds.scale_down_window_s:
+            self._recent_targets.popleft()
+        if getattr(self.rate_predictor, "period", None) is not None:
+            return dict(targets)
+        return {role: max(t[role] for _, t in self._recent_targets) for role in POOLS}
+
+    def _move_toward(self, targets: dict[Role, int], floors: dict[Role, int], pools: dict[Role, _Pool],
+                     num_both: int, health: dict[Role, _Health], time_s: float) -> tuple[list[Action], str]:
         actions: list[Action] = []
         for role in POOLS:  # flips: one pool over its target, the other under
             pool, other = pools[role], pools[_other(role)]
@@ -318,11 +451,10 @@ class Planner:
                     held = "at_budget"
                     break
                 actions.append(self._add(pools[role], "forecast", time_s))
-        removable = [r for r in POOLS if pools[r].count > targets[r]
-                     and self._may_give(pools[r], health[r], time_s, need_slack=True)]
-        if removable:  # one removal per loop, from the pool with the largest excess
-            role = max(removable, key=lambda r: pools[r].count - targets[r])
-            actions.append(self._remove(pools[role], "idle", time_s))
+        for role in POOLS:  # removals: an idle pool's whole excess, its least-loaded workers
+            if self._may_give(pools[role], health[role], time_s, need_slack=True):
+                while pools[role].count > floors[role] and pools[role].active:
+                    actions.append(self._remove(pools[role], "idle", time_s))
         return actions, held
 
     # ---- the log line --------------------------------------------------------------------------

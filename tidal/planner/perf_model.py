@@ -94,6 +94,7 @@ class PerfModel:
         self.max_decode_batch = min(max_decode_batch or self.config.max_decode_batch, self.config.max_decode_batch)
         self.prefill_correction = 1.0
         self.decode_correction = 1.0
+        self.kv_capacity_tokens = 0  # a decode worker's KV cache, as the workers report it (0: unknown)
 
     @classmethod
     def from_profile(cls, profile: Profile, config: PerfModelConfig | None = None) -> PerfModel:
@@ -119,9 +120,13 @@ class PerfModel:
         tokens = self.prefill_step_tokens(ttft_ms)
         return tokens / (self.prefill_correction * self.step_times.prefill_s(tokens))
 
-    def decode_batch(self, itl_ms: float, context_len: float) -> int:
-        """The largest decode batch (>= 1) whose corrected step time fits the ITL target."""
-        return _largest_under(lambda b: self.decode_step_s(b, context_len), itl_ms / 1000, self.max_decode_batch)
+    def decode_batch(self, itl_ms: float, context_len: float, kv_tokens_per_seq: float | None = None) -> int:
+        """The largest decode batch (>= 1) whose corrected step time fits the ITL target and, when the
+        workers report their KV capacity, whose sequences (`kv_tokens_per_seq` each) fit in it."""
+        cap = self.max_decode_batch
+        if self.kv_capacity_tokens and kv_tokens_per_seq:
+            cap = max(1, min(cap, int(self.kv_capacity_tokens // kv_tokens_per_seq)))
+        return _largest_under(lambda b: self.decode_step_s(b, context_len), itl_ms / 1000, cap)
 
     def decode_step_s(self, batch: float, context_len: float) -> float:
         return self.decode_correction * self.step_times.decode_s(batch, context_len)
@@ -135,7 +140,7 @@ class PerfModel:
     def decode_workers_needed(self, rate: float, isl: float, osl: float, itl_ms: float) -> float:
         """Concurrent sequences (rate x OSL x step time, Little's law) / the largest batch fitting ITL."""
         context_len = isl + osl / 2
-        batch = self.decode_batch(itl_ms, context_len)
+        batch = self.decode_batch(itl_ms, context_len, isl + osl)
         concurrent = rate * osl * self.decode_step_s(batch, context_len)
         return concurrent / batch
 
@@ -148,6 +153,8 @@ class PerfModel:
         observed = {"prefill": 0.0, "decode": 0.0}
         predicted = {"prefill": 0.0, "decode": 0.0}
         for w in workers:
+            if w.role != "prefill" and w.kv_capacity_tokens:
+                self.kv_capacity_tokens = w.kv_capacity_tokens
             if w.state != "active" or w.steps <= 0 or w.step_s_mean <= 0:
                 continue
             model_s = self.step_times.step_s(w.prefill_tokens / w.steps, w.decode_batch_mean,

@@ -8,16 +8,25 @@ extrapolated far enough would say otherwise; load is floored at zero).
 - `MovingAverage(window)`: the mean of the last `window` values (flat: the same for any horizon).
 - `Holt(alpha, beta)`: Holt's linear trend (double exponential smoothing), a level and a trend;
   the forecast h steps ahead is level + h x trend, so a rising rate forecasts higher.
+- `Seasonal()`: periodic load (a square wave, a daily cycle). It looks for a period in its history
+  (the lag with the strongest autocorrelation, once two periods are seen) and forecasts a step by
+  the values one, two and three periods before it; with no period found it is Holt.
 - `Arima(order)`: statsmodels' ARIMA refitted on the recent history at each forecast. Optional:
   statsmodels is not a dependency; constructing one without it raises a clear ImportError.
+
+`forecast_peak(predictor, horizon_steps)` is the largest forecast over the next steps: what the
+planner sizes for when capacity takes that long to arrive.
 
 `make_predictor(name)` builds one by the names `PlannerConfig.predictor` accepts.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Protocol
+
+import numpy as np
 
 
 class Predictor(Protocol):
@@ -115,12 +124,88 @@ class Arima:
         return max(0.0, predicted)
 
 
+class Seasonal:
+    """Periodic load: a forecast by the same phase of earlier periods, Holt's when there is no period.
+
+    The period is the lag L (in steps, `min_lag` <= L <= n/2, so at least one whole period of pairs)
+    maximising the autocorrelation r(L) = sum((x[t] - m)(x[t-L] - m)) / sum((x[t] - m)^2) x n/(n-L);
+    it is accepted when r(L) >= `threshold` and the series varies (standard deviation at least
+    `min_variation` of its mean). Of the lags within 10% of the best r, the shortest wins (so a
+    multiple of the period never does). The forecast h steps after the latest value (index n-1) is
+    the mean of x[n-1+h-kL] over the `seasons` smallest k >= 1 that land in the history.
+    The period is searched again every `recheck_steps` updates (and whenever none is known yet).
+    """
+
+    def __init__(self, min_lag: int = 3, threshold: float = 0.6, seasons: int = 3, min_variation: float = 0.1,
+                 max_history: int = 2000, recheck_steps: int = 1):
+        if min_lag < 2 or seasons < 1:
+            raise ValueError(f"Seasonal needs min_lag >= 2 and seasons >= 1, not {min_lag}, {seasons}")
+        self.min_lag = min_lag
+        self.threshold = threshold
+        self.seasons = seasons
+        self.min_variation = min_variation
+        self.recheck_steps = recheck_steps
+        self._values: deque[float] = deque(maxlen=max_history)
+        self._holt = Holt()
+        self.period: int | None = None
+        self._since_check = 0
+
+    def update(self, value: float) -> None:
+        self._values.append(float(value))
+        self._holt.update(value)
+        self._since_check += 1
+        if self.period is None or self._since_check >= self.recheck_steps:
+            self.period = find_period(list(self._values), self.min_lag, self.threshold, self.min_variation)
+            self._since_check = 0
+
+    def forecast(self, horizon_steps: int = 1) -> float:
+        if self.period is None:
+            return self._holt.forecast(horizon_steps)
+        n, lag = len(self._values), self.period
+        k = max(1, math.ceil(horizon_steps / lag))
+        picked = []
+        while len(picked) < self.seasons:
+            index = n - 1 + horizon_steps - k * lag
+            if index < 0:
+                break
+            picked.append(self._values[index])
+            k += 1
+        return max(0.0, sum(picked) / len(picked)) if picked else self._holt.forecast(horizon_steps)
+
+
+def find_period(values: list[float], min_lag: int = 3, threshold: float = 0.6,
+                min_variation: float = 0.1) -> int | None:
+    """The period of `values` in steps (see `Seasonal`), or None."""
+    x = np.asarray(values, dtype=np.float64)
+    n = len(x)
+    if n < 2 * min_lag:
+        return None
+    mean = float(x.mean())
+    centred = x - mean
+    power = float(np.dot(centred, centred))
+    if power <= 0 or math.sqrt(power / n) < min_variation * abs(mean):
+        return None
+    lags = np.arange(min_lag, n // 2 + 1)
+    r = np.array([np.dot(centred[lag:], centred[:-lag]) / power * n / (n - lag) for lag in lags])
+    best = float(r.max())
+    if best < threshold:
+        return None
+    return int(lags[np.argmax(r >= 0.9 * best)])
+
+
+def forecast_peak(predictor: Predictor, horizon_steps: int) -> float:
+    """The largest of the forecasts 1..horizon_steps steps ahead."""
+    return max(predictor.forecast(h) for h in range(1, max(1, horizon_steps) + 1))
+
+
 def make_predictor(name: str) -> Predictor:
-    """A fresh predictor by name: `moving_average`, `holt` or `arima` (default parameters)."""
+    """A fresh predictor by name: `moving_average`, `holt`, `seasonal` or `arima` (default parameters)."""
     if name == "moving_average":
         return MovingAverage()
     if name == "holt":
         return Holt()
+    if name == "seasonal":
+        return Seasonal()
     if name == "arima":
         return Arima()
-    raise ValueError(f"unknown predictor {name!r}: expected 'moving_average', 'holt' or 'arima'")
+    raise ValueError(f"unknown predictor {name!r}: expected 'moving_average', 'holt', 'seasonal' or 'arima'")

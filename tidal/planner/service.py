@@ -96,7 +96,8 @@ class ObservationCollector:
             prefill_tokens=stats.prefill_tokens_total - last.prefill_tokens_total,
             decode_tokens=stats.generation_tokens - last.generation_tokens,
             decode_batch_mean=seqs / steps if steps else 0.0,
-            context_tokens_mean=(stats.context_tokens_total - last.context_tokens_total) / seqs if seqs else 0.0)
+            context_tokens_mean=(stats.context_tokens_total - last.context_tokens_total) / seqs if seqs else 0.0,
+            kv_capacity_tokens=stats.kv_blocks_total * worker.client.ready.block_size if worker.client.ready else 0)
 
 
 class PlannerService:

@@ -34,6 +34,7 @@ class WorkerObservation:
     decode_tokens: int = 0  # output tokens produced in the interval
     decode_batch_mean: float = 0.0  # mean decode sequences per step
     context_tokens_mean: float = 0.0  # mean context length of those sequences
+    kv_capacity_tokens: int = 0  # tokens its KV cache holds (0: not reported)
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,17 @@ class PlannerConfig:
     """The fast loop: acts when queues or estimated TTFT/ITL cross their targets."""
     predictive_interval_s: float = 30.0
     """The slow loop: forecasts rate and lengths, sizes each pool from the performance model."""
-    predictor: Literal["moving_average", "holt", "arima"] = "holt"
+    predictor: Literal["moving_average", "holt", "seasonal", "arima"] = "seasonal"
+    """Forecasts the request rate, ISL and OSL one predictive interval per step; `seasonal` finds a
+    period when there is one (Holt otherwise)."""
     headroom: float = 0.15
     """Size pools for (1 + headroom) x the forecast load."""
+    worker_startup_s: float = 30.0
+    """How long an added worker takes to serve, before the planner has seen one start (then it uses
+    what it saw). The predictive loop sizes for the highest rate forecast over the next start-up
+    time + predictive interval: the soonest capacity it orders now can help."""
+    backlog_drain_s: float = 20.0
+    """The reactive loop sizes a pool in trouble to serve the current rate plus its queue within this."""
     scale_down_cooldown_s: float = 30.0
     """No removal or flip away from a pool within this long of adding to it (no flapping)."""
     allow_flips: bool = True

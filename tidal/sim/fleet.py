@@ -580,6 +580,7 @@ class Fleet:
             num_running=len(worker.batch) + (1 if worker.prefill_busy else 0),
             num_waiting=len(worker.queue) + len(worker.waiting) + held, pending_prefill_tokens=worker.pending_tokens,
             kv_used_fraction=worker.kv_used / self.config.kv_capacity_tokens, steps=round(steps),
+            kv_capacity_tokens=self.config.kv_capacity_tokens,
             step_s_mean=stats.busy_s / steps if steps else 0.0, prefill_tokens=stats.prefill_tokens,
             decode_tokens=round(stats.decode_tokens),
             decode_batch_mean=stats.batch_steps / steps if steps else 0.0,
