@@ -23,7 +23,7 @@ import pytest
 from tidal.perf.profile import DecodePoint, PrefillPoint, Profile
 from tidal.planner.core import Planner
 from tidal.planner.perf_model import LinearStepTimes, PerfModel, PerfModelConfig
-from tidal.planner.predictors import Arima, Holt, MovingAverage, make_predictor
+from tidal.planner.predictors import Arima, Holt, MovingAverage, Seasonal, find_period, forecast_peak, make_predictor
 from tidal.planner.types import (SLO, Action, FrontendObservation, Observation, PlannerConfig,
                                  WorkerObservation)
 
@@ -401,6 +401,108 @@ def test_make_predictor_and_arima():
     for i in range(20):
         arima.update(10 + i)
     assert arima.forecast(1) == pytest.approx(30, rel=0.1)
+
+
+def test_find_period_of_a_square_wave():
+    # 14 steps at 10, 6 at 40, repeated: period 20. Two periods are needed (lags up to n/2).
+    wave = [40.0 if i % 20 >= 14 else 10.0 for i in range(60)]
+    assert find_period(wave) == 20
+    assert find_period(wave[:30]) is None  # 30 values: lags up to 15 < 20, nothing repeats yet
+    assert find_period([25.0] * 60) is None  # flat: no variation
+    rng = random.Random(1)
+    assert find_period([rng.uniform(0, 50) for _ in range(200)]) is None  # noise: no lag correlates
+
+
+def test_seasonal_forecasts_by_phase_and_falls_back_to_holt():
+    seasonal = Seasonal()
+    for value in (10, 12, 14):  # no period yet: Holt (an exact ramp: 16 next)
+        seasonal.update(value)
+    assert seasonal.period is None and seasonal.forecast(1) == pytest.approx(16.0)
+    seasonal = Seasonal()
+    wave = [40.0 if i % 20 >= 14 else 10.0 for i in range(60)]  # the last value is index 59 (phase 19)
+    for value in wave:
+        seasonal.update(value)
+    assert seasonal.period == 20
+    assert seasonal.forecast(1) == 10.0  # index 60: phase 0 (calm), seen at 40, 20, 0
+    assert seasonal.forecast(15) == 40.0  # index 74: phase 14 (burst), seen at 54, 34, 14
+    # what the planner sizes for: the highest forecast over the next steps
+    assert forecast_peak(seasonal, 14) == 10.0 and forecast_peak(seasonal, 15) == 40.0
+    assert isinstance(make_predictor("seasonal"), Seasonal)
+
+
+# ---- whole-gap growth, the decode queue, KV capacity, start-up ----------------------------------
+def test_reactive_grows_a_pool_by_its_whole_gap():
+    # rate 20 req/s (the only call so far): prefill 20 x 1500 / 10,000 = 3 -> x 1.15 = 3.45, TTFT over:
+    # ceil(3.45) = 4, have 1 -> add 3. Decode: 20 x 200 x 0.05 / 40 = 5 <= 6 running, ITL 40/50 (no slack
+    # to give, not in trouble): untouched.
+    planner = make_planner(max_workers=16)
+    workers = [prefill(0)] + [decode(i) for i in range(6)]
+    decision = planner.step(observe(0, workers, request_rate=20.0, ttft_ms_p90=1500.0, itl_ms_p90=40.0))
+    assert decision.actions == (Action("add", "prefill", None, "ttft_over_slo"),) * 3
+
+
+def test_reactive_over_capacity_and_the_budget_cut():
+    # rate 20: prefill needs 3.45 (TTFT over: want 4), decode 5 x 1.15 = 5.75 > 2 running (utilisation
+    # over 1: over_capacity, want 6). 10 > budget 6: cut the pool furthest over its need for the rate now,
+    # want / need: prefill 4/3.45 = 1.16 > decode 6/5.75 = 1.04 -> prefill 3; then 0.87 vs 1.04 -> decode 5;
+    # 0.87 vs 0.87 (a tie: prefill first) -> prefill 2; 0.58 vs 0.87 -> decode 4. Sum 6: add 1 prefill, 2 decode.
+    planner = make_planner(max_workers=6)
+    decision = planner.step(observe(0, [prefill(0), decode(0), decode(1)], request_rate=20.0, ttft_ms_p90=1500.0,
+                                    itl_ms_p90=40.0))
+    assert decision.actions == (Action("add", "prefill", None, "ttft_over_slo"),
+                                Action("add", "decode", None, "over_capacity"),
+                                Action("add", "decode", None, "over_capacity"))
+    assert decision.reason == "at_budget"
+
+
+def test_requests_waiting_for_a_decode_slot_are_decode_trouble():
+    # 12 requests wait on the decode workers; a worker's batch is 40: 12 / 40 = 0.3 > 0.25 of a batch.
+    # The model needs 0.575 + 0.3 backlog -> ceil = 1 <= 2 running, none on its way: one more. Prefill is
+    # at its minimum, so it is added.
+    planner = make_planner()
+    decision = planner.step(observe(0, [prefill(0), decode(0, num_waiting=6), decode(1, num_waiting=6)]))
+    assert decision.actions == (Action("add", "decode", None, "decode_queue"),)
+
+
+def test_kv_capacity_caps_the_decode_batch():
+    # A decode worker reports 44,000 KV tokens: at ISL 2000 + OSL 200 = 2200 tokens a sequence, 20 fit
+    # (under the 40 the ITL target allows). At 10 req/s: 10 x 200 x 30 ms (step at batch 20) = 60 / 20 = 3.
+    perf = PerfModel(RoundSteps())
+    assert perf.decode_workers_needed(10, 2000, 200, 50) == pytest.approx(2.5)  # batch 40, 50-ms steps
+    perf.observe([decode(0, kv_capacity_tokens=44_000)])
+    assert perf.decode_batch(50, 2100, 2200) == 20
+    assert perf.decode_workers_needed(10, 2000, 200, 50) == pytest.approx(3.0)
+
+
+def test_startup_time_is_learnt_and_sets_the_lead():
+    # Configured 30 s. n0 is first seen starting at t=2 (ordered one interval before: t=0) and active
+    # at t=12: 12 s. EWMA 0.5 x 30 + 0.5 x 12 = 21; the lead is that + the 30-s predictive interval.
+    planner = make_planner(max_workers=16)
+    base = [prefill(0), decode(0)]
+    planner.step(observe(2, base + [WorkerObservation("n0", "decode", state="starting")]))
+    planner.step(observe(12, base + [WorkerObservation("n0", "decode")]))
+    assert planner.startup_s == pytest.approx(21.0)
+    assert planner.lead_s() == pytest.approx(51.0)
+
+
+def test_without_a_period_scale_down_waits_for_the_window():
+    # Holt (no period): a cut goes no lower than the largest predictive target of the last 60 s.
+    # t=30: rate 10 -> prefill 1.5 -> 2, decode 10 x 200 x 0.05 / 40 = 2.5 -> 3: the least-loaded decode
+    # worker d0 flips to prefill, and of the 4 decode left the least loaded, d1, goes.
+    # t=32..58: rate 2, nothing in trouble. t=60: window rate 2, Holt 10 -> 2 forecasts 0, the last five
+    # calls' rate is 2 -> prefill 1, decode 0.5 -> 1; but 2 and 3 were the targets 30 s ago: all stay.
+    planner = make_planner(max_workers=16, scale_down_cooldown_s=0)
+    workers = [prefill(0)] + [decode(i, num_running=i) for i in range(5)]
+    start(planner, workers)
+    first = planner.step(observe(30, workers, request_rate=10.0))
+    assert first.target_decode == 3
+    assert first.actions == (Action("flip", "prefill", "d0", "forecast"), Action("remove", "decode", "d1", "idle"))
+    left = workers[:1] + [WorkerObservation("d0", "prefill")] + workers[3:]
+    for time_s in range(32, 60, 2):
+        assert planner.step(observe(time_s, left, request_rate=2.0)).actions == ()
+    second = planner.step(observe(60, left, request_rate=2.0))
+    assert second.loop == "predictive" and (second.target_prefill, second.target_decode) == (1, 1)
+    assert second.actions == ()
 
 
 # ---- invariants over a random run ----------------------------------------------------------------
