@@ -126,6 +126,10 @@ async def test_etcd_register_list_watch_update_unregister(etcd_pair):
                 ("removed", "w0", "both")]
     await _until(lambda: recorder.events == expected, 5, f"watch events {recorder.events}")
     assert viewer.list() == owner.list() == [_worker("w1", "decode")]
+    await viewer.update(_worker("w1", "prefill"))  # a flip decided elsewhere (the planner's process)
+    await _until(lambda: owner.list() == [_worker("w1", "prefill")], 5, "the owner sees the flip")
+    await viewer.update(_worker("w9"))  # not registered: nothing is written
+    assert viewer.list() == [_worker("w1", "prefill")]
     await recorder.close()
 
 

@@ -134,9 +134,17 @@ class EtcdDiscovery:
         await self._put_or_defer(worker)
 
     async def update(self, worker: WorkerInfo) -> None:
+        """Rewrite a registered worker's record. Another process's worker keeps that process's
+        lease; a worker etcd doesn't hold is not written."""
         if worker.worker_id in self._owned:
             self._owned[worker.worker_id] = worker
             await self._put_or_defer(worker)
+            return
+        key = self._key(worker.worker_id).encode()
+        current = await self._client.get(key)
+        if current is not None:
+            result = await self._client.put(key, self._encoder.encode(worker), lease=current.lease or None)
+            self._apply_put(worker, result.header.revision)
 
     async def unregister(self, worker_id: str, reason: str = "") -> None:
         """Delete the worker's record (any worker's, not only this process's). If etcd is
@@ -222,6 +230,8 @@ class EtcdDiscovery:
         self._revisions[worker_id] = revision
         old = self._workers.get(worker_id)
         self._workers[worker_id] = worker
+        if worker_id in self._owned:
+            self._owned[worker_id] = worker  # flipped by another process: put this one after an outage
         if old is None:
             self._notify(DiscoveryEvent("added", worker))
         elif old != worker:
