@@ -84,6 +84,7 @@ class EtcdDiscovery:
         self._client = self._new_client()
         self._workers: dict[str, WorkerInfo] = {}
         self._revisions: dict[str, int] = {}  # worker id -> etcd revision of its cached record (or removal)
+        self._etcd_revision = 0  # the latest revision etcd's listings and watch events have shown
         self._owned: dict[str, WorkerInfo] = {}  # registered by this process: put again after an outage
         self._lease_id: int | None = None
         self._deleting: set[str] = set()  # unregistered while etcd was unreachable: delete when back
@@ -148,11 +149,14 @@ class EtcdDiscovery:
 
     async def unregister(self, worker_id: str, reason: str = "") -> None:
         """Delete the worker's record (any worker's, not only this process's). If etcd is
-        unreachable the keepalive loop deletes it once etcd is back."""
+        unreachable, a process that holds a lease deletes it from its keepalive loop once etcd is
+        back; one that holds none raises `aetcd.ClientError`."""
         self._owned.pop(worker_id, None)
         try:
             result = await self._client.delete(self._key(worker_id).encode())
         except aetcd.ClientError as exc:
+            if self._keepalive_task is None:
+                raise
             logger.warning("etcd delete of worker %s failed (%s); retried when etcd is back", worker_id, exc)
             self._deleting.add(worker_id)
             self._set_dirty()
@@ -202,8 +206,9 @@ class EtcdDiscovery:
         """Bring the cache to etcd's current state, notifying every difference; etcd's revision."""
         listing = await self._client.get_prefix(self.prefix.encode())
         revision = listing.header.revision
-        if revision < max(self._revisions.values(), default=0):
+        if revision < self._etcd_revision:
             self._revisions.clear()  # a new etcd (its data lost): its revisions start again from 1
+        self._etcd_revision = revision
         seen = set()
         for kv in listing:
             worker = self._decode(kv)
@@ -212,9 +217,12 @@ class EtcdDiscovery:
                 self._apply_put(worker, kv.mod_revision)
         for worker_id in [w for w in self._workers if w not in seen]:
             self._apply_removal(worker_id, revision, REMOVED_ON_RELIST)
+        # Removals older than the listing can't be contradicted by a late event any more.
+        self._revisions = {w: r for w, r in self._revisions.items() if w in self._workers or r > revision}
         return revision
 
     def _on_event(self, event: aetcd.Event) -> None:
+        self._etcd_revision = max(self._etcd_revision, event.kv.mod_revision)
         if event.kind == aetcd.EventKind.PUT:
             worker = self._decode(event.kv)
             if worker is not None:
