@@ -54,7 +54,7 @@ from tidal.router.request_log import RequestLog
 from tidal.router.policy import (POLICIES, DisaggPolicy, KVWeights, WorkerView, choose_prefill_worker,
                                  choose_worker, decide_prefill)
 from tidal.runtime.discovery import Discovery
-from tidal.runtime.events import ZmqEventSubscriber, cancel_and_wait
+from tidal.runtime.events import EventSubscriber, ZmqEventSubscriber, cancel_and_wait
 from tidal.worker.client import RoleChangeError, WorkerClient
 
 logger = logging.getLogger(__name__)
@@ -152,14 +152,17 @@ class _Plan:
 
 
 class Router:
-    def __init__(self, discovery: Discovery, config: RouterConfig = RouterConfig()):
+    def __init__(self, discovery: Discovery, config: RouterConfig = RouterConfig(),
+                 events: EventSubscriber | None = None):
+        """`events`: the event plane's subscriber (`tidal.runtime.cluster.make_event_subscriber`, with
+        topics `load` and `kv`); None: ZMQ, connecting to each worker's `event_addr`."""
         if config.policy not in POLICIES:
             raise ValueError(f"unknown routing policy {config.policy!r}; choose one of {', '.join(POLICIES)}")
         self.discovery = discovery
         self.config = config
         self.workers: dict[str, _Worker] = {}
         self.index = KVIndex()
-        self.events = ZmqEventSubscriber(("load", "kv"))
+        self.events = events if events is not None else ZmqEventSubscriber(("load", "kv"))
         self.sessions: OrderedDict[str, str] = OrderedDict()  # session id -> worker id
         self._plans: dict[str, _Plan] = {}
         self._queue: list = []  # heap of [-priority, seq, request, future]

@@ -1,10 +1,11 @@
 """Discovery: which workers exist, their roles and addresses, and when they come and go.
 
 `Discovery` is the interface callers use; `LocalDiscovery` is the embedded implementation (the
-launcher's own table, in the frontend's process). An etcd implementation (workers registered
-under a lease, so a dead worker disappears when its lease lapses) sits beside it later with the
-same interface: `register`/`unregister` by the side that owns a worker, `list`/`watch` by those
-that use it.
+launcher's own table, in the frontend's process). `tidal.runtime.etcd_discovery.EtcdDiscovery`
+sits beside it with the same interface (workers registered under a lease, so a dead worker
+disappears when its lease lapses): `register`/`unregister` by the side that owns a worker,
+`list`/`watch` by those that use it. `start()` before use and `close()` at the end (no-ops here);
+`tidal.runtime.cluster.make_discovery` picks the implementation.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ class DiscoveryEvent:
 
 
 class Discovery(Protocol):
+    async def start(self) -> None:
+        """Ready to answer `list()` (a distributed implementation has listed its workers)."""
+
+    async def close(self) -> None: ...
+
     async def register(self, worker: WorkerInfo) -> None: ...
 
     async def unregister(self, worker_id: str, reason: str = "") -> None: ...
@@ -44,6 +50,12 @@ class LocalDiscovery:
     def __init__(self) -> None:
         self._workers: dict[str, WorkerInfo] = {}
         self._watchers: list[asyncio.Queue[DiscoveryEvent]] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
 
     async def register(self, worker: WorkerInfo) -> None:
         self._workers[worker.worker_id] = worker

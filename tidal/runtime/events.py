@@ -2,7 +2,8 @@
 
 Interfaces (`EventPublisher`, `EventSubscriber`) with the embedded implementation: ZMQ PUB/SUB,
 each worker binding its own PUB socket and subscribers connecting to every worker they learn of
-from discovery. A NATS implementation can sit beside these with the same two interfaces.
+from discovery. `tidal.runtime.nats_events` has the NATS implementation of the same two
+interfaces; `tidal.runtime.cluster` picks one.
 Events are msgspec-encoded `tidal.protocol.EventMessage` values, one topic frame before each.
 Delivery is best effort (a subscriber that connects late misses what came before); consumers
 that need a complete picture ask for a resync (KV events, issue 4).
