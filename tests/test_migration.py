@@ -7,8 +7,9 @@ from the test's event loop (launcher + router, requests as token ids; see _fleet
   with exactly the tokens of a run without the kill, the migrations are counted, and no KV block
   stays used on the surviving workers.
 - With max_migrations 0 the same kill gives the clear error.
-- A worker sent SIGTERM under load: it is drained at once, exits within its grace period, and no
-  request fails (those still running at the end of the grace period move).
+- A worker sent SIGTERM under load: it is drained at once (its health endpoint turns 503), exits
+  within its grace period, and no request fails (those still running at the end of the grace
+  period move).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import asyncio
 import random
 import time
 
+import httpx
 import pytest
 
 from _fleet import Fleet
+from _server import free_port
 from tidal.deploy.config import parse_deployment
 from tidal.frontend.engine_client import EngineDeadError
 from tidal.protocol import AddRequest, SamplingParams
@@ -31,13 +34,14 @@ PROMPT_TOKENS = (12, 160)  # below and above the remote-prefill threshold (64)
 GRACE_S = 1.0
 
 
-def _deployment(prefill: int, decode: int, **frontend):
+def _deployment(prefill: int, decode: int, health_port: int | None = None, **frontend):
     return parse_deployment({
         "model": "dummy:tiny-llama",
         "frontend": frontend,
         "engine": {"dtype": "float32", "num_kv_blocks": 512, "token_budget": 256, "seed": 1},
         "disaggregation": {"local_prefill_threshold": 64},
-        "workers": [{"role": role, "count": n, "num_threads": 1, "drain_grace_s": GRACE_S}
+        "workers": [{"role": role, "count": n, "num_threads": 1, "drain_grace_s": GRACE_S,
+                     **({"health_port": health_port} if role == "decode" and health_port else {})}
                     for role, n in (("prefill", prefill), ("decode", decode)) if n],
     })
 
@@ -164,8 +168,11 @@ async def test_past_max_migrations_the_client_gets_the_error():
 
 
 async def test_sigterm_drains_the_worker_and_drops_nothing():
-    async with Fleet(_deployment(prefill=1, decode=2)) as fleet:
+    port = free_port()  # decode-0's health endpoint; decode-1's is the next one
+    async with Fleet(_deployment(prefill=1, decode=2, health_port=port)) as fleet:
         router = fleet.router
+        health = f"http://127.0.0.1:{port + 1}"
+        assert httpx.get(health + "/health").json() == {"worker_id": "decode-1", "status": "ready"}
         short, long = _requests(12, 24, seed=2), _requests(8, 1000, seed=3)  # long ones outlast the grace
         started = asyncio.Event()
         tasks = [asyncio.create_task(_run(router, r, started)) for r in short + long]
@@ -177,6 +184,8 @@ async def test_sigterm_drains_the_worker_and_drops_nothing():
         while not router.workers["decode-1"].draining:
             assert time.monotonic() - sent < 2, "the leaving worker was not drained"
             await asyncio.sleep(0.01)
+        assert httpx.get(health + "/health").status_code == 503  # a readiness probe takes it out
+        assert httpx.get(health + "/live").json()["status"] == "leaving"
         late = [asyncio.create_task(_run(router, r)) for r in _requests(6, 16, seed=4)]  # routed elsewhere
         await asyncio.to_thread(process.join, 10)
         exited_s = time.monotonic() - sent
