@@ -196,6 +196,8 @@ def test_index_equals_ground_truth_after_dropped_events_and_resyncs(seed):
 class _StubClient:
     """TEST DOUBLE of WorkerClient: a role, health and a load report; runs nothing."""
 
+    leaving = False
+
     def __init__(self, worker_id: str, role: str = "both") -> None:
         self.worker_id, self.role = worker_id, role
         self.dumps_requested = 0

@@ -120,8 +120,18 @@ def deployment_from_args(args: argparse.Namespace):
         "frontend": {"host": args.host or "127.0.0.1", "port": 8000 if args.port is None else args.port,
                      "max_request_body_bytes": args.max_request_body_bytes, "log_level": args.log_level},
         "engine": {k: v for k, v in engine.items() if v is not None},
-        "workers": [{"role": "both", "devices": devices, "tensor_parallel_size": tp, "num_threads": args.num_threads}],
+        "workers": [{"role": "both", "devices": devices, "tensor_parallel_size": tp, "num_threads": args.num_threads,
+                     "drain_grace_s": args.drain_grace_s}],
     }, "command line")
+
+
+def with_max_migrations(deployment, max_migrations: int):
+    """The deployment with `frontend.max_migrations` set from the command line (validated)."""
+    from tidal.deploy.config import parse_deployment
+
+    data = deployment.model_dump(exclude_unset=True)
+    data.setdefault("frontend", {})["max_migrations"] = max_migrations
+    return parse_deployment(data, "command line")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=None, help="frontend port (overrides the config's)")
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--max-request-body-bytes", type=int, default=8 << 20)
+    serve.add_argument("--max-migrations", type=int, default=None,
+                       help="times a request may move to another worker when its worker dies or leaves "
+                            "mid-stream (default: the config's frontend.max_migrations, 3)")
+    serve.add_argument("--drain-grace-s", type=float, default=30.0,
+                       help="after SIGTERM a worker finishes its requests for up to this long (without -f; "
+                            "with -f: workers.N.drain_grace_s)")
     sim = sub.add_parser("sim", help="the real frontend and router in front of N simulated workers")
     sim.add_argument("--workers", type=int, default=8)
     sim.add_argument("--speedup", type=float, default=1.0, help="simulated time runs this many times faster")
@@ -170,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                 deployment = load_deployment(args.config)
             else:
                 deployment = deployment_from_args(args)
+            if args.max_migrations is not None:
+                deployment = with_max_migrations(deployment, args.max_migrations)
         except DeploymentError as exc:
             print(f"tidal serve: {exc}", file=sys.stderr)
             return 2

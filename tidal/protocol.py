@@ -91,6 +91,9 @@ class AddRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     kv_transfer_params: KVTransferParams | None = None
     output_token_ids: list[int] = []
     routing: RoutingHints | None = None
+    # Migration. The prompt's last `num_resumed_tokens` are this request's own output, sampled on a
+    # worker that went away; a seeded request skips that many draws so its random stream continues.
+    num_resumed_tokens: int = 0
 
 
 class AbortRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -163,6 +166,10 @@ class EngineStats(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     context_tokens_total: int = 0  # context length of those sequences, summed (/ decode_seqs: mean)
 
 
+KV_TRANSFER_FAILED = "KV transfer failed"
+"""How a decode worker's error for a failed KV pull begins (the router moves such a request)."""
+
+
 class StepOutputs(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """What a worker sends back after a step: the deltas plus a load snapshot."""
 
@@ -188,6 +195,21 @@ class RoleRefused(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
     worker_id: str
     role: str  # the role it keeps
+    reason: str
+
+
+class WorkerLeaving(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """A worker got SIGTERM: route nothing new to it. It finishes what it has for up to `grace_s`
+    seconds, then sends `WorkerGone` and exits."""
+
+    worker_id: str
+    grace_s: float
+
+
+class WorkerGone(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """A worker's last message before it exits: requests it still had will get no more deltas."""
+
+    worker_id: str
     reason: str
 
 
@@ -265,5 +287,5 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 
 RequestPlaneMessage = Connect | AddRequest | AbortRequest | ReleaseKV | KVDumpRequest | SetRole | Shutdown
-WorkerMessage = WorkerReady | RoleRefused | StepOutputs | KVDump
+WorkerMessage = WorkerReady | RoleRefused | StepOutputs | KVDump | WorkerLeaving | WorkerGone
 EventMessage = LoadReport | KVEventBatch

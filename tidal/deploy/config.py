@@ -9,13 +9,13 @@ prefill worker's token budget and a decode worker's sequence cap default to what
 says suits the role (`resolve_role_limits`).
 
     model: null                     # GGUF file, HF folder, dummy:ARCH; null: embedded SmolLM2
-    frontend: {host: 127.0.0.1, port: 8000, router: kv, max_queue: 1024, queue_timeout_s: 30}
+    frontend: {host: 127.0.0.1, port: 8000, router: kv, max_queue: 1024, queue_timeout_s: 30, max_migrations: 3}
     disaggregation: {local_prefill_threshold: 512, max_prefill_queue_tokens: 16384}
     kv_transfer: {backend: auto, timeout_s: 30}
     engine: {dtype: auto, token_budget: 256, kv_cache_memory_gib: 0.5, ...}
     workers:
       - {role: prefill, count: 1, devices: [cpu], engine: {token_budget: 512}}
-      - {role: decode, count: 1, engine: {profile: profile.json, itl_target_ms: 50}}
+      - {role: decode, count: 1, drain_grace_s: 30, engine: {profile: profile.json, itl_target_ms: 50}}
       # or, one worker over 4 GPUs (tensor parallel; aggregated only, for now):
       - {role: both, count: 1, tensor_parallel_size: 4, devices: [cuda:0, cuda:1, cuda:2, cuda:3]}
     planner:                        # optional: `tidal serve` runs the SLA planner (docs/planner.md)
@@ -75,6 +75,9 @@ class FrontendSection(_Strict):
     """Requests that may wait in the router; beyond it they get 503 with Retry-After."""
     queue_timeout_s: float = Field(30.0, gt=0)
     """A request that waited this long gets 503 with Retry-After."""
+    max_migrations: int = Field(3, ge=0)
+    """Times a request may move to another worker when its worker dies or leaves mid-stream (the
+    prompt plus the tokens streamed so far go to the new one); past that the client gets the error."""
     max_request_body_bytes: int = Field(8 << 20, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -132,6 +135,12 @@ class WorkerSection(_Strict):
     """Devices (processes) each worker of this group spans; its rank 0 runs the engine."""
     num_threads: int | None = Field(None, gt=0)
     """Torch threads per worker; default: the machine's cores shared among CPU workers."""
+    drain_grace_s: float = Field(30.0, ge=0)
+    """After SIGTERM a worker takes no new requests and exits once its own are done, or after this
+    long (requests still running then move to other workers)."""
+    health_port: int | None = Field(None, ge=1, le=65535)
+    """Each worker of this group serves /live and /health over HTTP (Kubernetes probes), replica i
+    on health_port + i; default: no health endpoint (the frontend's /health covers a local deployment)."""
     engine: EngineSection | None = None
 
     @model_validator(mode="after")
@@ -287,7 +296,7 @@ class Deployment(_Strict):
         return RouterConfig(policy=f.router, seed=self.engine.seed or 0,
                             weights=KVWeights(overlap_weight=f.kv_overlap_weight, temperature=f.kv_temperature),
                             max_pending_prefill_tokens=f.max_pending_prefill_tokens, max_queue=f.max_queue,
-                            queue_timeout_s=f.queue_timeout_s,
+                            queue_timeout_s=f.queue_timeout_s, max_migrations=f.max_migrations,
                             disagg=DisaggPolicy(local_prefill_threshold=d.local_prefill_threshold,
                                                 max_prefill_queue_tokens=d.max_prefill_queue_tokens))
 

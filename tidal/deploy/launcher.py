@@ -3,13 +3,16 @@
 Owns the worker processes and a scratch folder (in /dev/shm when there is one) that holds their
 socket files and shared-memory KV caches. Each worker is registered in discovery as soon as it
 is spawned (clients connect and wait for its `WorkerReady`); a worker that exits on its own is
-reported, unregistered (so its open requests fail at once with a clear error, and routing stops
-choosing it) and its files are removed. `stop()` sends SIGTERM to every worker, waits, kills
-what is left, and removes the folder.
+reported, unregistered (so routing stops choosing it and its open requests move to other workers,
+or fail with a clear error when none can take them) and its files are removed. `stop()` (the
+whole deployment going down) sends SIGUSR1 to every worker: stop after the current step, no
+grace period; waits, kills what is left, and removes the folder. `terminate_worker` sends one
+worker SIGTERM: it leaves gracefully (see `tidal.worker.worker`).
 
 The planner's local actuator changes the fleet while it runs: `add_worker(role, device)` spawns and
 registers one more worker (named `ROLE-N`, N one past the highest used), `remove_worker` stops one
-(the caller drains it first) and unregisters it, `set_role` records a flipped worker's new role
+(the caller drains it first; SIGTERM, so anything left gets the worker's grace period) and
+unregisters it, `set_role` records a flipped worker's new role
 (its id keeps the old name: ids are names, roles are what discovery says).
 
 `serve_deployment` is `tidal serve -f CONFIG.yaml`: launcher + router + HTTP frontend (+ the planner
@@ -26,6 +29,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -68,18 +72,22 @@ class Launcher:
         groups = self.deployment.worker_groups()
         num_cpu_ranks = sum(devices.count("cpu") for _, _, devices in groups) or 1
         self._default_threads = max(1, (os.cpu_count() or 1) // num_cpu_ranks)
+        replica: dict[int, int] = {}  # id(section) -> replicas of it so far
         for worker_id, section, devices in groups:
-            await self._spawn(worker_id, section, devices)
+            n = replica[id(section)] = replica.get(id(section), -1) + 1
+            health_port = None if section.health_port is None else section.health_port + n
+            await self._spawn(worker_id, section, devices, health_port)
         self._supervisor = asyncio.create_task(self._supervise())
 
-    async def _spawn(self, worker_id: str, section: WorkerSection, devices: tuple[str, ...]) -> WorkerInfo:
+    async def _spawn(self, worker_id: str, section: WorkerSection, devices: tuple[str, ...],
+                     health_port: int | None = None) -> WorkerInfo:
         device, tp = devices[0], section.tensor_parallel_size
         spec = WorkerSpec(
             worker_id=worker_id, role=section.role, engine=self.deployment.engine_config(section, device, devices),
             request_addr=f"ipc://{self.dir}/{worker_id}.req", event_addr=f"ipc://{self.dir}/{worker_id}.ev",
             transfer=self.deployment.transfer_config(self.dir) if tp == 1 else None,  # TP workers run aggregated
             num_threads=section.num_threads or (self._default_threads if device == "cpu" else None),
-            log_level=self.log_level)
+            log_level=self.log_level, drain_grace_s=section.drain_grace_s, health_port=health_port)
         # A daemonic process may not start processes, and a tensor-parallel worker starts its other ranks.
         process = multiprocessing.get_context("spawn").Process(target=run_worker, args=(spec,),
                                                                name=f"tidal-{worker_id}", daemon=tp == 1)
@@ -105,8 +113,8 @@ class Launcher:
         return self.deployment.engine_config(self._role_section(role), "cpu").scheduler
 
     async def add_worker(self, role: str, device: str = "cpu") -> str:
-        """Start one more worker of `role` on `device` (engine settings: `_role_section`); returns
-        its id once it is registered."""
+        """Start one more worker of `role` on `device` (engine settings: `_role_section`; no health
+        endpoint); returns its id once it is registered."""
         section = self._role_section(role)
         taken = [int(w.rsplit("-", 1)[1]) for w in self.procs if w.rsplit("-", 1)[0] == role]
         worker_id = f"{role}-{max(taken, default=-1) + 1}"
@@ -119,9 +127,10 @@ class Launcher:
         proc.reported = True  # an exit on purpose: supervision stays quiet
         if proc.process.is_alive():
             proc.process.terminate()
-        await asyncio.to_thread(proc.process.join, STOP_TIMEOUT_S)
+        timeout_s = proc.spec.drain_grace_s + STOP_TIMEOUT_S
+        await asyncio.to_thread(proc.process.join, timeout_s)
         if proc.process.is_alive():
-            logger.warning("worker %s did not stop in %.0fs; killing it", worker_id, STOP_TIMEOUT_S)
+            logger.warning("worker %s did not stop in %.0fs; killing it", worker_id, timeout_s)
             proc.process.kill()
             await asyncio.to_thread(proc.process.join, 5)
         await self.discovery.unregister(worker_id, "removed by the planner")
@@ -147,14 +156,22 @@ class Launcher:
                     continue
                 proc.reported = True
                 reason = f"exited with code {proc.process.exitcode}"
-                logger.error("worker %s (role=%s) %s; its requests fail and it gets no new ones",
-                             worker_id, proc.spec.role, reason)
+                if proc.process.exitcode == 0:
+                    logger.info("worker %s (role=%s) left", worker_id, proc.spec.role)
+                else:
+                    logger.error("worker %s (role=%s) %s; it gets no new requests and its open ones move",
+                                 worker_id, proc.spec.role, reason)
                 await self.discovery.unregister(worker_id, reason)
                 self._remove_files(worker_id)
 
     def kill_worker(self, worker_id: str) -> None:
         """SIGKILL one worker (fault tests); supervision reports it like any other death."""
         self.procs[worker_id].process.kill()
+
+    def terminate_worker(self, worker_id: str) -> None:
+        """SIGTERM one worker: it leaves gracefully (drained at once, exits within its grace period);
+        supervision then unregisters it."""
+        self.procs[worker_id].process.terminate()
 
     async def stop(self) -> None:
         self._stopping = True
@@ -163,8 +180,11 @@ class Launcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
         for proc in self.procs.values():
-            if proc.process.is_alive():
-                proc.process.terminate()  # SIGTERM: the worker finishes its step and closes
+            if proc.process.is_alive() and proc.process.pid is not None:
+                # SIGUSR1: the worker finishes its step and closes (SIGTERM would give it a grace period;
+                # the frontend has already finished or cancelled what it could).
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.process.pid, signal.SIGUSR1)
         await asyncio.gather(*(asyncio.to_thread(p.process.join, STOP_TIMEOUT_S) for p in self.procs.values()))
         for worker_id, proc in list(self.procs.items()):
             if proc.process.is_alive():

@@ -36,8 +36,8 @@ from tidal.engine.request import Request, RequestStatus
 from tidal.engine.scheduler import Scheduler
 from tidal.engine.tensor_parallel import TensorParallelGroup
 from tidal.models.loader import load_model
-from tidal.protocol import (AddRequest, AllBlocksCleared, BlockRemoved, BlockStored, EngineStats, KVEvent,
-                            KVTransferParams, TokenDelta)
+from tidal.protocol import (KV_TRANSFER_FAILED, AddRequest, AllBlocksCleared, BlockRemoved, BlockStored,
+                            EngineStats, KVEvent, KVTransferParams, TokenDelta)
 from tidal.tokenizer import load_tokenizer
 from tidal.transfer import KVTransferConfig, KVTransferError, Transfer, create_kv_transfer
 
@@ -187,15 +187,22 @@ class EngineCore:
                           self.max_model_len, add.arrival_time, hold_kv=add.hold_kv)
         request.added_time = time.monotonic()
         self.prompt_tokens_total += request.num_prompt_tokens
+        self._skip_draws(request, add.num_resumed_tokens)  # a migrated request's earlier output
         if add.kv_transfer_params is None:
             self.scheduler.add(request)
             return
         for token_id in add.output_token_ids:
             request.append_output_token(token_id)
-            if request.generator is not None:  # keep the seeded stream where it would be
-                torch.empty(self.vocab_size).exponential_(generator=request.generator)
+        self._skip_draws(request, len(add.output_token_ids))
         self.scheduler.add_waiting_for_kv(request)
         self.pulls[add.request_id] = _Pull(request, add.kv_transfer_params)
+
+    def _skip_draws(self, request: Request, n: int) -> None:
+        """Advance a seeded request's generator past `n` tokens sampled elsewhere (one draw each),
+        so its stream continues where it would be."""
+        if request.generator is not None:
+            for _ in range(n):
+                torch.empty(self.vocab_size).exponential_(generator=request.generator)
 
     def _validate(self, add: AddRequest) -> str | None:
         n = len(add.prompt_token_ids)
@@ -207,6 +214,8 @@ class EngineCore:
             return f"prompt token ids must lie in [0, {self.vocab_size})"
         if add.sampling_params.max_tokens < 1:
             return "max_tokens must be at least 1"
+        if not 0 <= add.num_resumed_tokens < n:
+            return "num_resumed_tokens must lie in [0, the prompt's length)"
         if add.request_id in self.scheduler.requests or add.request_id in self.kv.held:
             return f"request_id {add.request_id!r} is already running"
         if add.hold_kv and self.transfer is None:
@@ -319,7 +328,7 @@ class EngineCore:
             logger.warning("KV pull for %s failed: %s", request.request_id, exc)
             self.scheduler.abort(request.request_id)
             self._pending.append(TokenDelta(request_id=request.request_id, new_token_ids=[], finished=True,
-                                            finish_reason="error", error=f"KV transfer failed: {exc}"))
+                                            finish_reason="error", error=f"{KV_TRANSFER_FAILED}: {exc}"))
             return
         self.transfer_bytes_total += transfer.num_bytes
         self.transfer_seconds_total += transfer.seconds

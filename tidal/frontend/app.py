@@ -5,7 +5,8 @@ app with its own metrics registry; the caller owns the engine's lifecycle (start
 serving, shut it down after `serve_http` returns). Endpoints:
 
     POST /v1/chat/completions   POST /v1/completions   GET /v1/models[/{model}]
-    GET /health                 GET /metrics           GET /version
+    GET /health (ready to serve: 200, else 503)   GET /live (the process runs)
+    GET /metrics                GET /version
     GET /admin/workers          (each worker's role and load, when the engine is a router)
 
 Every error is answered in OpenAI's JSON shape (see `errors.py`); request bodies above
@@ -157,11 +158,21 @@ def build_app(engine: EngineClient, tokenizer: Any, served_model_name: str,
             return model_not_found(model).response()
         return json_response(_model_card(ctx))
 
+    @app.get("/live")
+    async def live() -> Response:
+        return JSONResponse({"status": "live"})
+
     @app.get("/health")
     async def health() -> Response:
-        if engine.is_healthy():
-            return Response(status_code=200)
-        return engine_unavailable("The engine is not healthy.").response()
+        """Ready to serve: a router needs a worker of every role it can't do without (one that
+        decodes); a single engine must be up. 503 otherwise."""
+        readiness = getattr(engine, "readiness", None)
+        ready, workers = readiness() if readiness is not None else (engine.is_healthy(), None)
+        if ready:
+            return JSONResponse({"status": "ready"} if workers is None else {"status": "ready", "workers": workers})
+        err = engine_unavailable("Not ready: no worker can serve requests." if workers is not None
+                                 else "The engine is not healthy.")
+        return err.response()
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

@@ -18,9 +18,16 @@ Retry-After when the queue is full or the wait passes its deadline), then `gener
    max_tokens=1 and `hold_kv`; its first token streams to the client at once; the decode worker
    gets the request with the prefill's `KVTransferParams`, pulls the KV, releases the prefill
    worker's blocks and streams the rest. A prefill worker that dies before its token makes the
-   request fall back to a local prefill; after it, the decode side's pull fails the request.
+   request fall back to a local prefill.
+4. migration (`migration.py`): when the worker streaming the request dies or leaves, or the decode
+   worker's KV pull fails (its prefill worker died), the request is planned again, without that
+   worker, as its prompt plus the tokens streamed so far, and the stream goes on from the new
+   worker; up to `max_migrations` times, then the client gets the error.
 Blocks held on a prefill worker are released on every path that does not hand them to a
 decode worker (stop at the first token, client gone, decode worker gone).
+
+A worker that leaves (SIGTERM: `WorkerLeaving`) is drained at once: nothing new goes to it; what it
+has finishes there within its grace period or moves when it exits.
 
 Drain (the planner's actuators): `drain(worker_id)` takes a worker out of routing (as decode and as
 prefill target), waits until no admitted request uses it (a prefill worker counts until the decode
@@ -48,8 +55,10 @@ from prometheus_client.core import GaugeMetricFamily
 
 from tidal.frontend.engine_client import EngineDeadError, OverloadedError
 from tidal.hashing import ROOT_PARENT_HASH, block_hashes
-from tidal.protocol import AddRequest, EngineStats, KVDump, KVEventBatch, LoadReport, TokenDelta
+from tidal.protocol import (KV_TRANSFER_FAILED, AddRequest, EngineStats, KVDump, KVEventBatch, LoadReport, TokenDelta,
+                            WorkerLeaving)
 from tidal.router.index import KVIndex, WorkerEvents
+from tidal.router.migration import REASONS as MIGRATION_REASONS, WorkerLost, resume_request
 from tidal.router.request_log import RequestLog
 from tidal.router.policy import (POLICIES, DisaggPolicy, KVWeights, WorkerView, choose_prefill_worker,
                                  choose_worker, decide_prefill)
@@ -84,6 +93,9 @@ class RouterConfig:
     """Requests allowed to wait; more are refused (503, Retry-After)."""
     queue_timeout_s: float = 30.0
     """A request that waits longer is refused (503, Retry-After)."""
+    max_migrations: int = 3
+    """Times one request may move to another worker when its worker goes away mid-stream; past
+    that the client gets the error."""
     seed: int = 0
 
 
@@ -96,6 +108,10 @@ class _Worker:
     active_blocks: int = 0  # blocks of the prompts of its open requests (the router's estimate)
     inflight: int = 0  # admitted requests that use it (as decode or as prefill worker)
     draining: bool = False  # routing skips it; a drain waits for inflight == 0
+
+    @property
+    def routable(self) -> bool:
+        return self.client.is_healthy() and not self.draining and not self.client.leaving
 
     @property
     def worker_id(self) -> str:
@@ -233,6 +249,7 @@ class Router:
             self._starting.pop(info.worker_id, None)
         worker = self.workers[info.worker_id] = _Worker(client)
         client.on_dump = self._on_dump
+        client.on_leaving = self._on_leaving
         self.index.add_worker(info.worker_id)
         self.events.connect(info.worker_id, info.event_addr)
         self._resync(worker)
@@ -268,6 +285,14 @@ class Router:
         self.resyncs.inc()
         worker.client.request_dump()
 
+    def _on_leaving(self, msg: WorkerLeaving) -> None:
+        """The worker got SIGTERM: no new requests go to it (its own ones finish or move)."""
+        worker = self.workers.get(msg.worker_id)
+        if worker is not None:
+            worker.draining = True
+            logger.info("worker %s is leaving: drained (%d requests in flight)", msg.worker_id, worker.inflight)
+            self._wake()
+
     def _on_dump(self, dump: KVDump) -> None:
         worker = self.workers.get(dump.worker_id)
         if worker is None:
@@ -294,6 +319,16 @@ class Router:
     def is_healthy(self) -> bool:
         return bool(self._decoders())
 
+    def readiness(self) -> tuple[bool, dict]:
+        """Ready to serve: at least one routable worker that decodes (role both or decode); prefill
+        workers are optional (without them prompts prefill on their decode worker). The dict counts
+        routable workers by role, for the health endpoint's answer."""
+        roles: dict[str, int] = {"both": 0, "prefill": 0, "decode": 0}
+        for worker in self.workers.values():
+            if worker.routable:
+                roles[worker.client.role] = roles.get(worker.client.role, 0) + 1
+        return roles["both"] + roles["decode"] > 0, roles
+
     @property
     def queue_length(self) -> int:
         """Requests waiting in the router for a worker with room."""
@@ -310,13 +345,13 @@ class Router:
         for worker in self.workers.values():
             await worker.client.abort(request_id)
 
-    def _decoders(self) -> list[_Worker]:
+    def _decoders(self, exclude: str | None = None) -> list[_Worker]:
         return [w for w in self.workers.values()
-                if w.client.role in ("both", "decode") and w.client.is_healthy() and not w.draining]
+                if w.client.role in ("both", "decode") and w.routable and w.worker_id != exclude]
 
-    def _prefillers(self) -> list[_Worker]:
+    def _prefillers(self, exclude: str | None = None) -> list[_Worker]:
         return [w for w in self.workers.values()
-                if w.client.role == "prefill" and w.client.is_healthy() and not w.draining]
+                if w.client.role == "prefill" and w.routable and w.worker_id != exclude]
 
     # ---- drain and role flips (the planner's actuators) --------------------------------------------
     async def wait_worker(self, worker_id: str, timeout_s: float = 600.0) -> None:
@@ -359,7 +394,7 @@ class Router:
 
     def undrain(self, worker_id: str) -> None:
         worker = self.workers.get(worker_id)
-        if worker is not None:
+        if worker is not None and not worker.client.leaving:
             worker.draining = False
             self._wake()
 
@@ -436,11 +471,11 @@ class Router:
         for request_id in [r for r, p in self._plans.items() if now - p.created > PLAN_TTL_S]:
             self._plans.pop(request_id).release()
 
-    def _plan(self, request: AddRequest, arrived: float | None = None) -> _Plan:
-        """The route of one request, with the router's bookkeeping updated for it."""
+    def _plan(self, request: AddRequest, arrived: float | None = None, exclude: str | None = None) -> _Plan:
+        """The route of one request (not to worker `exclude`), with the router's bookkeeping updated for it."""
         started = time.perf_counter()
         arrived = time.monotonic() if arrived is None else arrived
-        decoders = self._decoders()
+        decoders = self._decoders(exclude)
         if not decoders:
             raise EngineDeadError("no worker is available to serve requests")
         self._counter += 1
@@ -467,7 +502,7 @@ class Router:
         decode = self.workers[chosen.worker_id]
         uncached = len(prompt) - chosen.overlap_blocks * self.block_size
         prefill = None
-        prefillers = self._prefillers()
+        prefillers = self._prefillers(exclude)
         if prefillers:
             pviews = [w.view(overlaps.get(w.worker_id, 0)) for w in prefillers]
             where = decide_prefill(uncached, pviews, self.config.disagg)
@@ -506,46 +541,84 @@ class Router:
         if plan is None:
             await self.admit(request)
             plan = self._plans.pop(request.request_id)
+        arrived = plan.arrived
+        attempt = request  # what the current worker runs: the request, or its continuation after a move
+        output: list[int] = []  # every token streamed to the client
+        attempt_start = 0  # len(output) when the current attempt began
+        first_at = last_at = None
+        cached = 0
+        migrations = 0
         try:
-            if plan.prefill is None:
-                stream = self._local(plan.decode, request)
-            else:
-                stream = self._remote(plan.prefill, plan.decode, request, plan)
-            output: list[int] = []
-            first_at = last_at = None
-            cached = 0
-            async with contextlib.aclosing(stream):
-                async for delta in stream:
-                    if delta.new_token_ids:
-                        output.extend(delta.new_token_ids)
-                        last_at = time.monotonic()
-                        first_at = first_at or last_at
-                        if plan.pending_on is not None:
-                            plan.first_token()
-                            self._wake()
-                    cached = max(cached, delta.num_cached_tokens)
-                    yield delta
+            while True:
+                try:
+                    stream = self._attempt(plan, attempt)
+                    async with contextlib.aclosing(stream):
+                        async for delta in stream:
+                            if delta.new_token_ids:
+                                output.extend(delta.new_token_ids)
+                                last_at = time.monotonic()
+                                first_at = first_at or last_at
+                                if plan.pending_on is not None:
+                                    plan.first_token()
+                                    self._wake()
+                            if migrations:  # the client's request is the original: its prompt, its cache hits
+                                delta = msgspec.structs.replace(
+                                    delta, num_prompt_tokens=len(request.prompt_token_ids), num_cached_tokens=cached)
+                            cached = max(cached, delta.num_cached_tokens)
+                            yield delta
+                    break
+                except WorkerLost as lost:
+                    if migrations >= self.config.max_migrations:
+                        moved = f" (it had moved {migrations} times)" if migrations else ""
+                        raise EngineDeadError(f"{lost}{moved}") from None
+                    migrations += 1
+                    plan.release()
+                    plan = None
+                    attempt = resume_request(request, output)
+                    if attempt is None:  # every token came; only the finished delta was lost
+                        yield TokenDelta(request_id=request.request_id, new_token_ids=[], finished=True,
+                                         finish_reason="length", num_prompt_tokens=len(request.prompt_token_ids),
+                                         num_cached_tokens=cached)
+                        return
+                    plan = self._plan(attempt, arrived, exclude=lost.worker_id)
+                    attempt_start = len(output)
+                    self.migrations.labels(lost.reason).inc()
+                    logger.info("request %s moves to %s after %d tokens (%s: %s)", request.request_id,
+                                plan.decode.worker_id, len(output), lost.reason, lost)
             if last_at is not None:
-                self.request_log.finish(plan.arrived, first_at, last_at, len(request.prompt_token_ids), cached,
+                self.request_log.finish(arrived, first_at, last_at, len(request.prompt_token_ids), cached,
                                         len(output))
             # The worker now caches the prompt and output blocks; its KV events say so too, but the
             # conversation's next turn may arrive before them (another socket). Removals correct it.
             # Only the blocks past the prompt's full ones are hashed here: those came with the plan.
             bs, hashes = self.block_size, plan.hashes
-            tail = request.prompt_token_ids[len(hashes) * bs:] + output
+            tail = attempt.prompt_token_ids[len(hashes) * bs:] + output[attempt_start:]
             self.index.store(plan.decode.worker_id,
                              hashes + block_hashes(tail, bs, hashes[-1] if hashes else ROOT_PARENT_HASH))
         finally:
-            plan.release()
+            if plan is not None:
+                plan.release()
             self._wake()
+
+    def _attempt(self, plan: _Plan, request: AddRequest) -> AsyncIterator[TokenDelta]:
+        if plan.prefill is None:
+            return self._local(plan.decode, request)
+        return self._remote(plan.prefill, plan.decode, request, plan)
+
+    @staticmethod
+    def _lost(worker: _Worker, exc: EngineDeadError) -> WorkerLost:
+        return WorkerLost("worker_left" if worker.client.leaving else "worker_died", str(exc), worker.worker_id)
 
     async def _local(self, worker: _Worker, request: AddRequest) -> AsyncIterator[TokenDelta]:
         queued = False
-        async for delta in worker.client.generate(request):
-            if not queued and delta.queue_s is not None:
-                queued = True
-                self.queue_s.observe(delta.queue_s)
-            yield delta
+        try:
+            async for delta in worker.client.generate(request):
+                if not queued and delta.queue_s is not None:
+                    queued = True
+                    self.queue_s.observe(delta.queue_s)
+                yield delta
+        except EngineDeadError as exc:
+            raise self._lost(worker, exc) from None
 
     async def _remote(self, prefill: _Worker, decode: _Worker, request: AddRequest,
                       plan: _Plan | None = None) -> AsyncIterator[TokenDelta]:
@@ -580,15 +653,18 @@ class Router:
                 async for delta in stream:
                     if plan is not None:
                         plan.prefill_done()  # the decode worker has pulled the KV (or failed to)
+                    if delta.error is not None and delta.error.startswith(KV_TRANSFER_FAILED):
+                        # The KV's source is gone (its prefill worker died): prefill again elsewhere.
+                        raise WorkerLost("kv_transfer_failed", delta.error, prefill.worker_id)
                     if delta.kv_transfer_s is not None:
                         self.kv_transfer_s.observe(delta.kv_transfer_s)
                         if delta.new_token_ids:
                             self.first_decode_s.observe(max(time.monotonic() - handed_at - delta.kv_transfer_s, 0.0))
                     # The prompt's cache hits are the prefill worker's.
                     yield msgspec.structs.replace(delta, num_cached_tokens=first.num_cached_tokens)
-        except EngineDeadError:
+        except EngineDeadError as exc:
             prefill.client.release_kv(request.request_id)  # the decode worker won't pull any more
-            raise
+            raise self._lost(decode, exc) from None
         finally:
             if not handed:
                 prefill.client.release_kv(request.request_id)
@@ -635,6 +711,10 @@ class Router:
             self.rejected.labels(reason)
         self.resyncs = Counter("tidal_router_resyncs", "Times a worker's KV index was rebuilt from a dump "
                                "(new worker, restarted worker, or a gap in its events).", registry=r)
+        self.migrations = Counter("tidal_request_migrations", "Requests moved to another worker mid-stream, "
+                                  "by why their worker went away.", ["reason"], registry=r)
+        for reason in MIGRATION_REASONS:
+            self.migrations.labels(reason)
         self.decision_s = Histogram("tidal_router_decision_seconds", "Time to route one request (hashing, "
                                     "index lookup, policy).", buckets=DECISION_BUCKETS_S, registry=r)
         r.register(_WorkerCollector(self))
@@ -646,6 +726,7 @@ class Router:
             stats = worker.client.stats()
             table.append({"worker_id": worker.worker_id, "role": worker.client.role, "pid": worker.client.info.pid,
                           "healthy": worker.client.is_healthy(), "open_requests": worker.client.num_open_requests,
+                          "draining": worker.draining, "leaving": worker.client.leaving,
                           "stats": msgspec.to_builtins(stats) if stats is not None else None})
         return table
 

@@ -6,6 +6,8 @@ started the worker (the launcher) watches it and calls `mark_dead` when it exits
 Lifecycle: `start()` (Connect, wait for WorkerReady) -> `generate()` many times -> `close()`.
 Once dead, every open request ends with `EngineDeadError` and `is_healthy()` is False.
 `set_role()` flips an idle worker's role (the planner's actuator drains it first); `role` follows.
+A worker that got SIGTERM says `WorkerLeaving` (`leaving` turns True, `on_leaving` is called: the
+router routes nothing new to it) and, when it exits, `WorkerGone`, which marks it dead at once.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import zmq.asyncio
 
 from tidal.frontend.engine_client import EngineDeadError
 from tidal.protocol import (AbortRequest, AddRequest, Connect, EngineStats, KVDump, KVDumpRequest, ReleaseKV,
-                            RoleRefused, SetRole, Shutdown, StepOutputs, TokenDelta, WorkerInfo, WorkerMessage,
-                            WorkerReady)
+                            RoleRefused, SetRole, Shutdown, StepOutputs, TokenDelta, WorkerGone, WorkerInfo,
+                            WorkerLeaving, WorkerMessage, WorkerReady)
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +56,10 @@ class WorkerClient:
         self._role_reply: asyncio.Future | None = None
         self._reader: asyncio.Task | None = None
         self.dead_reason: str | None = None
+        self.leaving = False  # the worker said it is leaving (SIGTERM): send it nothing new
         self.ready: WorkerReady | None = None
         self.on_dump: Callable[[KVDump], None] | None = None  # answers to `request_dump`
+        self.on_leaving: Callable[[WorkerLeaving], None] | None = None
 
     @property
     def worker_id(self) -> str:
@@ -101,6 +105,16 @@ class WorkerClient:
                 if self.on_dump is not None:
                     self.on_dump(msg)
                 continue
+            if isinstance(msg, WorkerLeaving):
+                logger.info("worker %s is leaving (grace %.0fs)", self.worker_id, msg.grace_s)
+                self.leaving = True
+                if self.on_leaving is not None:
+                    self.on_leaving(msg)
+                continue
+            if isinstance(msg, WorkerGone):
+                self.leaving = True
+                self.mark_dead(f"the worker left: {msg.reason}")
+                continue
             if isinstance(msg, (WorkerReady, RoleRefused)):
                 if self._role_reply is not None and not self._role_reply.done():
                     self._role_reply.set_result(msg)
@@ -115,13 +129,14 @@ class WorkerClient:
                     queue.put_nowait(delta)
 
     def mark_dead(self, reason: str) -> None:
-        """The worker is gone: fail every open request, refuse new ones."""
+        """The worker is gone: end every open request with EngineDeadError (a router may move
+        them), refuse new ones."""
         if self.dead_reason is not None:
             return
         self.dead_reason = reason
         if self._queues:
-            logger.error("worker %s is gone (%s); failing its %d open requests", self.worker_id, reason,
-                         len(self._queues))
+            logger.warning("worker %s is gone (%s) with %d open requests", self.worker_id, reason,
+                           len(self._queues))
         for queue in self._queues.values():
             queue.put_nowait(_Dead(reason))
 

@@ -11,9 +11,17 @@ Sockets (all bound here; clients and peers connect):
 Lifecycle: started by the launcher (or `tidal worker`) -> binds -> loads the engine -> answers
 each `Connect` with `WorkerReady` -> loops {drain messages; run one engine step; send outputs,
 KV releases and load reports} -> (a planner may flip an idle worker's role with `SetRole`: the
-engine, its weights and its caches stay; only the role it reports changes) -> exits on `Shutdown`, SIGTERM, or when its parent is gone
-(SIGINT is ignored: Ctrl-C reaches the launcher, which stops its workers in order).
-The requests a worker holds die with it; the client side fails them.
+engine, its weights and its caches stay; only the role it reports changes) -> exits.
+
+Exits: SIGTERM leaves gracefully: the worker tells every client `WorkerLeaving` (routers send it
+nothing new), finishes what it holds (requests, KV pulls, KV held for a decode worker) for up to
+`spec.drain_grace_s`, sends `WorkerGone` and exits; a second SIGTERM cuts the grace short.
+`Shutdown`, SIGUSR1 (the launcher stopping a whole deployment) or a vanished parent stop it after
+the current step, also with a `WorkerGone`. SIGINT is ignored: Ctrl-C reaches the launcher, which
+stops its workers in order. Requests a worker still held when it exits end on the client side,
+where a router moves them to another worker (request migration).
+
+With `spec.health_port`, a small HTTP server (`health.py`) answers /live and /health.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 import uuid
 from collections import defaultdict
@@ -35,8 +44,9 @@ from tidal.config import EngineConfig
 from tidal.engine.engine import EngineCore
 from tidal.protocol import (AbortRequest, AddRequest, Connect, EngineStats, KVDump, KVDumpRequest, KVEventBatch,
                             LoadReport, ReleaseKV, RequestPlaneMessage, RoleRefused, SetRole, Shutdown, StepOutputs,
-                            TokenDelta, WorkerReady)
+                            TokenDelta, WorkerGone, WorkerLeaving, WorkerReady)
 from tidal.runtime.events import ZmqEventPublisher
+from tidal.worker.health import HealthServer
 from tidal.transfer import KVTransferConfig
 
 logger = logging.getLogger(__name__)
@@ -44,6 +54,7 @@ logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 50
 PULL_POLL_MS = 1  # while KV pulls are in flight and nothing else runs
 STATS_INTERVAL_S = 0.5
+EXIT_LINGER_MS = 500  # at exit, how long queued messages (last deltas, WorkerGone) may take to leave
 ROLES = ("both", "prefill", "decode")
 
 
@@ -59,12 +70,25 @@ class WorkerSpec:
     transfer: KVTransferConfig | None = None
     num_threads: int | None = None
     log_level: str = "INFO"
+    drain_grace_s: float = 30.0
+    """After SIGTERM: how long in-flight requests may take to finish before the worker exits."""
+    health_port: int | None = None
+    """Serve /live and /health on this port (0: any free one); None: no health endpoint."""
+    health_host: str = "0.0.0.0"
 
 
 class StopFlag:
-    """Set `requested` to end a worker loop after its current step (SIGTERM does, in a process)."""
+    """Set `requested` to end a worker loop after its current step (SIGUSR1 does, in a process);
+    `leave_requested` to leave gracefully (SIGTERM)."""
 
     requested = False
+    leave_requested = False
+
+    def on_sigterm(self, *_) -> None:
+        """The first SIGTERM leaves gracefully; a second one stops now."""
+        if self.leave_requested:
+            self.requested = True
+        self.leave_requested = True
 
 
 def run_worker(spec: WorkerSpec) -> None:
@@ -73,11 +97,18 @@ def run_worker(spec: WorkerSpec) -> None:
                         format=f"%(asctime)s %(levelname)s worker {spec.worker_id}: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop = StopFlag()
-    signal.signal(signal.SIGTERM, lambda *_: setattr(stop, "requested", True))
+    signal.signal(signal.SIGTERM, stop.on_sigterm)
+    signal.signal(signal.SIGUSR1, lambda *_: setattr(stop, "requested", True))
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
     serve_engine(spec, lambda: EngineCore(spec.engine, spec.worker_id, spec.transfer, record_kv_events=True),
                  stop, os.getppid())
+    # Everything is closed; skip the interpreter's teardown of the model and caches (it takes seconds
+    # on a busy machine, and a leaving worker should be gone within its grace period).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def serve_engine(spec: WorkerSpec, make_engine: Callable[[], EngineCore], stop: StopFlag, parent_pid: int) -> None:
@@ -88,22 +119,29 @@ def serve_engine(spec: WorkerSpec, make_engine: Callable[[], EngineCore], stop: 
     requests.setsockopt(zmq.LINGER, 0)
     requests.bind(spec.request_addr)
     events = ZmqEventPublisher(spec.event_addr, ctx)
+    health = None
     engine = None
     try:
+        if spec.health_port is not None:
+            health = HealthServer(spec.health_host, spec.health_port, spec.worker_id)
+            health.start()
         engine = make_engine()
         engine.release_addr = spec.request_addr
-        _WorkerLoop(spec, engine, requests, events, ctx, parent_pid, stop).run()
+        _WorkerLoop(spec, engine, requests, events, ctx, parent_pid, stop, health).run()
     finally:
         if engine is not None:
             engine.close()
+        if health is not None:
+            health.close()
         events.close()
-        requests.close(linger=0)
+        requests.close(linger=EXIT_LINGER_MS)
         ctx.term()
 
 
 class _WorkerLoop:
     def __init__(self, spec: WorkerSpec, engine: EngineCore, requests: zmq.Socket,
-                 events: ZmqEventPublisher, ctx: zmq.Context, parent_pid: int, stop: StopFlag):
+                 events: ZmqEventPublisher, ctx: zmq.Context, parent_pid: int, stop: StopFlag,
+                 health: HealthServer | None = None):
         self.spec = spec
         self.engine = engine
         self.requests = requests
@@ -120,14 +158,22 @@ class _WorkerLoop:
         self.ready = WorkerReady(worker_id=spec.worker_id, role=spec.role, model_name=engine.model_name,
                                  max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
                                  kv_blocks_total=engine.kv.num_blocks, block_size=engine.kv.block_size)
+        self.health = health
+        self.leave_deadline: float | None = None  # set when leaving (SIGTERM)
         self.last_stats = 0.0
         self.instance_id = uuid.uuid4().hex  # a restarted worker is a new instance: routers resync
         self.event_id = 0  # KV event batches published so far
 
     def run(self) -> None:
         engine = self.engine
+        if self.health is not None:
+            self.health.status = "ready"
+        reason = "shutdown requested"
         try:
             while not self.stop.requested:
+                if self.stop.leave_requested and self._left():
+                    reason = "left (SIGTERM)"
+                    return
                 if engine.has_work():
                     timeout = 0
                 elif engine.has_pulls():
@@ -135,6 +181,7 @@ class _WorkerLoop:
                 else:
                     timeout = IDLE_POLL_MS
                 if self.requests.poll(timeout) and not self._drain():
+                    reason = "shutdown requested"
                     return
                 deltas = engine.step() if engine.has_work() or engine.has_pulls() else []
                 self._publish_kv_events()
@@ -152,11 +199,40 @@ class _WorkerLoop:
                                                            stats=stats, time=time.time()))
                     if os.getppid() != self.parent_pid:
                         logger.warning("parent process is gone; exiting")
+                        reason = "its parent process is gone"
                         return
-            logger.info("shutdown requested (SIGTERM)")
+            logger.info("shutdown requested (signal)")
         finally:
+            self._to_clients(WorkerGone(worker_id=self.spec.worker_id, reason=reason))
             for sock in self.peers.values():
                 sock.close(linger=100)
+
+    def _left(self) -> bool:
+        """Leaving (SIGTERM): on the first call tell every client; True once the worker holds
+        nothing or its grace period is over (what is left then moves to other workers)."""
+        now = time.monotonic()
+        if self.leave_deadline is None:
+            self.leave_deadline = now + self.spec.drain_grace_s
+            logger.info("leaving (SIGTERM): finishing in-flight work for up to %.0fs", self.spec.drain_grace_s)
+            if self.health is not None:
+                self.health.status = "leaving"
+            self._to_clients(WorkerLeaving(worker_id=self.spec.worker_id, grace_s=self.spec.drain_grace_s))
+        busy = self.engine.idle_for_role_change()
+        if busy is None:
+            logger.info("drained; exiting")
+            return True
+        if now >= self.leave_deadline:
+            logger.warning("grace period over with %s; exiting (clients move those requests)", busy)
+            return True
+        return False
+
+    def _to_clients(self, msg) -> None:
+        raw = self.encoder.encode(msg)
+        for client in list(self.clients):
+            try:
+                self.requests.send_multipart([client, raw], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self.clients.discard(client)
 
     def _drain(self) -> bool:
         """Handle every queued message; False when asked to shut down."""
