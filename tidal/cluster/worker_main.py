@@ -35,7 +35,7 @@ from tidal.worker.worker import StopFlag, WorkerSpec, serve_engine
 logger = logging.getLogger(__name__)
 
 REGISTER_TIMEOUT_S = 30.0
-UNREGISTER_TIMEOUT_S = 10.0
+UNREGISTER_TIMEOUT_S = 5.0
 CROSS_HOST_BACKENDS = ("zmq", "fake")
 
 
@@ -71,7 +71,8 @@ class Registration:
             if self.worker_id is not None:
                 logger.info("unregistered %s from etcd", self.worker_id)
         except Exception as exc:  # noqa: BLE001 - etcd gone: the lease runs out by itself
-            logger.warning("could not unregister from etcd (%s); the lease expires instead", exc)
+            logger.warning("could not unregister from etcd (%s); the lease expires instead",
+                           str(exc) or type(exc).__name__)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
 
