@@ -7,8 +7,8 @@ with dummy:tiny-llama and one torch thread each.
 - A worker sent SIGTERM leaves etcd and the frontend's table; the frontend keeps serving; a worker
   started afterwards registers and gets requests.
 - The planner, fed the frontend's observations over NATS with a TTFT target nobody meets, flips a
-  decode worker to prefill through the frontend; the flip shows in etcd, in the frontend's table
-  and in the planner's /metrics.
+  decode worker to prefill through a frontend; the flip shows in etcd, in both frontends' tables
+  (a second frontend runs beside the first) and in the planner's /metrics.
 Every process is started in its own session and killed at the end, pass or fail.
 """
 
@@ -95,11 +95,12 @@ def until(predicate: Callable[[], object], timeout_s: float, what: str, procs: P
 
 
 class Cluster:
-    def __init__(self, procs: Processes, config: Path, etcd_url: str, frontend_url: str) -> None:
+    def __init__(self, procs: Processes, config: Path, etcd_url: str, frontend_url: str, second_url: str) -> None:
         self.procs = procs
         self.config = config
         self.etcd_url = etcd_url
         self.url = frontend_url
+        self.second_url = second_url  # another frontend over the same workers (it gets no traffic)
 
     def start_worker(self, worker_id: str, role: str) -> subprocess.Popen:
         return self.procs.start(worker_id, "worker", "--config", str(self.config), "--role", role,
@@ -114,8 +115,9 @@ class Cluster:
         records = [yaml.safe_load(base64.b64decode(kv["value"])) for kv in reply.get("kvs", [])]
         return {r["worker_id"]: r for r in records}
 
-    def frontend_workers(self) -> dict[str, dict]:
-        return {w["worker_id"]: w for w in httpx.get(self.url + "/admin/workers", timeout=5).json()["workers"]}
+    def frontend_workers(self, url: str | None = None) -> dict[str, dict]:
+        reply = httpx.get((url or self.url) + "/admin/workers", timeout=5)
+        return {w["worker_id"]: w for w in reply.json()["workers"]}
 
     def chat(self, content: str, max_tokens: int = 12) -> str:
         reply = httpx.post(self.url + "/v1/chat/completions", timeout=60, json={
@@ -147,14 +149,17 @@ def cluster(etcd_server, nats_server, tmp_path_factory):
     }))
     procs = Processes(tmp)
     try:
+        second_port = free_port()
         procs.start("frontend", "frontend", "--config", str(config))
-        c = Cluster(procs, config, etcd_server.url, f"http://127.0.0.1:{port}")
+        procs.start("frontend2", "frontend", "--config", str(config), "--port", str(second_port))
+        c = Cluster(procs, config, etcd_server.url, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{second_port}")
         for worker_id, role in (("p0", "prefill"), ("p1", "prefill"), ("d0", "decode"), ("d1", "decode")):
             c.start_worker(worker_id, role)
         until(lambda: len(c.etcd_workers()) == 4, START_TIMEOUT_S, "4 workers in etcd", procs)
         until(lambda: httpx.get(c.url + "/health", timeout=2).status_code == 200, START_TIMEOUT_S,
               "the frontend's /health", procs)
         until(lambda: len(c.frontend_workers()) == 4, 30, "4 workers in the frontend", procs)
+        until(lambda: len(c.frontend_workers(c.second_url)) == 4, 30, "4 workers in the second frontend", procs)
         yield c
     finally:
         procs.stop_all()
@@ -229,7 +234,9 @@ def test_planner_flips_a_decode_worker_through_the_frontend(cluster, tmp_path):
         return [w for w in decoders if cluster.etcd_workers()[w]["role"] == "prefill"]
 
     [worker] = until(flipped, 30, "a flip of a decode worker", cluster.procs)
-    assert cluster.frontend_workers()[worker]["role"] == "prefill"
+    # One frontend carried it out; the other follows etcd.
+    for url in (cluster.url, cluster.second_url):
+        until(lambda: cluster.frontend_workers(url)[worker]["role"] == "prefill", 5, f"the flip seen at {url}")
     assert cluster.metric(planner_url, 'tidal_planner_decisions_total{action="flip",reason="ttft_over_slo"}') >= 1
     until(lambda: cluster.metric(planner_url, "tidal_planner_flip_unavailable_seconds_count") >= 1, 5,
           "the flip in the planner's metrics")
