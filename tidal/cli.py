@@ -3,6 +3,11 @@
     tidal serve [MODEL] [engine flags]    one aggregated worker behind the OpenAI frontend
     tidal serve -f CONFIG.yaml [--host H] [--port P]
                                           a deployment: frontend, router, prefill/decode workers
+    tidal worker --role prefill|decode|both [MODEL] [engine flags] --etcd URL --nats URL [--config FILE]
+    tidal frontend --etcd URL --nats URL [--model M] [--host H] [--port P] [--config FILE]
+    tidal planner --nats URL [--config FILE] [--port P]
+                                          cluster mode: one process each, meeting in etcd and NATS
+                                          (tidal/cluster/)
     tidal sim --workers N [--speedup S] [--timing ... | --profile PROFILE.json]
                                           the real frontend + router over N simulated workers
     tidal sim-fleet --workload square|trace|poisson --max-workers N [--planner on|off] [--compare-static]
@@ -172,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_bench_args(bench)
     profile = sub.add_parser("profile", help="measure prefill and decode step times of a model on a device")
     _add_profile_args(profile)
+    from tidal.cluster.commands import COMMANDS as CLUSTER_COMMANDS, add_commands
+
+    add_commands(sub, _add_engine_args)
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -197,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             pass
         return 0
+    if args.command in CLUSTER_COMMANDS:
+        from tidal.cluster.commands import run_command
+        return run_command(args)
     if args.command == "bench":
         return _bench(args)
     if args.command == "sim":

@@ -284,6 +284,8 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     pid: int = 0
     host: str = ""
     device: str = "cpu"
+    model_name: str = ""  # what it serves ("": not said; the launcher's workers leave it out)
+    kv_addr: str = ""  # its KV transfer endpoint, for operators (peers get it with each transfer)
 
 
 RequestPlaneMessage = Connect | AddRequest | AbortRequest | ReleaseKV | KVDumpRequest | SetRole | Shutdown

@@ -101,9 +101,11 @@ class ObservationCollector:
 
 
 class PlannerService:
-    def __init__(self, config: PlannerConfig, router: Router, actuator: Actuator, planner=None,
+    def __init__(self, config: PlannerConfig, router: Router | None, actuator: Actuator, planner=None,
                  registry: CollectorRegistry | None = None):
-        """`planner`: anything with `step(Observation) -> Decision`; default `Planner(config)`."""
+        """`planner`: anything with `step(Observation) -> Decision`; default `Planner(config)`.
+        `router` None (the planner in its own process, `tidal planner`): no loop of its own; the
+        caller hands each observation to `step_once` and passes a `registry`."""
         if planner is None:
             from tidal.planner.core import Planner
             planner = Planner(config)
@@ -111,7 +113,7 @@ class PlannerService:
         self.router = router
         self.actuator = actuator
         self.planner = planner
-        self.collector = ObservationCollector(router)
+        self.collector = ObservationCollector(router) if router is not None else None
         self.last_decision: Decision | None = None
         self.flips = []  # FlipResults, newest last (bounded)
         self._loop: asyncio.Task | None = None
@@ -135,8 +137,9 @@ class PlannerService:
 
     async def start(self) -> None:
         logger.info("planner: %s", self.config)
-        self.collector = ObservationCollector(self.router)
-        self._loop = asyncio.create_task(self._run())
+        if self.router is not None:
+            self.collector = ObservationCollector(self.router)
+            self._loop = asyncio.create_task(self._run())
 
     async def close(self) -> None:
         for task in (self._loop, self._executor):
@@ -155,9 +158,10 @@ class PlannerService:
             except Exception:  # noqa: BLE001 - a planner bug must not take the server down
                 logger.exception("planner step failed")
 
-    def step_once(self) -> Decision:
-        """One observation -> decision -> actions handed to the executor."""
-        decision = self.planner.step(self.collector.collect())
+    def step_once(self, obs: Observation | None = None) -> Decision:
+        """One observation (default: collected from the router now) -> decision -> actions handed to
+        the executor."""
+        decision = self.planner.step(obs if obs is not None else self.collector.collect())
         self.last_decision = decision
         self.target_workers.labels("prefill").set(decision.target_prefill)
         self.target_workers.labels("decode").set(decision.target_decode)
@@ -185,23 +189,31 @@ class PlannerService:
                 self.failures.labels(action.kind).inc()
                 logger.error("planner: %s failed: %s", _describe(action), exc)
             finally:
-                if action.worker_id is not None:
-                    self.collector.states.pop(action.worker_id, None)
+                self._mark(action.worker_id, None)
 
     async def _apply(self, action: Action) -> None:
         if action.kind == "add":
             await self.actuator.add_worker(action.role)
         elif action.kind == "remove":
-            self.collector.states[action.worker_id] = "stopping"
+            self._mark(action.worker_id, "stopping")
             await self.actuator.remove_worker(action.worker_id)
         elif action.kind == "flip":
-            self.collector.states[action.worker_id] = "flipping"
+            self._mark(action.worker_id, "flipping")
             result = await self.actuator.flip_worker(action.worker_id, action.role)
             self.flip_unavailable_s.observe(result.unavailable_s)
             self.flip_drain_s.observe(result.drain_s)
             self.flips = [*self.flips[-99:], result]
         else:
             raise ValueError(f"unknown action {action.kind!r}")
+
+    def _mark(self, worker_id: str | None, state: str | None) -> None:
+        """What the next observations say of a worker being acted on (None: what it is)."""
+        if worker_id is None or self.collector is None:
+            return
+        if state is None:
+            self.collector.states.pop(worker_id, None)
+        else:
+            self.collector.states[worker_id] = state
 
 
 def _describe(action: Action) -> str:

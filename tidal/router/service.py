@@ -225,7 +225,7 @@ class Router:
             if event.kind == "added":
                 self._starting[worker_id] = asyncio.create_task(self._connect(event.worker))
             elif event.kind == "updated":
-                pass  # a flip: `set_role` already changed the client's role
+                self._follow_role(event.worker)
             else:
                 task = self._starting.pop(worker_id, None)
                 await cancel_and_wait(task)
@@ -236,6 +236,15 @@ class Router:
                 if worker is not None:
                     worker.client.mark_dead(event.reason or "removed from discovery")
                     await worker.client.close()
+
+    def _follow_role(self, info) -> None:
+        """A flip seen in discovery: ours (`set_role` already switched the client) or another
+        router's (cluster mode: several frontends, one of which flipped the worker)."""
+        worker = self.workers.get(info.worker_id)
+        if worker is not None and worker.client.role != info.role:
+            logger.info("worker %s is now %s (from discovery)", info.worker_id, info.role)
+            worker.client.info = msgspec.structs.replace(worker.client.info, role=info.role)
+            self._wake()
 
     async def _connect(self, info) -> None:
         client = WorkerClient(info)

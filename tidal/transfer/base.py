@@ -46,6 +46,9 @@ class KVTransferConfig:
     """Where the shm backend creates its cache file (a /dev/shm folder the launcher owns)."""
     zmq_address: str | None = None
     """Endpoint the zmq backend's KV server binds (tcp://host:port or ipc://path)."""
+    zmq_advertise_host: str | None = None
+    """The host peers dial for the zmq backend's KV server (it binds a wildcard, say); None: the
+    bound host, a wildcard replaced by this host's name."""
     chunk_layers: int = 0
     """cuda_ipc: layers per pipelined chunk (the gather, peer copy and scatter of one chunk overlap
     those of its neighbours; each of the two staging buffers per GPU holds one chunk). 0 sizes

@@ -61,8 +61,11 @@ def _header(transfer_id: int, error: str = "") -> bytes:
     return msgspec.msgpack.encode(KVReadReply(transfer_id=transfer_id, error=error))
 
 
-def _advertised(endpoint: str) -> str:
-    """A wildcard bind can't be dialled: name this host instead."""
+def _advertised(endpoint: str, host: str | None = None) -> str:
+    """A wildcard bind can't be dialled: name this host instead (`host`, when given, for any tcp bind)."""
+    if host is not None and endpoint.startswith("tcp://"):
+        host = f"[{host}]" if ":" in host else host
+        return f"tcp://{host}:{endpoint.rsplit(':', 1)[1]}"
     for wildcard in ("tcp://0.0.0.0:", "tcp://[::]:"):
         if endpoint.startswith(wildcard):
             return f"tcp://{socket.gethostname()}:{endpoint.removeprefix(wildcard)}"
@@ -89,7 +92,7 @@ class ZmqKVTransfer(KVTransferBackend):
             router.close()
             self._context.term()
             raise
-        self.endpoint = _advertised(router.getsockopt_string(zmq.LAST_ENDPOINT))
+        self.endpoint = _advertised(router.getsockopt_string(zmq.LAST_ENDPOINT), config.zmq_advertise_host)
         # The router moves to the server thread here and is only touched there from now on.
         self._server = threading.Thread(target=self._serve, args=(router,), name=f"kv-server-{worker_id}",
                                         daemon=True)

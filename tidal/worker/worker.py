@@ -45,7 +45,7 @@ from tidal.engine.engine import EngineCore
 from tidal.protocol import (AbortRequest, AddRequest, Connect, EngineStats, KVDump, KVDumpRequest, KVEventBatch,
                             LoadReport, ReleaseKV, RequestPlaneMessage, RoleRefused, SetRole, Shutdown, StepOutputs,
                             TokenDelta, WorkerGone, WorkerLeaving, WorkerReady)
-from tidal.runtime.events import ZmqEventPublisher
+from tidal.runtime.events import EventPublisher, ZmqEventPublisher
 from tidal.worker.health import HealthServer
 from tidal.transfer import KVTransferConfig
 
@@ -75,6 +75,9 @@ class WorkerSpec:
     health_port: int | None = None
     """Serve /live and /health on this port (0: any free one); None: no health endpoint."""
     health_host: str = "0.0.0.0"
+    advertise_addr: str | None = None
+    """The request address peers dial (`tcp://HOST:PORT`), when `request_addr` binds a wildcard
+    host; None: `request_addr` itself."""
 
 
 class StopFlag:
@@ -111,14 +114,17 @@ def run_worker(spec: WorkerSpec) -> None:
     os._exit(0)
 
 
-def serve_engine(spec: WorkerSpec, make_engine: Callable[[], EngineCore], stop: StopFlag, parent_pid: int) -> None:
+def serve_engine(spec: WorkerSpec, make_engine: Callable[[], EngineCore], stop: StopFlag, parent_pid: int,
+                 events: EventPublisher | None = None) -> None:
     """Bind the worker's sockets, build the engine, run the loop until `stop` (or Shutdown); close all.
-    The worker process runs this; the simulator runs it on threads of one process."""
+    The worker process runs this; the simulator runs it on threads of one process. `parent_pid` 0:
+    don't exit when the parent goes (`tidal worker`). `events`: the event publisher to use (closed
+    here); None: a ZMQ PUB socket bound at `spec.event_addr`."""
     ctx = zmq.Context()
     requests = ctx.socket(zmq.ROUTER)
     requests.setsockopt(zmq.LINGER, 0)
     requests.bind(spec.request_addr)
-    events = ZmqEventPublisher(spec.event_addr, ctx)
+    events = events if events is not None else ZmqEventPublisher(spec.event_addr, ctx)
     health = None
     engine = None
     try:
@@ -126,7 +132,7 @@ def serve_engine(spec: WorkerSpec, make_engine: Callable[[], EngineCore], stop: 
             health = HealthServer(spec.health_host, spec.health_port, spec.worker_id)
             health.start()
         engine = make_engine()
-        engine.release_addr = spec.request_addr
+        engine.release_addr = spec.advertise_addr or spec.request_addr
         _WorkerLoop(spec, engine, requests, events, ctx, parent_pid, stop, health).run()
     finally:
         if engine is not None:
@@ -197,7 +203,7 @@ class _WorkerLoop:
                     self.last_stats = now
                     self.events.publish("load", LoadReport(worker_id=self.spec.worker_id, role=self.role,
                                                            stats=stats, time=time.time()))
-                    if os.getppid() != self.parent_pid:
+                    if self.parent_pid and os.getppid() != self.parent_pid:
                         logger.warning("parent process is gone; exiting")
                         reason = "its parent process is gone"
                         return
@@ -305,7 +311,7 @@ class _WorkerLoop:
         releases = self.engine.releases
         while releases:
             addr, request_id = releases.popleft()
-            if addr == self.spec.request_addr:
+            if addr == self.engine.release_addr:
                 self.engine.release_kv(request_id)
                 continue
             sock = self.peers.get(addr)

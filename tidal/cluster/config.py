@@ -1,0 +1,172 @@
+"""The cluster commands' settings: one YAML file (`--config`), command-line flags over it.
+
+The file is a deployment config (`tidal.deploy.config`: model, frontend, disaggregation,
+kv_transfer, engine, planner) with a `cluster:` section instead of a `workers:` list, and a
+`worker:` section for `tidal worker` (one worker per process; its replicas are the cluster
+manager's business). Each command reads the sections it needs and ignores the others, so one
+file can serve all three:
+
+    cluster: {etcd: [http://10.0.0.5:2379], nats: nats://10.0.0.5:4222, namespace: prod, lease_ttl_s: 10}
+    model: /models/llama.gguf
+    frontend: {host: 0.0.0.0, port: 8000, router: kv}
+    disaggregation: {local_prefill_threshold: 512}
+    engine: {dtype: bfloat16, token_budget: 512}
+    worker: {role: decode, host: 0.0.0.0, port: 0, device: cpu, num_threads: 4}
+    planner: {slo: {ttft_ms: 800, itl_ms: 40}, max_workers: 8, actuator: log}
+
+Flags win over the file: `resolve(path, overrides)` merges the flags given (a nested dict, None
+meaning "not given") into the file's data, then validates the whole, so a bad flag is refused
+with the same `field: message` lines as a bad file. Everything resolves once, at start.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from tidal.deploy.config import (Deployment, DeploymentError, DisaggSection, EngineSection, FrontendSection,
+                                 KVTransferSection, PlannerSection, WorkerSection, _Strict, format_validation_error)
+from tidal.runtime.cluster import ClusterConfig
+
+WILDCARD_HOSTS = ("", "0.0.0.0", "*", "::", "[::]")
+
+
+class ClusterSection(_Strict):
+    etcd: list[str] = []
+    """etcd client URLs (`http://HOST:2379`)."""
+    nats: str | None = None
+    """NATS server URL(s), comma-separated."""
+    namespace: str = "default"
+    lease_ttl_s: int = Field(10, ge=2)
+
+    def cluster_config(self) -> ClusterConfig:
+        return ClusterConfig(etcd_endpoints=tuple(self.etcd), nats_url=self.nats, namespace=self.namespace,
+                             lease_ttl_s=self.lease_ttl_s)
+
+
+class WorkerCommandSection(_Strict):
+    role: Literal["both", "prefill", "decode"] = "both"
+    worker_id: str | None = None
+    """Its name in discovery; default HOSTNAME-PID (on Kubernetes pass the pod name: the
+    Kubernetes actuator marks that pod for deletion)."""
+    host: str = "0.0.0.0"
+    """Where the request socket and the KV server bind."""
+    port: int = Field(0, ge=0, le=65535)
+    """The request socket's port; 0: a free one."""
+    advertise_host: str | None = None
+    """The host peers dial; default `host`, or for a wildcard `host` this machine's address on the
+    route to etcd."""
+    kv_port: int = Field(0, ge=0, le=65535)
+    """The zmq KV server's port; 0: a free one."""
+    health_port: int | None = Field(None, ge=0, le=65535)
+    """Serve /live and /health (503 while loading or leaving) here, for Kubernetes probes; None: none."""
+    drain_grace_s: float = Field(30.0, ge=0)
+    """After SIGTERM: how long in-flight requests may take to finish before the worker exits."""
+    device: str = "cpu"
+    tensor_parallel_size: int = Field(1, ge=1)
+    num_threads: int | None = Field(None, gt=0)
+    engine: EngineSection | None = None
+
+
+class PlannerCommandSection(PlannerSection):
+    actuator: Literal["log", "local", "kubernetes"] = "log"
+    """`kubernetes`: adds and removes patch the Deployments' replicas; `log` (and `local`, which
+    has no launcher to act on in a cluster): log and count them only. Flips always go to the frontend."""
+    host: str = "127.0.0.1"
+    """The planner's /metrics and /health endpoint."""
+    port: int = Field(9091, ge=0, le=65535)
+
+
+class ClusterFile(_Strict):
+    cluster: ClusterSection = ClusterSection()
+    model: str | None = None
+    tokenizer: str | None = None
+    served_model_name: str | None = None
+    frontend: FrontendSection = FrontendSection()
+    disaggregation: DisaggSection = DisaggSection()
+    kv_transfer: KVTransferSection = KVTransferSection()
+    engine: EngineSection = EngineSection()
+    worker: WorkerCommandSection = WorkerCommandSection()
+    planner: PlannerCommandSection = PlannerCommandSection()
+    observation_interval_s: float | None = Field(None, gt=0)
+    """How often the frontend publishes a planner observation; default planner.reactive_interval_s."""
+
+    def deployment(self) -> Deployment:
+        """The deployment view of these settings, for the helpers that resolve engine, router and
+        server configs (its one worker is a placeholder; `worker_section` is the real one)."""
+        return Deployment(model=self.model, tokenizer=self.tokenizer, served_model_name=self.served_model_name,
+                          frontend=self.frontend, disaggregation=self.disaggregation, kv_transfer=self.kv_transfer,
+                          engine=self.engine, workers=[WorkerSection(role="both")])
+
+    def worker_section(self) -> WorkerSection:
+        w = self.worker
+        return WorkerSection(role=w.role, devices=None, tensor_parallel_size=w.tensor_parallel_size,
+                             num_threads=w.num_threads, engine=w.engine)
+
+
+def resolve(path: str | None, overrides: dict, need: tuple[str, ...] = ("etcd", "nats")) -> ClusterFile:
+    """The file at `path` (if any) with `overrides` merged in, validated; raises DeploymentError."""
+    source = str(path) if path else "command line"
+    data: dict = {}
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise DeploymentError(f"{path}: cannot read: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise DeploymentError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise DeploymentError(f"{path}: expected a mapping at the top level")
+    try:
+        settings = ClusterFile.model_validate(_merge(data, overrides))
+        settings.cluster.cluster_config()  # the namespace's spelling
+    except ValidationError as exc:
+        raise DeploymentError(format_validation_error(exc, source)) from None
+    except ValueError as exc:
+        raise DeploymentError(f"{source}: cluster: {exc}") from None
+    missing = [name for name in need if not getattr(settings.cluster, name)]
+    if missing:
+        raise DeploymentError(f"{source}: no {' and no '.join(missing)}: pass " +
+                              " and ".join(f"--{name} URL" for name in missing) + " (or set them under cluster:)")
+    return settings
+
+
+def _merge(data: dict, overrides: dict) -> dict:
+    """`data` with every non-None leaf of `overrides` put in (nested dicts merged)."""
+    out = dict(data)
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            merged = _merge(out.get(key) or {}, value)
+            if merged:
+                out[key] = merged
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def advertised_host(host: str, etcd_endpoints: tuple[str, ...]) -> str:
+    """The host peers dial for a socket bound at `host`: itself, or for a wildcard the address this
+    machine uses to reach etcd (a UDP connect sends nothing; it only picks the route)."""
+    if host not in WILDCARD_HOSTS:
+        return host
+    from tidal.runtime.etcd_discovery import parse_endpoint
+
+    etcd_host, etcd_port = parse_endpoint(etcd_endpoints[0]) if etcd_endpoints else ("8.8.8.8", 53)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((etcd_host, etcd_port))
+            return sock.getsockname()[0]
+    except OSError:
+        return socket.gethostname()
+
+
+def free_port(host: str) -> int:
+    """A port free on `host` now (the worker binds it right after)."""
+    bind_host = "0.0.0.0" if host in WILDCARD_HOSTS else host
+    with socket.socket() as sock:
+        sock.bind((bind_host, 0))
+        return sock.getsockname()[1]
