@@ -6,16 +6,23 @@ with dummy:tiny-llama and one torch thread each.
   ones on a prefill worker, KV over the zmq backend's TCP server) equal the offline `LLM`'s.
 - A worker sent SIGTERM leaves etcd and the frontend's table; the frontend keeps serving; a worker
   started afterwards registers and gets requests.
+- A decode worker killed with SIGKILL while streams run on it: its lease lapses (3 s), the frontend
+  moves its requests to the other decode worker, every stream completes with the uninterrupted
+  greedy answer and no client sees an error; no KV block stays in use on the survivors.
 - The planner, fed the frontend's observations over NATS with a TTFT target nobody meets, flips a
   decode worker to prefill through a frontend; the flip shows in etcd, in both frontends' tables
   (a second frontend runs beside the first) and in the planner's /metrics.
+- etcd and then NATS restarted under the running cluster: no Tidal process restarts; requests sent
+  meanwhile complete or fail fast, none hangs; afterwards the cluster serves and follows changes.
 Every process is started in its own session and killed at the end, pass or fail.
 """
 
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -101,6 +108,8 @@ class Cluster:
         self.etcd_url = etcd_url
         self.url = frontend_url
         self.second_url = second_url  # another frontend over the same workers (it gets no traffic)
+        self.etcd = None  # the services (tests/_cluster.py), for the restart test
+        self.nats = None
 
     def start_worker(self, worker_id: str, role: str) -> subprocess.Popen:
         return self.procs.start(worker_id, "worker", "--config", str(self.config), "--role", role,
@@ -153,6 +162,7 @@ def cluster(etcd_server, nats_server, tmp_path_factory):
         procs.start("frontend", "frontend", "--config", str(config))
         procs.start("frontend2", "frontend", "--config", str(config), "--port", str(second_port))
         c = Cluster(procs, config, etcd_server.url, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{second_port}")
+        c.etcd, c.nats = etcd_server, nats_server
         for worker_id, role in (("p0", "prefill"), ("p1", "prefill"), ("d0", "decode"), ("d1", "decode")):
             c.start_worker(worker_id, role)
         until(lambda: len(c.etcd_workers()) == 4, START_TIMEOUT_S, "4 workers in etcd", procs)
@@ -166,14 +176,14 @@ def cluster(etcd_server, nats_server, tmp_path_factory):
     assert all(p.poll() is not None for p in procs.procs.values())
 
 
-def _offline_answers(contents: list[str]) -> list[str]:
+def _offline_answers(contents: list[str], max_tokens: int = 12) -> list[str]:
     from tidal import LLM, SamplingParams
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers: the same float sums
     try:
         with LLM(MODEL, **ENGINE) as llm:
-            return [llm.chat([{"role": "user", "content": c}], SamplingParams(max_tokens=12, temperature=0))
+            return [llm.chat([{"role": "user", "content": c}], SamplingParams(max_tokens=max_tokens, temperature=0))
                     .outputs[0].text for c in contents]
     finally:
         torch.set_num_threads(threads)
@@ -213,6 +223,52 @@ def test_sigterm_leaves_etcd_and_a_new_worker_gets_requests(cluster):
     until(d2_served, 10, "a request on d2")
 
 
+def _stream(url: str, content: str, max_tokens: int) -> str:
+    """A streamed greedy chat; the text, or an AssertionError naming what the client saw."""
+    text = []
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=120, json={
+            "model": "tiny-llama", "messages": [{"role": "user", "content": content}], "temperature": 0,
+            "max_tokens": max_tokens, "stream": True}) as reply:
+        assert reply.status_code == 200, reply.read()
+        for line in reply.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            assert "error" not in chunk, chunk
+            text.append(chunk["choices"][0]["delta"].get("content") or "")
+    return "".join(text)
+
+
+def test_kill9_decode_worker_streams_migrate(cluster):
+    decoders = [w for w, r in cluster.etcd_workers().items() if r["role"] == "decode"]
+    assert len(decoders) == 2
+    victim = decoders[0]
+    contents = [f"Tell me a story about tide number {i}." for i in range(8)]
+    expected = _offline_answers(contents, max_tokens=400)
+    with concurrent.futures.ThreadPoolExecutor(len(contents)) as pool:
+        futures = [pool.submit(_stream, cluster.url, c, 400) for c in contents]
+
+        def running_on_victim() -> bool:
+            return (cluster.frontend_workers()[victim].get("stats") or {}).get("num_running", 0) >= 1
+
+        until(running_on_victim, 30, f"streams running on {victim}", cluster.procs)
+        killed = cluster.procs.procs.pop(victim)  # an exit the liveness checks expect
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait()
+        served = [f.result(timeout=120) for f in futures]
+    assert served == expected
+    assert cluster.metric(cluster.url, 'tidal_request_migrations_total{reason="worker_died"}') >= 1
+    until(lambda: victim not in cluster.etcd_workers(), 10, f"{victim} to leave etcd")
+
+    def no_blocks_in_use() -> bool:
+        stats = [w.get("stats") or {} for w in cluster.frontend_workers().values()]
+        return all(s.get("kv_blocks_used", 0) == 0 for s in stats)
+
+    until(no_blocks_in_use, 10, "no KV block in use on the survivors")
+    cluster.start_worker("d3", "decode")  # back to two decode workers for the planner test
+    until(lambda: "d3" in cluster.frontend_workers(), START_TIMEOUT_S, "d3 in the frontend", cluster.procs)
+
+
 def test_planner_flips_a_decode_worker_through_the_frontend(cluster, tmp_path):
     decoders = [w for w, r in cluster.etcd_workers().items() if r["role"] == "decode"]
     assert len(decoders) == 2
@@ -241,3 +297,28 @@ def test_planner_flips_a_decode_worker_through_the_frontend(cluster, tmp_path):
     until(lambda: cluster.metric(planner_url, "tidal_planner_flip_unavailable_seconds_count") >= 1, 5,
           "the flip in the planner's metrics")
     assert cluster.chat("Still there?")
+
+
+def test_etcd_and_nats_restarts_need_no_tidal_restart(cluster):
+    before = set(cluster.etcd_workers())
+    pids = {name: p.pid for name, p in cluster.procs.procs.items() if p.poll() is None}
+
+    def chat_fails_fast_or_works() -> None:
+        started = time.monotonic()
+        with contextlib.suppress(httpx.HTTPError):  # 503 or a refused stream is fine; a hang is not
+            httpx.post(cluster.url + "/v1/chat/completions", timeout=60, json={
+                "model": "tiny-llama", "messages": [{"role": "user", "content": "Still there?"}],
+                "temperature": 0, "max_tokens": 4})
+        assert time.monotonic() - started < 60
+
+    cluster.etcd.restart(down_s=2.0)
+    chat_fails_fast_or_works()
+    until(lambda: set(cluster.etcd_workers()) == before, 30, "every worker back in etcd")
+    cluster.nats.restart(down_s=1.0)
+    chat_fails_fast_or_works()
+    until(lambda: cluster.chat("Are you back?", max_tokens=4), 30, "a chat after both restarts")
+    # Changes still flow: a new worker registers and the frontend sees it.
+    cluster.start_worker("p9", "prefill")
+    until(lambda: "p9" in cluster.frontend_workers(), START_TIMEOUT_S, "p9 in the frontend", cluster.procs)
+    assert all(cluster.procs.procs[name].pid == pid and cluster.procs.procs[name].poll() is None
+               for name, pid in pids.items())
