@@ -139,7 +139,8 @@ def with_max_migrations(deployment, max_migrations: int):
     return parse_deployment(data, "command line")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every `tidal` command and its flags (`main` parses with it; tests check manifests against it)."""
     parser = argparse.ArgumentParser(prog="tidal")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve a model over the OpenAI API (one worker, or a deployment "
@@ -177,9 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     _add_bench_args(bench)
     profile = sub.add_parser("profile", help="measure prefill and decode step times of a model on a device")
     _add_profile_args(profile)
-    from tidal.cluster.commands import COMMANDS as CLUSTER_COMMANDS, add_commands
+    from tidal.cluster.commands import add_commands
 
     add_commands(sub, _add_engine_args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tidal.cluster.commands import COMMANDS as CLUSTER_COMMANDS
+
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
