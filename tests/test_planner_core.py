@@ -21,7 +21,7 @@ import random
 import pytest
 
 from tidal.perf.profile import DecodePoint, PrefillPoint, Profile
-from tidal.planner.core import Planner
+from tidal.planner.core import Planner, Thresholds
 from tidal.planner.perf_model import LinearStepTimes, PerfModel, PerfModelConfig
 from tidal.planner.predictors import Arima, Holt, MovingAverage, Seasonal, find_period, forecast_peak, make_predictor
 from tidal.planner.types import (SLO, Action, FrontendObservation, Observation, PlannerConfig,
@@ -42,13 +42,15 @@ class RoundSteps:
         return self.prefill_s(prefill_tokens) + decode
 
 
-def make_planner(correction_alpha: float = 0.3, **overrides) -> Planner:
+def make_planner(correction_alpha: float = 0.3, trouble_calls: int = 1, **overrides) -> Planner:
+    """The reactive loop acts on the first call in trouble (the default debounce is two calls; its
+    own test says so)."""
     settings = dict(slo=SLO(ttft_ms=1000, itl_ms=50), max_workers=8, min_prefill=1, min_decode=1,
                     reactive_interval_s=2, predictive_interval_s=30, predictor="holt", headroom=0.15,
                     scale_down_cooldown_s=30, allow_flips=True)
     settings.update(overrides)
     perf = PerfModel(RoundSteps(), PerfModelConfig(correction_alpha=correction_alpha))
-    return Planner(PlannerConfig(**settings), perf)
+    return Planner(PlannerConfig(**settings), perf, Thresholds(trouble_calls=trouble_calls))
 
 
 def prefill(i: int, **fields) -> WorkerObservation:
@@ -453,6 +455,18 @@ def test_reactive_over_capacity_and_the_budget_cut():
                                 Action("add", "decode", None, "over_capacity"),
                                 Action("add", "decode", None, "over_capacity"))
     assert decision.reason == "at_budget"
+
+
+def test_reactive_waits_for_trouble_to_last_two_calls_by_default():
+    # The default debounce: TTFT over at t=0 is noted, not acted on; over again at t=2: a worker comes.
+    planner = make_planner(trouble_calls=2)
+    workers = [prefill(0), decode(0), decode(1, num_running=4), decode(2)]
+    assert planner.step(observe(0, workers, ttft_ms_p90=1500.0)).actions == ()
+    assert planner.step(observe(2, workers, ttft_ms_p90=1500.0)).actions == (
+        Action("flip", "prefill", "d1", "ttft_over_slo"),)
+    # Calm in between restarts the count.
+    assert planner.step(observe(4, workers)).actions == ()
+    assert planner.step(observe(6, workers, ttft_ms_p90=1500.0, request_rate=2.0)).actions == ()
 
 
 def test_requests_waiting_for_a_decode_slot_are_decode_trouble():

@@ -65,6 +65,9 @@ class Thresholds:
     decode_queue_workers: float = 0.25
     """The decode pool is in trouble when the requests waiting for a decode slot would fill this
     share of one worker's batch."""
+    trouble_calls: int = 2
+    """The reactive loop grows a pool only after it has been in trouble (or over capacity) this many
+    calls in a row: one huge prompt in the queue, or one noisy interval, is not a trend."""
     recent_calls: int = 5
     """The rate "seen now" is the mean over this many calls (the latest observations)."""
     lengths_window_s: float = 60.0
@@ -152,6 +155,7 @@ class Planner:
         self._recent_targets: deque[tuple[float, dict[Role, int]]] = deque()
         self.startup_s = config.worker_startup_s  # start-up time: configured, then as seen
         self._starting_since: dict[str, float] = {}
+        self._troubled: dict[Role, int] = {"prefill": 0, "decode": 0}  # calls in a row in trouble
 
     def step(self, obs: Observation) -> Decision:
         self.perf.observe(obs.workers)
@@ -341,9 +345,11 @@ class Planner:
             pool = pools[role]
             need = self._need_now(role)
             over = need / (1 + self.config.headroom) > pool.count  # estimated utilisation above 1
+            troubled = health[role].trouble is not None or over
+            self._troubled[role] = self._troubled[role] + 1 if troubled else 0
             if pool.count < self._minimum(role):
                 want[role], reasons[role] = self._minimum(role), "minimum"
-            elif health[role].trouble is not None or over:
+            elif troubled and self._troubled[role] >= self.thresholds.trouble_calls:
                 wanted = math.ceil(need + health[role].backlog_workers - 1e-9)
                 if wanted <= pool.count and pool.incoming == 0 and health[role].trouble is not None:
                     wanted = pool.count + 1  # trouble the model does not explain: one more, then look again
