@@ -44,12 +44,35 @@ class Discovery(Protocol):
         """The current workers as `added` events, then every change as it happens."""
 
 
+class Watchers:
+    """The fan-out every discovery shares: each `watch()` gets its own queue, first the current
+    workers as `added`, then every event `notify` is given."""
+
+    def __init__(self) -> None:
+        self._queues: list[asyncio.Queue[DiscoveryEvent]] = []
+
+    async def watch(self, current: list[WorkerInfo]) -> AsyncIterator[DiscoveryEvent]:
+        queue: asyncio.Queue[DiscoveryEvent] = asyncio.Queue()
+        for worker in current:
+            queue.put_nowait(DiscoveryEvent("added", worker))
+        self._queues.append(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._queues.remove(queue)
+
+    def notify(self, event: DiscoveryEvent) -> None:
+        for queue in self._queues:
+            queue.put_nowait(event)
+
+
 class LocalDiscovery:
     """An in-memory table; watchers get an asyncio queue each."""
 
     def __init__(self) -> None:
         self._workers: dict[str, WorkerInfo] = {}
-        self._watchers: list[asyncio.Queue[DiscoveryEvent]] = []
+        self._watchers = Watchers()
 
     async def start(self) -> None:
         pass
@@ -75,16 +98,8 @@ class LocalDiscovery:
         return list(self._workers.values())
 
     async def watch(self) -> AsyncIterator[DiscoveryEvent]:
-        queue: asyncio.Queue[DiscoveryEvent] = asyncio.Queue()
-        for worker in self._workers.values():
-            queue.put_nowait(DiscoveryEvent("added", worker))
-        self._watchers.append(queue)
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            self._watchers.remove(queue)
+        async for event in self._watchers.watch(list(self._workers.values())):
+            yield event
 
     def _notify(self, event: DiscoveryEvent) -> None:
-        for queue in self._watchers:
-            queue.put_nowait(event)
+        self._watchers.notify(event)

@@ -42,7 +42,7 @@ import msgspec
 
 from tidal.protocol import WorkerInfo
 from tidal.runtime.cluster import ClusterConfig
-from tidal.runtime.discovery import DiscoveryEvent
+from tidal.runtime.discovery import DiscoveryEvent, Watchers
 from tidal.runtime.events import cancel_and_wait
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class EtcdDiscovery:
         self._deleting: set[str] = set()  # unregistered while etcd was unreachable: delete when back
         self._dirty = False  # etcd may lack an owned record (or hold a deleted one): write them all
         self._wake = asyncio.Event()  # a write failed: the keepalive loop checks the lease now
-        self._watchers: list[asyncio.Queue[DiscoveryEvent]] = []
+        self._watchers = Watchers()
         self._listed = asyncio.Event()
         self._watch_task: asyncio.Task | None = None
         self._keepalive_task: asyncio.Task | None = None
@@ -169,15 +169,8 @@ class EtcdDiscovery:
 
     async def watch(self) -> AsyncIterator[DiscoveryEvent]:
         await self.start()
-        queue: asyncio.Queue[DiscoveryEvent] = asyncio.Queue()
-        for worker in self._workers.values():
-            queue.put_nowait(DiscoveryEvent("added", worker))
-        self._watchers.append(queue)
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            self._watchers.remove(queue)
+        async for event in self._watchers.watch(list(self._workers.values())):
+            yield event
 
     # ---- the watch: etcd -> cache -> watchers ---------------------------------------------------
     async def _follow(self) -> None:
@@ -254,8 +247,7 @@ class EtcdDiscovery:
             self._notify(DiscoveryEvent("removed", worker, reason))
 
     def _notify(self, event: DiscoveryEvent) -> None:
-        for queue in self._watchers:
-            queue.put_nowait(event)
+        self._watchers.notify(event)
 
     def _decode(self, kv) -> WorkerInfo | None:
         try:
