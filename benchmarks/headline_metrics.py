@@ -97,6 +97,7 @@ def point_metrics(records: list[RequestRecord], warmup_s: float, measure_s: floa
         "worst_stall_ms": {**summary["max_itl_ms"], "max": max(stalls) * 1e3 if stalls else None},
         "schedule_lag_p99_ms": summarize(counted, measure_s, {})["schedule_lag_p99_ms"] if counted else 0.0,
         "regimes": {name: regime_metrics(counted, slo, measure_s, gpus) for name, slo in SLO_REGIMES.items()},
+        "window_s": window_s,
         "windows": windows(records, window_s),
         "error_samples": sorted({r.error for r in counted if r.error})[:5],
     }
