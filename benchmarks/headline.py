@@ -188,8 +188,8 @@ class Family:
 
 
 GPU_FAMILIES = {
-    "chat": Family("chat", "chat", {"turns": 6, "think_s": 3.0, "system_words": 600, "user_words": 80,
-                                    "output_len": 200}),
+    "chat": Family("chat", "chat", {"turns": 6, "think_s": 2.0, "system_words": 600, "user_words": 80,
+                                    "output_len": 150}),
     "long": Family("long", "synthetic", {"input_len": 6000, "input_len_range": 0.33, "output_len": 225,
                                          "vocab_size": 49_000}),
     "short": Family("short", "synthetic", {"input_len": 256, "input_len_range": 0.5, "output_len": 128,
@@ -206,9 +206,10 @@ SMOKE_FAMILIES = {
     "trace": Family("trace", "trace", {"max_input_len": 1024, "max_output_len": 8, "vocab_size": 49_000}),
 }
 # AGG's capacity per family on 2 GPUs (arrivals/s: chat sessions, else requests), at >= 90% attainment of
-# the balanced SLO. First guesses from `--sim` on the H200 profile (see the sim output; an H100 is
-# slower): replace them with the measured capacity once the chat grid has run (`--capacity chat=X`).
-GPU_CAPACITY_2 = {"chat": 1.0, "long": 1.5, "short": 30.0, "trace": 1.0}
+# the balanced SLO. First guesses: `--sim` on the H200 profile (2026-11-27: chat 14.8, long 7.6, short 250;
+# the trace crashed the simulator) x 0.7 for an H100's lower bandwidth, and a guess for the trace.
+# Replace them with the measured capacity once the chat grid has run (`--capacity chat=X`).
+GPU_CAPACITY_2 = {"chat": 10.0, "long": 5.0, "short": 170.0, "trace": 1.5}
 SMOKE_CAPACITY = {"chat": 1.5, "long": 0.3, "short": 1.0, "trace": 0.3}
 
 
@@ -553,8 +554,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group", default=None, help="chat | square | trace | control (default: chat; smoke: smoke)")
     p.add_argument("--capacity", default=None, help="AGG's capacity on 2 GPUs per family, e.g. chat=1.2,long=1.5 "
                    "(arrivals/s; scaled by GPUs / 2)")
-    p.add_argument("--warmup-s", type=float, default=None, help="default 15 (smoke 1)")
-    p.add_argument("--measure-s", type=float, default=None, help="default 60 (smoke 4)")
+    p.add_argument("--warmup-s", type=float, default=None,
+                   help="default 30 (a chat session lasts ~40 s: the population builds up in it; smoke 1)")
+    p.add_argument("--measure-s", type=float, default=None, help="default 45 (smoke 4)")
     p.add_argument("--grace-s", type=float, default=None, help="after the window, then cut; default 25 (smoke 8)")
     p.add_argument("--window-s", type=float, default=5.0, help="ITL p99 over time: window length")
     p.add_argument("--budget-s", type=float, default=500.0, help="wall time for this invocation")
@@ -569,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="CPU: dummy:tiny-llama, CPU workers, ~5-s points")
     p.add_argument("--sim", action="store_true", help="the arms in the fleet simulator; prints the load grid")
+    p.add_argument("--families", default=None, help="--sim: chat,long,short,trace (default all)")
     p.add_argument("--profile", default=str(REPO / "benchmarks/results/profile-llama-3.1-8b-NVIDIA-H200.json"))
     p.add_argument("--report", nargs="+", default=None, metavar="JSONL", help="tables and plots from results")
     p.add_argument("--report-dir", default="docs/img/headline")
@@ -581,11 +584,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.sim:
         from benchmarks.headline_sim import run_sim
 
-        return run_sim(args.gpus or 2, args.profile, args.trace, GPU_FAMILIES)
+        names = (args.families or ",".join(GPU_FAMILIES)).split(",")
+        return run_sim(args.gpus or 2, args.profile, args.trace, {n: GPU_FAMILIES[n] for n in names})
     smoke = args.smoke
     args.group = args.group or ("smoke" if smoke else "chat")
-    args.warmup_s = args.warmup_s if args.warmup_s is not None else (1.0 if smoke else 15.0)
-    args.measure_s = args.measure_s if args.measure_s is not None else (4.0 if smoke else 60.0)
+    args.warmup_s = args.warmup_s if args.warmup_s is not None else (1.0 if smoke else 30.0)
+    args.measure_s = args.measure_s if args.measure_s is not None else (4.0 if smoke else 45.0)
     args.grace_s = args.grace_s if args.grace_s is not None else (8.0 if smoke else 25.0)
     args.capacity = parse_capacity(args.capacity, smoke)
     args.local_prefill = args.local_prefill if args.local_prefill is not None else (32 if smoke else 512)
