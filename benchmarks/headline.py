@@ -220,13 +220,14 @@ class Point:
     load: float
     """Offered rate as a multiple of AGG's capacity for the family."""
     arrival: str = "poisson"
+    """poisson | gamma | square | replay (the trace's own clock, scaled to the rate)"""
     burstiness: float = 1.0
     square: tuple[float, float, int] | None = None
     """(burst_s, calm_s, periods): 2x for burst_s, 0.5x for calm_s; `load` is then the calm multiple."""
 
     @property
     def point_id(self) -> str:
-        shape = {"poisson": "poisson", "gamma": f"gamma{self.burstiness:g}",
+        shape = {"poisson": "poisson", "replay": "replay", "gamma": f"gamma{self.burstiness:g}",
                  "square": "square" + ("" if self.square is None else f"{self.square[0]:g}-{self.square[1]:g}")}
         return f"{self.family}-{shape[self.arrival]}-x{self.load:g}"
 
@@ -239,7 +240,7 @@ def group_points(group: str) -> list[Point]:
     if group == "square":
         return [Point("square", "chat", 0.5, "square", square=(15.0, 45.0, 3))]
     if group == "trace":
-        return [Point("trace", "trace", x) for x in (1.0, 0.5)]
+        return [Point("trace", "trace", x, "replay") for x in (1.0, 0.5)]
     if group == "control":
         return [Point("control", f, x) for x in (1.0, 0.5) for f in ("long", "short")]
     if group == "smoke":
@@ -266,7 +267,7 @@ def bench_config(point: Point, family: Family, rate: float, url: str, seed: int,
         kw.update(arrival=point.arrival, burstiness=point.burstiness)
     warmup_s = 0.0 if point.arrival == "square" else args.warmup_s
     if family.workload == "trace":
-        kw.update(trace=args.trace, time_scale=trace_time_scale(args.trace, rate), requests=10**9)
+        kw.update(trace=args.trace, time_scale=trace_time_scale(args.trace, rate))
     config = BenchConfig(url=url, workload=family.workload, rate=rate, seed=seed, sessions=10**9, requests=10**9,
                          duration_s=warmup_s + measure_s, timeout_s=600.0, **kw)
     return config, warmup_s

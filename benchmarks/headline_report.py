@@ -41,7 +41,7 @@ def load_rows(files: list[str]) -> list[dict]:
 def _poisson(rows: list[dict], family: str) -> dict[str, list[dict]]:
     by_arm: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
-        if row["family"] == family and row["bench"].get("arrival") == "poisson":
+        if row["family"] == family and row["bench"].get("arrival") in ("poisson", "replay"):
             by_arm[row["arm"]].append(row)
     return {arm: sorted(points, key=lambda r: r["rate"]) for arm, points in sorted(by_arm.items())}
 
