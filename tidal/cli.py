@@ -366,6 +366,8 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrency", type=int, default=None,
                    help="at most this many requests (chat: sessions) in flight; with a high --rate, a closed loop")
     p.add_argument("--timeout-s", type=float, default=600.0)
+    p.add_argument("--duration-s", type=float, default=None,
+                   help="no arrivals after this many seconds (then --requests/--sessions are upper bounds)")
     p.add_argument("--sweep-rates", default=None, help="e.g. 1,2,4: one run per rate; reports the capacity")
     p.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
                    help="no load: compare earlier runs' outputs side by side (table, compare.png in --output)")
@@ -395,7 +397,8 @@ def _bench(args: argparse.Namespace) -> int:
         input_len_range=args.input_len_range, output_len=args.output_len, vocab_size=args.vocab_size,
         seed=args.seed, timeout_s=args.timeout_s, output=args.output, slo=tuple(slo.items()),
         trace=args.trace, trace_format=args.trace_format, time_scale=args.time_scale,
-        max_input_len=args.max_input_len, max_output_len=args.max_output_len, max_concurrency=args.max_concurrency)
+        max_input_len=args.max_input_len, max_output_len=args.max_output_len, max_concurrency=args.max_concurrency,
+        duration_s=args.duration_s)
     if args.sweep_rates:
         sweep(config, [float(r) for r in args.sweep_rates.split(",")])
     else:

@@ -80,6 +80,7 @@ class BenchConfig:
     output: str | None = None
     slo: tuple[tuple[str, float], ...] = ()
     max_concurrency: int | None = None  # at most this many requests (or sessions) in flight; later ones wait
+    duration_s: float | None = None  # no arrivals (requests, or sessions' starts) at or after this many seconds
 
 
 def _words(rng: random.Random, n: int) -> str:
@@ -138,6 +139,8 @@ class Bench:
             self.start = time.perf_counter()
             tasks = []
             for i, at in zip(range(count), arrivals):
+                if c.duration_s is not None and at >= c.duration_s:
+                    break
                 delay = self.start + at - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
