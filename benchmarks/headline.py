@@ -428,7 +428,7 @@ def gpu_facts() -> dict:
             "names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]; "
             "print(json.dumps({'cards': names, 'torch': torch.__version__, 'ceilings_cuda0': ceilings()}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+                         env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
     if out.returncode != 0:
         return {"error": out.stderr[-1000:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -470,7 +470,8 @@ def run_invocation(args) -> int:
               local_prefill_threshold=args.local_prefill)
     families = SMOKE_FAMILIES if hw.smoke else GPU_FAMILIES
     done = done_keys([args.out, *args.resume])
-    todo = [p for p in group_points(args.group) if (arm.arm_id, p.point_id) not in done]
+    todo = [p for p in group_points(args.group) if (arm.arm_id, p.point_id) not in done
+            and (not args.points or p.point_id in args.points.split(","))]
     print(f"{arm.arm_id} x {args.group}: {len(todo)} point(s) to run: {', '.join(p.point_id for p in todo) or '-'}")
     if not todo:
         return 0
@@ -561,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grace-s", type=float, default=None, help="after the window, then cut; default 25 (smoke 8)")
     p.add_argument("--window-s", type=float, default=5.0, help="ITL p99 over time: window length")
     p.add_argument("--budget-s", type=float, default=500.0, help="wall time for this invocation")
+    p.add_argument("--points", default=None, help="only these point ids of the group, comma-separated "
+                                                  "(e.g. chat-poisson-x0.75), in the group's order")
     p.add_argument("--out", default=None, help="results JSONL (appended)")
     p.add_argument("--resume", action="append", default=[], help="results JSONL whose points are done")
     p.add_argument("--run-dir", default=None, help="deployment YAMLs and server logs (default $OUT or /tmp)")
