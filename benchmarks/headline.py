@@ -283,8 +283,9 @@ def free_port() -> int:
 class Server:
     """`tidal serve -f CONFIG` in its own process group: started, waited for, stopped with its workers."""
 
-    def __init__(self, config_path: Path, log_path: Path, url: str):
+    def __init__(self, config_path: Path, log_path: Path, url: str, num_workers: int | None = None):
         self.config_path, self.log_path, self.url = config_path, log_path, url
+        self.num_workers = num_workers  # the workers that must be routable before a point runs
         self.proc: subprocess.Popen | None = None
         self.start_s = 0.0
 
@@ -299,14 +300,22 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"tidal serve exited with {self.proc.returncode}; see {self.log_path}:\n"
                                    + self.log_path.read_text()[-2000:])
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200 and self._all_workers_up():
                     self.start_s = time.monotonic() - started
                     return self.start_s
             if time.monotonic() - started > STARTUP_TIMEOUT_S:
                 self.stop()
                 raise RuntimeError(f"tidal serve not healthy after {STARTUP_TIMEOUT_S} s; see {self.log_path}")
             time.sleep(0.5)
+
+    def _all_workers_up(self) -> bool:
+        """Every worker of the deployment is routable: a point measured on fewer GPUs than the arm
+        names (a worker that failed to start) would be a wrong figure, so the start waits, then fails."""
+        if self.num_workers is None:
+            return True
+        table = httpx.get(self.url + "/admin/workers", timeout=2).json()["workers"]
+        return sum(1 for w in table if not w.get("draining")) >= self.num_workers
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -486,7 +495,7 @@ def run_invocation(args) -> int:
     port = free_port()
     config_path = run_dir / "deployment.yaml"
     config_path.write_text(yaml.safe_dump(deployment(arm, hw, port), sort_keys=False))
-    server = Server(config_path, run_dir / "serve.log", f"http://127.0.0.1:{port}")
+    server = Server(config_path, run_dir / "serve.log", f"http://127.0.0.1:{port}", num_workers=arm.gpus)
     ran = []
     try:
         start_s = server.start()

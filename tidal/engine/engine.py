@@ -87,6 +87,11 @@ class EngineCore:
                  transfer_config: KVTransferConfig | None = None, record_kv_events: bool = False):
         started = time.monotonic()
         tp_size = config.parallel.tensor_parallel_size
+        device = torch.device(config.model.device)
+        if device.type == "cuda" and device.index is not None and tp_size == 1:
+            # Triton launches on the current device: a worker on cuda:1 whose current device stayed
+            # cuda:0 fails its first kernel ("cannot be accessed from Triton").
+            torch.cuda.set_device(device)
         if tp_size > 1:
             self.tp_group = TensorParallelGroup(config, with_kv_transfer=transfer_config is not None)
         try:
