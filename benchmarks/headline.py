@@ -80,7 +80,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.headline_metrics import point_metrics  # noqa: E402
+from benchmarks.headline_metrics import SLO_REGIMES, point_metrics  # noqa: E402
 from tidal.bench.runner import Bench, BenchConfig  # noqa: E402
 from tidal.bench.traces import load_trace  # noqa: E402
 
@@ -119,12 +119,15 @@ class Arm:
     """agg: each worker's chunked-prefill budget; disagg/tidal: the prefill workers'."""
     local_prefill_threshold: int = 512
     """tidal: prompts with fewer uncached tokens prefill on their decode worker."""
+    planner_slo: str = "balanced"
+    """tidal: the SLO regime (`headline_metrics.SLO_REGIMES`) the planner holds."""
 
     @property
     def arm_id(self) -> str:
         if self.kind == "agg":
             return f"agg-g{self.gpus}-tb{self.token_budget}"
-        return f"{self.kind}-g{self.gpus}-{self.split[0]}p{self.split[1]}d"
+        suffix = f"-slo-{self.planner_slo}" if self.planner and self.planner_slo != "balanced" else ""
+        return f"{self.kind}-g{self.gpus}-{self.split[0]}p{self.split[1]}d{suffix}"
 
     @property
     def planner(self) -> bool:
@@ -133,7 +136,6 @@ class Arm:
 
 DECODE_TOKEN_BUDGET = 512
 """Decode workers (disagg, tidal): a step carries the decodes plus local prefill chunks of this size."""
-PLANNER_SLO = {"ttft_ms": 1000, "itl_ms": 50}  # the balanced regime
 
 
 def deployment(arm: Arm, hw: Hardware, port: int) -> dict:
@@ -169,7 +171,7 @@ def deployment(arm: Arm, hw: Hardware, port: int) -> dict:
     }
     if arm.planner:
         config["planner"] = {
-            "slo": PLANNER_SLO, "max_workers": arm.gpus, "min_prefill": 0, "min_decode": 1,
+            "slo": dict(SLO_REGIMES[arm.planner_slo]), "max_workers": arm.gpus, "min_prefill": 0, "min_decode": 1,
             "reactive_interval_s": 1.0 if hw.smoke else 2.0, "predictive_interval_s": 10.0, "predictor": "seasonal",
             "headroom": 0.15, "worker_startup_s": 60.0, "scale_down_cooldown_s": 10.0, "allow_flips": True,
             "devices": devices or [], "actuator": "local"}
@@ -476,7 +478,7 @@ def run_invocation(args) -> int:
     begun = time.monotonic()
     hw = hardware(args)
     arm = Arm(args.arm, hw.gpus, split=parse_split(args.split, args.arm, hw.gpus), token_budget=args.token_budget,
-              local_prefill_threshold=args.local_prefill)
+              local_prefill_threshold=args.local_prefill, planner_slo=args.planner_slo)
     families = SMOKE_FAMILIES if hw.smoke else GPU_FAMILIES
     done = done_keys([args.out, *args.resume])
     todo = [p for p in group_points(args.group) if (arm.arm_id, p.point_id) not in done
@@ -571,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grace-s", type=float, default=None, help="after the window, then cut; default 25 (smoke 8)")
     p.add_argument("--window-s", type=float, default=5.0, help="ITL p99 over time: window length")
     p.add_argument("--budget-s", type=float, default=500.0, help="wall time for this invocation")
+    p.add_argument("--planner-slo", default="balanced", choices=["tight", "balanced", "relaxed"],
+                   help="tidal: the SLO regime its planner holds (relaxed = the ITL-tight 3 s / 25 ms)")
     p.add_argument("--points", default=None, help="only these point ids of the group, comma-separated "
                                                   "(e.g. chat-poisson-x0.75), in the group's order")
     p.add_argument("--out", default=None, help="results JSONL (appended)")
