@@ -318,15 +318,9 @@ def test_tp_workers_take_consecutive_devices():
 
 
 def test_cli_tp_flag_builds_a_tp_worker():
-    import argparse
+    from tidal.cli import build_parser, deployment_from_args
 
-    from tidal.cli import _add_engine_args, deployment_from_args
-
-    parser = argparse.ArgumentParser()
-    _add_engine_args(parser)
-    args = parser.parse_args(["dummy:llama-3.1-70b", "--device", "cuda", "-tp", "4"])
-    args.host = args.port = None
-    args.log_level, args.max_request_body_bytes = "info", 1 << 20
+    args = build_parser().parse_args(["serve", "dummy:llama-3.1-70b", "--device", "cuda", "-tp", "4"])
     (worker_id, section, devices), = deployment_from_args(args).worker_groups()
     assert section.tensor_parallel_size == 4 and devices == ("cuda:0", "cuda:1", "cuda:2", "cuda:3")
 
