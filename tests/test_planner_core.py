@@ -467,6 +467,12 @@ def test_reactive_waits_for_trouble_to_last_two_calls_by_default():
     # Calm in between restarts the count.
     assert planner.step(observe(4, workers)).actions == ()
     assert planner.step(observe(6, workers, ttft_ms_p90=1500.0, request_rate=2.0)).actions == ()
+    # A call with no finished request (no TTFT figure) neither counts nor clears: t=6 and t=10 are two in a row.
+    planner = make_planner(trouble_calls=2)
+    assert planner.step(observe(6, workers, ttft_ms_p90=1500.0)).actions == ()
+    assert planner.step(observe(8, workers, ttft_ms_p90=None)).actions == ()
+    assert planner.step(observe(10, workers, ttft_ms_p90=1500.0)).actions == (
+        Action("flip", "prefill", "d1", "ttft_over_slo"),)
 
 
 def test_requests_waiting_for_a_decode_slot_are_decode_trouble():

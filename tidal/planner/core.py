@@ -325,6 +325,12 @@ class Planner:
         return self.config.max_workers - num_both - sum(p.count for p in pools.values())
 
     # ---- the reactive loop ---------------------------------------------------------------------
+    @staticmethod
+    def _saw_latencies(obs: Observation, role: Role) -> bool:
+        """Whether this call's frontend figures say anything about `role`'s latency target."""
+        front = obs.frontend
+        return (front.ttft_ms_p90 if role == "prefill" else front.itl_ms_p90) is not None
+
     def _need_now(self, role: Role) -> float:
         """Workers `role` needs (x (1 + headroom)) for the rate seen now at the latest lengths."""
         rate, (isl, osl, hit) = self.rate_now(), self._lengths
@@ -346,7 +352,10 @@ class Planner:
             need = self._need_now(role)
             over = need / (1 + self.config.headroom) > pool.count  # estimated utilisation above 1
             troubled = health[role].trouble is not None or over
-            self._troubled[role] = self._troubled[role] + 1 if troubled else 0
+            if troubled:
+                self._troubled[role] += 1
+            elif self._saw_latencies(obs, role):  # a call with no finished request neither counts nor clears
+                self._troubled[role] = 0
             if pool.count < self._minimum(role):
                 want[role], reasons[role] = self._minimum(role), "minimum"
             elif troubled and self._troubled[role] >= self.thresholds.trouble_calls:
