@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from tidal.cli import main
 from tidal.cluster.config import advertised_host, resolve
 from tidal.cluster.control import ObservationMessage
-from tidal.cluster.planner_main import FrontendFollower, LogOnlyActuator
+from tidal.cluster.planner_main import FrontendMerger, LogOnlyActuator
 from tidal.cluster.worker_main import worker_spec
 from tidal.deploy.config import DeploymentError
 from tidal.planner.types import FrontendObservation, Observation, WorkerObservation
@@ -66,13 +66,27 @@ def test_worker_binds_a_wildcard_and_advertises_a_dialable_host():
     assert advertised_host("0.0.0.0", ("http://127.0.0.1:2379",)) == "127.0.0.1"
 
 
-def test_planner_follows_one_frontend_until_it_goes_quiet():
-    obs = Observation(time_s=1.0, interval_s=1.0, frontend=FrontendObservation(), workers=())
-    follower = FrontendFollower(interval_s=1.0)
-    a, b = ObservationMessage(frontend_id="a", observation=obs), ObservationMessage(frontend_id="b", observation=obs)
-    assert follower.accept(a, 0.0) and not follower.accept(b, 1.0) and follower.accept(a, 2.0)
-    assert follower.accept(b, 2.0 + follower.timeout_s)
-    assert not follower.accept(a, 3.0 + follower.timeout_s)
+def test_planner_merges_the_frontends_it_hears():
+    def message(frontend_id: str, **front) -> ObservationMessage:
+        obs = Observation(time_s=1.0, interval_s=1.0, frontend=FrontendObservation(**front),
+                          workers=(WorkerObservation(worker_id="d0", role="decode"),))
+        return ObservationMessage(frontend_id=frontend_id, observation=obs)
+
+    merger = FrontendMerger(interval_s=1.0)
+    # "a" is the clock (the smallest id): its report alone steps, then merged with b's latest.
+    alone = merger.accept(message("a", request_rate=2.0, num_requests=2, ttft_ms_p90=100.0, isl_mean=1000.0), 0.0)
+    assert alone.frontend.request_rate == 2.0
+    assert merger.accept(message("b", request_rate=6.0, num_requests=6, ttft_ms_p90=300.0, isl_mean=2000.0,
+                                 queue_depth=3), 0.5) is None
+    merged = merger.accept(message("a", request_rate=2.0, num_requests=2, ttft_ms_p90=100.0, isl_mean=1000.0), 1.0)
+    # rates and queues add up; the worst p90; ISL weighted by requests: (2 x 1000 + 6 x 2000) / 8 = 1750
+    assert merged.frontend.request_rate == 8.0 and merged.frontend.queue_depth == 3
+    assert merged.frontend.ttft_ms_p90 == 300.0 and merged.frontend.isl_mean == 1750.0
+    assert merged.workers == (WorkerObservation(worker_id="d0", role="decode"),)
+    # a goes quiet: b becomes the clock and steps alone
+    later = 1.0 + merger.timeout_s + 0.1
+    alone_b = merger.accept(message("b", request_rate=6.0, num_requests=6), later)
+    assert alone_b.frontend.request_rate == 6.0 and list(merger.latest) == ["b"]
 
 
 def test_observation_round_trips_through_msgpack():

@@ -291,7 +291,7 @@ def test_planner_flips_a_decode_worker_through_the_frontend(cluster, tmp_path):
     planner_config.write_text(yaml.safe_dump({"cluster": cluster_section, "planner": {
         "slo": {"ttft_ms": 0.001, "itl_ms": 100000}, "max_workers": 8, "min_decode": 1,
         "reactive_interval_s": 0.5, "predictive_interval_s": 3600, "host": "127.0.0.1", "port": port}}))
-    cluster.procs.start("planner", "planner", "--config", str(planner_config))
+    cluster.procs.start("planner", "planner", "--config", str(planner_config), "--log-level", "debug")
     planner_url = f"http://127.0.0.1:{port}"
     until(lambda: httpx.get(planner_url + "/health", timeout=2).status_code == 200, 60,
           "the planner to hear the frontend", cluster.procs)

@@ -9,9 +9,10 @@ follows: `step_once(observation)` -> actions: adds and removes go to the actuato
 with `actuator: kubernetes`, else `LogOnlyActuator`), flips to the frontend as `FlipCommand`s
 (`ClusterActuator`) -> SIGINT/SIGTERM: stop.
 
-It follows one frontend (the first it hears; another once that one has been silent for
-FOLLOW_TIMEOUT_INTERVALS observation intervals): observations of two frontends are not additive
-(each has its own clock and its own share of the traffic).
+It hears every frontend: each carries its own share of the traffic, so the planner keeps the
+latest observation of each frontend heard within FOLLOW_TIMEOUT_INTERVALS observation intervals and,
+whenever the frontend with the smallest id (the clock) reports, steps once on their merge
+(`tidal.planner.types.merge_observations`: rates add up, latency percentiles take the worst).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from tidal.cluster.config import ClusterFile
 from tidal.cluster.control import ControlPlane, FlipCommand, ObservationMessage
 from tidal.planner.actuators import ActuatorError, FlipResult
-from tidal.planner.types import Role
+from tidal.planner.types import Observation, Role, merge_observations
 
 logger = logging.getLogger(__name__)
 
@@ -112,22 +113,28 @@ def make_scaler(settings: ClusterFile, registry: CollectorRegistry):
     return LogOnlyActuator(registry)
 
 
-class FrontendFollower:
-    """Which frontend's observations the planner uses (see the module docstring)."""
+class FrontendMerger:
+    """The frontends the planner hears and their latest observations (see the module docstring)."""
 
     def __init__(self, interval_s: float) -> None:
         self.timeout_s = FOLLOW_TIMEOUT_INTERVALS * interval_s
-        self.frontend_id: str | None = None
+        self.latest: dict[str, tuple[float, Observation]] = {}  # frontend id -> (heard at, observation)
         self.last_heard = 0.0
 
-    def accept(self, message: ObservationMessage, now: float) -> bool:
-        if message.frontend_id != self.frontend_id:
-            if self.frontend_id is not None and now - self.last_heard < self.timeout_s:
-                return False
-            logger.info("planner: following frontend %s", message.frontend_id)
-            self.frontend_id = message.frontend_id
+    def accept(self, message: ObservationMessage, now: float) -> Observation | None:
+        """The merged observation to step on, when `message` comes from the clock frontend; else None."""
+        if message.frontend_id not in self.latest:
+            logger.info("planner: hearing frontend %s", message.frontend_id)
+        self.latest[message.frontend_id] = (now, message.observation)
         self.last_heard = now
-        return True
+        for frontend_id in [f for f, (heard, _) in self.latest.items() if now - heard > self.timeout_s]:
+            logger.info("planner: frontend %s went quiet", frontend_id)
+            del self.latest[frontend_id]
+        clock = min(self.latest)
+        if message.frontend_id != clock:
+            return None
+        ordered = [self.latest[clock][1]] + [obs for f, (_, obs) in sorted(self.latest.items()) if f != clock]
+        return merge_observations(ordered)
 
 
 async def serve_metrics(registry: CollectorRegistry, host: str, port: int, healthy):
@@ -162,7 +169,7 @@ async def serve_planner(settings: ClusterFile) -> None:
     scaler = make_scaler(settings, registry)
     service = PlannerService(section.planner_config(), None, ClusterActuator(control, scaler, settings),
                              registry=registry)
-    follower = FrontendFollower(settings.observation_interval_s or section.reactive_interval_s)
+    follower = FrontendMerger(settings.observation_interval_s or section.reactive_interval_s)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -190,12 +197,13 @@ async def serve_planner(settings: ClusterFile) -> None:
         await control.close()
 
 
-async def _consume(control: ControlPlane, service, follower: FrontendFollower, observations: Counter) -> None:
+async def _consume(control: ControlPlane, service, follower: FrontendMerger, observations: Counter) -> None:
     async for message in control.observations():
-        if not follower.accept(message, time.monotonic()):
-            continue
         observations.inc()
+        merged = follower.accept(message, time.monotonic())
+        if merged is None:
+            continue
         try:
-            service.step_once(message.observation)
+            service.step_once(merged)
         except Exception:  # noqa: BLE001 - a planner bug must not stop the planner process
             logger.exception("planner step failed")

@@ -70,6 +70,38 @@ class Observation:
     workers: tuple[WorkerObservation, ...]
 
 
+def merge_observations(observations: list[Observation]) -> Observation:
+    """Several frontends' observations of the same interval as one (the first one's clock and
+    workers: every frontend sees the same workers, whose step counters are their own). Arrivals,
+    requests and queues add up; ISL, OSL and prefix hit rate are request-weighted means; a latency
+    percentile is the largest of the frontends' (an upper bound of the merged one: at least that
+    share of every frontend's requests is under it)."""
+    if len(observations) == 1:
+        return observations[0]
+    fronts = [o.frontend for o in observations]
+    weights = [f.num_requests or 0 for f in fronts]
+
+    def weighted(name: str) -> float | None:
+        pairs = [(w, getattr(f, name)) for w, f in zip(weights, fronts) if getattr(f, name) is not None]
+        total = sum(w for w, _ in pairs)
+        if not pairs:
+            return None
+        return sum(w * v for w, v in pairs) / total if total else sum(v for _, v in pairs) / len(pairs)
+
+    def worst(name: str) -> float | None:
+        values = [getattr(f, name) for f in fronts if getattr(f, name) is not None]
+        return max(values) if values else None
+
+    merged = FrontendObservation(
+        request_rate=sum(f.request_rate for f in fronts), ttft_ms_p50=worst("ttft_ms_p50"),
+        ttft_ms_p90=worst("ttft_ms_p90"), itl_ms_p50=worst("itl_ms_p50"), itl_ms_p90=worst("itl_ms_p90"),
+        isl_mean=weighted("isl_mean"), osl_mean=weighted("osl_mean"),
+        prefix_hit_rate=weighted("prefix_hit_rate") or 0.0, queue_depth=sum(f.queue_depth for f in fronts),
+        num_requests=sum(weights))
+    first = observations[0]
+    return Observation(time_s=first.time_s, interval_s=first.interval_s, frontend=merged, workers=first.workers)
+
+
 @dataclass(frozen=True)
 class SLO:
     ttft_ms: float = 1000.0  # P90 target
