@@ -154,6 +154,8 @@ def agg_capacity(family, gpus: int, profile, trace: str) -> float:
     low, high = 0.0, 0.05
     while ok(high) and high < 1e4:
         low, high = high, high * 2
+    if low == 0.0:  # not even the first rate: say so (a bisection towards 0 would never end)
+        raise SimFailed(f"AGG misses the balanced SLO for over 10% of requests even at {high:g} arrivals/s")
     while high - low > 0.05 * high:
         mid = (low + high) / 2
         low, high = (mid, high) if ok(mid) else (low, mid)
@@ -175,7 +177,7 @@ def run_sim(gpus: int, profile_path: str, trace: str, families: dict) -> int:
         try:
             capacities[name] = agg_capacity(family, gpus, profile, trace)
         except SimFailed as exc:
-            print(f"\n{name}: the simulator failed on AGG ({exc}); no capacity estimate")
+            print(f"\n{name}: no AGG capacity estimate ({exc})")
             continue
         print(f"\n{name}: AGG capacity {capacities[name]:.3f} arrivals/s ({capacities[name] / gpus:.3f} per GPU)")
         print("| load | rate /s | arm | tight % | balanced % | relaxed % | flips |")
