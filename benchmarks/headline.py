@@ -134,6 +134,8 @@ class Arm:
         return self.kind == "tidal"
 
 
+PLANNER_PROFILE = REPO / "benchmarks/results/profile-llama-3.1-8b-NVIDIA-H200.json"
+"""tidal on GPUs: the planner's performance model (corrected online by the step times it sees)."""
 DECODE_TOKEN_BUDGET = 512
 """Decode workers (disagg, tidal): a step carries the decodes plus local prefill chunks of this size."""
 
@@ -175,6 +177,8 @@ def deployment(arm: Arm, hw: Hardware, port: int) -> dict:
             "reactive_interval_s": 1.0 if hw.smoke else 2.0, "predictive_interval_s": 10.0, "predictor": "seasonal",
             "headroom": 0.15, "worker_startup_s": 60.0, "scale_down_cooldown_s": 10.0, "allow_flips": True,
             "devices": devices or [], "actuator": "local"}
+        if not hw.smoke and PLANNER_PROFILE.exists():
+            config["planner"]["profile"] = str(PLANNER_PROFILE)  # the measured step times (H200 Llama-3.1-8B)
     return config
 
 

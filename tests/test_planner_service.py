@@ -110,3 +110,14 @@ def test_serve_with_planner_section_decides_under_a_burst(tmp_path):
             assert time.monotonic() < deadline, "no planner decision after 30 s of bursts"
         assert any(k.startswith("tidal_planner_target_workers") for k in metrics(url))
     assert "decision:" in log.read_text()
+
+
+def test_planner_section_profile_sets_the_performance_model():
+    from pathlib import Path
+
+    from tidal.deploy.config import PlannerSection
+
+    profile = Path(__file__).resolve().parents[1] / "benchmarks/results/profile-llama-3.1-8b-NVIDIA-H200.json"
+    planner = PlannerSection(profile=str(profile)).make_planner()
+    assert planner.perf.prefill_cap_tokens == 1024  # the profile's prefill knee
+    assert PlannerSection().make_planner().perf.prefill_cap_tokens == 16384  # the linear default's cap

@@ -168,7 +168,7 @@ async def serve_planner(settings: ClusterFile) -> None:
     control = ControlPlane(cluster, "tidal-planner")
     scaler = make_scaler(settings, registry)
     service = PlannerService(section.planner_config(), None, ClusterActuator(control, scaler, settings),
-                             registry=registry)
+                             section.make_planner(), registry=registry)
     follower = FrontendMerger(settings.observation_interval_s or section.reactive_interval_s)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

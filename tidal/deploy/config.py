@@ -192,6 +192,18 @@ class PlannerSection(_Strict):
     kubernetes: KubernetesSection = KubernetesSection()
     drain_timeout_s: float = Field(300.0, gt=0)
     """A drain (before a removal or flip) that takes longer fails the action; the worker rejoins."""
+    profile: str | None = None
+    """A `tidal profile` JSON of the workers' model and card: the planner's performance model
+    (prefill rate at the knee, decode batch within the ITL target); default: the linear model,
+    corrected online by the step times the workers report."""
+
+    def make_planner(self):
+        """The pure planner core this section describes (with its profile's performance model)."""
+        from tidal.planner.core import Planner
+        from tidal.planner.perf_model import PerfModel
+
+        perf = PerfModel.from_profile(load_profile(self.profile)) if self.profile is not None else None
+        return Planner(self.planner_config(), perf)
 
     @model_validator(mode="after")
     def _fits_budget(self) -> PlannerSection:

@@ -249,6 +249,6 @@ async def start_planner(deployment: Deployment, launcher: Launcher, router):
                                                        token=k.token), router=router)
     else:
         actuator = LocalActuator(launcher, router, tuple(section.devices), drain_timeout_s=section.drain_timeout_s)
-    service = PlannerService(section.planner_config(), router, actuator)
+    service = PlannerService(section.planner_config(), router, actuator, section.make_planner())
     await service.start()
     return service
