@@ -300,8 +300,7 @@ class Server:
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "tidal.cli", "serve", "-f", str(self.config_path)],
                                          cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}"
-                                              f"{os.environ.get('PYTHONPATH', '')}"})
+                                         env=child_env())
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"tidal serve exited with {self.proc.returncode}; see {self.log_path}:\n"
@@ -437,13 +436,19 @@ def done_keys(paths: list[str]) -> set[tuple[str, str]]:
     return keys
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment with the repository first on PYTHONPATH (the GPU box's wheels,
+    installed under a --target folder on PYTHONPATH, stay reachable)."""
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
 def gpu_facts() -> dict:
     """The cards' names and cuda:0's ceilings, measured in a child process (no CUDA context stays here)."""
     code = ("import json, torch; from benchmarks.gpu_smoke import ceilings; "
             "names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]; "
             "print(json.dumps({'cards': names, 'torch': torch.__version__, 'ceilings_cuda0': ceilings()}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180,
-                         env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+                         env=child_env())
     if out.returncode != 0:
         return {"error": out.stderr[-1000:]}
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -28,8 +28,8 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError
 
-from tidal.deploy.config import (Deployment, DeploymentError, DisaggSection, EngineSection, FrontendSection,
-                                 KVTransferSection, PlannerSection, WorkerSection, _Strict, format_validation_error)
+from tidal.deploy.config import (Deployment, DeploymentError, EngineSection, PlannerSection, ServingSections,
+                                 WorkerSection, _Strict, format_validation_error)
 from tidal.runtime.cluster import ClusterConfig
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "*", "::", "[::]")
@@ -81,15 +81,8 @@ class PlannerCommandSection(PlannerSection):
     port: int = Field(9091, ge=0, le=65535)
 
 
-class ClusterFile(_Strict):
+class ClusterFile(ServingSections):
     cluster: ClusterSection = ClusterSection()
-    model: str | None = None
-    tokenizer: str | None = None
-    served_model_name: str | None = None
-    frontend: FrontendSection = FrontendSection()
-    disaggregation: DisaggSection = DisaggSection()
-    kv_transfer: KVTransferSection = KVTransferSection()
-    engine: EngineSection = EngineSection()
     worker: WorkerCommandSection = WorkerCommandSection()
     planner: PlannerCommandSection = PlannerCommandSection()
     observation_interval_s: float | None = Field(None, gt=0)
@@ -98,9 +91,8 @@ class ClusterFile(_Strict):
     def deployment(self) -> Deployment:
         """The deployment view of these settings, for the helpers that resolve engine, router and
         server configs (its one worker is a placeholder; `worker_section` is the real one)."""
-        return Deployment(model=self.model, tokenizer=self.tokenizer, served_model_name=self.served_model_name,
-                          frontend=self.frontend, disaggregation=self.disaggregation, kv_transfer=self.kv_transfer,
-                          engine=self.engine, workers=[WorkerSection(role="both")])
+        shared = {name: getattr(self, name) for name in ServingSections.model_fields}
+        return Deployment(**shared, workers=[WorkerSection(role="both")])
 
     def worker_section(self) -> WorkerSection:
         w = self.worker

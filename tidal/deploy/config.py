@@ -222,7 +222,11 @@ class PlannerSection(_Strict):
                              allow_flips=self.allow_flips)
 
 
-class Deployment(_Strict):
+class ServingSections(_Strict):
+    """What every serving config has: the model, the frontend and router, disaggregation, KV
+    transfer and engine defaults (a deployment adds its workers; the cluster commands' file its
+    `cluster:` and `worker:` sections)."""
+
     model: str | None = None
     tokenizer: str | None = None
     served_model_name: str | None = None
@@ -230,6 +234,9 @@ class Deployment(_Strict):
     disaggregation: DisaggSection = DisaggSection()
     kv_transfer: KVTransferSection = KVTransferSection()
     engine: EngineSection = EngineSection()
+
+
+class Deployment(ServingSections):
     workers: list[WorkerSection] = Field(min_length=1)
     planner: PlannerSection | None = None
 

@@ -447,7 +447,7 @@ class Planner:
         self._recent_targets.append((time_s, dict(targets)))
         while self._recent_targets[0][0] < time_s - self.thresholds.scale_down_window_s:
             self._recent_targets.popleft()
-        if getattr(self.rate_predictor, "period", None) is not None:
+        if self.rate_predictor.period is not None:
             return dict(targets)
         return {role: max(t[role] for _, t in self._recent_targets) for role in POOLS}
 

@@ -30,6 +30,10 @@ import numpy as np
 
 
 class Predictor(Protocol):
+    period: int | None
+    """The load's period in steps, when the predictor has found one (its forecasts then say what
+    comes, not only where the trend points); None otherwise."""
+
     def update(self, value: float) -> None:
         """Record the latest interval's value."""
         ...
@@ -41,6 +45,8 @@ class Predictor(Protocol):
 
 class MovingAverage:
     """The mean of the last `window` values."""
+
+    period: int | None = None  # no periodic model
 
     def __init__(self, window: int = 5):
         if window < 1:
@@ -64,6 +70,8 @@ class Holt:
         level' = alpha x v + (1 - alpha) x (level + trend)
         trend' = beta x (level' - level) + (1 - beta) x trend
     """
+
+    period: int | None = None  # no periodic model
 
     def __init__(self, alpha: float = 0.5, beta: float = 0.3):
         if not (0 < alpha <= 1 and 0 <= beta <= 1):
@@ -96,6 +104,8 @@ class Holt:
 class Arima:
     """statsmodels' ARIMA(order) fitted on the last `window` values at each forecast; with fewer than
     `min_points` values it forecasts the latest one (a fit on a handful of points is noise)."""
+
+    period: int | None = None  # no periodic model
 
     def __init__(self, order: tuple[int, int, int] = (1, 1, 1), window: int = 60, min_points: int = 8):
         try:
