@@ -31,7 +31,7 @@ from tidal.router.migration import resume_request
 pytestmark = pytest.mark.slow
 
 PROMPT_TOKENS = (12, 160)  # below and above the remote-prefill threshold (64)
-GRACE_S = 1.0
+GRACE_S = 2.0
 
 
 def _deployment(prefill: int, decode: int, health_port: int | None = None, **frontend):
@@ -181,11 +181,15 @@ async def test_sigterm_drains_the_worker_and_drops_nothing():
         process = fleet.launcher.procs["decode-1"].process
         sent = time.monotonic()
         fleet.launcher.terminate_worker("decode-1")
+        # Probes first, well inside the grace: a readiness probe takes the worker out, liveness says why.
+        while (ready := httpx.get(health + "/health")).status_code == 200:
+            assert time.monotonic() - sent < 1, "the leaving worker still says it is ready"
+            await asyncio.sleep(0.01)
+        assert ready.status_code == 503 and ready.json()["status"] == "leaving"
+        assert httpx.get(health + "/live").json()["status"] == "leaving"
         while not router.workers["decode-1"].draining:
             assert time.monotonic() - sent < 2, "the leaving worker was not drained"
             await asyncio.sleep(0.01)
-        assert httpx.get(health + "/health").status_code == 503  # a readiness probe takes it out
-        assert httpx.get(health + "/live").json()["status"] == "leaving"
         late = [asyncio.create_task(_run(router, r)) for r in _requests(6, 16, seed=4)]  # routed elsewhere
         await asyncio.to_thread(process.join, 10)
         exited_s = time.monotonic() - sent

@@ -177,9 +177,13 @@ class _WorkerLoop:
         reason = "shutdown requested"
         try:
             while not self.stop.requested:
-                if self.stop.leave_requested and self._left():
-                    reason = "left (SIGTERM)"
-                    return
+                if self.stop.leave_requested:
+                    # Take what clients already sent before judging whether the worker holds nothing.
+                    if self.requests.poll(0) and not self._drain():
+                        return
+                    if self._left():
+                        reason = "left (SIGTERM)"
+                        return
                 if engine.has_work():
                     timeout = 0
                 elif engine.has_pulls():
