@@ -77,9 +77,10 @@ def _migrations(router) -> dict[str, float]:
 
 
 async def _wait_streaming(fleet, worker_id: str, n: int) -> None:
-    """Until `worker_id` has at least n requests whose decode runs there."""
+    """Until `worker_id` runs at least n requests (its latest load snapshot says so; requests routed
+    to it but still prefilling on a prefill worker do not count)."""
     deadline = time.monotonic() + 30
-    while fleet.router.workers[worker_id].client.num_open_requests < n:
+    while (stats := fleet.router.workers[worker_id].client.stats()) is None or stats.num_running < n:
         assert time.monotonic() < deadline, "the worker never got its share of streams"
         await asyncio.sleep(0.01)
 

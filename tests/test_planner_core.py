@@ -457,6 +457,56 @@ def test_reactive_over_capacity_and_the_budget_cut():
     assert decision.reason == "at_budget"
 
 
+def test_a_flip_needs_no_budget():
+    # 2 prefill + 2 decode = max_workers 4. ITL P90 80 > 50: decode in trouble. Rate 2: decode needs
+    # 2 x 200 x 0.05 / 40 = 0.5 -> x 1.15 -> 1 <= 2 running: trouble the model does not explain, so it
+    # wants one more, and the budget is spent. The flip comes before the budget cut: prefill needs
+    # 2 x 1500 / 10,000 = 0.3 -> 0.345 -> 1 <= the 1 left, with slack: p1 (least loaded) becomes decode.
+    planner = make_planner(max_workers=4)
+    workers = [prefill(0, num_running=2), prefill(1), decode(0), decode(1)]
+    decision = planner.step(observe(0, workers, itl_ms_p90=80.0))
+    assert decision.actions == (Action("flip", "decode", "p1", "itl_over_slo"),)
+    assert decision.reason == ""
+
+
+def test_the_last_prefill_worker_flips_when_decode_absorbs_its_prefill():
+    # 1 prefill + 1 decode = max_workers 2, min_prefill 0. ITL P90 80 > 50: decode wants 2. Prefill
+    # needs 0.345 workers (above) > 0 left, but 0.345 <= decode_prefill_share 0.25 x 2 decode workers
+    # = 0.5: the decode workers prefill locally, so p0 flips.
+    planner = make_planner(max_workers=2, min_prefill=0)
+    decision = planner.step(observe(0, [prefill(0), decode(0)], itl_ms_p90=80.0))
+    assert decision.actions == (Action("flip", "decode", "p0", "itl_over_slo"),)
+    # A share of 0 keeps it: nothing to add within the budget.
+    planner = make_planner(max_workers=2, min_prefill=0, decode_prefill_share=0.0)
+    decision = planner.step(observe(0, [prefill(0), decode(0)], itl_ms_p90=80.0))
+    assert decision.actions == () and decision.reason == "at_budget"
+    # Rate 4: prefill needs 4 x 1500 / 10,000 x 1.15 = 0.69 > 0.5: too much to absorb; kept.
+    planner = make_planner(max_workers=2, min_prefill=0)
+    decision = planner.step(observe(0, [prefill(0), decode(0)], itl_ms_p90=80.0, request_rate=4.0))
+    assert decision.actions == ()
+
+
+def test_forecast_short_of_budget_gives_absorbable_prefill_to_decode():
+    # min_prefill 0, budget 2. Rate 2, ISL 2000, no prefix hits, OSL 900: prefill 2 x 2000 / 10,000 = 0.4
+    # -> x 1.15 = 0.46 -> 1; decode 2 x 900 x 0.05 / 40 = 2.25 -> 2.59 -> 3. 4 > 2, and 0.46 <= 0.25 x 2
+    # = 0.5: the decode workers absorb the prefill, targets 0 and 2, and p0 flips to decode.
+    planner = make_planner(max_workers=2, min_prefill=0)
+    workers = [prefill(0), decode(0)]
+    start(planner, workers)
+    decision = planner.step(observe(30, workers, request_rate=2.0, prefix_hit_rate=0.0, osl_mean=900.0))
+    assert (decision.target_prefill, decision.target_decode) == (0, 2)
+    assert decision.actions == (Action("flip", "decode", "p0", "forecast"),)
+    # Budget 3, rate 8, hit 0.25, OSL 200: prefill 8 x 1500 / 10,000 = 1.2 -> 1.38 -> 2; decode 8 x 200
+    # x 0.05 / 40 = 2 -> 2.3 -> 3. 5 > 3, but 1.38 > 0.25 x 3 = 0.75: the usual cut (the larger target
+    # above its minimum first, decode on a tie): decode 2, then prefill 1.
+    planner = make_planner(max_workers=3, min_prefill=0)
+    workers = [prefill(0), decode(0), decode(1)]
+    start(planner, workers)
+    decision = planner.step(observe(30, workers, request_rate=8.0))
+    assert (decision.target_prefill, decision.target_decode) == (1, 2)
+    assert decision.actions == ()
+
+
 def test_reactive_waits_for_trouble_to_last_two_calls_by_default():
     # The default debounce: TTFT over at t=0 is noted, not acted on; over again at t=2: a worker comes.
     planner = make_planner(trouble_calls=2)
@@ -537,13 +587,15 @@ def test_random_run_keeps_budget_minimums_and_transitions():
     next_id = 0
     kinds = set()
     for tick in range(300):
-        workers = [WorkerObservation(wid, role, state=state, num_running=rng.randint(0, 20),
-                                     steps=50, step_s_mean=rng.uniform(0.01, 0.08) if role == "decode" else 0.2,
+        burst = (tick // 60) % 2 == 1
+        slowest_step_s = 0.08 if burst else 0.04  # decode steps track the load: over the 50-ms ITL only in bursts
+        workers = [WorkerObservation(wid, role, state=state, num_running=rng.randint(0, 20), steps=50,
+                                     step_s_mean=rng.uniform(0.01, slowest_step_s) if role == "decode" else 0.2,
                                      prefill_tokens=20_000 if role == "prefill" else 0,
                                      decode_batch_mean=10.0 if role == "decode" else 0.0,
                                      kv_used_fraction=rng.uniform(0, 0.95))
                    for wid, (role, state) in sorted(fleet.items())]
-        if (tick // 60) % 2:  # bursts (120 s): heavy, often over the SLOs
+        if burst:  # bursts (120 s): heavy, often over the SLOs
             load = dict(request_rate=rng.uniform(10, 30), ttft_ms_p90=rng.uniform(100, 2000),
                         itl_ms_p90=rng.uniform(5, 90))
         else:  # calm (120 s, longer than the 60-s scale-down window): light and well inside them

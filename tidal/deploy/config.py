@@ -186,6 +186,9 @@ class PlannerSection(_Strict):
     backlog_drain_s: float = Field(20.0, gt=0)
     scale_down_cooldown_s: float = Field(30.0, ge=0)
     allow_flips: bool = True
+    decode_prefill_share: float = Field(0.25, ge=0, le=1)
+    """With min_prefill 0 and the budget short: the last prefill worker may become a decode worker
+    when its prefill need is at most this share of the decode workers (they prefill locally)."""
     devices: list[str] = []
     """Free devices for workers the planner adds (one each); empty: CPU workers."""
     actuator: Literal["local", "kubernetes"] = "local"
@@ -219,7 +222,7 @@ class PlannerSection(_Strict):
                              predictive_interval_s=self.predictive_interval_s, predictor=self.predictor,
                              headroom=self.headroom, scale_down_cooldown_s=self.scale_down_cooldown_s,
                              worker_startup_s=self.worker_startup_s, backlog_drain_s=self.backlog_drain_s,
-                             allow_flips=self.allow_flips)
+                             allow_flips=self.allow_flips, decode_prefill_share=self.decode_prefill_share)
 
 
 class ServingSections(_Strict):

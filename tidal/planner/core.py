@@ -301,6 +301,24 @@ class Planner:
     def _minimum(self, role: Role) -> int:
         return self.config.min_prefill if role == "prefill" else self.config.min_decode
 
+    def _decode_absorbs(self, prefill_need: float, decode_workers: int) -> bool:
+        """Whether `decode_workers` can take a prefill need of `prefill_need` workers on themselves
+        (local prefill), so that no prefill worker is needed: `min_prefill` 0 and the need at most
+        `decode_prefill_share` of them."""
+        return (self.config.min_prefill == 0 and self.config.decode_prefill_share > 0
+                and prefill_need <= self.config.decode_prefill_share * decode_workers)
+
+    def _can_spare(self, source: _Pool, pools: dict[Role, _Pool], health: dict[Role, _Health], time_s: float) -> bool:
+        """Whether `source` may give a worker to the other pool now: it has slack, and what stays
+        still serves the rate now, or, for the last prefill worker, the decode workers it joins
+        absorb the prefill."""
+        if not self._may_give(source, health[source.role], time_s, need_slack=True):
+            return False
+        need = self._need_now(source.role)
+        if source.count - 1 >= math.ceil(need - 1e-9):
+            return True
+        return source.role == "prefill" and source.count == 1 and self._decode_absorbs(need, pools["decode"].count + 1)
+
     # ---- actions -------------------------------------------------------------------------------
     def _flip(self, source: _Pool, target: _Pool, reason: str, time_s: float) -> Action:
         worker = _least_loaded(source.active)
@@ -343,8 +361,9 @@ class Planner:
 
     def _reactive(self, obs: Observation, pools: dict[Role, _Pool], num_both: int,
                   health: dict[Role, _Health]) -> Decision:
-        """Size each pool in trouble (or over capacity for the rate now) at once; cut both to the
-        budget together; flip one worker where the other pool can spare it, add the rest."""
+        """Size each pool in trouble (or over capacity for the rate now) at once; flip one worker
+        where the other pool can spare it (a flip needs no budget); cut both wants to the budget
+        together; add the rest."""
         want: dict[Role, int] = {}
         reasons: dict[Role, str] = {}
         for role in POOLS:
@@ -366,6 +385,13 @@ class Planner:
                 reasons[role] = health[role].trouble or "over_capacity"
             else:
                 want[role] = pool.count
+        actions: list[Action] = []
+        for role in POOLS:  # flips first: they need no budget (one at most per call)
+            pool, other = pools[role], pools[_other(role)]
+            if (want[role] > pool.count and reasons[role] != "minimum" and self.config.allow_flips and not actions
+                    and want[other.role] <= other.count and self._can_spare(other, pools, health, obs.time_s)):
+                actions.append(self._flip(other, pool, reasons[role], obs.time_s))
+                want[other.role] = other.count  # the worker it gave is not missing there
         held = ""
         budget = self.config.max_workers - num_both
         if sum(want.values()) > budget:  # cut the pool furthest over its need for the rate now first
@@ -376,17 +402,9 @@ class Planner:
                     break
                 role = max(cuttable, key=lambda r: want[r] / max(self._need_now(r), 1e-9))
                 want[role] -= 1
-        actions: list[Action] = []
         for role in POOLS:
-            pool, other = pools[role], pools[_other(role)]
+            pool = pools[role]
             missing = want[role] - pool.count
-            if (missing > 0 and reasons[role] != "minimum" and self.config.allow_flips
-                    and want[other.role] <= other.count
-                    and other.count - 1 >= math.ceil(self._need_now(other.role) - 1e-9)
-                    and self._may_give(other, health[other.role], obs.time_s, need_slack=True)):
-                actions.append(self._flip(other, pool, reasons[role], obs.time_s))
-                want[other.role] -= 1  # the worker it gave is not missing there
-                missing -= 1
             while missing > 0 and self._budget_left(pools, num_both) > 0:
                 actions.append(self._add(pool, reasons[role], obs.time_s))
                 missing -= 1
@@ -434,6 +452,9 @@ class Planner:
         targets = {role: max(self._minimum(role), math.ceil(needs[role] * scale - 1e-9)) for role in POOLS}
         budget = self.config.max_workers - num_both
         cut = sum(targets.values()) > budget
+        if cut and self._decode_absorbs(needs["prefill"] * scale, budget):
+            # Short of budget, and a prefill need the decode workers can take on: all of it is decode.
+            return {"prefill": 0, "decode": budget}, cut
         while sum(targets.values()) > budget:
             role = max(POOLS, key=lambda r: (targets[r] - self._minimum(r), r == "decode"))
             if targets[role] <= self._minimum(role):

@@ -135,6 +135,11 @@ class PlannerConfig:
     """No removal or flip away from a pool within this long of adding to it (no flapping)."""
     allow_flips: bool = True
     """Move capacity by flipping a worker's role (fast, no weight reload) before adding/removing."""
+    decode_prefill_share: float = 0.25
+    """With `min_prefill` 0, when the budget is short the last prefill worker may become a decode
+    worker if the decode workers can absorb its prefill load (conditional disaggregation: they
+    prefill locally): the prefill need, in workers, at most this share of the decode workers. 0:
+    always keep a prefill worker while any prefill is needed."""
 
 
 @dataclass(frozen=True)
