@@ -343,12 +343,29 @@ class Server:
             time.sleep(0.5)
 
 
-class PoolPoller:
-    """A thread that samples the fleet every second: workers by role (draining ones apart) and the
-    planner's targets. Times are `time.perf_counter()` values; the caller shifts them to the run's start."""
+ENGINE_COUNTERS = ("steps_total", "step_seconds_total", "prefill_tokens_total", "decode_seqs_total",
+                   "generation_tokens", "kv_transfers", "kv_transfer_seconds", "kv_transfer_bytes")
+ENGINE_GAUGES = ("num_running", "num_waiting", "num_waiting_for_kv")
 
-    def __init__(self, url: str, interval_s: float = POOL_POLL_S):
-        self.url, self.interval_s = url, interval_s
+
+def process_cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds of one process so far (Linux /proc), None if unknown."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
+class PoolPoller:
+    """A thread that samples the fleet every second: workers by role (draining ones apart), the
+    planner's targets, each worker's engine counters (`/admin/workers`) and the frontend process's
+    CPU time. Times are `time.perf_counter()` values; the caller shifts them to the run's start."""
+
+    def __init__(self, url: str, interval_s: float = POOL_POLL_S, frontend_pid: int | None = None):
+        self.url, self.interval_s, self.frontend_pid = url, interval_s, frontend_pid
         self.samples: list[dict] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -368,20 +385,59 @@ class PoolPoller:
                     self.samples.append(self._sample(client))
                 self._stop.wait(self.interval_s)
 
-    @staticmethod
-    def _sample(client: httpx.Client) -> dict:
+    def _sample(self, client: httpx.Client) -> dict:
         now = time.perf_counter()
+        cpu_s = process_cpu_s(self.frontend_pid)
         workers = client.get("/admin/workers").json()["workers"]
         roles: dict[str, int] = {}
+        engines = {}
         for w in workers:
             key = f"{w['role']}-draining" if w["draining"] else w["role"]
             roles[key] = roles.get(key, 0) + 1
+            if w.get("stats"):
+                engines[w["worker_id"]] = {"role": w["role"], "cpu_s": process_cpu_s(w.get("pid")),
+                                           **{k: w["stats"].get(k, 0) for k in ENGINE_COUNTERS + ENGINE_GAUGES}}
         targets = {}
         for line in client.get("/metrics").text.splitlines():
             if line.startswith("tidal_planner_target_workers{"):
                 role = line.split('role="', 1)[1].split('"', 1)[0]
                 targets[role] = float(line.rsplit(" ", 1)[1])
-        return {"t": now, "workers": roles, "targets": targets}
+        return {"t": now, "workers": roles, "targets": targets, "engines": engines, "frontend_cpu_s": cpu_s}
+
+
+def engine_summary(samples: list[dict], t0: float, t1: float) -> dict:
+    """Where the time went in [t0, t1] (run-relative seconds), from the poller's samples: per worker
+    its busy share (engine step time / wall), its process's CPU use, mean step time, decode batch and running requests,
+    prefill and output tokens/s, KV pulls/s and mean pull time; and the frontend process's CPU use
+    (1.0 = one core). A worker seen at both ends only (a flipped one keeps its counters)."""
+    inside = [s for s in samples if t0 <= s["t"] <= t1]
+    if len(inside) < 2:
+        return {}
+    first, last = inside[0], inside[-1]
+    span = last["t"] - first["t"]
+    workers = {}
+    for wid, end in last["engines"].items():
+        begin = first["engines"].get(wid)
+        if begin is None or span <= 0:
+            continue
+        d = {k: end[k] - begin[k] for k in ENGINE_COUNTERS}
+        steps = d["steps_total"]
+        gauges = [s["engines"][wid] for s in inside if wid in s["engines"]]
+        workers[wid] = {
+            "role": end["role"], "busy": round(d["step_seconds_total"] / span, 3),
+            "cpu": round((end["cpu_s"] - begin["cpu_s"]) / span, 3)
+            if end["cpu_s"] is not None and begin["cpu_s"] is not None else None,
+            "step_ms": round(1000 * d["step_seconds_total"] / steps, 2) if steps else None,
+            "decode_batch": round(d["decode_seqs_total"] / steps, 1) if steps else None,
+            "prefill_tok_s": round(d["prefill_tokens_total"] / span), "output_tok_s": round(d["generation_tokens"] / span),
+            "pulls_per_s": round(d["kv_transfers"] / span, 2),
+            "pull_ms": round(1000 * d["kv_transfer_seconds"] / d["kv_transfers"], 2) if d["kv_transfers"] else None,
+            "pull_gb_s": round(d["kv_transfer_bytes"] / d["kv_transfer_seconds"] / 1e9, 1)
+            if d["kv_transfer_seconds"] > 0 else None,
+            **{f"{g}_mean": round(sum(x[g] for x in gauges) / len(gauges), 1) for g in ENGINE_GAUGES}}
+    cpu = (last["frontend_cpu_s"] - first["frontend_cpu_s"]) / span if (
+        span > 0 and first.get("frontend_cpu_s") is not None and last.get("frontend_cpu_s") is not None) else None
+    return {"span_s": round(span, 1), "frontend_cpu": round(cpu, 3) if cpu is not None else None, "workers": workers}
 
 
 # ---- one point ----------------------------------------------------------------------------------------
@@ -405,12 +461,13 @@ def run_point(point: Point, arm: Arm, hw: Hardware, server: Server, args, famili
     config, warmup_s = bench_config(point, family, rate, server.url, args.seed, args)
     measure_s = config.duration_s - warmup_s
     wall = time.monotonic()
-    with PoolPoller(server.url) as poller:
+    with PoolPoller(server.url, frontend_pid=server.proc.pid if server.proc else None) as poller:
         records, start, cut = asyncio.run(_bench_with_cut(config, config.duration_s + args.grace_s))
     wall_s = time.monotonic() - wall
     server.wait_idle()
     pools = [{"t": round(s["t"] - start, 2), "workers": s["workers"], "targets": s["targets"]}
              for s in poller.samples]
+    engines = engine_summary([{**s, "t": s["t"] - start} for s in poller.samples], warmup_s, warmup_s + measure_s)
     metrics = point_metrics(records, warmup_s, measure_s, gpus=arm.gpus, window_s=args.window_s)
     bench_fields = {k: v for k, v in dataclasses.asdict(config).items() if k in family.bench or k in (
         "arrival", "burstiness", "burst_factor", "burst_s", "calm_s", "time_scale", "trace")}
@@ -420,7 +477,7 @@ def run_point(point: Point, arm: Arm, hw: Hardware, server: Server, args, famili
             "group": point.group, "point": point.point_id, "family": point.family, "workload": family.workload,
             "load": point.load, "capacity": capacity, "rate": rate, "warmup_s": warmup_s, "measure_s": measure_s,
             "grace_s": args.grace_s, "cut_by_grace": cut, "bench": bench_fields, "wall_s": wall_s,
-            "pools": pools, **metrics}
+            "pools": pools, "engines": engines, **metrics}
 
 
 # ---- one invocation ----------------------------------------------------------------------------------------

@@ -139,6 +139,7 @@ def tables(rows: list[dict]) -> str:
                      f"{r['errors'] + r['rejected']}) | {cells} | {_num(r['ttft_ms']['p90'], 0)} | "
                      f"{_num(r['itl_ms']['p99'], 1)} | {_num(r['worst_stall_ms']['p99'], 0)} |")
     cards = sorted({", ".join(r["hardware"].get("cards", ["cpu"])) for r in rows if "hardware" in r})
+    lines += where_time_went(rows)
     lines += ["", f"Devices: {'; '.join(cards) or '-'}. Dates: "
               + ", ".join(sorted({r['hardware']['date'] for r in rows if 'hardware' in r}))]
     return "\n".join(lines)
@@ -179,3 +180,23 @@ def write_report(files: list[str], folder: str) -> str:
     text = tables(rows) + "\n\nPlots: " + ", ".join(str(p) for p in written if p) + "\n"
     (out / "headline.md").write_text(text)
     return text
+
+
+def where_time_went(rows: list[dict]) -> list[str]:
+    """Per point that recorded it (`engines`): each worker's busy share, CPU, step time, decode
+    batch, tokens/s and KV pulls over the measured window, and the frontend process's CPU."""
+    rows = [r for r in rows if r.get("engines", {}).get("workers")]
+    if not rows:
+        return []
+    lines = ["", "## Where the time went (measured window; busy = engine step time / wall, CPU 1.0 = one core)", "",
+             "| arm | point | frontend CPU | worker | role | busy | CPU | step ms | decode batch | running | "
+             "prefill tok/s | output tok/s | pulls/s | pull ms |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["family"], r["point"], r["arm"])):
+        e = r["engines"]
+        for i, (wid, w) in enumerate(sorted(e["workers"].items())):
+            lead = f"| {r['arm']} | {r['point']} | {_num(e.get('frontend_cpu'))} |" if i == 0 else "| | | |"
+            lines.append(f"{lead} {wid} | {w['role']} | {_num(w['busy'])} | {_num(w.get('cpu'))} | "
+                         f"{_num(w['step_ms'], 1)} | {_num(w['decode_batch'], 1)} | {_num(w.get('num_running_mean'), 1)} | "
+                         f"{w['prefill_tok_s']} | {w['output_tok_s']} | {_num(w['pulls_per_s'])} | {_num(w['pull_ms'], 1)} |")
+    return lines
+

@@ -47,6 +47,12 @@ def test_smoke_points_and_report(tmp_path):
         for regime in row["regimes"].values():
             assert {"attainment_pct", "goodput_rps", "goodput_per_gpu", "strict_attainment_pct", "p90_met"} <= set(regime)
         assert row["worst_stall_ms"]["max"] is not None and row["windows"] and row["pools"]
+        # where the time went: both workers counted, the processes' CPU read, tokens produced
+        engines = row["engines"]
+        workers = engines["workers"].values()
+        assert engines["frontend_cpu"] > 0 and len(workers) == 2, engines
+        assert all(0 <= w["busy"] <= 1.05 and w["cpu"] is not None for w in workers), engines
+        assert any(w["step_ms"] for w in workers) and sum(w["output_tok_s"] for w in workers) > 0, engines
     tidal = rows[1]
     assert tidal["planner"] and sum(tidal["pools"][-1]["workers"].values()) == 2  # flips move workers, never add
     assert any(sample["targets"] for sample in tidal["pools"])  # the planner's gauge was read
