@@ -1,0 +1,117 @@
+"""Is the frontend the bottleneck of the headline chat runs? The real frontend and router (`tidal sim`:
+OpenAI API, KV-aware router, detokenizer, SSE) in front of simulated workers that keep the time of
+the H200 profile (`benchmarks/results/profile-llama-3.1-8b-NVIDIA-H200.json`), driven by the headline's
+chat workload (6 turns, 2-s think time, 600-word system prompt, 150 tokens out) at rising session
+rates. No GPU: the workers compute nothing, so what limits the output here is the serving process.
+
+Per rate it prints output tokens/s against what the arrivals ask for, ITL p50/p90/p99 (p50 = 0 means
+tokens reach the client several per chunk: the stream falls behind the engine), TTFT p90, worst stall
+p99, and the serving process's CPU (1.0 = one core) and CPU microseconds per output token. The
+simulated workers run on threads of the same process, so that CPU is an upper bound on the
+frontend's own share; the step times are the profile's, so a frontend that keeps up shows ITL near
+the simulated step time (about 8-10 ms at these batches).
+
+    PYTHONPATH=. python benchmarks/frontend_capacity.py [--rates 2.5,5,7.5,10] [--workers 2] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.headline import GPU_FAMILIES, child_env, free_port, process_cpu_s  # noqa: E402
+from benchmarks.headline_metrics import point_metrics  # noqa: E402
+from tidal.bench.runner import Bench, BenchConfig  # noqa: E402
+
+PROFILE = REPO / "benchmarks/results/profile-llama-3.1-8b-NVIDIA-H200.json"
+
+
+def start_sim(workers: int, port: int, log_path: Path) -> subprocess.Popen:
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "tidal.cli", "sim", "--workers", str(workers), "--profile",
+                                 str(PROFILE), "--router", "kv", "--port", str(port), "--log-level", "warning"],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=child_env())
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tidal sim exited: {log_path.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise RuntimeError("tidal sim did not come up")
+
+
+async def measure(url: str, rate: float, warmup_s: float, measure_s: float, pid: int, seed: int) -> dict:
+    config = BenchConfig(url=url, workload="chat", rate=rate, seed=seed, sessions=10**9, requests=10**9,
+                         duration_s=warmup_s + measure_s, timeout_s=300.0, arrival="poisson",
+                         **GPU_FAMILIES["chat"].bench)
+    bench = Bench(config)
+    task = asyncio.create_task(bench.run())
+    await asyncio.sleep(warmup_s)
+    cpu0, own0, t0 = process_cpu_s(pid), time.process_time(), time.monotonic()
+    await asyncio.sleep(measure_s)
+    cpu1, own1, t1 = process_cpu_s(pid), time.process_time(), time.monotonic()
+    try:
+        await asyncio.wait_for(task, timeout=60)
+    except asyncio.TimeoutError:
+        pass  # wait_for cancelled the bench: what ran past 60 s counts as unfinished
+    metrics = point_metrics(bench.records, warmup_s, measure_s, gpus=2)
+    span = t1 - t0
+    tok_s = metrics["output_tokens_per_s"]
+    return {"rate": rate, "output_tok_s": tok_s, "serving_cpu": (cpu1 - cpu0) / span,
+            "client_cpu": (own1 - own0) / span,
+            "cpu_us_per_token": 1e6 * (cpu1 - cpu0) / span / tok_s if tok_s else None, **metrics}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rates", default="2.5,5,7.5,10", help="chat sessions per second")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--warmup-s", type=float, default=20.0)
+    parser.add_argument("--measure-s", type=float, default=30.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="JSON lines, one per rate")
+    args = parser.parse_args()
+    port = free_port()
+    log_path = Path(args.out or "/tmp/frontend_capacity.jsonl").with_suffix(".log")
+    print(f"{'sessions/s':>10} {'out tok/s':>9} {'ITL p50':>7} {'p90':>5} {'p99':>5} {'TTFT p90':>8} "
+          f"{'stall p99':>9} {'serving CPU':>11} {'us/token':>8} {'client CPU':>10}")
+    rows = []
+    for rate in [float(x) for x in args.rates.split(",")]:
+        proc = start_sim(args.workers, port, log_path)  # a fresh server per rate: no cache carried over
+        try:
+            row = asyncio.run(measure(f"http://127.0.0.1:{port}", rate, args.warmup_s, args.measure_s, proc.pid,
+                                      args.seed))
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+        rows.append(row)
+        itl, ttft, stall = row["itl_ms"], row["ttft_ms"], row["worst_stall_ms"]
+        print(f"{rate:>10g} {row['output_tok_s']:>9.0f} {itl['p50']:>7.1f} {itl['p90']:>5.1f} {itl['p99']:>5.1f} "
+              f"{ttft['p90']:>8.0f} {stall['p99']:>9.0f} {row['serving_cpu']:>11.2f} "
+              f"{row['cpu_us_per_token'] or 0:>8.0f} {row['client_cpu']:>10.2f}", flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            for row in rows:
+                f.write(json.dumps({k: v for k, v in row.items() if k != "windows"}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
