@@ -892,3 +892,26 @@ async def test_official_openai_client(engine):
                     model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True):
                 pass
         await client.close()
+
+
+async def test_long_prompts_are_tokenized_off_the_event_loop():
+    import threading
+
+    from tidal.frontend.serving import TOKENIZE_IN_THREAD_CHARS, encode_prompt
+    from tidal.tokenizer import load_tokenizer
+
+    class Recording:
+        def __init__(self, tokenizer):
+            self.tokenizer, self.threads = tokenizer, []
+
+        def encode(self, text, add_special_tokens=True):
+            self.threads.append(threading.get_ident())
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    tokenizer = Recording(load_tokenizer(None))
+    short, long = "What pulls the tide?", "The moon pulls the tide. " * (TOKENIZE_IN_THREAD_CHARS // 20)
+    for text in (short, long):
+        assert await encode_prompt(tokenizer, text, add_special_tokens=False) == \
+            list(tokenizer.tokenizer.encode(text, add_special_tokens=False))
+    loop_thread = threading.get_ident()
+    assert tokenizer.threads[0] == loop_thread and tokenizer.threads[1] != loop_thread

@@ -18,7 +18,7 @@ from tidal.frontend.openai_types import (ChatChoiceLogprobs, ChatCompletionChoic
 from tidal.frontend.serving import (SSE_DONE, GenerationRun, ServingContext, SSEResponse, admit,
                                     build_sampling_params, check_request, clamp_logprob,
                                     json_response, parse_body, resolve_max_tokens,
-                                    routing_hints, run_until_disconnect, sse_error, sse_event)
+                                    routing_hints, run_until_disconnect, sse_error, sse_event, encode_prompt)
 from tidal.protocol import AddRequest, TokenLogprob
 
 
@@ -31,7 +31,7 @@ class ChatServing:
         req = await parse_body(request, ChatCompletionRequest)
         ctx = self._ctx
         check_request(ctx, req)
-        prompt_token_ids = self._prompt_token_ids(req)
+        prompt_token_ids = await self._prompt_token_ids(req)
         max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(prompt_token_ids),
                                         req.requested_max_tokens(), None, param="messages")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -45,7 +45,7 @@ class ChatServing:
             return SSEResponse(self._stream(run, req))
         return await run_until_disconnect(request, lambda: self._complete(run, req))
 
-    def _prompt_token_ids(self, req: ChatCompletionRequest) -> list[int]:
+    async def _prompt_token_ids(self, req: ChatCompletionRequest) -> list[int]:
         tokenizer = self._ctx.tokenizer
         messages = [m.template_dict() for m in req.messages]
         template_kwargs = req.chat_template_kwargs or {}
@@ -60,7 +60,7 @@ class ChatServing:
         except Exception as exc:  # jinja2 errors, raise_exception() in templates, bad kwargs
             raise bad_request(f"Could not apply the chat template: {exc}",
                               param="messages") from None
-        return list(tokenizer.encode(prompt, add_special_tokens=False))
+        return await encode_prompt(tokenizer, prompt, add_special_tokens=False)
 
     def _logprobs(self, logprobs: list[TokenLogprob] | None,
                   num_top: int) -> ChatChoiceLogprobs | None:

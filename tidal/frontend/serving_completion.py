@@ -14,7 +14,7 @@ from tidal.frontend.errors import bad_request
 from tidal.frontend.openai_types import (CompletionChoice, CompletionLogprobs,
                                          CompletionRequest, CompletionResponse)
 from tidal.frontend.serving import (SSE_DONE, GenerationRun, ServingContext, SSEResponse, admit,
-                                    build_sampling_params, check_request, check_token_ids,
+                                    build_sampling_params, check_request, check_token_ids, encode_prompt,
                                     clamp_logprob, json_response, parse_body,
                                     resolve_max_tokens, routing_hints, run_until_disconnect,
                                     sse_error, sse_event)
@@ -55,7 +55,7 @@ class CompletionServing:
         req = await parse_body(request, CompletionRequest)
         ctx = self._ctx
         check_request(ctx, req)
-        prompt_token_ids = self._prompt_token_ids(req)
+        prompt_token_ids = await self._prompt_token_ids(req)
         max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(prompt_token_ids),
                                         req.max_tokens, DEFAULT_MAX_TOKENS, param="prompt")
         add_request = AddRequest(
@@ -68,10 +68,10 @@ class CompletionServing:
             return SSEResponse(self._stream(run, req))
         return await run_until_disconnect(request, lambda: self._complete(run, req))
 
-    def _prompt_token_ids(self, req: CompletionRequest) -> list[int]:
+    async def _prompt_token_ids(self, req: CompletionRequest) -> list[int]:
         prompt = req.text_or_token_ids()
         if isinstance(prompt, str):
-            token_ids = list(self._ctx.tokenizer.encode(prompt, add_special_tokens=True))
+            token_ids = await encode_prompt(self._ctx.tokenizer, prompt, add_special_tokens=True)
         else:
             token_ids = list(prompt)
             check_token_ids(self._ctx, token_ids, param="prompt")
