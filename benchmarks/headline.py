@@ -66,6 +66,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -252,6 +253,30 @@ def group_points(group: str) -> list[Point]:
     if group == "smoke":
         return [Point("smoke", "chat", 1.0)]
     raise SystemExit(f"unknown group {group!r}: chat, square, trace, control (smoke in --smoke mode)")
+
+
+def select_points(group: str, ids: str | None) -> list[Point]:
+    """The group's points (`ids`: only those, in the group's order), plus any chat Poisson or gamma
+    point named by id that the group lacks (`chat-poisson-x0.875`, `chat-gamma0.5-x1.25`: a finer grid)."""
+    points = group_points(group)
+    if not ids:
+        return points
+    wanted = [i for i in ids.split(",") if i]
+    chosen = [p for p in points if p.point_id in wanted]
+    known = {p.point_id for p in chosen}
+    for point_id in wanted:
+        if point_id in known:
+            continue
+        match = re.fullmatch(r"chat-(poisson|gamma([0-9.]+))-x([0-9.]+)", point_id)
+        if match is None:
+            raise SystemExit(f"unknown point {point_id!r} for group {group!r}")
+        shape, k, load = match.groups()
+        point = Point(group, "chat", float(load), "poisson" if shape == "poisson" else "gamma",
+                      1.0 if k is None else float(k))
+        if point.point_id != point_id:
+            raise SystemExit(f"write point {point_id!r} as {point.point_id!r}")
+        chosen.append(point)
+    return chosen
 
 
 def trace_time_scale(path: str, rate: float) -> float:
@@ -547,8 +572,7 @@ def run_invocation(args) -> int:
               local_prefill_threshold=args.local_prefill, planner_slo=args.planner_slo)
     families = SMOKE_FAMILIES if hw.smoke else GPU_FAMILIES
     done = done_keys([args.out, *args.resume])
-    todo = [p for p in group_points(args.group) if (arm.arm_id, p.point_id) not in done
-            and (not args.points or p.point_id in args.points.split(","))]
+    todo = [p for p in select_points(args.group, args.points) if (arm.arm_id, p.point_id) not in done]
     print(f"{arm.arm_id} x {args.group}: {len(todo)} point(s) to run: {', '.join(p.point_id for p in todo) or '-'}")
     if not todo:
         return 0
@@ -641,8 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=500.0, help="wall time for this invocation")
     p.add_argument("--planner-slo", default="balanced", choices=["tight", "balanced", "relaxed"],
                    help="tidal: the SLO regime its planner holds (relaxed = the ITL-tight 3 s / 25 ms)")
-    p.add_argument("--points", default=None, help="only these point ids of the group, comma-separated "
-                                                  "(e.g. chat-poisson-x0.75), in the group's order")
+    p.add_argument("--points", default=None, help="only these point ids, comma-separated (e.g. chat-poisson-x0.75; "
+                                                  "any chat-poisson-xN or chat-gammaK-xN too)")
     p.add_argument("--out", default=None, help="results JSONL (appended)")
     p.add_argument("--resume", action="append", default=[], help="results JSONL whose points are done")
     p.add_argument("--run-dir", default=None, help="deployment YAMLs and server logs (default $OUT or /tmp)")

@@ -67,3 +67,12 @@ def test_smoke_points_and_report(tmp_path):
     from benchmarks.headline_report import plot_square
 
     assert plot_square(square, tmp_path / "square.png").exists()
+
+
+def test_points_by_id_extend_the_grid():
+    points = headline.select_points("chat", "chat-poisson-x0.875,chat-poisson-x1,chat-gamma0.5-x1.25")
+    assert [(p.point_id, p.load, p.arrival, p.burstiness) for p in points] == [
+        ("chat-poisson-x1", 1.0, "poisson", 1.0), ("chat-poisson-x0.875", 0.875, "poisson", 1.0),
+        ("chat-gamma0.5-x1.25", 1.25, "gamma", 0.5)]
+    with pytest.raises(SystemExit):
+        headline.select_points("chat", "long-poisson-x2")
