@@ -19,42 +19,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.headline import GPU_FAMILIES, child_env, free_port, process_cpu_s  # noqa: E402
+from benchmarks.headline import GPU_FAMILIES, Server, free_port, process_cpu_s  # noqa: E402
 from benchmarks.headline_metrics import point_metrics  # noqa: E402
 from tidal.bench.runner import Bench, BenchConfig  # noqa: E402
 
 PROFILE = REPO / "benchmarks/results/profile-llama-3.1-8b-NVIDIA-H200.json"
-
-
-def start_sim(workers: int, port: int, log_path: Path) -> subprocess.Popen:
-    with open(log_path, "a") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "tidal.cli", "sim", "--workers", str(workers), "--profile",
-                                 str(PROFILE), "--router", "kv", "--port", str(port), "--log-level", "warning"],
-                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=child_env())
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"tidal sim exited: {log_path.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise RuntimeError("tidal sim did not come up")
 
 
 async def measure(url: str, rate: float, warmup_s: float, measure_s: float, pid: int, seed: int) -> dict:
@@ -94,13 +70,13 @@ def main() -> int:
           f"{'stall p99':>9} {'serving CPU':>11} {'us/token':>8} {'client CPU':>10}")
     rows = []
     for rate in [float(x) for x in args.rates.split(",")]:
-        proc = start_sim(args.workers, port, log_path)  # a fresh server per rate: no cache carried over
+        server = Server(["sim", "--workers", str(args.workers), "--profile", str(PROFILE), "--router", "kv",
+                         "--port", str(port), "--log-level", "warning"], log_path, f"http://127.0.0.1:{port}")
+        server.start()  # a fresh server per rate: no cache carried over
         try:
-            row = asyncio.run(measure(f"http://127.0.0.1:{port}", rate, args.warmup_s, args.measure_s, proc.pid,
-                                      args.seed))
+            row = asyncio.run(measure(server.url, rate, args.warmup_s, args.measure_s, server.proc.pid, args.seed))
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
+            server.stop()
         rows.append(row)
         itl, ttft, stall = row["itl_ms"], row["ttft_ms"], row["worst_stall_ms"]
         print(f"{rate:>10g} {row['output_tok_s']:>9.0f} {itl['p50']:>7.1f} {itl['p90']:>5.1f} {itl['p99']:>5.1f} "

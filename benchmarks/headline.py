@@ -312,10 +312,11 @@ def free_port() -> int:
 
 
 class Server:
-    """`tidal serve -f CONFIG` in its own process group: started, waited for, stopped with its workers."""
+    """A `tidal` command (`serve -f CONFIG`, or `sim ...`) in its own process group: started, waited
+    for, stopped with its workers."""
 
-    def __init__(self, config_path: Path, log_path: Path, url: str, num_workers: int | None = None):
-        self.config_path, self.log_path, self.url = config_path, log_path, url
+    def __init__(self, tidal_args: list[str], log_path: Path, url: str, num_workers: int | None = None):
+        self.tidal_args, self.log_path, self.url = tidal_args, log_path, url
         self.num_workers = num_workers  # the workers that must be routable before a point runs
         self.proc: subprocess.Popen | None = None
         self.start_s = 0.0
@@ -323,7 +324,7 @@ class Server:
     def start(self) -> float:
         started = time.monotonic()
         with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "tidal.cli", "serve", "-f", str(self.config_path)],
+            self.proc = subprocess.Popen([sys.executable, "-m", "tidal.cli", *self.tidal_args],
                                          cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                          env=child_env())
         while True:
@@ -587,7 +588,7 @@ def run_invocation(args) -> int:
     port = free_port()
     config_path = run_dir / "deployment.yaml"
     config_path.write_text(yaml.safe_dump(deployment(arm, hw, port), sort_keys=False))
-    server = Server(config_path, run_dir / "serve.log", f"http://127.0.0.1:{port}", num_workers=arm.gpus)
+    server = Server(["serve", "-f", str(config_path)], run_dir / "serve.log", f"http://127.0.0.1:{port}", num_workers=arm.gpus)
     ran = []
     try:
         start_s = server.start()
