@@ -103,6 +103,8 @@ class Hardware:
     tokenizer: str | None
     kv_cache_memory_gib: float
     max_model_len: int
+    api_servers: int | None = None
+    """The serving tier's processes (`frontend.api_servers`); None: Tidal's default for the host."""
 
     @property
     def devices(self) -> list[str] | None:
@@ -165,7 +167,7 @@ def deployment(arm: Arm, hw: Hardware, port: int) -> dict:
         "model": "dummy:tiny-llama" if hw.smoke else GPU_MODEL,
         "tokenizer": hw.tokenizer,
         "frontend": {"host": "127.0.0.1", "port": port, "router": "kv", "max_queue": 8192, "queue_timeout_s": 120,
-                     "log_level": "warning"},
+                     "log_level": "warning", **({"api_servers": hw.api_servers} if hw.api_servers else {})},
         "disaggregation": {"local_prefill_threshold": arm.local_prefill_threshold if arm.kind == "tidal" else 0,
                            "max_prefill_queue_tokens": 32768},
         "kv_transfer": {"backend": "auto" if hw.smoke else "cuda_ipc"},
@@ -424,11 +426,16 @@ class PoolPoller:
                 engines[w["worker_id"]] = {"role": w["role"], "cpu_s": process_cpu_s(w.get("pid")),
                                            **{k: w["stats"].get(k, 0) for k in ENGINE_COUNTERS + ENGINE_GAUGES}}
         targets = {}
+        api_cpu_s = {}  # API server processes' own CPU counters (several API servers)
         for line in client.get("/metrics").text.splitlines():
             if line.startswith("tidal_planner_target_workers{"):
                 role = line.split('role="', 1)[1].split('"', 1)[0]
                 targets[role] = float(line.rsplit(" ", 1)[1])
-        return {"t": now, "workers": roles, "targets": targets, "engines": engines, "frontend_cpu_s": cpu_s}
+            elif line.startswith("tidal_frontend_process_cpu_seconds_total{"):
+                index = line.split('frontend="', 1)[1].split('"', 1)[0]
+                api_cpu_s[f"api{index}"] = float(line.rsplit(" ", 1)[1])
+        return {"t": now, "workers": roles, "targets": targets, "engines": engines, "frontend_cpu_s": cpu_s,
+                "api_cpu_s": api_cpu_s}
 
 
 def engine_summary(samples: list[dict], t0: float, t1: float) -> dict:
@@ -463,7 +470,16 @@ def engine_summary(samples: list[dict], t0: float, t1: float) -> dict:
             **{f"{g}_mean": round(sum(x[g] for x in gauges) / len(gauges), 1) for g in ENGINE_GAUGES}}
     cpu = (last["frontend_cpu_s"] - first["frontend_cpu_s"]) / span if (
         span > 0 and first.get("frontend_cpu_s") is not None and last.get("frontend_cpu_s") is not None) else None
-    return {"span_s": round(span, 1), "frontend_cpu": round(cpu, 3) if cpu is not None else None, "workers": workers}
+    # The serve process (launcher; with one API server also the frontend) and each API server process.
+    per_process = {"serve": cpu} if cpu is not None else {}
+    for name, end in last.get("api_cpu_s", {}).items():
+        begin = first.get("api_cpu_s", {}).get(name)
+        if begin is not None and span > 0:
+            per_process[name] = (end - begin) / span
+    total = sum(per_process.values()) if per_process else None
+    return {"span_s": round(span, 1), "frontend_cpu": round(total, 3) if total is not None else None,
+            "frontend_cpu_max": round(max(per_process.values()), 3) if per_process else None,
+            "frontend_cpu_by_process": {k: round(v, 3) for k, v in per_process.items()}, "workers": workers}
 
 
 # ---- one point ----------------------------------------------------------------------------------------
@@ -641,9 +657,9 @@ def parse_capacity(text: str | None, smoke: bool) -> dict[str, float]:
 def hardware(args) -> Hardware:
     if args.smoke:
         return Hardware(smoke=True, gpus=args.gpus or 2, tokenizer=None, kv_cache_memory_gib=0.05,
-                        max_model_len=2048)
+                        max_model_len=2048, api_servers=args.api_servers)
     return Hardware(smoke=False, gpus=args.gpus or 2, tokenizer=args.tokenizer, kv_cache_memory_gib=args.kv_gib,
-                    max_model_len=16_384)
+                    max_model_len=16_384, api_servers=args.api_servers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -653,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", type=int, default=None, help="GPUs (workers in --smoke); default 2")
     p.add_argument("--split", default=None, help="prefill:decode workers (disagg, tidal); default half:half")
     p.add_argument("--token-budget", type=int, default=4096, help="agg workers' (prefill workers') step budget")
+    p.add_argument("--api-servers", type=int, default=None, help="serving-tier processes (default: Tidal's, one "
+                                                                   "per four cores)")
     p.add_argument("--local-prefill", type=int, default=None,
                    help="tidal: local_prefill_threshold (default 512; smoke 32)")
     p.add_argument("--group", default=None, help="chat | square | trace | control (default: chat; smoke: smoke)")

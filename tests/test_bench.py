@@ -179,3 +179,45 @@ def test_bench_run_against_a_server_writes_records_and_summary(tmp_path):
     for turns in by_session.values():
         sizes = [tokens for _, tokens in sorted(turns)]
         assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+
+
+def test_a_run_split_over_client_processes_adds_up():
+    from tidal.bench.clients import share
+    from tidal.bench.runner import BenchConfig
+
+    config = BenchConfig(url="http://x", workload="chat", rate=9.0, sessions=10, requests=7, max_concurrency=5)
+    shares = [share(config, i, 3) for i in range(3)]
+    assert [s.sessions for s in shares] == [4, 3, 3] and [s.requests for s in shares] == [3, 2, 2]
+    assert [s.max_concurrency for s in shares] == [2, 2, 1]
+    assert all(s.rate == 3.0 and s.num_clients == 3 and not s.progress and s.output is None for s in shares)
+    assert [s.client_index for s in shares] == [0, 1, 2]
+
+
+def test_client_cpu_is_reported_and_a_busy_client_warned_about(caplog):
+    from tidal.bench.metrics import format_summary
+    from tidal.bench.runner import client_cpu
+
+    idle = client_cpu(2.0, duration_s=10.0)
+    assert idle["client_cpu_cores"] == pytest.approx(0.2) and idle["client_warning"] is None
+    busy = client_cpu([9.5, 3.0], duration_s=10.0)
+    assert busy["client_processes"] == 2 and busy["client_cpu_cores"] == pytest.approx(1.25)
+    assert busy["client_cpu_cores_max"] == pytest.approx(0.95) and "client-bound" in busy["client_warning"]
+    assert "client-bound" in caplog.text
+    summary = summarize([_record(0, 0.1, [0.02])], 1.0, {}) | busy
+    assert "2 process(es), 1.25 cores" in format_summary(summary)
+
+
+@pytest.mark.slow
+def test_bench_from_two_client_processes_merges_their_records(tmp_path):
+    from _server import running_server
+    from tidal.bench.runner import BenchConfig, run_bench
+
+    with running_server(["--workers", "2", "--timing", "base_s=0.002"], tmp_path / "sim.log", command="sim") as url:
+        config = BenchConfig(url=url, workload="synthetic", arrival="constant", rate=40.0, requests=11, input_len=20,
+                             output_len=4, vocab_size=49152, output=str(tmp_path / "run"))
+        summary = run_bench(config, processes=2)
+    assert summary["requests"] == 11 and summary["ok"] == 11
+    assert summary["client_processes"] == 2 and 0 < summary["client_cpu_cores"] < 2
+    records = [json.loads(x) for x in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
+    assert sorted(r["request_id"] for r in records) == sorted(f"synthetic-{i}" for i in range(11))
+    assert max(r["sent_s"] for r in records) < 5.0  # one clock for both shares

@@ -250,6 +250,9 @@ class _StubClient:
     """TEST DOUBLE of WorkerClient for the router's event handling: a role, a load report, and a
     count of dump requests; runs nothing."""
 
+    leaving = False
+    drained = False
+
     def __init__(self, worker_id: str) -> None:
         self.worker_id, self.role = worker_id, "both"
         self.dumps_requested = 0

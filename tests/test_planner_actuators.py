@@ -5,6 +5,9 @@
   any worker, and the flipped worker's unavailability (drain finished -> back in routing) is < 1 s.
 - A worker added and one removed under load: no request fails, the removed worker's process is
   gone, the added one gets work.
+- A flip made by one router while another router replica (another API server) keeps sending work:
+  the drain reaches the other replica through the worker, so the flip finishes, every request of
+  both finishes, and the other replica routes to the worker in its new role.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import asyncio
 import pytest
 
 from _fleet import Fleet as _Fleet, deployment as _deployment
+from tidal.protocol import AddRequest, SamplingParams
+from tidal.router.service import Router
 
 pytestmark = pytest.mark.slow
 
@@ -93,3 +98,45 @@ def test_a_flip_takes_the_new_roles_scheduler_limits():
     engine = LLM("dummy:tiny-llama", num_kv_blocks=32).engine
     engine.set_scheduler_limits(512, None)
     assert (engine.scheduler.config.token_budget, engine.scheduler.config.max_num_seqs) == (512, 128)
+
+
+async def _stream(router: Router, request_id: str, prompt_len: int) -> str:
+    add = AddRequest(request_id=request_id, prompt_token_ids=[100 + (i * 37) % 30000 for i in range(prompt_len)],
+                     sampling_params=SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+    last = None
+    async for delta in router.generate(add):
+        assert delta.error is None, delta.error
+        last = delta
+    return last.finish_reason
+
+
+async def test_a_flip_by_one_replica_reaches_every_replica():
+    async with _Fleet(_deployment(prefill=0, decode=2)) as fleet:
+        replica = Router(fleet.launcher.discovery, fleet.router.config, client_tag="replica/")
+        await replica.start()
+        await replica.wait_ready(timeout_s=60)
+        try:
+            stop = asyncio.Event()
+            tasks: list[asyncio.Task] = []
+            saw_drained = asyncio.Event()
+
+            async def feed() -> None:  # the other replica's clients keep coming
+                while not stop.is_set():
+                    tasks.append(asyncio.create_task(_stream(replica, f"other-{len(tasks)}", 12)))
+                    if not replica.workers["decode-1"].routable:
+                        saw_drained.set()
+                    await asyncio.sleep(0.02)
+
+            feeder = asyncio.create_task(feed())
+            await asyncio.sleep(0.3)
+            flip = await asyncio.wait_for(fleet.actuator.flip_worker("decode-1", "prefill"), 60)
+            await asyncio.sleep(0.3)
+            stop.set()
+            await feeder
+            assert saw_drained.is_set()  # the other replica stopped routing to it during the drain
+            assert all(reason == "length" for reason in await asyncio.gather(*tasks)) and len(tasks) > 10
+            assert replica.workers["decode-1"].client.role == "prefill"
+            assert replica.workers["decode-1"].routable  # undrained everywhere
+            print(f"flip seen by both replicas: drain {flip.drain_s * 1e3:.1f} ms, total {flip.total_s * 1e3:.1f} ms")
+        finally:
+            await replica.close()

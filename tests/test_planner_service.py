@@ -91,7 +91,10 @@ def _burst(url: str, n: int) -> None:
 
 
 @pytest.mark.slow
-def test_serve_with_planner_section_decides_under_a_burst(tmp_path):
+@pytest.mark.parametrize("api_servers", [1, 2])
+def test_serve_with_planner_section_decides_under_a_burst(tmp_path, api_servers):
+    """With two API servers the planner runs in the launcher's process on every replica's request log,
+    and its metrics join theirs in /metrics."""
     pytest.importorskip("tidal.planner.core")
     data = yaml.safe_load((REPO_ROOT / "examples" / "planner.yaml").read_text())
     data.update(model="dummy:tiny-llama", served_model_name="m")
@@ -101,7 +104,7 @@ def test_serve_with_planner_section_decides_under_a_burst(tmp_path):
     path = tmp_path / "planner.yaml"
     path.write_text(yaml.safe_dump(data))
     log = tmp_path / "planner.log"
-    with running_server(["-f", str(path)], log) as url:
+    with running_server(["-f", str(path), "--api-servers", str(api_servers)], log) as url:
         deadline = time.monotonic() + 30
         decided = {}
         while not decided:

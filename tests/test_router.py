@@ -197,6 +197,7 @@ class _StubClient:
     """TEST DOUBLE of WorkerClient: a role, health and a load report; runs nothing."""
 
     leaving = False
+    drained = False
 
     def __init__(self, worker_id: str, role: str = "both") -> None:
         self.worker_id, self.role = worker_id, role

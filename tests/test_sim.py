@@ -9,14 +9,18 @@ and TTFT grows.
 from __future__ import annotations
 
 import asyncio
+import os
 
 import httpx
 import pytest
 
 from _server import running_server
 from tidal.bench.runner import Bench, BenchConfig
+from tidal.protocol import AddRequest, SamplingParams
+from tidal.router.service import Router, RouterConfig
 from tidal.sim.serve import parse_timing
 from tidal.sim.timing import TimingModel
+from tidal.sim.workers import SimCluster
 
 pytestmark = pytest.mark.slow
 
@@ -47,3 +51,46 @@ def test_sim_with_8_workers_ttft_grows_with_load(tmp_path):
     # low load: one 45.6 ms prefill step, plus the frontend's share
     assert 45.6 <= low["ttft_ms"]["p50"] < 150
     assert high["ttft_ms"]["p50"] > 1.5 * low["ttft_ms"]["p50"], (low["ttft_ms"], high["ttft_ms"])
+
+
+def _children(pid: int) -> set[int]:
+    """Live child processes of `pid`, from /proc (a reaped or zombie child doesn't count)."""
+    out = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out.update(int(c) for c in f.read().split())
+    return {c for c in out if os.path.exists(f"/proc/{c}") and not _is_zombie(c)}
+
+
+def _is_zombie(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_sim_workers_in_their_own_processes_serve_the_router_and_stop_cleanly():
+    """Three workers dealt over two spawned processes: every request completes through the real
+    router, the workers' pids are those processes, and stop_all leaves no child and no socket file."""
+    async def scenario() -> tuple[list[list[int]], set[int], SimCluster]:
+        cluster = SimCluster(3, TimingModel(base_s=0.002), worker_processes=2)
+        router = Router(cluster.discovery, RouterConfig(policy="round_robin"))
+        try:
+            await cluster.start()
+            await router.start()
+            await router.wait_ready(timeout_s=120)
+            pids = {info.pid for info in cluster.discovery.list()}
+
+            async def one(i: int) -> list[int]:
+                request = AddRequest(request_id=f"r{i}", prompt_token_ids=list(range(100 + i, 140 + i)),
+                                     sampling_params=SamplingParams(max_tokens=5, temperature=0.0))
+                return [t async for delta in router.generate(request) for t in delta.new_token_ids]
+            outputs = await asyncio.gather(*(one(i) for i in range(6)))
+        finally:
+            await router.close()
+            await cluster.stop_all()
+        return outputs, pids, cluster
+
+    outputs, pids, cluster = asyncio.run(scenario())
+    assert [len(tokens) for tokens in outputs] == [5] * 6
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert not _children(os.getpid()) & pids
+    assert not os.path.exists(cluster.dir) and not cluster.discovery.list()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 logger = logging.getLogger("tidal")
@@ -151,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="frontend address (overrides the config's)")
     serve.add_argument("--port", type=int, default=None, help="frontend port (overrides the config's)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--api-servers", type=int, default=None,
+                       help="frontend processes on the one port, each with its own router replica "
+                            "(default: the config's frontend.api_servers, else one per four cores)")
     serve.add_argument("--max-request-body-bytes", type=int, default=8 << 20)
     serve.add_argument("--max-migrations", type=int, default=None,
                        help="times a request may move to another worker when its worker dies or leaves "
@@ -170,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--token-budget", type=int, default=2048)
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8000)
+    sim.add_argument("--api-servers", type=int, default=1,
+                     help="frontend processes on the one port, each with its own router replica")
+    sim.add_argument("--sim-worker-processes", type=int, default=None,
+                     help="processes the simulated workers run in, dealt round-robin (0: threads of the "
+                          "serving process; default: one per worker, at most a quarter of the cores)")
+    sim.add_argument("--tokenizer", default=None,
+                     help="a tokenizer folder (tokenizer.json) or .gguf instead of the embedded model's")
     sim.add_argument("--log-level", default="info")
     fleet = sub.add_parser("sim-fleet", help="simulate a prefill/decode fleet of up to hundreds of workers, "
                                              "the SLA planner in the loop (no servers, simulated time)")
@@ -193,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         from tidal.deploy.config import DeploymentError, load_deployment
-        from tidal.deploy.launcher import serve_deployment
+        from tidal.deploy.serve import serve_deployment
 
         try:
             if args.config is not None:
@@ -209,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         logger.info("deployment: %s", deployment.model_dump(exclude_defaults=True))
         try:
-            asyncio.run(serve_deployment(deployment, args.host, args.port))
+            asyncio.run(serve_deployment(deployment, args.host, args.port, args.api_servers))
         except KeyboardInterrupt:
             pass
         return 0
@@ -241,10 +252,20 @@ def _sim(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve_sim(args.workers, timing, args.speedup, RouterConfig(policy=args.router),
                               ServerConfig(host=args.host, port=args.port, log_level=args.log_level),
+                              api_servers=args.api_servers, tokenizer=args.tokenizer,
+                              worker_processes=_sim_worker_processes(args),
                               num_blocks=args.num_kv_blocks, token_budget=args.token_budget))
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _sim_worker_processes(args: argparse.Namespace) -> int:
+    """Out of the serving process by default, so its CPU is the frontend's alone; a quarter of the
+    cores at most, since each process imports torch and simulated workers mostly sleep."""
+    if args.sim_worker_processes is not None:
+        return args.sim_worker_processes
+    return max(1, min(args.workers, (os.cpu_count() or 1) // 4))
 
 
 def _add_sim_fleet_args(p: argparse.ArgumentParser) -> None:
@@ -369,6 +390,9 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration-s", type=float, default=None,
                    help="no arrivals after this many seconds (then --requests/--sessions are upper bounds)")
     p.add_argument("--sweep-rates", default=None, help="e.g. 1,2,4: one run per rate; reports the capacity")
+    p.add_argument("--processes", type=int, default=1,
+                   help="client processes sharing the load (chat, synthetic): when one client process nears a "
+                        "core, the client, not the server, limits the numbers")
     p.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
                    help="no load: compare earlier runs' outputs side by side (table, compare.png in --output)")
 
@@ -399,10 +423,13 @@ def _bench(args: argparse.Namespace) -> int:
         trace=args.trace, trace_format=args.trace_format, time_scale=args.time_scale,
         max_input_len=args.max_input_len, max_output_len=args.max_output_len, max_concurrency=args.max_concurrency,
         duration_s=args.duration_s)
+    if args.processes > 1 and args.workload == "trace":
+        print("tidal bench: --processes splits chat and synthetic runs, not a trace", file=sys.stderr)
+        return 2
     if args.sweep_rates:
-        sweep(config, [float(r) for r in args.sweep_rates.split(",")])
+        sweep(config, [float(r) for r in args.sweep_rates.split(",")], processes=args.processes)
     else:
-        run_bench(config)
+        run_bench(config, args.processes)
     return 0
 
 

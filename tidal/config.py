@@ -103,6 +103,8 @@ class ServerConfig:
     max_request_body_bytes: int = 8 << 20
     """Bodies larger than this get a 413."""
     log_level: str = "info"
+    response_headers: tuple[tuple[str, str], ...] = ()
+    """Sent with every response (an API server names itself: `x-tidal-api-server: INDEX`)."""
 
 
 @dataclass(frozen=True)

@@ -190,6 +190,28 @@ class SetRole(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     max_num_seqs: int | None = None
 
 
+class SetDraining(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Take the worker out of routing (or put it back) for every router that talks to it: the worker
+    tells all its clients `WorkerDraining`, so a flip or a removal started by one frontend process
+    (or the planner's own router) is seen by every router replica."""
+
+    draining: bool
+
+
+class WorkerDraining(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """A worker's word to every client after a `SetDraining`: route nothing new to it (or again)."""
+
+    worker_id: str
+    draining: bool
+
+
+class ForgetClient(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """A frontend process died: abort every request its client sockets (ids starting with
+    `client_prefix`) sent, so nothing runs on for a reader that is gone."""
+
+    client_prefix: str
+
+
 class RoleRefused(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """A worker's answer to a `SetRole` it could not follow; its role is unchanged."""
 
@@ -223,6 +245,7 @@ class WorkerReady(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     vocab_size: int
     kv_blocks_total: int
     block_size: int
+    draining: bool = False  # taken out of routing by a `SetDraining` (a client connecting late learns it here)
 
 
 class BlockStored(msgspec.Struct, frozen=True, tag=True, array_like=True):
@@ -288,6 +311,58 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     kv_addr: str = ""  # its KV transfer endpoint, for operators (peers get it with each transfer)
 
 
-RequestPlaneMessage = Connect | AddRequest | AbortRequest | ReleaseKV | KVDumpRequest | SetRole | Shutdown
-WorkerMessage = WorkerReady | RoleRefused | StepOutputs | KVDump | WorkerLeaving | WorkerGone
+class DiscoverySubscribe(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """A frontend process asks the launcher's discovery relay for the workers and their changes."""
+
+    frontend_id: str
+
+
+class DiscoverySnapshot(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """The relay's answer to `DiscoverySubscribe`: every registered worker now."""
+
+    workers: list[WorkerInfo]
+
+
+class DiscoveryChange(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """One discovery event, relayed to every subscribed frontend process in order."""
+
+    kind: str  # "added" | "removed" | "updated"
+    worker: WorkerInfo
+    reason: str = ""
+
+
+class SessionPinned(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Replica bus, topic `session`: a router replica sent a session's request to `worker_id`; the
+    other replicas keep the session there too."""
+
+    session_id: str
+    worker_id: str
+
+
+class FinishedRecord(msgspec.Struct, frozen=True, array_like=True):
+    """One finished request as a router replica saw it (`tidal.router.request_log.FinishedRequest`)."""
+
+    finished_at: float  # time.monotonic(): one clock for every process of a machine
+    ttft_s: float
+    itl_s: float | None
+    prompt_tokens: int
+    cached_tokens: int
+    output_tokens: int
+
+
+class RequestLogBatch(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Replica bus, topic `log`: what one router replica saw since its last batch (arrivals and
+    finished requests), for the planner's router in the launcher process."""
+
+    frontend_id: str
+    arrivals: int
+    queue_depth: int
+    finished: list[FinishedRecord]
+
+
+RequestPlaneMessage = (Connect | AddRequest | AbortRequest | ReleaseKV | KVDumpRequest | SetRole | SetDraining
+                       | ForgetClient | Shutdown)
+WorkerMessage = WorkerReady | RoleRefused | StepOutputs | KVDump | WorkerLeaving | WorkerGone | WorkerDraining
+RelayMessage = DiscoverySubscribe | DiscoverySnapshot | DiscoveryChange
+ReplicaBusMessage = SessionPinned | RequestLogBatch
 EventMessage = LoadReport | KVEventBatch

@@ -134,6 +134,10 @@ def format_summary(summary: dict) -> str:
     for key in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms", "max_itl_ms", "worst_decile_itl_ms"):
         d = summary[key]
         lines.append(f"{key:<22}{fmt(d['p50']):>10}{fmt(d['p90']):>10}{fmt(d['p99']):>10}{fmt(d['mean']):>10}")
+    if "client_cpu_cores" in summary:
+        lines.append(f"client: {summary['client_processes']} process(es), {summary['client_cpu_cores']:.2f} cores "
+                     f"(busiest {summary['client_cpu_cores_max']:.2f})"
+                     + (f"; WARNING {summary['client_warning']}" if summary["client_warning"] else ""))
     if summary["slo"]:
         lines.append(f"goodput {summary['goodput_rps']:.2f} req/s; SLO attainment "
                      f"{fmt(summary['slo_attainment_pct'])}% for {summary['slo']}")

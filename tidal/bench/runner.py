@@ -14,7 +14,10 @@ Workloads:
 
 The schedule is kept by one task per request (or session); the generator warns when it sends
 later than scheduled (`max_schedule_lag_ms` in the summary says by how much), which means the
-client, not the server, was the bottleneck. Results: `records.jsonl` (one line per request) and
+client, not the server, was the bottleneck. It also measures its own CPU (`client_cpu_cores`: this
+process's CPU seconds over the run's wall seconds) and warns above `CLIENT_CPU_WARN_CORES`: one
+Python process streaming many tokens a second can become the limit of what it measures.
+`tidal.bench.clients` splits a run over several processes when one is not enough. Results: `records.jsonl` (one line per request) and
 `summary.json` in the output folder, and the summary table on stdout.
 """
 
@@ -41,6 +44,7 @@ from tidal.bench.traces import TraceRequest, load_trace, synthesize_prompt
 logger = logging.getLogger(__name__)
 
 LAG_WARN_S = 0.05
+CLIENT_CPU_WARN_CORES = 0.8  # above this the client, not the server, may be what the numbers show
 WORDS = ("tide moon sea shore wave sand wind salt boat harbor light storm current reef gull island "
          "anchor sail deep north").split()
 
@@ -81,6 +85,10 @@ class BenchConfig:
     slo: tuple[tuple[str, float], ...] = ()
     max_concurrency: int | None = None  # at most this many requests (or sessions) in flight; later ones wait
     duration_s: float | None = None  # no arrivals (requests, or sessions' starts) at or after this many seconds
+    client_index: int = 0  # this client's share of a run split over `num_clients` processes (tidal.bench.clients)
+    num_clients: int = 1  # request and session numbers are i * num_clients + client_index: unique over the run
+    progress: bool = True  # a progress bar when stdout is a terminal
+    start_at: float | None = None  # the run's clock starts at this time.perf_counter() (shared by client processes)
 
 
 def _words(rng: random.Random, n: int) -> str:
@@ -93,6 +101,8 @@ class Bench:
         self.rng = random.Random(config.seed)
         self.records: list[RequestRecord] = []
         self.start = 0.0
+        self.duration_s = 0.0
+        self.cpu_s = 0.0  # this process's CPU over the run (all of it is the load generator's)
         self.model = config.model
         self._progress = None
         self._task = None
@@ -100,7 +110,7 @@ class Bench:
 
     def _start_progress(self, total: int) -> None:
         """A progress bar on a terminal (finished requests, or sessions for chat)."""
-        if not sys.stdout.isatty():
+        if not (self.config.progress and sys.stdout.isatty()):
             return
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   TimeElapsedColumn(), transient=True)
@@ -135,8 +145,13 @@ class Bench:
             if count is None:
                 raise ValueError(f"unknown workload {c.workload!r}: chat, synthetic or trace")
             system = _words(self.rng, c.system_words)
+            if c.num_clients > 1:  # one system prompt for all clients; their own arrivals and prompts
+                self.rng.seed(c.seed * 1_000_003 + c.client_index, version=2)
             self._start_progress(count)
-            self.start = time.perf_counter()
+            if c.start_at is not None:
+                await asyncio.sleep(max(0.0, c.start_at - time.perf_counter()))
+            cpu_start = time.process_time()
+            self.start = time.perf_counter() if c.start_at is None else c.start_at
             tasks = []
             for i, at in zip(range(count), arrivals):
                 if c.duration_s is not None and at >= c.duration_s:
@@ -144,19 +159,22 @@ class Bench:
                 delay = self.start + at - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
+                number = i * c.num_clients + c.client_index
                 if c.workload == "chat":
-                    work = self._session(client, i, at, system)
+                    work = self._session(client, number, at, system)
                 elif c.workload == "trace":
-                    work = self._replay(client, i, at, trace[i])
+                    work = self._replay(client, number, at, trace[i])
                 else:
-                    work = self._synthetic(client, i, at)
+                    work = self._synthetic(client, number, at)
                 tasks.append(asyncio.create_task(self._limited(work)))
             await asyncio.gather(*tasks)
-            duration = time.perf_counter() - self.start
+            self.duration_s = time.perf_counter() - self.start
+            self.cpu_s = time.process_time() - cpu_start
             if self._progress is not None:
                 self._progress.stop()
-        summary = summarize(self.records, duration, dict(c.slo), offered_rate=c.rate)
-        self._write(summary)
+        summary = summarize(self.records, self.duration_s, dict(c.slo), offered_rate=c.rate)
+        summary.update(client_cpu(self.cpu_s, self.duration_s))
+        write_run(c, self.model, self.records, summary)
         return summary
 
     async def _limited(self, work) -> None:
@@ -221,34 +239,57 @@ class Bench:
                 scheduled = time.perf_counter() - self.start
         self._advance()
 
-    def _write(self, summary: dict) -> None:
-        if not self.config.output:
-            return
-        out = Path(self.config.output)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "records.jsonl", "w") as f:
-            for record in self.records:
-                f.write(json.dumps(record.to_json()) + "\n")
-        config = {k: v for k, v in self.config.__dict__.items()}
-        (out / "summary.json").write_text(json.dumps({"config": config, "model": self.model, **summary}, indent=1))
-        from tidal.bench.plots import plot_run  # matplotlib loads only when a run is written
 
-        plot_run(out)
+def client_cpu(cpu_s: list[float] | float, duration_s: float) -> dict:
+    """The load generator's own CPU, per client process, in cores (1.0: one busy core), and a warning
+    when one of them was near a full core (a single-threaded asyncio client then lags the server)."""
+    per_process = [s / max(duration_s, 1e-9) for s in (cpu_s if isinstance(cpu_s, list) else [cpu_s])]
+    busiest = max(per_process)
+    warning = None
+    if busiest > CLIENT_CPU_WARN_CORES:
+        warning = (f"the load generator used {busiest:.2f} of a core (> {CLIENT_CPU_WARN_CORES:g}): these numbers "
+                   f"may be client-bound; run it from more processes (tidal bench --processes K)")
+        logger.warning(warning)
+    return {"client_processes": len(per_process), "client_cpu_cores": sum(per_process),
+            "client_cpu_cores_max": busiest, "client_warning": warning}
 
 
-def run_bench(config: BenchConfig) -> dict:
-    summary = asyncio.run(Bench(config).run())
+def write_run(config: BenchConfig, model: str | None, records: list[RequestRecord], summary: dict) -> None:
+    """records.jsonl, summary.json and the plots into `config.output` (nothing without one)."""
+    if not config.output:
+        return
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "records.jsonl", "w") as f:
+        for record in records:
+            f.write(json.dumps(record.to_json()) + "\n")
+    settings = {k: v for k, v in config.__dict__.items()}
+    (out / "summary.json").write_text(json.dumps({"config": settings, "model": model, **summary}, indent=1))
+    from tidal.bench.plots import plot_run  # matplotlib loads only when a run is written
+
+    plot_run(out)
+
+
+def run_bench(config: BenchConfig, processes: int = 1) -> dict:
+    """One run (from `processes` client processes), its summary printed."""
+    if processes > 1:
+        from tidal.bench.clients import run_clients
+
+        summary = run_clients(config, processes)
+    else:
+        summary = asyncio.run(Bench(config).run())
     print(format_summary(summary))
     return summary
 
 
-def sweep(config: BenchConfig, rates: list[float], min_attainment_pct: float = 90.0) -> tuple[list[dict], float | None]:
+def sweep(config: BenchConfig, rates: list[float], min_attainment_pct: float = 90.0,
+          processes: int = 1) -> tuple[list[dict], float | None]:
     """Runs the workload at each rate (into OUTPUT/rate-R); the capacity is the highest rate whose
     SLO attainment is at least `min_attainment_pct`."""
     summaries = []
     for rate in rates:
         output = str(Path(config.output) / f"rate-{rate:g}") if config.output else None
-        summaries.append(run_bench(dataclasses.replace(config, rate=rate, output=output)))
+        summaries.append(run_bench(dataclasses.replace(config, rate=rate, output=output), processes))
     good = [rate for rate, s in zip(rates, summaries) if (s["slo_attainment_pct"] or 0) >= min_attainment_pct]
     capacity = max(good) if good else None
     print("| rate | achieved req/s | goodput | SLO attainment % | TTFT p99 ms | ITL p99 ms |")

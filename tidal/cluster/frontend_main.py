@@ -34,8 +34,6 @@ from tidal.runtime.events import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME_POLL_S = 0.2
-
 
 @dataclass(frozen=True)
 class _Limits:
@@ -97,48 +95,41 @@ async def publish_observations(control: ControlPlane, collector, frontend_id: st
             logger.exception("could not publish a planner observation")
 
 
-async def wait_model_name(router) -> str:
-    logger.info("waiting for a worker to learn the model name (or pass --served-model-name)")
-    while not router.model_name:
-        await asyncio.sleep(MODEL_NAME_POLL_S)
-    return router.model_name
-
-
 async def serve_frontend(settings: ClusterFile) -> None:
     """Router + HTTP frontend + planner traffic until SIGINT/SIGTERM."""
-    from tidal.frontend.app import build_app, serve_http
+    from tidal.frontend.assembly import Frontend, FrontendSpec
     from tidal.planner.service import ObservationCollector
-    from tidal.router.service import Router
-    from tidal.tokenizer import load_tokenizer
 
     cluster = settings.cluster.cluster_config()
     deployment = settings.deployment()
     server_config = deployment.server_config()
     interval_s = settings.observation_interval_s or settings.planner.reactive_interval_s
-    tokenizer = load_tokenizer(settings.model, settings.tokenizer)
+    spec = FrontendSpec(model=settings.model, tokenizer=settings.tokenizer,
+                        served_model_name=settings.served_model_name, router=deployment.router_config(),
+                        server=server_config)
     frontend_id = f"{socket.gethostname()}-{os.getpid()}"
     discovery = make_discovery(cluster)
     control = ControlPlane(cluster, f"tidal-frontend-{frontend_id}")
-    router = None
+    frontend = None
     tasks: list[asyncio.Task] = []
     try:
         await discovery.start()
         await control.connect()
-        router = Router(discovery, deployment.router_config(), events=make_event_subscriber(cluster, ("load", "kv")))
-        await router.start()
-        model_name = settings.served_model_name or await wait_model_name(router)
-        collector = ObservationCollector(router)
-        await control.serve_flips(FlipHandler(router, discovery, collector, settings.planner.drain_timeout_s))
+        frontend = Frontend(spec, discovery, events=make_event_subscriber(cluster, ("load", "kv")),
+                            client_tag=f"{frontend_id}/")
+        await frontend.start(wait_ready=False)  # workers come and go: serve once the model name is known
+        collector = ObservationCollector(frontend.router)
+        await control.serve_flips(FlipHandler(frontend.router, discovery, collector,
+                                              settings.planner.drain_timeout_s))
         tasks.append(asyncio.create_task(publish_observations(control, collector, frontend_id, interval_s)))
-        app = build_app(router, tokenizer, model_name, server_config)
         logger.info("serving %s on http://%s:%d; workers from etcd %s (namespace %s), events and planner "
-                    "traffic over NATS %s", model_name, server_config.host, server_config.port,
+                    "traffic over NATS %s", frontend.model_name, server_config.host, server_config.port,
                     ",".join(cluster.etcd_endpoints), cluster.namespace, cluster.nats_url)
-        await serve_http(app, server_config)
+        await frontend.serve()
     finally:
         for task in tasks:
             await cancel_and_wait(task)
         await control.close()
-        if router is not None:
-            await router.close()
+        if frontend is not None:
+            await frontend.close()
         await discovery.close()

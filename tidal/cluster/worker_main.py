@@ -30,7 +30,7 @@ from tidal.cluster.config import ClusterFile, advertised_host, free_port
 from tidal.protocol import WorkerInfo
 from tidal.runtime.cluster import make_discovery, make_event_publisher
 from tidal.transfer import KVTransferConfig
-from tidal.worker.worker import StopFlag, WorkerSpec, serve_engine
+from tidal.worker.worker import GPU_WORKER_THREADS, StopFlag, WorkerSpec, serve_engine
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ def worker_spec(settings: ClusterFile) -> tuple[WorkerSpec, str]:
     engine = settings.deployment().engine_config(settings.worker_section(), devices[0], devices)
     spec = WorkerSpec(worker_id=worker_id, role=w.role, engine=engine, request_addr=f"tcp://{bind_host}:{port}",
                       event_addr="", transfer=_transfer_config(settings, advertise, devices[0]),
-                      num_threads=w.num_threads, advertise_addr=f"tcp://{_url_host(advertise)}:{port}",
+                      num_threads=w.num_threads or (None if devices[0] == "cpu" else GPU_WORKER_THREADS),
+                      advertise_addr=f"tcp://{_url_host(advertise)}:{port}",
                       health_port=w.health_port, drain_grace_s=w.drain_grace_s)
     return spec, advertise
 

@@ -62,6 +62,9 @@ class _Strict(BaseModel):
 class FrontendSection(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    api_servers: int | None = Field(None, ge=1, le=64)
+    """Frontend processes sharing the port, each with its own router replica; None: one per four
+    cores (1 on a 2-core box). With 1 the frontend runs in the launcher's process."""
     router: Literal["round_robin", "random", "least_loaded", "kv"] = "round_robin"
     kv_overlap_weight: float = Field(1.0, ge=0)
     """kv router: weight of a worker's prefill work (this prompt's uncached blocks plus its

@@ -15,9 +15,8 @@ registers one more worker (named `ROLE-N`, N one past the highest used), `remove
 unregisters it, `set_role` records a flipped worker's new role
 (its id keeps the old name: ids are names, roles are what discovery says).
 
-`serve_deployment` is `tidal serve -f CONFIG.yaml`: launcher + router + HTTP frontend (+ the planner
-service, with a `planner:` section) in this process, everything torn down in reverse order on
-Ctrl-C/SIGTERM.
+`tidal.deploy.serve.serve_deployment` (`tidal serve`) puts a launcher together with the frontend(s)
+and the planner.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ import msgspec
 from tidal.deploy.config import Deployment, WorkerSection
 from tidal.protocol import WorkerInfo
 from tidal.runtime.discovery import Discovery, LocalDiscovery
-from tidal.worker.worker import WorkerSpec, run_worker
+from tidal.worker.worker import GPU_WORKER_THREADS, WorkerSpec, run_worker
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +85,7 @@ class Launcher:
             worker_id=worker_id, role=section.role, engine=self.deployment.engine_config(section, device, devices),
             request_addr=f"ipc://{self.dir}/{worker_id}.req", event_addr=f"ipc://{self.dir}/{worker_id}.ev",
             transfer=self.deployment.transfer_config(self.dir) if tp == 1 else None,  # TP workers run aggregated
-            num_threads=section.num_threads or (self._default_threads if device == "cpu" else None),
+            num_threads=section.num_threads or (self._default_threads if device == "cpu" else GPU_WORKER_THREADS),
             log_level=self.log_level, drain_grace_s=section.drain_grace_s, health_port=health_port)
         # A daemonic process may not start processes, and a tensor-parallel worker starts its other ranks.
         process = multiprocessing.get_context("spawn").Process(target=run_worker, args=(spec,),
@@ -204,51 +203,3 @@ class Launcher:
             if name.startswith(f"{worker_id}.") or name.startswith(f"kv-{worker_id}-"):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(self.dir, name))
-
-
-async def serve_deployment(deployment: Deployment, host: str | None = None, port: int | None = None) -> None:
-    """Launcher + router + HTTP frontend until SIGINT/SIGTERM; then everything stops."""
-    from tidal.frontend.app import build_app, serve_http
-    from tidal.router.service import Router
-    from tidal.tokenizer import load_tokenizer
-
-    server_config = deployment.server_config(host, port)
-    tokenizer = load_tokenizer(deployment.model, deployment.tokenizer)
-    launcher = Launcher(deployment, log_level=server_config.log_level.upper())
-    router = Router(launcher.discovery, deployment.router_config())
-    planner = None
-    try:
-        await launcher.start()
-        await router.start()
-        await router.wait_ready()
-        logger.info("serving %s on http://%s:%d with %d workers (%s)", router.model_name, server_config.host,
-                    server_config.port, len(launcher.procs),
-                    ", ".join(f"{w}={p.spec.role}" for w, p in launcher.procs.items()))
-        app = build_app(router, tokenizer, router.model_name, server_config)
-        app.state.launcher = launcher
-        if deployment.planner is not None:
-            planner = await start_planner(deployment, launcher, router)
-        await serve_http(app, server_config)
-    finally:
-        if planner is not None:
-            await planner.close()
-        await router.close()
-        await launcher.stop()
-
-
-async def start_planner(deployment: Deployment, launcher: Launcher, router):
-    """The planner service over this deployment's launcher (or Kubernetes) and router, started."""
-    from tidal.planner.actuators import KubernetesActuator, KubernetesConfig, LocalActuator
-    from tidal.planner.service import PlannerService
-
-    section = deployment.planner
-    if section.actuator == "kubernetes":
-        k = section.kubernetes
-        actuator = KubernetesActuator(KubernetesConfig(namespace=k.namespace, prefill_deployment=k.prefill_deployment,
-                                                       decode_deployment=k.decode_deployment, base_url=k.base_url,
-                                                       token=k.token), router=router)
-    else:
-        actuator = LocalActuator(launcher, router, tuple(section.devices), drain_timeout_s=section.drain_timeout_s)
-    service = PlannerService(section.planner_config(), router, actuator, section.make_planner())
-    await service.start()
-    return service

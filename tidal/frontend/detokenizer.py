@@ -179,6 +179,9 @@ class OutputAssembler:
         not part of the output.
         """
         assert not self.finished, "OutputAssembler used after the request finished"
+        if len(token_ids) == 1 and not finished and not self._stop.stop:
+            # Nearly every step of a stream: one token, no stop strings to watch.
+            return AssembledText(self._detokenizer.add(token_ids[0]), 1, False)
         pieces: list[str] = []
         last = len(token_ids) - 1
         for i, token_id in enumerate(token_ids):

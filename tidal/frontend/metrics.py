@@ -4,6 +4,10 @@ Counters and latency histograms are updated by the serving code as requests run;
 gauges (running, waiting, KV blocks) are read from `engine.stats()` when `/metrics` is
 scraped, so they are never stale by more than one engine step. Each `FrontendMetrics` owns a
 `CollectorRegistry`, so several apps (tests) can live in one process.
+
+In multiprocess mode (`metrics_multiprocess`: several frontend processes on one port) the counters
+and histograms are file-backed and a scrape renders every process's, merged, plus this process's
+scrape-time collectors (engine gauges, the router's per-worker gauges).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from tidal.frontend.engine_client import EngineClient
+from tidal.frontend.metrics_multiprocess import merged_registry, multiprocess_directory
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -76,9 +81,16 @@ class FrontendMetrics:
         self.prefix_cache_hit_tokens = Counter(
             "tidal_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache.",
             registry=r)
-        r.register(_EngineStatsCollector(engine))
+        self._engine_stats = _EngineStatsCollector(engine)
+        r.register(self._engine_stats)
 
     def render(self) -> bytes:
-        """This app's metrics, then the engine client's own (a router's), if it has a registry."""
+        """This app's metrics, then the engine client's own (a router's), if it has a registry.
+
+        Multiprocess mode: every process's file-backed metrics, merged, then this process's
+        scrape-time collectors (the engine client lists its own in `live_collectors`)."""
+        if multiprocess_directory() is not None:
+            live = (self._engine_stats, *getattr(self._engine, "live_collectors", ()))
+            return generate_latest(merged_registry(*live))
         extra = getattr(self._engine, "registry", None)
         return generate_latest(self.registry) + (generate_latest(extra) if extra is not None else b"")

@@ -7,13 +7,17 @@ session, `priority`, `routing`). Unknown fields are ignored, as vLLM does, so th
 sending options Tidal doesn't implement (penalties, `tool_choice`, ...) still work. Value checks
 that fail here become 400s before anything reaches the engine.
 
-Responses mirror OpenAI's shapes field for field.
+Responses mirror OpenAI's shapes field for field. Streamed chunks are not built as models:
+`ChatChunkEncoder` and `CompletionChunkEncoder` write the same bytes from a prefix and suffix
+fixed per stream, JSON-escaping only what changes per chunk (a model per chunk cost ~10 us of
+the frontend's per-token CPU); tests/test_frontend_stream.py holds them equal to the models.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_TOP_LOGPROBS = 20
@@ -293,3 +297,56 @@ class ModelCard(OpenAIBaseModel):
 class ModelList(OpenAIBaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---------------------------------------------------------------------------------------------
+# streamed chunks as bytes
+
+_json = msgspec.json.encode  # escapes strings as pydantic does: UTF-8 kept, controls escaped
+
+
+def _chunk_suffix(include_usage: bool) -> bytes:
+    # The models' `usage` field comes last: null in every chunk but the usage one, and left out
+    # entirely when the client did not ask for usage.
+    return b"}]" + (b',"usage":null' if include_usage else b"") + b"}\n\n"
+
+
+def _logprobs_json(logprobs: BaseModel | None) -> bytes:
+    return b"null" if logprobs is None else logprobs.model_dump_json().encode()
+
+
+class ChatChunkEncoder:
+    """One chat stream's chunks as SSE events: the bytes of `ChatCompletionChunk` with one
+    choice, `model_dump_json(exclude={"usage"})` unless `include_usage`."""
+
+    def __init__(self, request_id: str, created: int, model: str, include_usage: bool) -> None:
+        self._prefix = (b'data: {"id":' + _json(request_id) + b',"object":"chat.completion.chunk","created":'
+                        + _json(created) + b',"model":' + _json(model) + b',"choices":[{"index":0,"delta":')
+        self._suffix = _chunk_suffix(include_usage)
+
+    def chunk(self, content: str | None, *, role: bool = False, logprobs: ChatChoiceLogprobs | None = None,
+              finish_reason: str | None = None) -> bytes:
+        """`content` None: an empty delta; `role`: the delta names the assistant role first."""
+        if content is None:
+            delta = b"{}"
+        elif role:
+            delta = b'{"role":"assistant","content":' + _json(content) + b"}"
+        else:
+            delta = b'{"content":' + _json(content) + b"}"
+        return b"".join((self._prefix, delta, b',"logprobs":', _logprobs_json(logprobs), b',"finish_reason":',
+                         _json(finish_reason), self._suffix))
+
+
+class CompletionChunkEncoder:
+    """One text-completion stream's chunks as SSE events: the bytes of `CompletionResponse` with
+    one choice, `model_dump_json(exclude={"usage"})` unless `include_usage`."""
+
+    def __init__(self, request_id: str, created: int, model: str, include_usage: bool) -> None:
+        self._prefix = (b'data: {"id":' + _json(request_id) + b',"object":"text_completion","created":'
+                        + _json(created) + b',"model":' + _json(model) + b',"choices":[{"index":0,"text":')
+        self._suffix = _chunk_suffix(include_usage)
+
+    def chunk(self, text: str, *, logprobs: CompletionLogprobs | None = None,
+              finish_reason: str | None = None) -> bytes:
+        return b"".join((self._prefix, _json(text), b',"logprobs":', _logprobs_json(logprobs),
+                         b',"finish_reason":', _json(finish_reason), self._suffix))

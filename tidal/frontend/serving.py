@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import anyio
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from tidal.frontend.detokenizer import OutputAssembler, TokenTextTable
@@ -288,8 +288,10 @@ class GenerationRun:
             finish_reason = delta.finish_reason or "stop"
         else:
             finish_reason = None
-        token_ids = delta.new_token_ids[:out.num_tokens]
-        logprobs = delta.logprobs[:out.num_tokens] if delta.logprobs is not None else None
+        token_ids, logprobs = delta.new_token_ids, delta.logprobs
+        if out.num_tokens < len(token_ids):  # a stop string ended the output inside this step
+            token_ids = token_ids[:out.num_tokens]
+            logprobs = logprobs[:out.num_tokens] if logprobs is not None else None
         return TextStep(out.text, token_ids, logprobs, finish_reason)
 
 
@@ -322,26 +324,44 @@ def sse_error(exc: Exception) -> bytes:
     return sse_event(json.dumps(error_for(exc).body()))
 
 
-class SSEResponse(StreamingResponse):
+class SSEResponse(Response):
     """Server-sent events whose body iterator is always closed, even when abandoned.
 
-    Starlette cancels the streaming task when the client disconnects; if the body iterator
-    was waiting at a `yield` it would otherwise be left suspended until garbage collection,
-    and the engine request behind it would keep running.
+    The body streams on the request's own task; a watcher task cancels it when the client
+    disconnects (uvicorn's ASGI 2.3 `send` does not fail on a closed connection). If the body
+    iterator was waiting at a `yield` it would otherwise be left suspended until garbage
+    collection, and the engine request behind it would keep running.
     """
 
     media_type = "text/event-stream"
 
     def __init__(self, content: AsyncIterator[bytes]) -> None:
-        super().__init__(content, headers={"Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
+        self.body_iterator = content
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._cancel_on_disconnect, receive, group.cancel_scope)
+                await self._stream(send)
+                group.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+    async def _stream(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        async for chunk in self.body_iterator:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @staticmethod
+    async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+        await _wait_for_disconnect(receive)
+        scope.cancel()
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:

@@ -11,8 +11,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tidal.frontend.errors import bad_request
-from tidal.frontend.openai_types import (ChatChoiceLogprobs, ChatCompletionChoice,
-                                         ChatCompletionChunk, ChatCompletionChunkChoice,
+from tidal.frontend.openai_types import (ChatChoiceLogprobs, ChatChunkEncoder,
+                                         ChatCompletionChoice, ChatCompletionChunk,
                                          ChatCompletionRequest, ChatCompletionResponse,
                                          ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob)
 from tidal.frontend.serving import (SSE_DONE, GenerationRun, ServingContext, SSEResponse, admit,
@@ -102,29 +102,27 @@ class ChatServing:
         created = int(time.time())
         model = self._ctx.served_model_name
         include_usage = req.include_usage
-        exclude = None if include_usage else {"usage"}
+        encoder = ChatChunkEncoder(run.request.request_id, created, model, include_usage)
+        want_logprobs, num_top = req.logprobs, req.top_logprobs or 0
         first = True
         try:
             async with aclosing(run.steps()) as steps:
                 async for step in steps:
-                    delta: dict[str, str] = {}
+                    text = step.text
                     if first:
                         # The role rides on the first chunk that follows engine output, so a
                         # client timing its first chunk measures a real first token.
-                        delta["role"] = "assistant"
-                        delta["content"] = step.text
                         first = False
-                    elif step.text:
-                        delta["content"] = step.text
-                    if not delta and step.finish_reason is None and not step.logprobs:
+                        role = True
+                    elif text:
+                        role = False
+                    elif step.finish_reason is None and not step.logprobs:
                         continue
-                    logprobs = self._logprobs(step.logprobs if req.logprobs else None,
-                                              req.top_logprobs or 0)
-                    chunk = ChatCompletionChunk(
-                        id=run.request.request_id, created=created, model=model,
-                        choices=[ChatCompletionChunkChoice(
-                            delta=delta, logprobs=logprobs, finish_reason=step.finish_reason)])
-                    yield sse_event(chunk.model_dump_json(exclude=exclude))
+                    else:
+                        role, text = False, None
+                    logprobs = self._logprobs(step.logprobs, num_top) if want_logprobs else None
+                    yield encoder.chunk(text, role=role, logprobs=logprobs,
+                                        finish_reason=step.finish_reason)
             if include_usage:
                 chunk = ChatCompletionChunk(id=run.request.request_id, created=created,
                                             model=model, choices=[], usage=run.usage())

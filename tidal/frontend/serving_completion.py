@@ -11,8 +11,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tidal.frontend.errors import bad_request
-from tidal.frontend.openai_types import (CompletionChoice, CompletionLogprobs,
-                                         CompletionRequest, CompletionResponse)
+from tidal.frontend.openai_types import (CompletionChoice, CompletionChunkEncoder,
+                                         CompletionLogprobs, CompletionRequest,
+                                         CompletionResponse)
 from tidal.frontend.serving import (SSE_DONE, GenerationRun, ServingContext, SSEResponse, admit,
                                     build_sampling_params, check_request, check_token_ids, encode_prompt,
                                     clamp_logprob, json_response, parse_body,
@@ -105,7 +106,8 @@ class CompletionServing:
     async def _stream(self, run: GenerationRun, req: CompletionRequest
                       ) -> AsyncIterator[bytes]:
         created = int(time.time())
-        exclude = None if req.include_usage else {"usage"}
+        encoder = CompletionChunkEncoder(run.request.request_id, created,
+                                         self._ctx.served_model_name, req.include_usage)
         logprobs_builder = CompletionLogprobsBuilder(self._ctx)
         try:
             async with aclosing(run.steps()) as steps:
@@ -115,10 +117,8 @@ class CompletionServing:
                     logprobs = None
                     if req.logprobs is not None:
                         logprobs = logprobs_builder.build(step.logprobs or [])
-                    choice = CompletionChoice(text=step.text, logprobs=logprobs,
-                                              finish_reason=step.finish_reason)
-                    chunk = self._response(run, created, choice, usage=False)
-                    yield sse_event(chunk.model_dump_json(exclude=exclude))
+                    yield encoder.chunk(step.text, logprobs=logprobs,
+                                        finish_reason=step.finish_reason)
             if req.include_usage:
                 chunk = CompletionResponse(id=run.request.request_id, created=created,
                                            model=self._ctx.served_model_name, choices=[],

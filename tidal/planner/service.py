@@ -121,8 +121,9 @@ class PlannerService:
         self._init_metrics(registry if registry is not None else router.registry)
 
     def _init_metrics(self, r: CollectorRegistry) -> None:
+        # One planner sets it; across processes its latest value holds while that process lives.
         self.target_workers = Gauge("tidal_planner_target_workers", "Workers the planner wants, by role.",
-                                    ["role"], registry=r)
+                                    ["role"], registry=r, multiprocess_mode="livemostrecent")
         self.decisions = Counter("tidal_planner_decisions", "Planner actions decided, by kind and reason.",
                                  ["action", "reason"], registry=r)
         self.failures = Counter("tidal_planner_action_failures", "Planner actions that failed (logged).",

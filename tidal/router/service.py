@@ -46,7 +46,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -111,7 +111,8 @@ class _Worker:
 
     @property
     def routable(self) -> bool:
-        return self.client.is_healthy() and not self.draining and not self.client.leaving
+        return (self.client.is_healthy() and not self.draining and not self.client.leaving
+                and not self.client.drained)
 
     @property
     def worker_id(self) -> str:
@@ -169,9 +170,10 @@ class _Plan:
 
 class Router:
     def __init__(self, discovery: Discovery, config: RouterConfig = RouterConfig(),
-                 events: EventSubscriber | None = None):
+                 events: EventSubscriber | None = None, client_tag: str = ""):
         """`events`: the event plane's subscriber (`tidal.runtime.cluster.make_event_subscriber`, with
-        topics `load` and `kv`); None: ZMQ, connecting to each worker's `event_addr`."""
+        topics `load` and `kv`); None: ZMQ, connecting to each worker's `event_addr`. `client_tag`
+        starts this replica's socket ids at every worker (`WorkerClient`)."""
         if config.policy not in POLICIES:
             raise ValueError(f"unknown routing policy {config.policy!r}; choose one of {', '.join(POLICIES)}")
         self.discovery = discovery
@@ -180,6 +182,9 @@ class Router:
         self.index = KVIndex()
         self.events = events if events is not None else ZmqEventSubscriber(("load", "kv"))
         self.sessions: OrderedDict[str, str] = OrderedDict()  # session id -> worker id
+        self.client_tag = client_tag
+        self.on_session_pinned: Callable[[str, str], None] | None = None  # tells the other replicas
+        self.replica_queue_depth: Callable[[], int] | None = None  # what the API servers' routers queue
         self._plans: dict[str, _Plan] = {}
         self._queue: list = []  # heap of [-priority, seq, request, future]
         self._seq = itertools.count()
@@ -247,7 +252,7 @@ class Router:
             self._wake()
 
     async def _connect(self, info) -> None:
-        client = WorkerClient(info)
+        client = WorkerClient(info, client_tag=self.client_tag)
         try:
             await client.start()
         except Exception as exc:  # noqa: BLE001 - a worker that never came up is just not used
@@ -259,6 +264,7 @@ class Router:
         worker = self.workers[info.worker_id] = _Worker(client)
         client.on_dump = self._on_dump
         client.on_leaving = self._on_leaving
+        client.on_change = self._wake  # another router flipped or (un)drained it
         self.index.add_worker(info.worker_id)
         self.events.connect(info.worker_id, info.event_addr)
         self._resync(worker)
@@ -340,8 +346,10 @@ class Router:
 
     @property
     def queue_length(self) -> int:
-        """Requests waiting in the router for a worker with room."""
-        return len(self._queue)
+        """Requests waiting in the router for a worker with room (the other replicas' too, for the
+        planner's control router: `replica_queue_depth`)."""
+        others = self.replica_queue_depth() if self.replica_queue_depth is not None else 0
+        return len(self._queue) + others
 
     def stats(self) -> EngineStats | None:
         reports = [w.client.stats() for w in self.workers.values() if w.client.stats() is not None]
@@ -383,6 +391,7 @@ class Router:
         started = time.monotonic()
         deadline = started + timeout_s
         worker.draining = True
+        worker.client.set_draining(True)  # every router replica stops sending it work
         self._wake()  # queued requests may now route elsewhere
         while worker.inflight > 0:
             if not worker.client.is_healthy():
@@ -405,6 +414,7 @@ class Router:
         worker = self.workers.get(worker_id)
         if worker is not None and not worker.client.leaving:
             worker.draining = False
+            worker.client.set_draining(False)
             self._wake()
 
     def is_draining(self, worker_id: str) -> bool:
@@ -504,10 +514,10 @@ class Router:
             chosen = choose_worker(views, self.config.policy, len(prompt), self.block_size, self._counter,
                                    self._rng, weights)
         if hints is not None and hints.session_id:
-            self.sessions[hints.session_id] = chosen.worker_id
-            self.sessions.move_to_end(hints.session_id)
-            if len(self.sessions) > SESSIONS_MAX:
-                self.sessions.popitem(last=False)
+            pinned = self.sessions.get(hints.session_id)
+            self.pin_session(hints.session_id, chosen.worker_id)
+            if pinned != chosen.worker_id and self.on_session_pinned is not None:
+                self.on_session_pinned(hints.session_id, chosen.worker_id)
         decode = self.workers[chosen.worker_id]
         uncached = len(prompt) - chosen.overlap_blocks * self.block_size
         prefill = None
@@ -543,6 +553,13 @@ class Router:
         if view is None or view.pending_prefill_tokens >= self.config.max_pending_prefill_tokens:
             return None
         return view
+
+    def pin_session(self, session_id: str, worker_id: str) -> None:
+        """Keep the session's requests on `worker_id` (a pin made here or by another replica)."""
+        self.sessions[session_id] = worker_id
+        self.sessions.move_to_end(session_id)
+        if len(self.sessions) > SESSIONS_MAX:
+            self.sessions.popitem(last=False)
 
     # ---- generation ------------------------------------------------------------------------------
     async def generate(self, request: AddRequest) -> AsyncIterator[TokenDelta]:
@@ -669,8 +686,10 @@ class Router:
                         self.kv_transfer_s.observe(delta.kv_transfer_s)
                         if delta.new_token_ids:
                             self.first_decode_s.observe(max(time.monotonic() - handed_at - delta.kv_transfer_s, 0.0))
-                    # The prompt's cache hits are the prefill worker's.
-                    yield msgspec.structs.replace(delta, num_cached_tokens=first.num_cached_tokens)
+                    # The prompt's cache hits are the prefill worker's (a copy only when they differ).
+                    if delta.num_cached_tokens != first.num_cached_tokens:
+                        delta = msgspec.structs.replace(delta, num_cached_tokens=first.num_cached_tokens)
+                    yield delta
         except EngineDeadError as exc:
             prefill.client.release_kv(request.request_id)  # the decode worker won't pull any more
             raise self._lost(decode, exc) from None
@@ -712,8 +731,9 @@ class Router:
                                  "(`session`: a session's worker kept).", ["policy"], registry=r)
         self.overlap_blocks = Histogram("tidal_router_overlap_blocks", "Prompt blocks the chosen worker "
                                         "already held.", buckets=OVERLAP_BUCKETS, registry=r)
+        # Each frontend process's router replica has its own queue: they add up, and a dead one's drops.
         self.queue_depth = Gauge("tidal_router_queue_depth", "Requests waiting in the router for a worker "
-                                 "with room.", registry=r)
+                                 "with room.", registry=r, multiprocess_mode="livesum")
         self.rejected = Counter("tidal_router_rejected", "Requests refused with 503: queue full or waited too "
                                 "long.", ["reason"], registry=r)
         for reason in ("queue_full", "queue_timeout"):
@@ -726,7 +746,9 @@ class Router:
             self.migrations.labels(reason)
         self.decision_s = Histogram("tidal_router_decision_seconds", "Time to route one request (hashing, "
                                     "index lookup, policy).", buckets=DECISION_BUCKETS_S, registry=r)
-        r.register(_WorkerCollector(self))
+        # Scrape-time and never file-backed: multiprocess `/metrics` renders this process's alone.
+        self.live_collectors = (_WorkerCollector(self),)
+        r.register(self.live_collectors[0])
 
     def worker_table(self) -> list[dict]:
         """Each worker's role and latest load report (the admin endpoint's answer)."""
@@ -741,7 +763,8 @@ class Router:
 
 
 class _WorkerCollector:
-    """Per-worker gauges from the latest load reports."""
+    """Per-worker gauges from the latest load reports, read at scrape time (never file-backed: every
+    router replica sees the same reports, so in multiprocess mode the scraping process's alone render)."""
 
     GAUGES = {
         "tidal_worker_kv_blocks_used": ("kv_blocks_used", "KV blocks in use on the worker (held ones included)."),

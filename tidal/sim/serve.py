@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from tidal.config import ServerConfig
-from tidal.router.service import Router, RouterConfig
+from tidal.router.service import RouterConfig
 from tidal.sim.timing import StepTimeModel, TimingModel
 from tidal.sim.workers import SIM_MODEL_NAME, SimCluster
 
@@ -30,20 +30,41 @@ def parse_timing(text: str | None) -> TimingModel:
 
 
 async def serve_sim(num_workers: int, timing: StepTimeModel, speedup: float, router_config: RouterConfig,
-                    server_config: ServerConfig, **cluster_options) -> None:
-    from tidal.frontend.app import build_app, serve_http
+                    server_config: ServerConfig, api_servers: int = 1, tokenizer: str | None = None,
+                    **cluster_options) -> None:
+    """The simulated workers behind the real serving tier: one frontend in this process, or
+    `api_servers` API server processes on the one port (as `tidal serve` runs them)."""
+    from tidal.frontend.assembly import Frontend, FrontendSpec
     from tidal.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(None)
-    cluster = SimCluster(num_workers, timing, speedup, vocab_size=tokenizer.vocab_size, **cluster_options)
-    router = Router(cluster.discovery, router_config)
+    spec = FrontendSpec(model=None, tokenizer=tokenizer, served_model_name=SIM_MODEL_NAME, router=router_config,
+                        server=server_config)
+    loaded = load_tokenizer(None, tokenizer)
+    cluster = SimCluster(num_workers, timing, speedup, vocab_size=loaded.vocab_size, **cluster_options)
+    frontend = Frontend(spec, cluster.discovery, tokenizer=loaded) if api_servers == 1 else None
     try:
         await cluster.start()
-        await router.start()
-        await router.wait_ready()
-        logger.info("simulating %d workers (speed-up %gx, %s) behind the %s router on http://%s:%d", num_workers,
-                    speedup, timing, router_config.policy, server_config.host, server_config.port)
-        await serve_http(build_app(router, tokenizer, SIM_MODEL_NAME, server_config), server_config)
+        logger.info("simulating %d workers (speed-up %gx, %s) behind the %s router on http://%s:%d, %d API server%s",
+                    num_workers, speedup, timing, router_config.policy, server_config.host, server_config.port,
+                    api_servers, "s" * (api_servers > 1))
+        if frontend is not None:
+            await frontend.start()
+            await frontend.serve()
+        else:
+            await _serve_pool(spec, cluster, api_servers)
     finally:
-        await router.close()
+        if frontend is not None:
+            await frontend.close()
         await cluster.stop_all()
+
+
+async def _serve_pool(spec, cluster: SimCluster, api_servers: int) -> None:
+    from tidal.deploy.api_servers import ApiServerPool
+
+    pool = ApiServerPool(spec, api_servers, cluster.discovery, log_level=spec.server.log_level)
+    stop = pool.stop_on_signals()
+    try:
+        await pool.start()
+        await stop.wait()
+    finally:
+        await pool.stop()

@@ -23,9 +23,9 @@ import zmq
 import zmq.asyncio
 
 from tidal.frontend.engine_client import EngineDeadError
-from tidal.protocol import (AbortRequest, AddRequest, Connect, EngineStats, KVDump, KVDumpRequest, ReleaseKV,
-                            RoleRefused, SetRole, Shutdown, StepOutputs, TokenDelta, WorkerGone, WorkerInfo,
-                            WorkerLeaving, WorkerMessage, WorkerReady)
+from tidal.protocol import (AbortRequest, AddRequest, Connect, EngineStats, ForgetClient, KVDump, KVDumpRequest,
+                            ReleaseKV, RoleRefused, SetDraining, SetRole, Shutdown, StepOutputs, TokenDelta,
+                            WorkerDraining, WorkerGone, WorkerInfo, WorkerLeaving, WorkerMessage, WorkerReady)
 
 logger = logging.getLogger(__name__)
 
@@ -37,26 +37,89 @@ class _Dead:
         self.reason = reason
 
 
+class _Mailbox:
+    """One request's deltas not yet taken by its stream; the stream takes all of them at once.
+
+    Lighter than an `asyncio.Queue` (no getter deque, no put side). `put_nowait` keeps the
+    name `mark_dead` calls.
+    """
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: list[TokenDelta | _Dead] = []
+        self.waiter: asyncio.Future | None = None
+
+    def put_nowait(self, item: TokenDelta | _Dead) -> None:
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self) -> list[TokenDelta | _Dead]:
+        if not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        items, self.items = self.items, []
+        return items
+
+
+def coalesce(items: list) -> list:
+    """Merges runs of a request's ready deltas into one (the stream fell behind its worker), so
+    everything above it handles, and the client reads, one event for all of them. A delta that
+    carries more than tokens (an error, KV for a decode worker, first-step timings) is not
+    folded into the one before it, and nothing is folded into a finished one."""
+    if len(items) == 1:
+        return items
+    out: list = []
+    for item in items:
+        prev = out[-1] if out else None
+        if prev is not None and _can_merge(prev, item):
+            logprobs = None if prev.logprobs is None else prev.logprobs + item.logprobs
+            out[-1] = msgspec.structs.replace(
+                item, new_token_ids=prev.new_token_ids + item.new_token_ids, logprobs=logprobs,
+                num_cached_tokens=max(prev.num_cached_tokens, item.num_cached_tokens),
+                queue_s=prev.queue_s, kv_transfer_s=prev.kv_transfer_s)
+        else:
+            out.append(item)
+    return out
+
+
+def _can_merge(prev, item) -> bool:
+    return (isinstance(prev, TokenDelta) and isinstance(item, TokenDelta) and not prev.finished
+            and prev.error is None and item.error is None and item.finish_reason != "error"
+            and prev.kv_transfer_params is None and item.kv_transfer_params is None
+            and item.queue_s is None and item.kv_transfer_s is None
+            and (prev.logprobs is None) == (item.logprobs is None))
+
+
 class RoleChangeError(RuntimeError):
     """A worker refused (or did not answer) a `SetRole`; its role is unchanged."""
 
 
 class WorkerClient:
-    def __init__(self, info: WorkerInfo, ctx: zmq.asyncio.Context | None = None):
+    def __init__(self, info: WorkerInfo, ctx: zmq.asyncio.Context | None = None, client_tag: str = ""):
+        """`client_tag`: the start of this socket's id at the worker (a frontend process's tag), so the
+        launcher can have the worker forget every request of a frontend process that died."""
         self.info = info
         self._own_ctx = ctx is None
         self._ctx = ctx or zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.IDENTITY, f"{info.worker_id}:{uuid.uuid4().hex[:12]}".encode())
+        self._sock.setsockopt(zmq.IDENTITY, f"{client_tag}{info.worker_id}:{uuid.uuid4().hex[:12]}".encode())
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(WorkerMessage)
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._queues: dict[str, _Mailbox] = {}
         self._stats: EngineStats | None = None
         self._role_reply: asyncio.Future | None = None
         self._reader: asyncio.Task | None = None
         self.dead_reason: str | None = None
         self.leaving = False  # the worker said it is leaving (SIGTERM): send it nothing new
+        self.drained = False  # a router drained it (`SetDraining`, told to every client): send it nothing new
+        self.on_change: Callable[[], None] | None = None  # its role or drained state changed
         self.ready: WorkerReady | None = None
         self.on_dump: Callable[[KVDump], None] | None = None  # answers to `request_dump`
         self.on_leaving: Callable[[WorkerLeaving], None] | None = None
@@ -96,11 +159,21 @@ class WorkerClient:
                 msg = self._decoder.decode(await self._sock.recv())
                 if isinstance(msg, WorkerReady):
                     self.ready = msg
+                    self.drained = msg.draining
         self._reader = asyncio.create_task(self._read_outputs())
 
     async def _read_outputs(self) -> None:
         while True:
             msg = self._decoder.decode(await self._sock.recv())
+            if isinstance(msg, StepOutputs):  # nearly every message: test it first
+                if msg.stats is not None:
+                    self.update_stats(msg.stats)
+                queues = self._queues
+                for delta in msg.deltas:
+                    mailbox = queues.get(delta.request_id)
+                    if mailbox is not None:
+                        mailbox.put_nowait(delta)
+                continue
             if isinstance(msg, KVDump):
                 if self.on_dump is not None:
                     self.on_dump(msg)
@@ -115,18 +188,21 @@ class WorkerClient:
                 self.leaving = True
                 self.mark_dead(f"the worker left: {msg.reason}")
                 continue
-            if isinstance(msg, (WorkerReady, RoleRefused)):
-                if self._role_reply is not None and not self._role_reply.done():
-                    self._role_reply.set_result(msg)
-                continue
-            if not isinstance(msg, StepOutputs):
-                continue
-            if msg.stats is not None:
-                self.update_stats(msg.stats)
-            for delta in msg.deltas:
-                queue = self._queues.get(delta.request_id)
-                if queue is not None:
-                    queue.put_nowait(delta)
+            if isinstance(msg, (WorkerReady, RoleRefused, WorkerDraining)):
+                self._on_worker_state(msg)
+
+    def _on_worker_state(self, msg: WorkerReady | RoleRefused | WorkerDraining) -> None:
+        """An answer to our `SetRole`, or the worker telling every client its new role or drain state."""
+        if isinstance(msg, WorkerDraining):
+            self.drained = msg.draining
+        elif self._role_reply is not None and not self._role_reply.done():
+            self._role_reply.set_result(msg)
+            return
+        elif isinstance(msg, WorkerReady):  # another router flipped it
+            self.ready = msg
+            self.info = msgspec.structs.replace(self.info, role=msg.role)
+        if self.on_change is not None:
+            self.on_change()
 
     def mark_dead(self, reason: str) -> None:
         """The worker is gone: end every open request with EngineDeadError (a router may move
@@ -146,18 +222,22 @@ class WorkerClient:
     async def generate(self, request: AddRequest) -> AsyncIterator[TokenDelta]:
         if self.dead_reason is not None:
             raise EngineDeadError(f"worker {self.worker_id} is not running")
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request.request_id] = queue
+        mailbox = _Mailbox()
+        self._queues[request.request_id] = mailbox
         finished = False
         try:
             self._send(request)
             while not finished:
-                delta = await queue.get()
-                if isinstance(delta, _Dead):
-                    raise EngineDeadError(f"worker {self.worker_id} died while serving this request "
-                                          f"({delta.reason})")
-                finished = delta.finished
-                yield delta
+                # When the stream fell behind (the event loop was busy), every delta that came
+                # meanwhile is taken and merged: one step up the stack for all of them.
+                for delta in coalesce(await mailbox.take()):
+                    if isinstance(delta, _Dead):
+                        raise EngineDeadError(f"worker {self.worker_id} died while serving this "
+                                              f"request ({delta.reason})")
+                    finished = delta.finished
+                    yield delta
+                    if finished:
+                        break
         finally:
             del self._queues[request.request_id]
             if not finished and self.dead_reason is None:
@@ -195,6 +275,17 @@ class WorkerClient:
             raise RoleChangeError(f"worker {self.worker_id} refused to become {role}: {reply.reason}")
         self.ready = reply
         self.info = msgspec.structs.replace(self.info, role=reply.role)
+
+    def set_draining(self, draining: bool) -> None:
+        """Drain the worker (or end the drain) for every router: the worker tells all its clients."""
+        if self.dead_reason is None:
+            self.drained = draining
+            self._send(SetDraining(draining=draining))
+
+    def forget_client(self, client_prefix: str) -> None:
+        """Have the worker abort every request sent by sockets whose id starts with `client_prefix`."""
+        if self.dead_reason is None:
+            self._send(ForgetClient(client_prefix=client_prefix))
 
     def send_shutdown(self) -> None:
         if self.dead_reason is None:

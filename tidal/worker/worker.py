@@ -43,8 +43,9 @@ import zmq
 from tidal.config import EngineConfig
 from tidal.engine.engine import EngineCore
 from tidal.protocol import (AbortRequest, AddRequest, Connect, EngineStats, KVDump, KVDumpRequest, KVEventBatch,
-                            LoadReport, ReleaseKV, RequestPlaneMessage, RoleRefused, SetRole, Shutdown, StepOutputs,
-                            TokenDelta, WorkerGone, WorkerLeaving, WorkerReady)
+                            ForgetClient, LoadReport, ReleaseKV, RequestPlaneMessage, RoleRefused, SetDraining, SetRole,
+                            Shutdown, StepOutputs,
+                            TokenDelta, WorkerDraining, WorkerGone, WorkerLeaving, WorkerReady)
 from tidal.runtime.events import EventPublisher, ZmqEventPublisher
 from tidal.worker.health import HealthServer
 from tidal.transfer import KVTransferConfig
@@ -56,6 +57,11 @@ PULL_POLL_MS = 1  # while KV pulls are in flight and nothing else runs
 STATS_INTERVAL_S = 0.5
 EXIT_LINGER_MS = 500  # at exit, how long queued messages (last deltas, WorkerGone) may take to leave
 ROLES = ("both", "prefill", "decode")
+GPU_WORKER_THREADS = 1
+"""Torch CPU threads of a GPU worker. Its CPU tensor work is small (step inputs, sampling
+bookkeeping); with a thread per core, OpenMP's spinning threads may burn several cores of the host
+between GPU steps (issue 15 saw a worker at 4.7 cores under overload on a 16-core H100 host), cores
+the API servers need. vLLM's GPU workers likewise run torch with one thread."""
 
 
 @dataclass(frozen=True)
@@ -236,9 +242,11 @@ class _WorkerLoop:
             return True
         return False
 
-    def _to_clients(self, msg) -> None:
+    def _to_clients(self, msg, skip: bytes | None = None) -> None:
         raw = self.encoder.encode(msg)
         for client in list(self.clients):
+            if client == skip:
+                continue
             try:
                 self.requests.send_multipart([client, raw], zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -271,10 +279,26 @@ class _WorkerLoop:
                 reply = self._set_role(msg.role)
                 if isinstance(reply, WorkerReady):
                     self.engine.set_scheduler_limits(msg.token_budget, msg.max_num_seqs)
+                    self._to_clients(reply, skip=identity)  # every router replica learns the new role
                 self.requests.send_multipart([identity, self.encoder.encode(reply)])
+            elif isinstance(msg, SetDraining):
+                self.ready = msgspec.structs.replace(self.ready, draining=msg.draining)
+                self._to_clients(WorkerDraining(worker_id=self.spec.worker_id, draining=msg.draining))
+            elif isinstance(msg, ForgetClient):
+                self._forget_client(msg.client_prefix.encode())
             elif isinstance(msg, Shutdown):
                 logger.info("shutdown requested")
                 return False
+
+    def _forget_client(self, prefix: bytes) -> None:
+        """A frontend process is gone: abort what its sockets sent (their deltas have no reader)."""
+        gone = [request_id for request_id, owner in self.owners.items() if owner.startswith(prefix)]
+        for request_id in gone:
+            self.engine.abort_request(request_id)
+            self.owners.pop(request_id, None)
+        self.clients = {client for client in self.clients if not client.startswith(prefix)}
+        if gone:
+            logger.info("aborted %d requests of a frontend process that is gone", len(gone))
 
     def _set_role(self, role: str) -> WorkerReady | RoleRefused:
         """Switch roles if nothing is in flight here (the router drains the worker first)."""
