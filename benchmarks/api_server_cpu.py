@@ -14,7 +14,9 @@ Which process is the serving tier, found through /proc:
   frontend is every process of the tree that is not a worker (nor multiprocessing's tracker).
 
 Per level: output tokens/s, ITL p50/p99, and CPU microseconds per streamed token of the serving
-process(es) and of the engine process(es), from /proc utime+stime over the level's wall time.
+process(es) and of the engine process(es), from /proc utime+stime over the level's wall time; and
+(JSON `idle_cores`) each role's CPU over `--idle-s` seconds with no requests, the floor that weighs
+on a per-token figure at the few hundred tokens/s a 2-core box decodes.
 Prints a table and writes JSON to --out (default benchmarks/results/api_server_cpu.json).
 
     python benchmarks/api_server_cpu.py [--concurrency 16,32] [--output-len 128] [--servers vllm,tidal]
@@ -28,7 +30,6 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import os
 import sys
 import tempfile
 import time
@@ -69,6 +70,15 @@ def level(server: cs.Server, name: str, model: str, prompts: list[list[int]], ar
     return row
 
 
+def idle_cores(name: str, server: cs.Server, seconds: float) -> dict[str, float]:
+    """Each role's CPU with no requests (timers, load reports, loggers): at a few hundred tokens/s
+    this floor is a visible part of the CPU per token."""
+    pids = roles(name, server.proc.pid, server.base)
+    cpu0 = {r: cpu_seconds(p) for r, p in pids.items()}
+    time.sleep(seconds)
+    return {r: (cpu_seconds(p) - cpu0[r]) / seconds for r, p in pids.items()}
+
+
 def descendants_cmd(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:160]
@@ -85,11 +95,13 @@ def run_server(name: str, args, hf_dir: Path, prompts: list[list[int]], concurre
         try:
             model = server.wait_ready(args.startup_timeout)
             asyncio.run(cs.run_level(server.base, model, prompts[:4], 4, args.output_len, 600))  # warm-up
+            idle = idle_cores(name, server, args.idle_s)
             rows = []
             for concurrency in concurrencies:
                 cs.wait_idle(args.idle_wait, args.idle_threshold)
                 n = concurrency * args.requests_per_slot
-                rows.append({"server": name, **level(server, name, model, prompts[4:4 + n], args, concurrency)})
+                rows.append({"server": name, **level(server, name, model, prompts[4:4 + n], args, concurrency),
+                             "idle_cores": idle})
                 print_row(rows[-1])
             return rows
         finally:
@@ -111,6 +123,7 @@ def main() -> int:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--requests-per-slot", type=int, default=3, help="requests per level = concurrency x this")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--idle-s", type=float, default=10.0, help="seconds of CPU measured with no load")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/api_server_cpu.json")
     args = p.parse_args()
     # cpu_serving's settings (vLLM venv, its CPU environment, the HF folder, idle waits) under ours

@@ -73,8 +73,10 @@ def window_stats(records: list[RequestRecord], t0: float, t1: float) -> dict:
             "errors": sum(r.status != "ok" for r in records)}
 
 
-def client_pids() -> list[int]:
-    return [pid for pid, cmd in descendants(os.getpid()).items() if "resource_tracker" not in cmd]
+def client_pids(server_root: int) -> list[int]:
+    """This script's children that are not the server's processes: the client processes."""
+    server = {server_root, *descendants(server_root)}
+    return [pid for pid, cmd in descendants(os.getpid()).items() if pid not in server and "resource_tracker" not in cmd]
 
 
 def run_phase(config: BenchConfig, args, root: int) -> dict:
@@ -86,7 +88,7 @@ def run_phase(config: BenchConfig, args, root: int) -> dict:
                                                             run_shares(config, args.client_processes))))
     thread.start()
     time.sleep(max(0.0, start_at + args.warmup_s - time.perf_counter()))
-    roles = {**sim_processes(root), **{pid: "client" for pid in client_pids()}}
+    roles = {**{pid: "client" for pid in client_pids(root)}, **sim_processes(root)}
     cpu0, t0 = {p: cpu_seconds(p) for p in roles}, time.perf_counter()
     time.sleep(args.duration_s)
     cpu1, t1 = {p: cpu_seconds(p) for p in roles}, time.perf_counter()
@@ -142,7 +144,8 @@ def measure(args, api_servers: int, tokenizer: str | None) -> dict:
 def print_row(row: dict, base_tok_s: float | None) -> None:
     c, a = row["capacity"], row.get("at_load") or {}
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
-    print(f"| {row['api_servers']} | {c['streamed_tok_s']:.0f} | {f(c['streamed_tok_s'] / base_tok_s if base_tok_s else None, '.2f')}"
+    scale = c["streamed_tok_s"] / base_tok_s if base_tok_s else None
+    print(f"| {row['api_servers']} | {c['streamed_tok_s']:.0f} | {f(scale, '.2f')}"
           f" | {f(c['itl_ms']['p50'], '.1f')} | {f(c['itl_ms']['p99'], '.1f')} | {f(a.get('offered_tok_s'), '.0f')}"
           f" | {f((a.get('itl_ms') or {}).get('p50'), '.1f')} | {f((a.get('itl_ms') or {}).get('p99'), '.1f')}"
           f" | {f(a.get('itl_p99_added_ms'), '.1f')} | {c['serving_cores']:.2f} / {c['serving_cores_max']:.2f}"
@@ -157,7 +160,7 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=max(2, CORES // 2), help="simulated workers, a process each")
     p.add_argument("--step-ms", type=float, default=10.0, help="simulated step time, at any batch")
     p.add_argument("--concurrency", type=int, default=min(2048, 128 * CORES), help="closed-loop streams")
-    p.add_argument("--client-processes", type=int, default=max(1, CORES // 3))
+    p.add_argument("--client-processes", type=int, default=max(1, CORES // 2))
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--vocab-size", type=int, default=49152, help="prompt ids are drawn below this")

@@ -897,7 +897,7 @@ async def test_official_openai_client(engine):
 async def test_long_prompts_are_tokenized_off_the_event_loop():
     import threading
 
-    from tidal.frontend.serving import TOKENIZE_IN_THREAD_CHARS, encode_prompt
+    from tidal.frontend.chat_tokens import TOKENIZE_IN_THREAD_CHARS, encode_text
     from tidal.tokenizer import load_tokenizer
 
     class Recording:
@@ -911,7 +911,7 @@ async def test_long_prompts_are_tokenized_off_the_event_loop():
     tokenizer = Recording(load_tokenizer(None))
     short, long = "What pulls the tide?", "The moon pulls the tide. " * (TOKENIZE_IN_THREAD_CHARS // 20)
     for text in (short, long):
-        assert await encode_prompt(tokenizer, text, add_special_tokens=False) == \
+        assert await encode_text(tokenizer, text, add_special_tokens=False) == \
             list(tokenizer.tokenizer.encode(text, add_special_tokens=False))
     loop_thread = threading.get_ident()
     assert tokenizer.threads[0] == loop_thread and tokenizer.threads[1] != loop_thread

@@ -21,10 +21,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
+
+from tidal.runtime.loop import run as run_loop
 
 logger = logging.getLogger("tidal")
 
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         logger.info("deployment: %s", deployment.model_dump(exclude_defaults=True))
         try:
-            asyncio.run(serve_deployment(deployment, args.host, args.port, args.api_servers))
+            run_loop(serve_deployment(deployment, args.host, args.port, args.api_servers))
         except KeyboardInterrupt:
             pass
         return 0
@@ -250,7 +251,7 @@ def _sim(args: argparse.Namespace) -> int:
         print(f"tidal sim: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve_sim(args.workers, timing, args.speedup, RouterConfig(policy=args.router),
+        run_loop(serve_sim(args.workers, timing, args.speedup, RouterConfig(policy=args.router),
                               ServerConfig(host=args.host, port=args.port, log_level=args.log_level),
                               api_servers=args.api_servers, tokenizer=args.tokenizer,
                               worker_processes=_sim_worker_processes(args),

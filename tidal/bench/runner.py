@@ -17,8 +17,10 @@ later than scheduled (`max_schedule_lag_ms` in the summary says by how much), wh
 client, not the server, was the bottleneck. It also measures its own CPU (`client_cpu_cores`: this
 process's CPU seconds over the run's wall seconds) and warns above `CLIENT_CPU_WARN_CORES`: one
 Python process streaming many tokens a second can become the limit of what it measures.
-`tidal.bench.clients` splits a run over several processes when one is not enough. Results: `records.jsonl` (one line per request) and
-`summary.json` in the output folder, and the summary table on stdout.
+`tidal.bench.clients` splits a run over several processes when one is not enough.
+
+Results: `records.jsonl` (one line per request) and `summary.json` in the output folder, and the
+summary table on stdout.
 """
 
 from __future__ import annotations
@@ -191,6 +193,8 @@ class Bench:
         return record
 
     def _check_lag(self, record: RequestRecord) -> None:
+        if self._slots is not None:
+            return  # a closed loop: requests wait for a free slot on purpose, not for the client
         lag = record.sent_s - record.scheduled_s
         if lag > LAG_WARN_S:
             logger.warning("request %s sent %.0f ms behind schedule: the client is falling behind",

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 
 from tidal.deploy.config import DeploymentError
+from tidal.runtime.loop import run as run_loop
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         if args.command == "frontend":
             from tidal.cluster.frontend_main import serve_frontend
-            asyncio.run(serve_frontend(settings))
+            run_loop(serve_frontend(settings))
         else:
             from tidal.cluster.planner_main import serve_planner
             asyncio.run(serve_planner(settings))

@@ -23,6 +23,7 @@ import socket
 from dataclasses import dataclass
 
 from tidal.frontend.assembly import Frontend, FrontendSpec
+from tidal.runtime.loop import run as run_loop
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def run_api_server(spec: ApiServerSpec, ready) -> None:
     logging.basicConfig(level=spec.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s api-server {spec.index}: %(message)s")
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(spec, ready))
+        run_loop(_serve(spec, ready))
 
 
 async def _serve(spec: ApiServerSpec, ready) -> None:

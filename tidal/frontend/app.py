@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tidal.config import ServerConfig
+from tidal.frontend.chat_tokens import ChatTokenCache
 from tidal.frontend.detokenizer import TokenTextTable
 from tidal.frontend.engine_client import EngineClient
 from tidal.frontend.errors import (OpenAIError, engine_unavailable, install_exception_handlers,
@@ -139,7 +140,8 @@ def build_app(engine: EngineClient, tokenizer: Any, served_model_name: str,
     metrics = FrontendMetrics(engine)
     ctx = ServingContext(engine=engine, tokenizer=tokenizer,
                          served_model_name=served_model_name, metrics=metrics,
-                         token_table=TokenTextTable(tokenizer))
+                         token_table=TokenTextTable(tokenizer),
+                         chat_tokens=ChatTokenCache(tokenizer) if hasattr(tokenizer, "backend") else None)
     chat = ChatServing(ctx)
     completion = CompletionServing(ctx)
     app.state.serving_context = ctx

@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from tidal.frontend.chat_tokens import ChatTokenCache
 from tidal.frontend.detokenizer import OutputAssembler, TokenTextTable
 from tidal.frontend.engine_client import EngineClient, EngineDeadError, OverloadedError
 from tidal.frontend.errors import (OpenAIError, bad_request, engine_unavailable,
@@ -46,11 +47,6 @@ MIN_LOGPROB = -9999.0
 """Stands in for -inf (JSON has no infinities), as OpenAI does."""
 
 SSE_DONE = b"data: [DONE]\n\n"
-TOKENIZE_IN_THREAD_CHARS = 2048
-"""Prompts at least this long are tokenized on a worker thread. The Rust tokenizer lets go of the GIL
-while it works, so the event loop keeps streaming other requests' tokens meanwhile: a 1,000-word chat
-prompt takes about 3-4 ms, and at 60 chat turns a second that was 17% of the frontend's loop
-(`benchmarks/frontend_capacity.py`). Shorter ones stay inline (a thread hop costs ~50 us)."""
 
 
 class EngineRequestError(RuntimeError):
@@ -70,6 +66,7 @@ class ServingContext:
     served_model_name: str
     metrics: FrontendMetrics
     token_table: TokenTextTable
+    chat_tokens: ChatTokenCache | None = None  # chat prompts a turn at a time (None: whole texts)
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -96,13 +93,6 @@ def check_request(ctx: ServingContext, req: SamplingRequest) -> None:
         if any(t >= vocab_size for t in req.stop_token_ids):
             raise bad_request(f"stop_token_ids must be below the vocabulary size {vocab_size}",
                               param="stop_token_ids")
-
-
-async def encode_prompt(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
-    """The prompt's token ids; long prompts off the event loop (`TOKENIZE_IN_THREAD_CHARS`)."""
-    if len(text) < TOKENIZE_IN_THREAD_CHARS:
-        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
-    return await asyncio.to_thread(lambda: list(tokenizer.encode(text, add_special_tokens=add_special_tokens)))
 
 
 def check_token_ids(ctx: ServingContext, token_ids: list[int], param: str) -> None:

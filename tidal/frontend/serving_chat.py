@@ -10,6 +10,7 @@ from contextlib import aclosing
 from starlette.requests import Request
 from starlette.responses import Response
 
+from tidal.frontend.chat_tokens import encode_text
 from tidal.frontend.errors import bad_request
 from tidal.frontend.openai_types import (ChatChoiceLogprobs, ChatChunkEncoder,
                                          ChatCompletionChoice, ChatCompletionChunk,
@@ -18,7 +19,7 @@ from tidal.frontend.openai_types import (ChatChoiceLogprobs, ChatChunkEncoder,
 from tidal.frontend.serving import (SSE_DONE, GenerationRun, ServingContext, SSEResponse, admit,
                                     build_sampling_params, check_request, clamp_logprob,
                                     json_response, parse_body, resolve_max_tokens,
-                                    routing_hints, run_until_disconnect, sse_error, sse_event, encode_prompt)
+                                    routing_hints, run_until_disconnect, sse_error, sse_event)
 from tidal.protocol import AddRequest, TokenLogprob
 
 
@@ -60,7 +61,9 @@ class ChatServing:
         except Exception as exc:  # jinja2 errors, raise_exception() in templates, bad kwargs
             raise bad_request(f"Could not apply the chat template: {exc}",
                               param="messages") from None
-        return await encode_prompt(tokenizer, prompt, add_special_tokens=False)
+        if self._ctx.chat_tokens is not None:
+            return await self._ctx.chat_tokens.encode(prompt)
+        return await encode_text(tokenizer, prompt, add_special_tokens=False)
 
     def _logprobs(self, logprobs: list[TokenLogprob] | None,
                   num_top: int) -> ChatChoiceLogprobs | None:

@@ -14,8 +14,9 @@ from tidal.frontend.errors import bad_request
 from tidal.frontend.openai_types import (CompletionChoice, CompletionChunkEncoder,
                                          CompletionLogprobs, CompletionRequest,
                                          CompletionResponse)
+from tidal.frontend.chat_tokens import encode_text
 from tidal.frontend.serving import (SSE_DONE, GenerationRun, ServingContext, SSEResponse, admit,
-                                    build_sampling_params, check_request, check_token_ids, encode_prompt,
+                                    build_sampling_params, check_request, check_token_ids,
                                     clamp_logprob, json_response, parse_body,
                                     resolve_max_tokens, routing_hints, run_until_disconnect,
                                     sse_error, sse_event)
@@ -72,7 +73,7 @@ class CompletionServing:
     async def _prompt_token_ids(self, req: CompletionRequest) -> list[int]:
         prompt = req.text_or_token_ids()
         if isinstance(prompt, str):
-            token_ids = await encode_prompt(self._ctx.tokenizer, prompt, add_special_tokens=True)
+            token_ids = await encode_text(self._ctx.tokenizer, prompt, add_special_tokens=True)
         else:
             token_ids = list(prompt)
             check_token_ids(self._ctx, token_ids, param="prompt")
