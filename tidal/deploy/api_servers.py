@@ -17,7 +17,6 @@ What stays global and what is per process: docs/serving-tier.md.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -34,6 +33,7 @@ import zmq
 from tidal.frontend.api_server import ApiServerSpec, api_server_tag, run_api_server, shared_port_socket
 from tidal.frontend.assembly import FrontendSpec
 from tidal.protocol import ForgetClient
+from tidal.runtime.events import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -207,10 +207,7 @@ class ApiServerPool:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
+        await cancel_and_wait(self._supervisor)
         for server in self.servers.values():
             if server.process.is_alive():
                 server.process.terminate()

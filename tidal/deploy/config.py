@@ -9,7 +9,8 @@ prefill worker's token budget and a decode worker's sequence cap default to what
 says suits the role (`resolve_role_limits`).
 
     model: null                     # GGUF file, HF folder, dummy:ARCH; null: embedded SmolLM2
-    frontend: {host: 127.0.0.1, port: 8000, router: kv, max_queue: 1024, queue_timeout_s: 30, max_migrations: 3}
+    frontend: {host: 127.0.0.1, port: 8000, api_servers: 4, router: kv, max_queue: 1024, queue_timeout_s: 30,
+               max_migrations: 3}       # api_servers: frontend processes on the port (default: cores / 4)
     disaggregation: {local_prefill_threshold: 512, max_prefill_queue_tokens: 16384}
     kv_transfer: {backend: auto, timeout_s: 30}
     engine: {dtype: auto, token_budget: 256, kv_cache_memory_gib: 0.5, ...}

@@ -38,6 +38,7 @@ import msgspec
 from tidal.deploy.config import Deployment, WorkerSection
 from tidal.protocol import WorkerInfo
 from tidal.runtime.discovery import Discovery, LocalDiscovery
+from tidal.runtime.events import cancel_and_wait
 from tidal.worker.worker import GPU_WORKER_THREADS, WorkerSpec, run_worker
 
 logger = logging.getLogger(__name__)
@@ -174,10 +175,7 @@ class Launcher:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
+        await cancel_and_wait(self._supervisor)
         for proc in self.procs.values():
             if proc.process.is_alive() and proc.process.pid is not None:
                 # SIGUSR1: the worker finishes its step and closes (SIGTERM would give it a grace period;

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator
 
 import msgspec
 import zmq
@@ -33,6 +34,16 @@ logger = logging.getLogger(__name__)
 LOG_INTERVAL_S = 0.5
 SESSION_TOPIC = b"session"
 LOG_TOPIC = b"log"
+
+
+async def _messages(sock, decoder) -> AsyncIterator:
+    """The bus messages a SUB socket receives, decoded (a newer peer's unknown ones skipped)."""
+    while True:
+        _topic, raw = await sock.recv_multipart()
+        try:
+            yield decoder.decode(raw)
+        except msgspec.DecodeError:
+            continue
 
 
 class ReplicaBusProxy:
@@ -105,12 +116,7 @@ class ReplicaBus:
             self._pub.send_multipart([SESSION_TOPIC, self._encoder.encode(msg)], zmq.NOBLOCK)
 
     async def _follow_pins(self) -> None:
-        while True:
-            _topic, raw = await self._sub.recv_multipart()
-            try:
-                msg = self._decoder.decode(raw)
-            except msgspec.DecodeError:
-                continue
+        async for msg in _messages(self._sub, self._decoder):
             if isinstance(msg, SessionPinned):
                 self.router.pin_session(msg.session_id, msg.worker_id)
 
@@ -166,12 +172,7 @@ class RequestLogFeed:
         return sum(self.queue_depths.values())
 
     async def _follow(self) -> None:
-        while True:
-            _topic, raw = await self._sub.recv_multipart()
-            try:
-                msg = self._decoder.decode(raw)
-            except msgspec.DecodeError:
-                continue
+        async for msg in _messages(self._sub, self._decoder):
             if isinstance(msg, RequestLogBatch):
                 self.apply(msg)
 
