@@ -95,9 +95,13 @@ def test_session_stays_on_its_worker_whichever_api_server_takes_it(agg_router):
     url, _ = agg_router
     time.sleep(1.0)  # load reports are sent every 0.5 s
     before = _prompt_tokens_by_worker(url)
+    kept = 'tidal_router_decisions_total{policy="session"}'
+    kept_before = metrics(url).get(kept, 0.0)
     servers = set()
     history = "Hello."
+    turns = 0
     for turn in range(MAX_TRIES):
+        turns += 1
         text, server = chat(url, history, max_tokens=8, session="conversation-1")
         servers.add(server)
         history += f" {text} Tell me more, turn {turn}."
@@ -108,6 +112,8 @@ def test_session_stays_on_its_worker_whichever_api_server_takes_it(agg_router):
     after = _prompt_tokens_by_worker(url)
     grew = [worker for worker in after if after[worker] > before.get(worker, 0)]
     assert len(grew) == 1, (before, after)
+    # Every turn after the first was routed by the pin, also the first one each process took.
+    assert metrics(url)[kept] - kept_before == turns - 1
 
 
 def test_metrics_add_up_across_api_servers(agg_router):

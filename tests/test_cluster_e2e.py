@@ -108,7 +108,7 @@ class Cluster:
         self.config = config
         self.etcd_url = etcd_url
         self.url = frontend_url
-        self.second_url = second_url  # another frontend over the same workers (it gets no traffic)
+        self.second_url = second_url  # another frontend over the same workers (only the session test uses it)
         self.etcd = None  # the services (tests/_cluster.py), for the restart test
         self.nats = None
 
@@ -129,10 +129,10 @@ class Cluster:
         reply = httpx.get((url or self.url) + "/admin/workers", timeout=5)
         return {w["worker_id"]: w for w in reply.json()["workers"]}
 
-    def chat(self, content: str, max_tokens: int = 12) -> str:
-        reply = httpx.post(self.url + "/v1/chat/completions", timeout=60, json={
+    def chat(self, content: str, max_tokens: int = 12, url: str | None = None, session: str | None = None) -> str:
+        reply = httpx.post((url or self.url) + "/v1/chat/completions", timeout=60, json={
             "model": "tiny-llama", "messages": [{"role": "user", "content": content}], "temperature": 0,
-            "max_tokens": max_tokens})
+            "max_tokens": max_tokens}, headers={"x-session-id": session} if session else {})
         assert reply.status_code == 200, reply.text
         return reply.json()["choices"][0]["message"]["content"]
 
@@ -203,6 +203,23 @@ def test_greedy_answers_equal_offline(cluster):
                                                            "d1": "decode"}
     assert all(r["request_addr"].startswith("tcp://127.0.0.1:") and r["kv_addr"].startswith("tcp://127.0.0.1:")
                and r["event_addr"].startswith("nats:") and r["model_name"] == "tiny-llama" for r in records.values())
+
+
+def test_a_session_stays_on_its_worker_whichever_frontend_takes_it(cluster):
+    def prompt_tokens() -> dict[str, int]:
+        time.sleep(1.2)  # load reports every 0.5 s
+        return {w: (r.get("stats") or {}).get("prompt_tokens", 0) for w, r in cluster.frontend_workers().items()}
+
+    kept = 'tidal_router_decisions_total{policy="session"}'
+    before, kept_before = prompt_tokens(), cluster.metric(cluster.second_url, kept)
+    for turn in range(4):  # the first turn on the first frontend, then the frontends take turns
+        cluster.chat(f"Turn {turn}: what pulls the tide?", max_tokens=4,
+                     url=cluster.url if turn % 2 == 0 else cluster.second_url, session="tide-chat")
+    after = prompt_tokens()
+    grew = [w for w in after if after[w] > before.get(w, 0)]
+    assert len(grew) == 1, (before, after)
+    # The second frontend routed both its turns by the pin the first one made (not by round-robin).
+    assert cluster.metric(cluster.second_url, kept) - kept_before == 2
 
 
 def test_sigterm_leaves_etcd_and_a_new_worker_gets_requests(cluster):

@@ -7,6 +7,8 @@ Subjects (under the deployment's namespace, like the event plane's):
 - `tidal.<ns>.planner.command`: the planner sends a `FlipCommand` as a NATS request; one frontend
   (queue group `frontends`) drains the worker, flips it and answers a `FlipReply`. The request's
   timeout covers the drain; no answer means no frontend took it (the planner counts a failure).
+- `tidal.<ns>.router.session`: a frontend that pins a session to a worker publishes `SessionPinned`;
+  every frontend keeps it, so the session's next turn goes there whichever frontend takes it.
 
 `ControlPlane` is one NATS connection on the caller's event loop (the frontend and the planner are
 asyncio programs). `connect()` retries until NATS answers, so either side may start first; after
@@ -26,12 +28,14 @@ import nats
 import nats.errors
 
 from tidal.planner.types import Observation, Role
+from tidal.protocol import SessionPinned
 from tidal.runtime.cluster import ClusterConfig
 
 logger = logging.getLogger(__name__)
 
 OBSERVATION_TOPIC = "planner.observation"
 COMMAND_TOPIC = "planner.command"
+SESSION_TOPIC = "router.session"
 FRONTEND_QUEUE = "frontends"
 CONNECT_RETRY_S = 0.5
 
@@ -106,6 +110,26 @@ class ControlPlane:
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
+
+    # ---- session pins: frontend -> every frontend ---------------------------------------------------
+    async def share_session_pins(self, router) -> None:
+        """Publish the sessions `router` pins and keep the other frontends' pins in it, so a session's
+        next turn goes to its worker whichever frontend takes it (as the replica bus does on one machine)."""
+        decoder = msgspec.msgpack.Decoder(SessionPinned)
+        subject = self.subject(SESSION_TOPIC)
+
+        async def on_pin(msg) -> None:
+            with contextlib.suppress(msgspec.DecodeError):
+                pin = decoder.decode(msg.data)
+                router.pin_session(pin.session_id, pin.worker_id)
+
+        def publish(session_id: str, worker_id: str) -> None:
+            payload = msgspec.msgpack.encode(SessionPinned(session_id=session_id, worker_id=worker_id))
+            task = asyncio.ensure_future(self.client.publish(subject, payload))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a lost pin costs a cache hit
+
+        self._subscriptions.append(await self.client.subscribe(subject, cb=on_pin))
+        router.on_session_pinned = publish
 
     # ---- flips: planner -> one frontend -> reply ----------------------------------------------------
     async def request_flip(self, command: FlipCommand, timeout_s: float) -> FlipReply:

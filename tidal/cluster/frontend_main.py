@@ -118,6 +118,7 @@ async def serve_frontend(settings: ClusterFile) -> None:
         frontend = Frontend(spec, discovery, events=make_event_subscriber(cluster, ("load", "kv")),
                             client_tag=f"{frontend_id}/")
         await frontend.start(wait_ready=False)  # workers come and go: serve once the model name is known
+        await control.share_session_pins(frontend.router)
         collector = ObservationCollector(frontend.router)
         await control.serve_flips(FlipHandler(frontend.router, discovery, collector,
                                               settings.planner.drain_timeout_s))
