@@ -221,3 +221,18 @@ def test_bench_from_two_client_processes_merges_their_records(tmp_path):
     records = [json.loads(x) for x in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
     assert sorted(r["request_id"] for r in records) == sorted(f"synthetic-{i}" for i in range(11))
     assert max(r["sent_s"] for r in records) < 5.0  # one clock for both shares
+
+
+@pytest.mark.slow
+def test_a_closed_loop_starts_nothing_after_its_duration(tmp_path):
+    from _server import running_server
+    from tidal.bench.runner import BenchConfig, run_bench
+
+    with running_server(["--workers", "1", "--timing", "base_s=0.01"], tmp_path / "sim.log", command="sim") as url:
+        config = BenchConfig(url=url, workload="synthetic", arrival="constant", rate=1e5, requests=10_000,
+                             max_concurrency=4, duration_s=1.5, input_len=20, output_len=8, vocab_size=49152,
+                             output=str(tmp_path / "run"))
+        summary = run_bench(config)
+    records = [json.loads(x) for x in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
+    assert 4 <= summary["requests"] < 10_000 and summary["ok"] == summary["requests"]
+    assert max(r["sent_s"] for r in records) < 1.5

@@ -86,7 +86,7 @@ class BenchConfig:
     output: str | None = None
     slo: tuple[tuple[str, float], ...] = ()
     max_concurrency: int | None = None  # at most this many requests (or sessions) in flight; later ones wait
-    duration_s: float | None = None  # no arrivals (requests, or sessions' starts) at or after this many seconds
+    duration_s: float | None = None  # no arrivals (requests, sessions' starts; a closed loop's starts) from then on
     client_index: int = 0  # this client's share of a run split over `num_clients` processes (tidal.bench.clients)
     num_clients: int = 1  # request and session numbers are i * num_clients + client_index: unique over the run
     progress: bool = True  # a progress bar when stdout is a terminal
@@ -180,10 +180,16 @@ class Bench:
         return summary
 
     async def _limited(self, work) -> None:
-        """Run `work` once a concurrency slot is free (at once without `max_concurrency`)."""
+        """Run `work` once a concurrency slot is free (at once without `max_concurrency`). In a closed
+        loop a request starts when it gets its slot, so `duration_s` ends the loop there: nothing
+        starts after it (the requests still running finish)."""
         if self._slots is None:
             return await work
         async with self._slots:
+            duration_s = self.config.duration_s
+            if duration_s is not None and time.perf_counter() - self.start >= duration_s:
+                work.close()
+                return
             await work
 
     def _record(self, request_id: str, scheduled_s: float, input_tokens: int, **kw) -> RequestRecord:
