@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import cpu_serving as cs  # noqa: E402
-from benchmarks.frontend_capacity import cpu_seconds, descendants  # noqa: E402
+from benchmarks.frontend_capacity import cmdline, cpu_seconds, descendants  # noqa: E402
 
 
 def roles(server_name: str, root: int, base_url: str) -> dict[str, list[int]]:
@@ -66,7 +66,7 @@ def level(server: cs.Server, name: str, model: str, prompts: list[list[int]], ar
     for role in pids:
         row[f"{role}_cores"] = (cpu1[role] - cpu0[role]) / span
         row[f"{role}_cpu_us_per_token"] = 1e6 * (cpu1[role] - cpu0[role]) / tokens
-    row["pids"] = {r: {str(p): descendants_cmd(p) for p in ps} for r, ps in pids.items()}
+    row["pids"] = {r: {str(p): (cmdline(p) or "?")[:160] for p in ps} for r, ps in pids.items()}
     return row
 
 
@@ -77,13 +77,6 @@ def idle_cores(name: str, server: cs.Server, seconds: float) -> dict[str, float]
     cpu0 = {r: cpu_seconds(p) for r, p in pids.items()}
     time.sleep(seconds)
     return {r: (cpu_seconds(p) - cpu0[r]) / seconds for r, p in pids.items()}
-
-
-def descendants_cmd(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:160]
-    except OSError:
-        return "?"
 
 
 def run_server(name: str, args, hf_dir: Path, prompts: list[list[int]], concurrencies: list[int]) -> list[dict]:

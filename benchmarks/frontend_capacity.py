@@ -33,13 +33,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.headline import GPU_FAMILIES, Server, free_port  # noqa: E402
+from benchmarks.headline import GPU_FAMILIES, Server, free_port, process_cpu_s  # noqa: E402
 from benchmarks.headline_metrics import point_metrics  # noqa: E402
 from tidal.bench.runner import Bench, BenchConfig  # noqa: E402
 
 PROFILE = REPO / "benchmarks/results/profile-llama-3.1-8b-NVIDIA-H200.json"
 SIM_WORKER_NAME = "tidal-sim-wkr"  # tidal.sim.workers.SIM_PROCESS_NAME, as /proc/PID/comm shows it
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def descendants(root: int) -> dict[int, str]:
@@ -55,24 +54,25 @@ def descendants(root: int) -> dict[int, str]:
     while frontier:
         parent = frontier.pop()
         for pid in (p for p, pp in parents.items() if pp == parent):
-            try:
-                found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
+            command = cmdline(pid)
+            if command is None:
                 continue
+            found[pid] = command
             frontier.append(pid)
     return found
 
 
+def cmdline(pid: int) -> str | None:
+    """A live process's command line (None once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+
+
 def cpu_seconds(pids: list[int] | int) -> float:
     """User + system CPU seconds of these processes so far (one that is gone counts 0)."""
-    total = 0.0
-    for pid in [pids] if isinstance(pids, int) else pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
+    return sum(process_cpu_s(pid) or 0.0 for pid in ([pids] if isinstance(pids, int) else pids))
 
 
 def sim_processes(root: int) -> dict[int, str]:

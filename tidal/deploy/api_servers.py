@@ -198,13 +198,6 @@ class ApiServerPool:
             finally:
                 sock.close()
 
-    def pids(self) -> list[int]:
-        return [s.process.pid for s in self.servers.values() if s.process.is_alive()]
-
-    def kill(self, index: int) -> None:
-        """SIGKILL one API server (fault tests): supervision restarts it."""
-        self.servers[index].process.kill()
-
     async def stop(self) -> None:
         self._stopping = True
         await cancel_and_wait(self._supervisor)
