@@ -13,6 +13,7 @@ TIDAL = Path(__file__).resolve().parents[1] / "tidal"
 
 UPPER = {"deploy", "cluster", "sim", "entrypoints", "cli"}  # assemble processes: may import anything
 FORBIDDEN = {
+    "parallel": {"kernels", "models", "engine", "worker", "router", "frontend", "planner", "bench", "perf"} | UPPER,
     "kernels": {"models", "engine", "worker", "router", "frontend", "planner", "bench", "perf"} | UPPER,
     "models": {"engine", "worker", "router", "frontend", "planner", "bench", "perf"} | UPPER,
     "engine": {"worker", "router", "frontend", "planner", "bench"} | UPPER,

@@ -110,9 +110,9 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _layer_diffs(rank: int) -> dict[str, float]:
     """Each sharded layer against the unsharded op on the same (seeded, identical on all ranks) inputs."""
-    from tidal.distributed import all_gather
-    from tidal.models.parallel import (TPShard, row_parallel_linear, shard_rows, vocab_parallel_embedding,
-                                       vocab_parallel_logits, vocab_per_rank)
+    from tidal.parallel.group import all_gather
+    from tidal.parallel.sharding import (TPShard, row_parallel_linear, shard_rows, vocab_parallel_embedding,
+                                         vocab_parallel_logits, vocab_per_rank)
 
     shard, g = TPShard(rank, 2), torch.Generator().manual_seed(0)
     x, weight = torch.randn(5, 8, generator=g), torch.randn(12, 8, generator=g)
@@ -150,7 +150,7 @@ def _model_diffs(rank: int, folders: dict[str, str]) -> dict[str, float]:
 
 
 def _rank_main(rank: int, port: int, folders: dict[str, str], results) -> None:
-    from tidal.distributed import destroy_tensor_parallel, init_tensor_parallel
+    from tidal.parallel.group import destroy_tensor_parallel, init_tensor_parallel
 
     torch.set_num_threads(1)
     try:

@@ -42,12 +42,12 @@ import torch
 import torch.distributed as dist
 
 from tidal.config import EngineConfig, rank_devices
-from tidal.distributed import broadcast_step, destroy_tensor_parallel, init_tensor_parallel, receive_step
-from tidal.distributed import tp_size as tp_size_now
+from tidal.parallel.group import broadcast_step, destroy_tensor_parallel, init_tensor_parallel, receive_step
+from tidal.parallel.group import tp_size as tp_size_now
 from tidal.engine.batch import StepBatch
 from tidal.engine.model_runner import ModelRunner, kv_layout
+from tidal.models.arch import check_tensor_parallel
 from tidal.models.loader import load_model, read_arch
-from tidal.models.parallel import check_tensor_parallel
 
 logger = logging.getLogger(__name__)
 

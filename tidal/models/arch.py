@@ -63,6 +63,16 @@ class ModelArch:
         return dataclasses.replace(self, **changes)
 
 
+def check_tensor_parallel(arch: ModelArch, tp_size: int) -> None:
+    """Raise a clear error when `arch` can't be split over `tp_size` ranks."""
+    for what, count in (("num_heads", arch.num_heads), ("num_kv_heads", arch.num_kv_heads),
+                        ("intermediate_size", arch.intermediate_size)):
+        if count % tp_size:
+            raise ValueError(f"tensor_parallel_size {tp_size} does not divide this model's {what} ({count}); "
+                             f"use a tensor_parallel_size that divides num_heads ({arch.num_heads}), "
+                             f"num_kv_heads ({arch.num_kv_heads}) and intermediate_size ({arch.intermediate_size})")
+
+
 def rope_type_of(rope_scaling: dict | None) -> str:
     if not rope_scaling:
         return "default"

@@ -11,7 +11,7 @@ Fused weight layout per layer (`load_weight` writes checkpoint tensors into thes
   gate_up_weight  [2 * intermediate_size, hidden]       rows: gate_proj, then up_proj
   o_weight [hidden, q_size], down_weight [hidden, intermediate_size]
 
-Tensor parallel (`tp_size > 1`, see `tidal.models.parallel`): the same layout over this rank's
+Tensor parallel (`tp_size > 1`, see `tidal.parallel.sharding`): the same layout over this rank's
 heads and MLP rows (num_heads, num_kv_heads, intermediate_size and the sizes above divided by
 `tp_size`), and this rank's rows of the vocabulary; `load_weight` takes a full checkpoint tensor
 and writes only this rank's slice of it.
@@ -30,10 +30,10 @@ from torch import nn
 from tidal.kernels import fused
 from tidal.kernels.attention import attend, store_kv
 from tidal.kernels.paged_attention import AttentionMetadata, cache_shape
-from tidal.models.arch import ModelArch
+from tidal.models.arch import ModelArch, check_tensor_parallel
 from tidal.models.layers import add_rms_norm, apply_rope, rms_norm, rope_cos_sin_cache, silu_and_mul
-from tidal.models.parallel import (TPShard, check_tensor_parallel, row_parallel_linear, shard_rows,
-                                   vocab_parallel_embedding, vocab_parallel_logits, vocab_per_rank)
+from tidal.parallel.sharding import (TPShard, row_parallel_linear, shard_rows, vocab_parallel_embedding,
+                                     vocab_parallel_logits, vocab_per_rank)
 
 _VOCAB_WEIGHTS = ("model.embed_tokens.weight", "lm_head.weight")
 
@@ -158,7 +158,7 @@ class LlamaModel(nn.Module):
     """Embedding, decoder layers, final norm, LM head (tied to the embedding or its own).
 
     Built as rank `tp_rank` of `tp_size` it holds that rank's shard and its forward runs the
-    collectives of `tidal.models.parallel`, so every rank of the group must run the same forwards.
+    collectives of `tidal.parallel.sharding`, so every rank of the group must run the same forwards.
     """
 
     def __init__(self, arch: ModelArch, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",

@@ -1,5 +1,5 @@
 """Tensor-parallel sharding of the llama-family model: which rank holds what, and the layers
-whose math crosses ranks.
+whose math crosses ranks (their collectives are `tidal.parallel.group`'s).
 
 With `size` ranks, rank `r` holds
 - attention: query heads [r * H/size, (r+1) * H/size) and the matching kv heads, in the same
@@ -12,7 +12,8 @@ With `size` ranks, rank `r` holds
   so the all-reduced sum is the embedding; the logits of every rank are gathered and trimmed to V;
 - norms (q/k norms are per head_dim, the same for every head) and RoPE: whole on every rank.
 
-`TPShard(0, 1)` is an unsharded model: no layer here runs for it.
+`TPShard(0, 1)` is an unsharded model: no layer here runs for it. Whether a model can be split
+over a group is `tidal.models.arch.check_tensor_parallel`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tidal.distributed import all_gather, all_reduce
-from tidal.models.arch import ModelArch
+from tidal.parallel.group import all_gather, all_reduce
 
 
 @dataclass(frozen=True)
@@ -34,16 +34,6 @@ class TPShard:
     def __post_init__(self):
         if not 0 <= self.rank < self.size:
             raise ValueError(f"tensor-parallel rank {self.rank} is outside a group of {self.size}")
-
-
-def check_tensor_parallel(arch: ModelArch, tp_size: int) -> None:
-    """Raise a clear error when `arch` can't be split over `tp_size` ranks."""
-    for what, count in (("num_heads", arch.num_heads), ("num_kv_heads", arch.num_kv_heads),
-                        ("intermediate_size", arch.intermediate_size)):
-        if count % tp_size:
-            raise ValueError(f"tensor_parallel_size {tp_size} does not divide this model's {what} ({count}); "
-                             f"use a tensor_parallel_size that divides num_heads ({arch.num_heads}), "
-                             f"num_kv_heads ({arch.num_kv_heads}) and intermediate_size ({arch.intermediate_size})")
 
 
 def vocab_per_rank(vocab_size: int, tp_size: int) -> int:
