@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tidal.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from tidal.engine.batch import build_step_batch  # noqa: E402
-from tidal.engine.engine import EngineCore  # noqa: E402
+from tidal.engine.engine import EngineCore, ServedModel  # noqa: E402
 from tidal.protocol import AddRequest, SamplingParams  # noqa: E402
 
 
@@ -41,7 +41,7 @@ class FreeRunner:
 def step_ms(batch: int, context: int, steps: int) -> float:
     config = EngineConfig(cache=CacheConfig(num_blocks=FreeRunner.num_blocks),
                           scheduler=SchedulerConfig(token_budget=8192, max_num_seqs=batch))
-    engine = EngineCore.with_runner(config, FreeRunner(), model_name="free", vocab_size=1000, max_model_len=16384)
+    engine = EngineCore(config, FreeRunner(), ServedModel("free", vocab_size=1000, max_model_len=16384))
     rng = np.random.default_rng(0)
     for i in range(batch):
         engine.add_request(AddRequest(request_id=str(i), prompt_token_ids=rng.integers(10, 900, context).tolist(),

@@ -16,6 +16,7 @@ import pytest
 
 from tidal.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from tidal.engine.engine import EngineCore
+from tidal.engine.factory import build_engine
 from tidal.protocol import AddRequest, SamplingParams, TokenDelta
 from tidal.transfer import KVTransferConfig
 
@@ -29,8 +30,8 @@ def _config(token_budget: int = 32) -> EngineConfig:
 
 
 def _engine(worker_id: str, **transfer) -> EngineCore:
-    engine = EngineCore(_config(), worker_id, KVTransferConfig(backend="fake", **transfer))
-    engine.release_addr = worker_id
+    engine = build_engine(_config(), worker_id=worker_id, transfer_config=KVTransferConfig(backend="fake", **transfer))
+    engine.connector.release_addr = worker_id
     return engine
 
 
@@ -44,7 +45,7 @@ def pair():
 
 @pytest.fixture(scope="module")
 def aggregated():
-    engine = EngineCore(_config())
+    engine = build_engine(_config())
     yield engine
     engine.close()
 
@@ -56,9 +57,8 @@ def _pump(engines: dict[str, EngineCore], steps: int = 1) -> list[TokenDelta]:
         for engine in engines.values():
             if engine.has_work() or engine.has_pulls():
                 out.extend(engine.step())
-            while engine.releases:
-                addr, request_id = engine.releases.popleft()
-                engines[addr].release_kv(request_id)
+            for addr, request_id in engine.connector.take_releases():
+                engines[addr].connector.release(request_id)
     return out
 
 
@@ -112,7 +112,7 @@ def _agg_generate(engine: EngineCore, request_id: str, prompt: list[int], max_to
 def _assert_nothing_held(*engines: EngineCore) -> None:
     for engine in engines:
         assert engine.kv.num_used_blocks == 0, engine.worker_id
-        assert not engine.kv.held and not engine.pulls and not engine.scheduler.requests, engine.worker_id
+        assert not engine.kv.held and not engine.connector.pulls and not engine.scheduler.requests, engine.worker_id
 
 
 PROMPTS = [list(range(5, 5 + n)) for n in (3, 4, 9, 16, 23)]
@@ -131,13 +131,13 @@ def test_pull_reuses_decode_prefix_cache_and_copies_the_rest(pair, aggregated):
     prefill, decode = pair
     base = list(range(40, 60))  # 5 full blocks
     _disagg_generate(prefill, decode, "t1", base, 3)
-    transfers_before = decode.transfer_bytes_total
+    transfers_before = decode.connector.transfer_bytes_total
     longer = base + list(range(100, 110))
     got = _disagg_generate(prefill, decode, "t2", longer, 4)
     assert got == _agg_generate(aggregated, "t2-agg", longer, 4)
     # Turn 2 pulled only the blocks the decode side did not have: 30 tokens -> 8 blocks, 5 cached.
-    per_block = decode.transfer.cache[:, :, :, 0].numel() * decode.transfer.cache.element_size()
-    assert decode.transfer_bytes_total - transfers_before == 3 * per_block
+    per_block = decode.connector.backend.cache[:, :, :, 0].numel() * decode.connector.backend.cache.element_size()
+    assert decode.connector.transfer_bytes_total - transfers_before == 3 * per_block
     _assert_nothing_held(prefill, decode)
 
 
@@ -174,7 +174,7 @@ def test_abort_while_prefilling_queued_held_pulling_and_decoding():
         first = _remote_prefill(engines, "x", prompt, _greedy(1))
         _hand_off(decode, "x", prompt, first, _greedy(20))
         _pump(engines)
-        assert decode.pulls["x"].transfer is not None and not decode.pulls["x"].transfer.done()
+        assert decode.connector.pulls["x"].transfer is not None and not decode.connector.pulls["x"].transfer.done()
         decode.abort_request("x")
         assert decode.kv.num_used_blocks > 0  # deferred: the copy may still be writing
         end = _run_to_end(engines, "x")
@@ -202,7 +202,7 @@ def test_failed_and_timed_out_pulls_free_both_sides():
         _hand_off(decode, "t", prompt, first, _greedy(5))
         end = _run_to_end(engines, "t")[-1]
         assert end.finish_reason == "error" and "KV transfer failed" in end.error
-        assert decode.transfer_failures_total == 1
+        assert decode.connector.transfer_failures_total == 1
         _assert_nothing_held(prefill, decode)
         # A source that vanished (a prefill worker gone): the pull fails, nothing leaks.
         first = _remote_prefill(engines, "v", prompt, _greedy(1))
@@ -211,7 +211,7 @@ def test_failed_and_timed_out_pulls_free_both_sides():
         _hand_off(decode, "v", prompt, first, _greedy(5), kv_transfer_params=bad)
         end = _run_to_end({"d": decode}, "v")[-1]
         assert end.finish_reason == "error"
-        assert decode.kv.num_used_blocks == 0 and not decode.pulls
+        assert decode.kv.num_used_blocks == 0 and not decode.connector.pulls
     finally:
         prefill.close()
         decode.close()

@@ -281,12 +281,12 @@ def test_indivisible_heads_fail_before_any_process_starts(tmp_path):
 
 
 def test_tp_with_kv_transfer_is_refused(tmp_path):
-    from tidal.engine.engine import EngineCore
+    from tidal.engine.factory import build_engine
     from tidal.transfer import KVTransferConfig
 
     config = EngineConfig(model=ModelConfig(model="dummy:tiny-llama"), parallel=ParallelConfig(tensor_parallel_size=2))
     with pytest.raises(ValueError, match="tensor-parallel workers run aggregated"):
-        EngineCore(config, transfer_config=KVTransferConfig(backend="fake", scratch_dir=str(tmp_path)))
+        build_engine(config, transfer_config=KVTransferConfig(backend="fake", scratch_dir=str(tmp_path)))
 
 
 @pytest.mark.parametrize("data, message", [
@@ -328,11 +328,11 @@ def test_cli_tp_flag_builds_a_tp_worker():
 # ---- 2 GPUs ----
 
 def _engine_generate(config: EngineConfig, prompts, params) -> list[tuple[list[int], list]]:
-    """Greedy outputs (token ids, logprobs) of an `EngineCore` built from `config`, closed after."""
-    from tidal.engine.engine import EngineCore
+    """Greedy outputs (token ids, logprobs) of an engine built from `config`, closed after."""
+    from tidal.engine.factory import build_engine
     from tidal.protocol import AddRequest
 
-    engine = EngineCore(config)
+    engine = build_engine(config)
     try:
         outputs = {str(i): ([], []) for i in range(len(prompts))}
         for request_id, prompt in zip(outputs, prompts):

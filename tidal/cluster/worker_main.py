@@ -143,10 +143,12 @@ def run(settings: ClusterFile, log_level: str = "info") -> int:
     registration = Registration(settings)
 
     def make_engine():
-        from tidal.engine.engine import EngineCore
+        from tidal.engine.factory import build_engine
 
-        engine = EngineCore(spec.engine, spec.worker_id, spec.transfer, record_kv_events=True)
-        kv_addr = engine.transfer.source_info().address if engine.transfer is not None else ""
+        engine = build_engine(spec.engine, worker_id=spec.worker_id, transfer_config=spec.transfer,
+                              record_kv_events=True)
+        transfer = engine.connector.backend
+        kv_addr = transfer.source_info().address if transfer is not None else ""
         registration.register(WorkerInfo(
             worker_id=spec.worker_id, role=spec.role, request_addr=spec.advertise_addr, event_addr=events.address,
             pid=os.getpid(), host=advertise, device=spec.engine.model.device, model_name=engine.model_name,

@@ -2,7 +2,7 @@
 
 `TensorParallelGroup` is the leader's side. It owns the follower processes, the store they meet
 at, and a thread that watches them. Lifecycle:
-1. `TensorParallelGroup(config)`, in `EngineCore.__init__` before the leader loads its shard:
+1. `TensorParallelGroup(config)`, in `factory.build_engine` before the leader loads its shard:
    checks the model can be split, starts a TCP store on a free port and spawns ranks 1..tp-1
    (multiprocessing, spawn context; rank r on `devices[r]`). Every rank loads its own shard at
    the same time; a follower then marks itself ready in the store and joins the group.

@@ -1,6 +1,6 @@
 """Offline generation: `LLM(model).generate(prompts, SamplingParams(...))`.
 
-Runs the same `EngineCore` the worker runs, on the caller's thread, until every prompt of the
+Runs the same `EngineCore` the worker runs (built by the same `build_engine`), on the caller's thread, until every prompt of the
 call has finished. Text, hidden stop tokens and stop strings go through the server's `OutputAssembler`, so offline
 and served outputs agree. With `tensor_parallel_size > 1` the engine starts a process per extra
 rank (spawned, so a script must build the `LLM` under `if __name__ == "__main__":`), and `close()`
@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from tidal.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, RunnerConfig, SchedulerConfig
-from tidal.engine.engine import EngineCore
+from tidal.engine.factory import build_engine, load_engine_tokenizer
 from tidal.frontend.detokenizer import OutputAssembler
 from tidal.protocol import AddRequest, SamplingParams, TokenLogprob
 
@@ -52,8 +52,8 @@ class LLM:
                                       enable_chunked_prefill=enable_chunked_prefill),
             runner=RunnerConfig(attention_backend=attention_backend, enable_cuda_graphs=enable_cuda_graphs),
             parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size))
-        self.engine = EngineCore(self.config)
-        self.tokenizer = self.engine.tokenizer
+        self.tokenizer = load_engine_tokenizer(self.config)
+        self.engine = build_engine(self.config, tokenizer=self.tokenizer)
 
     def close(self) -> None:
         """Release the engine (and stop its tensor-parallel processes); the LLM can't generate after."""

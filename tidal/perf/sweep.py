@@ -36,6 +36,7 @@ import torch
 import tidal
 from tidal.config import EngineConfig
 from tidal.engine.engine import EngineCore
+from tidal.engine.factory import build_engine
 from tidal.perf.profile import DecodePoint, PrefillPoint, Profile, SkippedPoint
 from tidal.protocol import AddRequest, SamplingParams, TokenDelta
 
@@ -80,7 +81,7 @@ def measuring_config(engine: EngineConfig, sweep: SweepConfig) -> EngineConfig:
 
 def run_profile(engine_config: EngineConfig, sweep: SweepConfig = SweepConfig()) -> Profile:
     """Build an engine for `engine_config`, sweep it, and return the profile."""
-    engine = EngineCore(measuring_config(engine_config, sweep))
+    engine = build_engine(measuring_config(engine_config, sweep))
     try:
         prefill, decode, skipped = Sweep(engine, sweep).run()
     finally:

@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass
 
 from tidal.config import CacheConfig, EngineConfig, SchedulerConfig
-from tidal.engine.engine import EngineCore
+from tidal.engine.engine import EngineCore, ServedModel
 from tidal.engine.scheduler import SchedulerOutput
 from tidal.protocol import WorkerInfo
 from tidal.runtime.discovery import LocalDiscovery
@@ -98,9 +98,8 @@ def start_sim_worker(spec: WorkerSpec, setup: SimWorkerSetup, stop: StopFlag, pa
     runner = SimRunner(setup.config.cache.num_blocks, setup.timing, setup.speedup, setup.vocab_size)
 
     def make_engine() -> EngineCore:
-        return EngineCore.with_runner(setup.config, runner, model_name=SIM_MODEL_NAME, vocab_size=setup.vocab_size,
-                                      max_model_len=setup.max_model_len, worker_id=spec.worker_id,
-                                      record_kv_events=True)
+        model = ServedModel(SIM_MODEL_NAME, vocab_size=setup.vocab_size, max_model_len=setup.max_model_len)
+        return EngineCore(setup.config, runner, model, worker_id=spec.worker_id, record_kv_events=True)
     thread = threading.Thread(target=serve_engine, args=(spec, make_engine, stop, parent_pid),
                               name=f"tidal-{spec.worker_id}", daemon=True)
     thread.start()

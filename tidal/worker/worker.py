@@ -42,6 +42,7 @@ import zmq
 
 from tidal.config import EngineConfig
 from tidal.engine.engine import EngineCore
+from tidal.engine.factory import build_engine
 from tidal.protocol import (AbortRequest, AddRequest, Connect, EngineStats, KVDump, KVDumpRequest, KVEventBatch,
                             ForgetClient, LoadReport, ReleaseKV, RequestPlaneMessage, RoleRefused, SetDraining, SetRole,
                             Shutdown, StepOutputs,
@@ -110,7 +111,8 @@ def run_worker(spec: WorkerSpec) -> None:
     signal.signal(signal.SIGUSR1, lambda *_: setattr(stop, "requested", True))
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
-    serve_engine(spec, lambda: EngineCore(spec.engine, spec.worker_id, spec.transfer, record_kv_events=True),
+    serve_engine(spec, lambda: build_engine(spec.engine, worker_id=spec.worker_id, transfer_config=spec.transfer,
+                                            record_kv_events=True),
                  stop, os.getppid())
     # Everything is closed; skip the interpreter's teardown of the model and caches (it takes seconds
     # on a busy machine, and a leaving worker should be gone within its grace period).
@@ -138,7 +140,7 @@ def serve_engine(spec: WorkerSpec, make_engine: Callable[[], EngineCore], stop: 
             health = HealthServer(spec.health_host, spec.health_port, spec.worker_id)
             health.start()
         engine = make_engine()
-        engine.release_addr = spec.advertise_addr or spec.request_addr
+        engine.connector.release_addr = spec.advertise_addr or spec.request_addr
         _WorkerLoop(spec, engine, requests, events, ctx, parent_pid, stop, health).run()
     finally:
         if engine is not None:
@@ -266,11 +268,11 @@ class _WorkerLoop:
             elif isinstance(msg, AbortRequest):
                 self.engine.abort_request(msg.request_id)
             elif isinstance(msg, ReleaseKV):
-                self.engine.release_kv(msg.request_id)
+                self.engine.connector.release(msg.request_id)
             elif isinstance(msg, KVDumpRequest):
                 self._publish_kv_events()  # the dump is the state after every published batch
                 dump = KVDump(worker_id=self.spec.worker_id, instance_id=self.instance_id, event_id=self.event_id,
-                              blocks=self.engine.kv.pool.cached_blocks())
+                              blocks=self.engine.cached_blocks())
                 self.requests.send_multipart([identity, self.encoder.encode(dump)])
             elif isinstance(msg, Connect):
                 self.clients.add(identity)
@@ -336,11 +338,10 @@ class _WorkerLoop:
                                                    event_id=self.event_id, events=events))
 
     def _send_releases(self) -> None:
-        releases = self.engine.releases
-        while releases:
-            addr, request_id = releases.popleft()
-            if addr == self.engine.release_addr:
-                self.engine.release_kv(request_id)
+        connector = self.engine.connector
+        for addr, request_id in connector.take_releases():
+            if addr == connector.release_addr:
+                connector.release(request_id)
                 continue
             sock = self.peers.get(addr)
             if sock is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from tidal.engine.kv_cache.block_pool import BlockPool, KVBlock
 from tidal.engine.request import Request
 from tidal.hashing import ROOT_PARENT_HASH
+from tidal.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 
 class KVCacheManager:
@@ -128,3 +129,26 @@ class KVCacheManager:
             return False
         self.pool.free(reversed(table))
         return True
+
+    def take_events(self) -> list[KVEvent]:
+        """Prefix-cache changes since the last call, in order, runs merged (for the router)."""
+        events: list[KVEvent] = []
+        for kind, block_hash, parent_hash in self.pool.take_events():
+            last = events[-1] if events else None
+            if kind == "stored":
+                if isinstance(last, BlockStored) and last.block_hashes[-1] == parent_hash:
+                    last.block_hashes.append(block_hash)
+                else:
+                    events.append(BlockStored([block_hash], parent_hash))
+            elif kind == "removed":
+                if isinstance(last, BlockRemoved):
+                    last.block_hashes.append(block_hash)
+                else:
+                    events.append(BlockRemoved([block_hash]))
+            else:
+                events.append(AllBlocksCleared())
+        return events
+
+    def cached_blocks(self) -> list[tuple[int, int]]:
+        """(block_hash, parent_hash) of every block in the prefix cache (a router's resync)."""
+        return self.pool.cached_blocks()
