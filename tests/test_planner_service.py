@@ -53,7 +53,8 @@ async def test_service_observes_decides_and_flips_under_load(caplog):
     caplog.set_level(logging.INFO, logger="tidal.planner")
     async with Fleet(deployment(prefill=1, decode=2)) as fleet:
         scripted = _Scripted()
-        service = PlannerService(PlannerConfig(slo=SLO(ttft_ms=1, itl_ms=1)), fleet.router, fleet.actuator, scripted)
+        service = PlannerService(PlannerConfig(slo=SLO(ttft_ms=1, itl_ms=1)), fleet.router.snapshot, fleet.actuator,
+                                 fleet.router.registry, scripted)
         await service.start()
         service.step_once()  # a first look: the baseline of every counter
         tasks = fleet.load(24)

@@ -3,7 +3,7 @@
 Values (frozen dataclasses) and the percentile rule they are summarized with, so the pure core (`tidal.planner.core.Planner`), its adapters (the
 observation collector in a running deployment, the fleet simulator) and the actuators share one
 contract and never each other's code. Units are in the names. Imports nothing from the engine,
-router or models.
+router or models (a worker's `Role` is the wire type's).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-Role = Literal["prefill", "decode", "both"]
+from tidal.protocol import Role
+
 WorkerState = Literal["starting", "active", "draining", "flipping", "stopping"]
 ActionKind = Literal["add", "remove", "flip"]
 

@@ -1,4 +1,5 @@
-"""The frontend side of the request plane for one worker (an `EngineClient`).
+"""The client side of the request plane for one worker (an `EngineClient`: the router holds one per
+worker, and a frontend may use one directly).
 
 Owns one ZMQ DEALER socket connected to the worker's ROUTER and one asyncio reader task that
 routes each `TokenDelta` to its request's queue. It does not own the worker process: whoever
@@ -22,7 +23,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from tidal.frontend.engine_client import EngineDeadError
+from tidal.errors import EngineDeadError, RoleChangeError
 from tidal.protocol import (AbortRequest, AddRequest, Connect, EngineStats, ForgetClient, KVDump, KVDumpRequest,
                             ReleaseKV, RoleRefused, SetDraining, SetRole, Shutdown, StepOutputs, TokenDelta,
                             WorkerDraining, WorkerGone, WorkerInfo, WorkerLeaving, WorkerMessage, WorkerReady)
@@ -94,10 +95,6 @@ def _can_merge(prev, item) -> bool:
             and prev.kv_transfer_params is None and item.kv_transfer_params is None
             and item.queue_s is None and item.kv_transfer_s is None
             and (prev.logprobs is None) == (item.logprobs is None))
-
-
-class RoleChangeError(RuntimeError):
-    """A worker refused (or did not answer) a `SetRole`; its role is unchanged."""
 
 
 class WorkerClient:
