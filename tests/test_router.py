@@ -16,10 +16,10 @@ from tidal.errors import OverloadedError
 from tidal.hashing import block_hashes
 from tidal.protocol import (AddRequest, AllBlocksCleared, BlockRemoved, BlockStored, EngineStats, KVDump,
                             KVEventBatch, RoutingHints, SamplingParams)
+from tidal.router.config import RouterConfig
 from tidal.router.index import KVIndex, WorkerEvents
 from tidal.router.policy import (DisaggPolicy, KVWeights, WorkerView, choose_prefill_worker, choose_worker,
-                                 decide_prefill, kv_cost)
-from tidal.router.config import RouterConfig
+                                 decide_prefill, kv_cost, session_worker)
 from tidal.router.service import Router
 from tidal.router.workers import Worker
 from tidal.runtime.discovery import LocalDiscovery
@@ -81,6 +81,14 @@ def test_prefill_choice_credits_overlap_and_conditional_disaggregation():
     assert decide_prefill(512, prefill, policy) == "remote"
     assert decide_prefill(4096, [], policy) == "local"
     assert decide_prefill(4096, _views((0, 8000, 0, 0), (0, 9000, 0, 0)), policy) == "local"
+
+
+def test_session_affinity_keeps_the_pinned_worker_unless_gone_or_full():
+    views = _views((0, 100, 0, 0), (0, 5000, 0, 0))
+    assert session_worker(views, "w1", max_pending_prefill_tokens=8000).worker_id == "w1"
+    assert session_worker(views, "w1", max_pending_prefill_tokens=5000) is None  # full: 5000 pending
+    assert session_worker(views, "w7", max_pending_prefill_tokens=8000) is None  # gone (or draining)
+    assert session_worker(views, None, max_pending_prefill_tokens=8000) is None  # no pin yet
 
 
 # ---- index -------------------------------------------------------------------------------------
@@ -200,6 +208,7 @@ class _StubClient:
 
     leaving = False
     drained = False
+    ready = None  # no WorkerReady: block size unknown
 
     def __init__(self, worker_id: str, role: str = "both") -> None:
         self.worker_id, self.role = worker_id, role
@@ -262,6 +271,21 @@ def test_bookkeeping_spreads_a_burst_between_reports(make_router):
         plan.release()
     assert all(w.open_requests == 0 and w.pending_prefill_tokens == 0 and w.active_blocks == 0
                for w in router.workers.values())
+
+
+def test_snapshot_publishes_workers_bookkeeping_and_the_request_log(make_router):
+    router = make_router()
+    plan = router.dispatcher.plan(_request("a", list(range(100))))
+    router.request_log.arrived()
+    router.request_log.finish(1.0, 1.5, 2.0, prompt_tokens=100, cached_tokens=0, output_tokens=3)
+    fleet = router.snapshot()
+    by_id = {w.worker_id: w for w in fleet.workers}
+    assert set(by_id) == {"w0", "w1"} and all(w.connected and not w.draining for w in fleet.workers)
+    assert by_id[plan.decode.worker_id].pending_prefill_tokens == 100
+    assert fleet.arrivals_total == 1 and fleet.queue_depth == 0
+    assert [f.ttft_s for f in fleet.finished_since(0.0)] == [0.5] and fleet.finished_since(2.0) == []
+    plan.release()
+    assert {w.pending_prefill_tokens for w in router.snapshot().workers} == {0}
 
 
 def test_gap_in_events_triggers_a_resync(make_router):
