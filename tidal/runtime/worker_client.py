@@ -25,7 +25,7 @@ import zmq.asyncio
 
 from tidal.errors import EngineDeadError, RoleChangeError
 from tidal.protocol import (AbortRequest, AddRequest, Connect, EngineStats, ForgetClient, KVDump, KVDumpRequest,
-                            ReleaseKV, RoleRefused, SetDraining, SetRole, Shutdown, StepOutputs, TokenDelta,
+                            ReleaseKV, Role, RoleRefused, SetDraining, SetRole, Shutdown, StepOutputs, TokenDelta,
                             WorkerDraining, WorkerGone, WorkerInfo, WorkerLeaving, WorkerMessage, WorkerReady)
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class WorkerClient:
         return self.info.worker_id
 
     @property
-    def role(self) -> str:
+    def role(self) -> Role:
         return self.info.role
 
     @property
@@ -254,7 +254,7 @@ class WorkerClient:
         if self.dead_reason is None:
             self._send(KVDumpRequest())
 
-    async def set_role(self, role: str, timeout_s: float = 10.0, token_budget: int | None = None,
+    async def set_role(self, role: Role, timeout_s: float = 10.0, token_budget: int | None = None,
                        max_num_seqs: int | None = None) -> None:
         """Ask the (idle) worker to take `role`; raises RoleChangeError if it refuses or is silent."""
         if self.dead_reason is not None:
