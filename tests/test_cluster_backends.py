@@ -16,7 +16,9 @@ import msgspec
 import pytest
 
 from tidal.protocol import (BlockRemoved, BlockStored, EngineStats, KVEventBatch, LoadReport, WorkerInfo)
-from tidal.router.service import Router, RouterConfig, _Worker
+from tidal.router.config import RouterConfig
+from tidal.router.service import Router
+from tidal.router.workers import Worker
 from tidal.runtime.cluster import ClusterConfig, make_discovery, make_event_publisher, make_event_subscriber
 from tidal.runtime.discovery import LocalDiscovery
 from tidal.runtime.events import ZmqEventPublisher, ZmqEventSubscriber, cancel_and_wait
@@ -278,13 +280,13 @@ async def test_router_over_nats_applies_kv_events_and_resyncs_on_a_gap(nats_clus
     subscriber = make_event_subscriber(nats_cluster, ("load", "kv"))
     router = Router(LocalDiscovery(), RouterConfig(policy="kv"), events=subscriber)
     publisher = make_event_publisher(nats_cluster, "w0", "unused")
-    worker = router.workers["w0"] = _Worker(_StubClient("w0"))
+    worker = router.workers["w0"] = Worker(_StubClient("w0"))
     router.index.add_worker("w0")
     worker.events.resyncing, worker.events.instance_id = False, "i0"  # as after a dump at event 0
     await router.start()
     try:
-        assert publisher.wait_connected(5) and router.events.wait_connected(5)
-        router.events.connect("w0", publisher.address)
+        assert publisher.wait_connected(5) and router.fleet.events.wait_connected(5)
+        router.fleet.events.connect("w0", publisher.address)
         report = LoadReport(worker_id="w0", role="both", stats=_stats(), time=0.0)
         while worker.client.reported is None:  # until the subscription is live
             publisher.publish("load", report)

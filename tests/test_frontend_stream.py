@@ -14,7 +14,7 @@ from tidal.frontend.openai_types import (ChatChoiceLogprobs, ChatChunkEncoder, C
                                          CompletionResponse)
 from tidal.frontend.serving import sse_event
 from tidal.protocol import AddRequest, SamplingParams, TokenDelta, TokenLogprob, WorkerInfo
-from tidal.worker.client import WorkerClient, coalesce
+from tidal.runtime.worker_client import WorkerClient, coalesce
 
 TEXTS = ["", "hello", " world", 'quote " and \\ backslash', "line\nbreak\ttab\r\b\f",
          "".join(chr(c) for c in range(32)) + "\x7f", "héllo wörld", "日本語", "emoji 🙂👍🏽",

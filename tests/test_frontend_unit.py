@@ -27,7 +27,7 @@ from tidal.config import ServerConfig
 from tidal.frontend.app import build_app, make_http_server
 from tidal.frontend.detokenizer import (IncrementalDetokenizer, OutputAssembler,
                                         StopStringMatcher, TokenTextTable)
-from tidal.frontend.engine_client import EngineDeadError
+from tidal.errors import EngineDeadError
 from tidal.frontend.serving import SSEResponse
 from tidal.protocol import AddRequest, EngineStats, TokenDelta, TokenLogprob
 

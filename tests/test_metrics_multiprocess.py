@@ -18,7 +18,9 @@ from tidal.frontend.metrics import FrontendMetrics
 from tidal.frontend.metrics_multiprocess import (enable_multiprocess_metrics, multiprocess_directory,
                                                  process_exited, start_process_metrics)
 from tidal.protocol import EngineStats
-from tidal.router.service import Router, RouterConfig, _Worker
+from tidal.router.config import RouterConfig
+from tidal.router.service import Router
+from tidal.router.workers import Worker
 from tidal.runtime.discovery import LocalDiscovery
 
 
@@ -48,7 +50,7 @@ class _StubWorkerClient:
 
 def _router_with_a_worker() -> Router:
     router = Router(LocalDiscovery(), RouterConfig(), events=_NoEvents())
-    router.workers["w0"] = _Worker(_StubWorkerClient("w0"))
+    router.workers["w0"] = Worker(_StubWorkerClient("w0"))
     return router
 
 
@@ -62,8 +64,8 @@ def _frontend_process(directory: str, index: int) -> None:
     metrics.ttft_s.observe(0.05)
     for itl_s in (0.004, 0.012, 0.5):
         metrics.itl_s.observe(itl_s)
-    router.decisions.labels("kv").inc()
-    router.queue_depth.set(3 + index)
+    router.metrics.decisions.labels("kv").inc()
+    router.metrics.queue_depth.set(3 + index)
 
     async def run() -> None:
         task = start_process_metrics(index, interval_s=0.01)
@@ -140,7 +142,7 @@ def test_single_process_mode_renders_app_then_router_registry():
     router = _router_with_a_worker()
     metrics = FrontendMetrics(router)
     metrics.requests.labels("success").inc()
-    router.queue_depth.set(2)
+    router.metrics.queue_depth.set(2)
     text = metrics.render().decode()
     samples = _samples(text)
     assert samples[("tidal_requests_total", (("status", "success"),))] == 1

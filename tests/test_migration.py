@@ -24,7 +24,7 @@ import pytest
 from _fleet import Fleet
 from _server import free_port
 from tidal.deploy.config import parse_deployment
-from tidal.frontend.engine_client import EngineDeadError
+from tidal.errors import EngineDeadError
 from tidal.protocol import AddRequest, SamplingParams
 from tidal.router.migration import resume_request
 
@@ -72,7 +72,7 @@ async def _run(router, request: AddRequest, started: asyncio.Event | None = None
 
 
 def _migrations(router) -> dict[str, float]:
-    return {s.labels["reason"]: s.value for m in router.migrations.collect() for s in m.samples
+    return {s.labels["reason"]: s.value for m in router.metrics.migrations.collect() for s in m.samples
             if s.name == "tidal_request_migrations_total"}
 
 

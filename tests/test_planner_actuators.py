@@ -51,7 +51,7 @@ async def test_flip_under_load_drops_nothing_and_rejoins_fast():
 
 
 async def test_set_role_is_refused_while_the_worker_has_requests():
-    from tidal.worker.client import RoleChangeError
+    from tidal.errors import RoleChangeError
 
     async with _Fleet(_deployment(prefill=0, decode=1)) as fleet:
         task = asyncio.create_task(fleet.request(long=True, max_tokens=200))

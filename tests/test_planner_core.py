@@ -21,10 +21,10 @@ import random
 import pytest
 
 from tidal.perf.profile import DecodePoint, PrefillPoint, Profile
-from tidal.planner.core import Planner, Thresholds
+from tidal.planner.core import Planner
 from tidal.planner.perf_model import LinearStepTimes, PerfModel, PerfModelConfig
 from tidal.planner.predictors import Arima, Holt, MovingAverage, Seasonal, find_period, forecast_peak, make_predictor
-from tidal.planner.types import (SLO, Action, FrontendObservation, Observation, PlannerConfig,
+from tidal.planner.types import (SLO, Action, FrontendObservation, Observation, PlannerConfig, Thresholds,
                                  WorkerObservation)
 
 

@@ -21,7 +21,9 @@ from prometheus_client import generate_latest
 
 from _fleet import Fleet, deployment
 from _server import REPO_ROOT, metrics, running_server
-from tidal.planner.service import PlannerService
+from tidal.fleet_snapshot import FinishedRequest, FleetSnapshot, WorkerSnapshot
+from tidal.planner.service import ObservationCollector, PlannerService
+from tidal.protocol import EngineStats
 from tidal.planner.types import percentile as _percentile
 from tidal.planner.types import Action, Decision, PlannerConfig, SLO
 
@@ -31,6 +33,35 @@ def test_percentile_is_nearest_rank():
     values = [float(v) for v in range(10, 0, -1)]
     assert (_percentile(values, 50), _percentile(values, 90), _percentile([7.0], 90), _percentile([], 50)) == \
         (5.0, 9.0, 7.0, None)
+
+
+def _stats(steps: int, step_s: float, prefill: int, generated: int) -> EngineStats:
+    return EngineStats(num_running=2, num_waiting=1, kv_blocks_used=25, kv_blocks_total=100, prefix_cache_hit_tokens=0,
+                       prompt_tokens=prefill, generation_tokens=generated, steps_total=steps,
+                       step_seconds_total=step_s, prefill_tokens_total=prefill)
+
+
+def test_collector_reads_only_the_published_snapshot():
+    """Two snapshots 2 s apart -> one observation: counters diffed, latencies from what finished since."""
+    clock = [0.0]
+    snapshots = [FleetSnapshot(0.0, (WorkerSnapshot("d0", "decode", block_size=16, stats=_stats(10, 0.1, 100, 50)),),
+                               queue_depth=0, arrivals_total=5, finished=())]
+    collector = ObservationCollector(lambda: snapshots[-1], clock=lambda: clock[0])
+    collector.collect()  # a first look: the baseline of every worker's counters
+    clock[0] = 2.0
+    snapshots.append(FleetSnapshot(
+        2.0, (WorkerSnapshot("d0", "decode", draining=True, pending_prefill_tokens=64, block_size=16,
+                             stats=_stats(30, 0.5, 300, 90)),
+              WorkerSnapshot("p0", "prefill", connected=False)),
+        queue_depth=3, arrivals_total=9,
+        finished=(FinishedRequest(-1.0, 9.9, None, 1, 0, 1), FinishedRequest(1.5, 0.2, 0.01, 100, 25, 11))))
+    obs = collector.collect()
+    assert (obs.interval_s, obs.frontend.request_rate, obs.frontend.queue_depth) == (2.0, 2.0, 3)
+    assert (obs.frontend.ttft_ms_p90, obs.frontend.itl_ms_p90, obs.frontend.prefix_hit_rate) == (200.0, 10.0, 0.25)
+    d0, p0 = obs.workers
+    assert (d0.state, d0.steps, d0.step_s_mean, d0.prefill_tokens, d0.decode_tokens) == ("draining", 20, 0.02, 200, 40)
+    assert (d0.pending_prefill_tokens, d0.kv_used_fraction, d0.kv_capacity_tokens) == (64, 0.25, 1600)
+    assert (p0.worker_id, p0.role, p0.state) == ("p0", "prefill", "starting")
 
 
 class _Scripted:
@@ -53,7 +84,8 @@ async def test_service_observes_decides_and_flips_under_load(caplog):
     caplog.set_level(logging.INFO, logger="tidal.planner")
     async with Fleet(deployment(prefill=1, decode=2)) as fleet:
         scripted = _Scripted()
-        service = PlannerService(PlannerConfig(slo=SLO(ttft_ms=1, itl_ms=1)), fleet.router, fleet.actuator, scripted)
+        service = PlannerService(PlannerConfig(slo=SLO(ttft_ms=1, itl_ms=1)), fleet.router.snapshot, fleet.actuator,
+                                 fleet.router.registry, scripted)
         await service.start()
         service.step_once()  # a first look: the baseline of every counter
         tasks = fleet.load(24)

@@ -12,14 +12,16 @@ import random
 
 import pytest
 
-from tidal.frontend.engine_client import OverloadedError
+from tidal.errors import OverloadedError
 from tidal.hashing import block_hashes
 from tidal.protocol import (AddRequest, AllBlocksCleared, BlockRemoved, BlockStored, EngineStats, KVDump,
                             KVEventBatch, RoutingHints, SamplingParams)
+from tidal.router.config import RouterConfig
 from tidal.router.index import KVIndex, WorkerEvents
 from tidal.router.policy import (DisaggPolicy, KVWeights, WorkerView, choose_prefill_worker, choose_worker,
-                                 decide_prefill, kv_cost)
-from tidal.router.service import Router, RouterConfig, _Worker
+                                 decide_prefill, kv_cost, session_worker)
+from tidal.router.service import Router
+from tidal.router.workers import Worker
 from tidal.runtime.discovery import LocalDiscovery
 
 
@@ -79,6 +81,14 @@ def test_prefill_choice_credits_overlap_and_conditional_disaggregation():
     assert decide_prefill(512, prefill, policy) == "remote"
     assert decide_prefill(4096, [], policy) == "local"
     assert decide_prefill(4096, _views((0, 8000, 0, 0), (0, 9000, 0, 0)), policy) == "local"
+
+
+def test_session_affinity_keeps_the_pinned_worker_unless_gone_or_full():
+    views = _views((0, 100, 0, 0), (0, 5000, 0, 0))
+    assert session_worker(views, "w1", max_pending_prefill_tokens=8000).worker_id == "w1"
+    assert session_worker(views, "w1", max_pending_prefill_tokens=5000) is None  # full: 5000 pending
+    assert session_worker(views, "w7", max_pending_prefill_tokens=8000) is None  # gone (or draining)
+    assert session_worker(views, None, max_pending_prefill_tokens=8000) is None  # no pin yet
 
 
 # ---- index -------------------------------------------------------------------------------------
@@ -198,6 +208,7 @@ class _StubClient:
 
     leaving = False
     drained = False
+    ready = None  # no WorkerReady: block size unknown
 
     def __init__(self, worker_id: str, role: str = "both") -> None:
         self.worker_id, self.role = worker_id, role
@@ -221,14 +232,14 @@ def make_router():
     def make(policy: str = "kv", **config) -> Router:
         router = Router(LocalDiscovery(), RouterConfig(policy=policy, **config))
         for i in range(2):
-            worker = router.workers[f"w{i}"] = _Worker(_StubClient(f"w{i}"))
+            worker = router.workers[f"w{i}"] = Worker(_StubClient(f"w{i}"))
             router.index.add_worker(worker.worker_id)
         made.append(router)
         return router
 
     yield make
     for router in made:
-        router.events.close()  # its ZMQ context would block garbage collection otherwise
+        router.fleet.events.close()  # its ZMQ context would block garbage collection otherwise
 
 
 def _request(request_id: str, prompt: list[int], session: str | None = None, priority: int = 0) -> AddRequest:
@@ -240,21 +251,21 @@ def test_kv_policy_follows_the_index_and_sessions_stick(make_router):
     router = make_router()
     prompt = list(range(200))
     router.index.store("w1", block_hashes(prompt, 16))
-    plan = router._plan(_request("a", prompt))
+    plan = router.dispatcher.plan(_request("a", prompt))
     assert plan.decode.worker_id == "w1" and plan.uncached == 200 - 12 * 16
     plan.release()
     # a session stays where it started, even against the index, unless that worker is full
-    first = router._plan(_request("s1", list(range(500, 600)), session="chat-1"))
-    stuck = router._plan(_request("s2", prompt, session="chat-1"))
+    first = router.dispatcher.plan(_request("s1", list(range(500, 600)), session="chat-1"))
+    stuck = router.dispatcher.plan(_request("s2", prompt, session="chat-1"))
     assert stuck.decode is first.decode
     first.decode.pending_prefill_tokens += router.config.max_pending_prefill_tokens
-    moved = router._plan(_request("s3", prompt, session="chat-1"))
+    moved = router.dispatcher.plan(_request("s3", prompt, session="chat-1"))
     assert moved.decode is not first.decode
 
 
 def test_bookkeeping_spreads_a_burst_between_reports(make_router):
     router = make_router()
-    plans = [router._plan(_request(f"r{i}", [i + 1000] * 64)) for i in range(10)]
+    plans = [router.dispatcher.plan(_request(f"r{i}", [i + 1000] * 64)) for i in range(10)]
     assert sorted(sum(1 for p in plans if p.decode.worker_id == w) for w in ("w0", "w1")) == [5, 5]
     for plan in plans:
         plan.release()
@@ -262,18 +273,33 @@ def test_bookkeeping_spreads_a_burst_between_reports(make_router):
                for w in router.workers.values())
 
 
+def test_snapshot_publishes_workers_bookkeeping_and_the_request_log(make_router):
+    router = make_router()
+    plan = router.dispatcher.plan(_request("a", list(range(100))))
+    router.request_log.arrived()
+    router.request_log.finish(1.0, 1.5, 2.0, prompt_tokens=100, cached_tokens=0, output_tokens=3)
+    fleet = router.snapshot()
+    by_id = {w.worker_id: w for w in fleet.workers}
+    assert set(by_id) == {"w0", "w1"} and all(w.connected and not w.draining for w in fleet.workers)
+    assert by_id[plan.decode.worker_id].pending_prefill_tokens == 100
+    assert fleet.arrivals_total == 1 and fleet.queue_depth == 0
+    assert [f.ttft_s for f in fleet.finished_since(0.0)] == [0.5] and fleet.finished_since(2.0) == []
+    plan.release()
+    assert {w.pending_prefill_tokens for w in router.snapshot().workers} == {0}
+
+
 def test_gap_in_events_triggers_a_resync(make_router):
     router = make_router()
     worker = router.workers["w0"]
     worker.events.resyncing = False
     worker.events.instance_id = "i"
-    router.on_kv_events(worker, KVEventBatch(worker_id="w0", instance_id="i", event_id=1, events=[BlockStored([5], 0)]))
+    router.fleet.on_kv_events(worker, KVEventBatch(worker_id="w0", instance_id="i", event_id=1, events=[BlockStored([5], 0)]))
     assert router.index.blocks["w0"] == {5}
-    router.on_kv_events(worker, KVEventBatch(worker_id="w0", instance_id="i", event_id=3, events=[BlockStored([6], 5)]))
+    router.fleet.on_kv_events(worker, KVEventBatch(worker_id="w0", instance_id="i", event_id=3, events=[BlockStored([6], 5)]))
     assert worker.client.dumps_requested == 1 and router.index.blocks["w0"] == set()
-    router._on_dump(KVDump(worker_id="w0", instance_id="i", event_id=2, blocks=[(5, 0), (9, 5)]))
+    router.fleet.on_dump(KVDump(worker_id="w0", instance_id="i", event_id=2, blocks=[(5, 0), (9, 5)]))
     assert router.index.blocks["w0"] == {5, 9, 6}  # the dump, then the buffered batch 3
-    assert router.resyncs._value.get() == 1
+    assert router.metrics.resyncs._value.get() == 1
 
 
 def test_admission_queues_by_priority_then_refuses(make_router):
@@ -284,17 +310,17 @@ def test_admission_queues_by_priority_then_refuses(make_router):
         low = asyncio.create_task(router.admit(_request("low", [3] * 150, priority=0)))
         high = asyncio.create_task(router.admit(_request("high", [4] * 150, priority=5)))
         await asyncio.sleep(0.01)
-        assert router.queue_depth._value.get() == 2
+        assert router.metrics.queue_depth._value.get() == 2
         with pytest.raises(OverloadedError):  # the queue is full
             await router.admit(_request("c", [5] * 10))
-        router._plans["a"].first_token()  # w0 has room again: the higher priority takes it (and fills it)
-        router._wake()
+        router.admission.plans["a"].first_token()  # w0 has room again: the higher priority takes it (and fills it)
+        router.admission.wake()
         await asyncio.sleep(0.01)
         assert high.done() and not low.done()
         with pytest.raises(OverloadedError):  # waited past the timeout
             await low
-        assert router.rejected.labels("queue_full")._value.get() == 1
-        assert router.rejected.labels("queue_timeout")._value.get() == 1
-        assert router.queue_depth._value.get() == 0
+        assert router.metrics.rejected.labels("queue_full")._value.get() == 1
+        assert router.metrics.rejected.labels("queue_timeout")._value.get() == 1
+        assert router.metrics.queue_depth._value.get() == 0
 
     asyncio.run(scenario())

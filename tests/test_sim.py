@@ -17,7 +17,8 @@ import pytest
 from _server import running_server
 from tidal.bench.runner import Bench, BenchConfig
 from tidal.protocol import AddRequest, SamplingParams
-from tidal.router.service import Router, RouterConfig
+from tidal.router.config import RouterConfig
+from tidal.router.service import Router
 from tidal.sim.serve import parse_timing
 from tidal.sim.timing import TimingModel
 from tidal.sim.workers import SimCluster

@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _sim(args: argparse.Namespace) -> int:
     from tidal.config import ServerConfig
-    from tidal.router.service import RouterConfig
+    from tidal.router.config import RouterConfig
     from tidal.perf.profile import load_profile
     from tidal.sim.serve import parse_timing, serve_sim
 

@@ -7,7 +7,14 @@ values (no tensors, no callables) so that msgspec can encode them without pickle
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
+
+Role = Literal["both", "prefill", "decode"]
+"""What a worker does: `both` runs requests whole (aggregated); `prefill` computes prompts and holds
+their KV for a decode worker; `decode` pulls that KV and generates the rest."""
+ROLES: tuple[Role, ...] = ("both", "prefill", "decode")
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -185,7 +192,7 @@ class SetRole(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """Switch an idle worker's role (planner flips); it keeps its weights, KV cache and prefix cache.
     The answer is a `WorkerReady` with the new role, or `RoleRefused` while it still has work."""
 
-    role: str  # "both" | "prefill" | "decode"
+    role: Role
     token_budget: int | None = None  # the new role's scheduler limits (None: keep the current ones)
     max_num_seqs: int | None = None
 
@@ -216,7 +223,7 @@ class RoleRefused(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """A worker's answer to a `SetRole` it could not follow; its role is unchanged."""
 
     worker_id: str
-    role: str  # the role it keeps
+    role: Role  # the role it keeps
     reason: str
 
 
@@ -239,7 +246,7 @@ class WorkerReady(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """A worker's answer to `Connect`: its engine is loaded and these are its limits."""
 
     worker_id: str = ""
-    role: str = "both"
+    role: Role = "both"
     model_name: str
     max_model_len: int
     vocab_size: int
@@ -292,7 +299,7 @@ class LoadReport(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """Event plane, topic `load`: a worker's load, published every few hundred ms."""
 
     worker_id: str
-    role: str
+    role: Role
     stats: EngineStats
     time: float  # the worker's wall clock (time.time())
 
@@ -301,7 +308,7 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     """A worker as discovery lists it: where to send requests and where its events come from."""
 
     worker_id: str
-    role: str  # "both" | "prefill" | "decode"
+    role: Role
     request_addr: str
     event_addr: str
     pid: int = 0
@@ -340,7 +347,7 @@ class SessionPinned(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
 
 class FinishedRecord(msgspec.Struct, frozen=True, array_like=True):
-    """One finished request as a router replica saw it (`tidal.router.request_log.FinishedRequest`)."""
+    """One finished request as a router replica saw it (`tidal.fleet_snapshot.FinishedRequest`)."""
 
     finished_at: float  # time.monotonic(): one clock for every process of a machine
     ttft_s: float

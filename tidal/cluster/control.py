@@ -27,8 +27,8 @@ import msgspec
 import nats
 import nats.errors
 
-from tidal.planner.types import Observation, Role
-from tidal.protocol import SessionPinned
+from tidal.planner.types import Observation
+from tidal.protocol import Role, SessionPinned
 from tidal.runtime.cluster import ClusterConfig
 
 logger = logging.getLogger(__name__)

@@ -119,7 +119,7 @@ async def serve_frontend(settings: ClusterFile) -> None:
                             client_tag=f"{frontend_id}/")
         await frontend.start(wait_ready=False)  # workers come and go: serve once the model name is known
         await control.share_session_pins(frontend.router)
-        collector = ObservationCollector(frontend.router)
+        collector = ObservationCollector(frontend.router.snapshot)
         await control.serve_flips(FlipHandler(frontend.router, discovery, collector,
                                               settings.planner.drain_timeout_s))
         tasks.append(asyncio.create_task(publish_observations(control, collector, frontend_id, interval_s)))

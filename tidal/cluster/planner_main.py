@@ -28,7 +28,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from tidal.cluster.config import ClusterFile
 from tidal.cluster.control import ControlPlane, FlipCommand, ObservationMessage
 from tidal.planner.actuators import ActuatorError, FlipResult
-from tidal.planner.types import Observation, Role, merge_observations
+from tidal.planner.types import Observation, merge_observations
+from tidal.protocol import Role
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ async def serve_planner(settings: ClusterFile) -> None:
     control = ControlPlane(cluster, "tidal-planner")
     scaler = make_scaler(settings, registry)
     service = PlannerService(section.planner_config(), None, ClusterActuator(control, scaler, settings),
-                             section.make_planner(), registry=registry)
+                             registry, section.make_planner())
     follower = FrontendMerger(settings.observation_interval_s or section.reactive_interval_s)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

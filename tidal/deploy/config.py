@@ -44,7 +44,7 @@ from tidal.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig
 from tidal.perf.profile import load_profile
 from tidal.planner.types import SLO, PlannerConfig
 from tidal.router.policy import DisaggPolicy, KVWeights
-from tidal.router.service import RouterConfig
+from tidal.router.config import RouterConfig
 from tidal.transfer import KVTransferConfig
 
 logger = logging.getLogger(__name__)

@@ -118,9 +118,10 @@ async def start_planner(deployment: Deployment, launcher: Launcher, router):
         k = section.kubernetes
         actuator = KubernetesActuator(KubernetesConfig(namespace=k.namespace, prefill_deployment=k.prefill_deployment,
                                                        decode_deployment=k.decode_deployment, base_url=k.base_url,
-                                                       token=k.token), router=router)
+                                                       token=k.token), fleet=router)
     else:
         actuator = LocalActuator(launcher, router, tuple(section.devices), drain_timeout_s=section.drain_timeout_s)
-    service = PlannerService(section.planner_config(), router, actuator, section.make_planner())
+    service = PlannerService(section.planner_config(), router.snapshot, actuator, router.registry,
+                             section.make_planner())
     await service.start()
     return service

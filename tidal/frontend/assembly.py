@@ -19,7 +19,8 @@ import logging
 from dataclasses import dataclass
 
 from tidal.config import ServerConfig
-from tidal.router.service import Router, RouterConfig
+from tidal.router.config import RouterConfig
+from tidal.router.service import Router
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """The frontend's view of an engine: submit a request, stream its deltas, abort it.
 
-`EngineClient` is the interface the HTTP layer codes against. Implementations:
-`tidal.worker.client.WorkerClient` (one worker process, over the ZMQ request plane) and
+`EngineClient` is the interface the HTTP layer codes against (the errors it raises,
+`EngineDeadError` and `OverloadedError`, live in `tidal.errors`). Implementations:
+`tidal.runtime.worker_client.WorkerClient` (one worker process, over the ZMQ request plane) and
 `tidal.router.service.Router` (every worker discovery lists: routing, disaggregation).
 """
 
@@ -11,19 +12,6 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from tidal.protocol import AddRequest, EngineStats, TokenDelta
-
-
-class EngineDeadError(RuntimeError):
-    """The engine behind a client stopped; requests in flight fail with this."""
-
-
-class OverloadedError(RuntimeError):
-    """Refused for now (the router's queue is full, or the request waited too long): 503 with
-    Retry-After."""
-
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class EngineClient(Protocol):

@@ -31,7 +31,8 @@ from starlette.types import Receive, Scope, Send
 
 from tidal.frontend.chat_tokens import ChatTokenCache
 from tidal.frontend.detokenizer import OutputAssembler, TokenTextTable
-from tidal.frontend.engine_client import EngineClient, EngineDeadError, OverloadedError
+from tidal.errors import EngineDeadError, OverloadedError
+from tidal.frontend.engine_client import EngineClient
 from tidal.frontend.errors import (OpenAIError, bad_request, engine_unavailable,
                                    from_validation_error, internal_error, model_not_found, overloaded)
 from tidal.frontend.metrics import FrontendMetrics

@@ -6,7 +6,12 @@ while it holds a request. Scale-down and flips drain first (the router stops rou
 worker and waits until its admitted requests, held KV and KV pulls are all done), so no request
 is dropped.
 
-- `LocalActuator(launcher, router, devices)`: worker processes on this machine. Add spawns a worker
+What they drive is given to them as two small interfaces, satisfied structurally by whoever assembles
+the process (`tidal.deploy.serve`, `tidal.cluster.frontend_main`): `FleetControl` (the router's
+drain, undrain, role flip and wait for a new worker) and `WorkerLauncher` (start, stop and re-role
+worker processes: the launcher). The planner imports neither the router nor the launcher.
+
+- `LocalActuator(launcher, fleet, devices)`: worker processes on this machine. Add spawns a worker
   on a free device (CPU workers need none) and waits until the router can route to it; remove
   drains, stops the process and unregisters it; flip drains, sends `SetRole` (the worker keeps its
   weights and KV cache), records the role, and puts it back in routing. A flip reports how long
@@ -15,8 +20,8 @@ is dropped.
 - `KubernetesActuator(config)`: the prefill and decode workers are two Deployments; it patches
   their `spec.replicas` through the API server (in-cluster service account by default). A flip on
   Kubernetes is one replica down on the worker's Deployment and one up on the other: a new pod
-  loads the weights again, so it is slower than a local flip and is counted as such. With a router
-  in the same process it drains the worker first and marks its pod as the one to delete
+  loads the weights again, so it is slower than a local flip and is counted as such. With a fleet
+  control (a router) in the same process it drains the worker first and marks its pod as the one to delete
   (`controller.kubernetes.io/pod-deletion-cost`); without one, the pods' termination grace period
   is what protects in-flight requests.
 """
@@ -28,16 +33,12 @@ import os
 import ssl
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import httpx
 
 from tidal.config import env_str
-from tidal.planner.types import Role
-
-if TYPE_CHECKING:
-    from tidal.deploy.launcher import Launcher
-    from tidal.router.service import Router
+from tidal.protocol import Role
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +70,55 @@ class Actuator(Protocol):
         """Drain the worker, switch its role, put it back."""
 
 
+class FleetControl(Protocol):
+    """What the actuators need of the router: take a worker out of routing and back, flip its role,
+    wait for a new one (`tidal.router.service.Router` is one)."""
+
+    async def wait_worker(self, worker_id: str, timeout_s: float = 600.0) -> None:
+        """Until a newly registered worker can take requests."""
+
+    async def drain(self, worker_id: str, timeout_s: float = 300.0) -> float:
+        """Route nothing new to the worker; wait until it holds nothing. Returns the seconds it took."""
+
+    def undrain(self, worker_id: str) -> None:
+        """Put the worker back in routing."""
+
+    async def set_role(self, worker_id: str, role: Role, token_budget: int | None = None,
+                       max_num_seqs: int | None = None) -> None:
+        """Flip a drained worker's role, with the new role's scheduler limits."""
+
+    def role_of(self, worker_id: str) -> Role | None:
+        """The role of a worker it routes to; None for any other."""
+
+
+class RoleLimits(Protocol):
+    token_budget: int | None
+    max_num_seqs: int | None
+
+
+class WorkerLauncher(Protocol):
+    """What the local actuator needs of whoever runs the worker processes (`tidal.deploy.launcher.Launcher`)."""
+
+    async def add_worker(self, role: Role, device: str = "cpu") -> str:
+        """Start a worker of `role` on `device`; returns its id once it is registered."""
+
+    async def remove_worker(self, worker_id: str) -> None:
+        """Stop a (drained) worker and unregister it."""
+
+    async def set_role(self, worker_id: str, role: Role) -> None:
+        """Record a flipped worker's new role (the worker and the router already switched)."""
+
+    def role_limits(self, role: Role) -> RoleLimits:
+        """The scheduler limits a worker of `role` runs with."""
+
+    def devices_in_use(self) -> set[str]: ...
+
+
 class LocalActuator:
-    def __init__(self, launcher: Launcher, router: Router, devices: tuple[str, ...] = (),
+    def __init__(self, launcher: WorkerLauncher, fleet: FleetControl, devices: tuple[str, ...] = (),
                  drain_timeout_s: float = 300.0, ready_timeout_s: float = 600.0):
         self.launcher = launcher
-        self.router = router
+        self.fleet = fleet
         self.devices = tuple(devices)  # free devices for added workers; empty: CPU
         self.drain_timeout_s = drain_timeout_s
         self.ready_timeout_s = ready_timeout_s
@@ -90,7 +135,7 @@ class LocalActuator:
     async def add_worker(self, role: Role) -> str:
         worker_id = await self.launcher.add_worker(role, self._free_device())
         try:
-            await self.router.wait_worker(worker_id, self.ready_timeout_s)
+            await self.fleet.wait_worker(worker_id, self.ready_timeout_s)
         except (TimeoutError, RuntimeError) as exc:
             await self.launcher.remove_worker(worker_id)
             raise ActuatorError(f"added worker {worker_id} never became ready: {exc}") from exc
@@ -108,13 +153,13 @@ class LocalActuator:
         drained = time.monotonic()
         try:
             limits = self.launcher.role_limits(role)
-            await self.router.set_role(worker_id, role, token_budget=limits.token_budget,
+            await self.fleet.set_role(worker_id, role, token_budget=limits.token_budget,
                                        max_num_seqs=limits.max_num_seqs)
             await self.launcher.set_role(worker_id, role)
         except Exception as exc:
             raise ActuatorError(f"flip of {worker_id} to {role} failed: {exc}") from exc
         finally:
-            self.router.undrain(worker_id)
+            self.fleet.undrain(worker_id)
         done = time.monotonic()
         result = FlipResult(worker_id, role, drain_s=drain_s, unavailable_s=done - drained, total_s=done - started)
         logger.info("flipped worker %s to %s: drain %.3fs, unavailable %.3fs after it, %.3fs in all", worker_id,
@@ -123,9 +168,9 @@ class LocalActuator:
 
     async def _drain(self, worker_id: str) -> float:
         try:
-            return await self.router.drain(worker_id, self.drain_timeout_s)
+            return await self.fleet.drain(worker_id, self.drain_timeout_s)
         except Exception as exc:
-            self.router.undrain(worker_id)
+            self.fleet.undrain(worker_id)
             raise ActuatorError(f"drain of {worker_id} failed: {exc}") from exc
 
 
@@ -142,10 +187,11 @@ class KubernetesConfig:
 
 
 class KubernetesActuator:
-    def __init__(self, config: KubernetesConfig, router: Router | None = None,
+    def __init__(self, config: KubernetesConfig, fleet: FleetControl | None = None,
                  transport: httpx.AsyncBaseTransport | None = None):
+        """`fleet`: the router of this process, if any (drains before a pod goes)."""
         self.config = config
-        self.router = router
+        self.fleet = fleet
         base_url, token, verify = _api_endpoint(config)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.AsyncClient(base_url=base_url, headers=headers, verify=verify, timeout=config.timeout_s,
@@ -166,8 +212,9 @@ class KubernetesActuator:
         for role in ("prefill", "decode"):
             if worker_id.startswith(self.deployment(role) + "-"):
                 return role
-        if self.router is not None and worker_id in self.router.workers:
-            return self.router.workers[worker_id].client.role
+        role = self.fleet.role_of(worker_id) if self.fleet is not None else None
+        if role is not None:
+            return role
         raise ActuatorError(f"worker {worker_id} belongs to neither {self.config.prefill_deployment} nor "
                             f"{self.config.decode_deployment}")
 
@@ -206,11 +253,11 @@ class KubernetesActuator:
         return FlipResult(worker_id, role, drain_s=drain_s, unavailable_s=done - drained, total_s=done - started)
 
     async def _prepare_removal(self, worker_id: str) -> float:
-        """Drain the worker through the router (if we have one) and make its pod the one the
-        ReplicaSet deletes first. Returns the drain's seconds."""
+        """Drain the worker through the router (if we have one and it routes to the worker) and make
+        its pod the one the ReplicaSet deletes first. Returns the drain's seconds."""
         drain_s = 0.0
-        if self.router is not None and worker_id in self.router.workers:
-            drain_s = await self.router.drain(worker_id)
+        if self.fleet is not None and self.fleet.role_of(worker_id) is not None:
+            drain_s = await self.fleet.drain(worker_id)
         reply = await self.http.patch(f"/api/v1/namespaces/{self.config.namespace}/pods/{worker_id}",
                                       json={"metadata": {"annotations": {DELETION_COST_ANNOTATION: "-1000"}}},
                                       headers={"Content-Type": "application/merge-patch+json"})

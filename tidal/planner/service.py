@@ -1,16 +1,17 @@
 """The planner service: the pure planner core wired to a running deployment.
 
-Owns the planner loop task, the observation collector's previous snapshot, the task that carries
-out actions, and the planner's metrics (registered on the router's registry, so `/metrics` shows
+Owns the planner loop task, the observation collector's previous look, the task that carries out
+actions, and the planner's metrics (on the registry it is given: the router's, so `/metrics` shows
 them). Lifecycle: `start()` after the router is ready -> every `reactive_interval_s`: collect an
-`Observation` (per-worker load and the step counters of `EngineStats` diffed over the interval;
-request latencies and lengths from the router's `RequestLog`), call `Planner.step`, export the
-targets, log the decision, hand its actions to the executor -> `close()` before the router closes.
+`Observation` from the fleet's published `FleetSnapshot` (per-worker load and the step counters of
+`EngineStats` diffed over the interval; request latencies and lengths from the finished-request log),
+call `Planner.step`, export the targets, log the decision, hand its actions to the executor ->
+`close()` before the router closes.
 
-Invariants: the request path never waits on the planner (the loop only reads router state; actions
-run in their own task, one at a time); while an action batch runs, new actions are skipped (the
-next step decides again with what the fleet has become); an action that fails is logged and
-counted in `tidal_planner_action_failures_total`, and the loop goes on.
+Invariants: the request path never waits on the planner (the loop only reads snapshots; actions run
+in their own task, one at a time); while an action batch runs, new actions are skipped (the next
+step decides again with what the fleet has become); an action that fails is logged and counted in
+`tidal_planner_action_failures_total`, and the loop goes on.
 """
 
 from __future__ import annotations
@@ -19,18 +20,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from tidal.fleet_snapshot import FinishedRequest, FleetSnapshot, WorkerSnapshot
 from tidal.planner.actuators import Actuator
 from tidal.planner.types import (Action, Decision, FrontendObservation, Observation, PlannerConfig,
                                  WorkerObservation, percentile)
 from tidal.protocol import EngineStats
-from tidal.router.request_log import FinishedRequest
-
-if TYPE_CHECKING:
-    from tidal.router.service import Router
 
 logger = logging.getLogger(__name__)
 
@@ -40,31 +37,31 @@ _ZERO_STATS = EngineStats(num_running=0, num_waiting=0, kv_blocks_used=0, kv_blo
 
 
 class ObservationCollector:
-    """Turns router state into `Observation`s; keeps the last counters per worker to diff."""
+    """Turns the fleet's published snapshots into `Observation`s; keeps the last counters per worker to diff."""
 
-    def __init__(self, router: Router, clock: Callable[[], float] = time.monotonic):
-        self.router = router
+    def __init__(self, snapshot: Callable[[], FleetSnapshot], clock: Callable[[], float] = time.monotonic):
+        """`snapshot`: the fleet as its router publishes it now (`Router.snapshot`)."""
+        self.snapshot = snapshot
         self.clock = clock
         self.last_time = clock()
-        self.last_arrivals = router.request_log.arrivals_total
+        self.last_arrivals = snapshot().arrivals_total
         self.last_stats: dict[str, EngineStats] = {}
         self.states: dict[str, str] = {}  # worker_id -> state the executor set ("flipping", "stopping")
 
     def collect(self) -> Observation:
         now = self.clock()
+        fleet = self.snapshot()
         interval_s = max(now - self.last_time, 1e-9)
-        finished = self.router.request_log.since(self.last_time)
-        arrivals = self.router.request_log.arrivals_total - self.last_arrivals
-        self.last_time, self.last_arrivals = now, self.router.request_log.arrivals_total
-        frontend = self._frontend(finished, arrivals, interval_s)
-        workers = [self._worker(w) for w in self.router.workers.values()]
-        routed = set(self.router.workers)
-        for info in self.router.discovery.list():  # registered, not yet connected
-            if info.worker_id not in routed:
-                workers.append(WorkerObservation(worker_id=info.worker_id, role=info.role, state="starting"))
-        return Observation(time_s=now, interval_s=interval_s, frontend=frontend, workers=tuple(workers))
+        finished = fleet.finished_since(self.last_time)
+        arrivals = fleet.arrivals_total - self.last_arrivals
+        self.last_time, self.last_arrivals = now, fleet.arrivals_total
+        frontend = self._frontend(finished, arrivals, interval_s, fleet.queue_depth)
+        workers = tuple(self._worker(w) for w in fleet.workers)
+        return Observation(time_s=now, interval_s=interval_s, frontend=frontend, workers=workers)
 
-    def _frontend(self, finished: list[FinishedRequest], arrivals: int, interval_s: float) -> FrontendObservation:
+    @staticmethod
+    def _frontend(finished: list[FinishedRequest], arrivals: int, interval_s: float,
+                  queue_depth: int) -> FrontendObservation:
         ttft_ms = [f.ttft_s * 1e3 for f in finished]
         itl_ms = [f.itl_s * 1e3 for f in finished if f.itl_s is not None]
         prompt = sum(f.prompt_tokens for f in finished)
@@ -75,13 +72,15 @@ class ObservationCollector:
             isl_mean=prompt / len(finished) if finished else None,
             osl_mean=sum(f.output_tokens for f in finished) / len(finished) if finished else None,
             prefix_hit_rate=sum(f.cached_tokens for f in finished) / prompt if prompt else 0.0,
-            queue_depth=self.router.queue_length, num_requests=arrivals)
+            queue_depth=queue_depth, num_requests=arrivals)
 
-    def _worker(self, worker) -> WorkerObservation:
-        worker_id, stats = worker.worker_id, worker.client.stats()
+    def _worker(self, worker: WorkerSnapshot) -> WorkerObservation:
+        if not worker.connected:  # registered, not yet connected
+            return WorkerObservation(worker_id=worker.worker_id, role=worker.role, state="starting")
+        worker_id, stats = worker.worker_id, worker.stats
         state = self.states.get(worker_id) or ("draining" if worker.draining else "active")
         if stats is None:
-            return WorkerObservation(worker_id=worker_id, role=worker.client.role, state=state)
+            return WorkerObservation(worker_id=worker_id, role=worker.role, state=state)
         last = self.last_stats.get(worker_id, stats)  # first look: nothing to diff yet
         if stats.steps_total < last.steps_total:  # a restarted worker counts from zero
             last = _ZERO_STATS
@@ -89,36 +88,37 @@ class ObservationCollector:
         steps = stats.steps_total - last.steps_total
         seqs = stats.decode_seqs_total - last.decode_seqs_total
         return WorkerObservation(
-            worker_id=worker_id, role=worker.client.role, state=state, num_running=stats.num_running,
-            num_waiting=stats.num_waiting, pending_prefill_tokens=worker.pending,
+            worker_id=worker_id, role=worker.role, state=state, num_running=stats.num_running,
+            num_waiting=stats.num_waiting, pending_prefill_tokens=worker.pending_prefill_tokens,
             kv_used_fraction=stats.kv_blocks_used / stats.kv_blocks_total if stats.kv_blocks_total else 0.0,
             steps=steps, step_s_mean=(stats.step_seconds_total - last.step_seconds_total) / steps if steps else 0.0,
             prefill_tokens=stats.prefill_tokens_total - last.prefill_tokens_total,
             decode_tokens=stats.generation_tokens - last.generation_tokens,
             decode_batch_mean=seqs / steps if steps else 0.0,
             context_tokens_mean=(stats.context_tokens_total - last.context_tokens_total) / seqs if seqs else 0.0,
-            kv_capacity_tokens=stats.kv_blocks_total * worker.client.ready.block_size if worker.client.ready else 0)
+            kv_capacity_tokens=stats.kv_blocks_total * worker.block_size)
 
 
 class PlannerService:
-    def __init__(self, config: PlannerConfig, router: Router | None, actuator: Actuator, planner=None,
-                 registry: CollectorRegistry | None = None):
-        """`planner`: anything with `step(Observation) -> Decision`; default `Planner(config)`.
-        `router` None (the planner in its own process, `tidal planner`): no loop of its own; the
-        caller hands each observation to `step_once` and passes a `registry`."""
+    def __init__(self, config: PlannerConfig, snapshot: Callable[[], FleetSnapshot] | None, actuator: Actuator,
+                 registry: CollectorRegistry, planner=None):
+        """`snapshot`: the fleet as its router publishes it (`Router.snapshot`); None (the planner in its
+        own process, `tidal planner`): no loop of its own, the caller hands each observation to
+        `step_once`. `registry`: where the planner's metrics go. `planner`: anything with
+        `step(Observation) -> Decision`; default `Planner(config)`."""
         if planner is None:
             from tidal.planner.core import Planner
             planner = Planner(config)
         self.config = config
-        self.router = router
+        self.snapshot = snapshot
         self.actuator = actuator
         self.planner = planner
-        self.collector = ObservationCollector(router) if router is not None else None
+        self.collector = ObservationCollector(snapshot) if snapshot is not None else None
         self.last_decision: Decision | None = None
         self.flips = []  # FlipResults, newest last (bounded)
         self._loop: asyncio.Task | None = None
         self._executor: asyncio.Task | None = None
-        self._init_metrics(registry if registry is not None else router.registry)
+        self._init_metrics(registry)
 
     def _init_metrics(self, r: CollectorRegistry) -> None:
         # One planner sets it; across processes its latest value holds while that process lives.
@@ -138,8 +138,8 @@ class PlannerService:
 
     async def start(self) -> None:
         logger.info("planner: %s", self.config)
-        if self.router is not None:
-            self.collector = ObservationCollector(self.router)
+        if self.snapshot is not None:
+            self.collector = ObservationCollector(self.snapshot)
             self._loop = asyncio.create_task(self._run())
 
     async def close(self) -> None:
@@ -160,7 +160,7 @@ class PlannerService:
                 logger.exception("planner step failed")
 
     def step_once(self, obs: Observation | None = None) -> Decision:
-        """One observation (default: collected from the router now) -> decision -> actions handed to
+        """One observation (default: collected from the fleet's snapshot now) -> decision -> actions handed to
         the executor."""
         decision = self.planner.step(obs if obs is not None else self.collector.collect())
         self.last_decision = decision

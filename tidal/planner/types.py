@@ -3,7 +3,7 @@
 Values (frozen dataclasses) and the percentile rule they are summarized with, so the pure core (`tidal.planner.core.Planner`), its adapters (the
 observation collector in a running deployment, the fleet simulator) and the actuators share one
 contract and never each other's code. Units are in the names. Imports nothing from the engine,
-router or models.
+router or models (a worker's `Role` is the wire type's).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-Role = Literal["prefill", "decode", "both"]
+from tidal.protocol import Role
+
 WorkerState = Literal["starting", "active", "draining", "flipping", "stopping"]
 ActionKind = Literal["add", "remove", "flip"]
 
@@ -140,6 +141,39 @@ class PlannerConfig:
     worker if the decode workers can absorb its prefill load (conditional disaggregation: they
     prefill locally): the prefill need, in workers, at most this share of the decode workers. 0:
     always keep a prefill worker while any prefill is needed."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    queue_wait_fraction: float = 0.5
+    """TTFT is in trouble when the queued prefill tokens take longer than this share of the TTFT
+    target to drain at the prefill pool's throughput."""
+    kv_pressure: float = 0.9
+    """ITL is in trouble when the decode workers' mean KV use exceeds this."""
+    slack_fraction: float = 0.6
+    """A pool has slack (may give a worker away, or lose one when idle) when each of its signals is
+    under this share of its target."""
+    pending_timeout_s: float = 300.0
+    """Forget an action not seen finished after this long (an actuator that failed)."""
+    decode_queue_workers: float = 0.25
+    """The decode pool is in trouble when the requests waiting for a decode slot would fill this
+    share of one worker's batch."""
+    trouble_calls: int = 2
+    """The reactive loop grows a pool only after it has been in trouble (or over capacity) this many
+    calls in a row: one huge prompt in the queue, or one noisy interval, is not a trend."""
+    recent_calls: int = 5
+    """The rate "seen now" is the mean over this many calls (the latest observations)."""
+    lengths_window_s: float = 60.0
+    """ISL, OSL and prefix hit rate "seen now" are request-weighted means decaying with this time
+    constant (one interval's mean of a heavy-tailed trace is noise)."""
+    length_windows: int = 6
+    """The predictive loop forecasts ISL and OSL by the mean of this many windows."""
+    scale_down_window_s: float = 60.0
+    """With no period found in the load, a pool is only cut to the largest target of this long
+    (a dip in an aperiodic load is no reason to give back capacity that takes a start-up to return);
+    with a period, the forecast already says what is coming and the cut is to the latest target."""
+    startup_alpha: float = 0.5
+    """Weight of the newest start-up time seen in the planner's estimate (EWMA)."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ prompt blocks it holds (from the prefix index), and its last load report.
   counting this prompt's uncached part on each (so prefix overlap is credited).
 - `decide_prefill` is conditional disaggregation: remote only when the uncached prompt is long
   enough and some prefill worker has room in its queue.
+- `session_worker` is session affinity: a conversation's next turn goes to the worker its session
+  is pinned to, unless that worker is gone or over its pending-prefill limit.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import math
 import random
 from dataclasses import dataclass
 
+from tidal.protocol import Role
+
 POLICIES = ("round_robin", "random", "least_loaded", "kv")
 
 
 @dataclass
 class WorkerView:
     worker_id: str
-    role: str
+    role: Role
     open_requests: int = 0  # requests the router has running there
     pending_prefill_tokens: int = 0  # prompt tokens sent there without a token back yet
     overlap_blocks: int = 0  # leading blocks of this prompt it holds (KV index)
@@ -104,3 +108,13 @@ def decide_prefill(uncached_tokens: int, prefill_workers: list[WorkerView], poli
     if all(w.pending_prefill_tokens >= policy.max_prefill_queue_tokens for w in prefill_workers):
         return "local"
     return "remote"
+
+
+def session_worker(candidates: list[WorkerView], pinned_worker_id: str | None,
+                   max_pending_prefill_tokens: int) -> WorkerView | None:
+    """The candidate a session is pinned to, unless it is not among them (gone, draining) or has
+    `max_pending_prefill_tokens` or more waiting; None: choose by policy."""
+    view = next((v for v in candidates if v.worker_id == pinned_worker_id), None) if pinned_worker_id else None
+    if view is None or view.pending_prefill_tokens >= max_pending_prefill_tokens:
+        return None
+    return view

@@ -27,7 +27,8 @@ import zmq
 import zmq.asyncio
 
 from tidal.protocol import FinishedRecord, ReplicaBusMessage, RequestLogBatch, SessionPinned
-from tidal.router.request_log import FinishedRequest, RequestLog
+from tidal.fleet_snapshot import FinishedRequest
+from tidal.router.request_log import RequestLog
 
 logger = logging.getLogger(__name__)
 

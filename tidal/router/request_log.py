@@ -1,8 +1,9 @@
 """A small rolling record of requests as the router sees them, for the planner's observations.
 
-Owns a bounded deque of finished requests (first-token latency, mean inter-token latency, prompt,
-cached and output lengths) and a count of arrivals. The router appends as requests arrive and
-finish; the planner service reads what finished since its last look (`since`). Bounded: at most
+Owns a bounded deque of finished requests (`tidal.fleet_snapshot.FinishedRequest`: first-token
+latency, mean inter-token latency, prompt, cached and output lengths) and a count of arrivals. The
+router appends as requests arrive and finish and publishes it in its `FleetSnapshot`; the replica
+bus reads what finished since its last look (`since`). Bounded: at most
 `max_finished` entries are kept, the oldest dropped first, so a slow reader loses the oldest only.
 Times are `time.monotonic()` seconds.
 """
@@ -10,19 +11,10 @@ Times are `time.monotonic()` seconds.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+
+from tidal.fleet_snapshot import FinishedRequest, finished_since
 
 MAX_FINISHED = 4096
-
-
-@dataclass(frozen=True)
-class FinishedRequest:
-    finished_at: float
-    ttft_s: float  # arrival at the router (queueing included) to the first token
-    itl_s: float | None  # mean gap between later tokens (None with one output token)
-    prompt_tokens: int
-    cached_tokens: int  # prompt tokens a prefix cache already held
-    output_tokens: int
 
 
 class RequestLog:
@@ -43,10 +35,4 @@ class RequestLog:
 
     def since(self, t: float) -> list[FinishedRequest]:
         """Requests that finished after `t`, oldest first."""
-        out = []
-        for entry in reversed(self.finished):
-            if entry.finished_at <= t:
-                break
-            out.append(entry)
-        out.reverse()
-        return out
+        return finished_since(self.finished, t)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from tidal.config import ServerConfig
-from tidal.router.service import RouterConfig
+from tidal.router.config import RouterConfig
 from tidal.sim.timing import StepTimeModel, TimingModel
 from tidal.sim.workers import SIM_MODEL_NAME, SimCluster
 

@@ -1,4 +1,5 @@
-"""The frontend side of the request plane for one worker (an `EngineClient`).
+"""The client side of the request plane for one worker (an `EngineClient`: the router holds one per
+worker, and a frontend may use one directly).
 
 Owns one ZMQ DEALER socket connected to the worker's ROUTER and one asyncio reader task that
 routes each `TokenDelta` to its request's queue. It does not own the worker process: whoever
@@ -22,9 +23,9 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from tidal.frontend.engine_client import EngineDeadError
+from tidal.errors import EngineDeadError, RoleChangeError
 from tidal.protocol import (AbortRequest, AddRequest, Connect, EngineStats, ForgetClient, KVDump, KVDumpRequest,
-                            ReleaseKV, RoleRefused, SetDraining, SetRole, Shutdown, StepOutputs, TokenDelta,
+                            ReleaseKV, Role, RoleRefused, SetDraining, SetRole, Shutdown, StepOutputs, TokenDelta,
                             WorkerDraining, WorkerGone, WorkerInfo, WorkerLeaving, WorkerMessage, WorkerReady)
 
 logger = logging.getLogger(__name__)
@@ -96,10 +97,6 @@ def _can_merge(prev, item) -> bool:
             and (prev.logprobs is None) == (item.logprobs is None))
 
 
-class RoleChangeError(RuntimeError):
-    """A worker refused (or did not answer) a `SetRole`; its role is unchanged."""
-
-
 class WorkerClient:
     def __init__(self, info: WorkerInfo, ctx: zmq.asyncio.Context | None = None, client_tag: str = ""):
         """`client_tag`: the start of this socket's id at the worker (a frontend process's tag), so the
@@ -129,7 +126,7 @@ class WorkerClient:
         return self.info.worker_id
 
     @property
-    def role(self) -> str:
+    def role(self) -> Role:
         return self.info.role
 
     @property
@@ -257,7 +254,7 @@ class WorkerClient:
         if self.dead_reason is None:
             self._send(KVDumpRequest())
 
-    async def set_role(self, role: str, timeout_s: float = 10.0, token_budget: int | None = None,
+    async def set_role(self, role: Role, timeout_s: float = 10.0, token_budget: int | None = None,
                        max_num_seqs: int | None = None) -> None:
         """Ask the (idle) worker to take `role`; raises RoleChangeError if it refuses or is silent."""
         if self.dead_reason is not None:
