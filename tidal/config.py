@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -117,6 +118,37 @@ class EngineConfig:
 
     def replace(self, **changes) -> EngineConfig:
         return dataclasses.replace(self, **changes)
+
+
+NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True)
+class PlaneConfig:
+    """Which discovery and event planes a process uses: embedded (nothing configured) or etcd and
+    NATS (`tidal.runtime.planes` builds them)."""
+
+    etcd_endpoints: tuple[str, ...] = ()
+    """etcd client URLs (`http://10.0.0.5:2379`); empty: discovery is the process's own table."""
+    nats_url: str | None = None
+    """NATS server URL (`nats://10.0.0.5:4222`), several joined by commas; None: events go over
+    ZMQ PUB/SUB, each worker binding its own socket."""
+    namespace: str = "default"
+    """Keeps deployments that share etcd and NATS apart: etcd keys under `/tidal/<namespace>/`,
+    NATS subjects under `tidal.<namespace>.`."""
+    lease_ttl_s: int = 10
+    """A worker's etcd lease: a worker that stops renewing it (dead, cut off) disappears from
+    discovery this long after its last renewal."""
+
+    def __post_init__(self) -> None:
+        if not NAMESPACE_PATTERN.match(self.namespace):
+            raise ValueError(f"namespace {self.namespace!r}: use letters, digits, '-' and '_' only")
+        if self.lease_ttl_s < 2:
+            raise ValueError(f"lease_ttl_s={self.lease_ttl_s}: etcd grants no lease shorter than 2 s")
+
+    @property
+    def nats_servers(self) -> list[str]:
+        return [url.strip() for url in (self.nats_url or "").split(",") if url.strip()]
 
 
 def resolve_dtype(dtype: str, device: str):

@@ -30,7 +30,7 @@ from pydantic import Field, ValidationError
 
 from tidal.deploy.config import (Deployment, DeploymentError, EngineSection, PlannerSection, ServingSections,
                                  WorkerSection, _Strict, format_validation_error)
-from tidal.runtime.cluster import ClusterConfig
+from tidal.config import PlaneConfig
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "*", "::", "[::]")
 
@@ -43,8 +43,8 @@ class ClusterSection(_Strict):
     namespace: str = "default"
     lease_ttl_s: int = Field(10, ge=2)
 
-    def cluster_config(self) -> ClusterConfig:
-        return ClusterConfig(etcd_endpoints=tuple(self.etcd), nats_url=self.nats, namespace=self.namespace,
+    def plane_config(self) -> PlaneConfig:
+        return PlaneConfig(etcd_endpoints=tuple(self.etcd), nats_url=self.nats, namespace=self.namespace,
                              lease_ttl_s=self.lease_ttl_s)
 
 
@@ -115,7 +115,7 @@ def resolve(path: str | None, overrides: dict, need: tuple[str, ...] = ("etcd", 
             raise DeploymentError(f"{path}: expected a mapping at the top level")
     try:
         settings = ClusterFile.model_validate(_merge(data, overrides))
-        settings.cluster.cluster_config()  # the namespace's spelling
+        settings.cluster.plane_config()  # the namespace's spelling
     except ValidationError as exc:
         raise DeploymentError(format_validation_error(exc, source)) from None
     except ValueError as exc:
@@ -145,7 +145,7 @@ def advertised_host(host: str, etcd_endpoints: tuple[str, ...]) -> str:
     machine uses to reach etcd (a UDP connect sends nothing; it only picks the route)."""
     if host not in WILDCARD_HOSTS:
         return host
-    from tidal.runtime.etcd_discovery import parse_endpoint
+    from tidal.runtime.etcd_cache import parse_endpoint
 
     etcd_host, etcd_port = parse_endpoint(etcd_endpoints[0]) if etcd_endpoints else ("8.8.8.8", 53)
     try:

@@ -28,7 +28,7 @@ import torch
 
 from tidal.cluster.config import ClusterFile, advertised_host, free_port
 from tidal.protocol import WorkerInfo
-from tidal.runtime.cluster import make_discovery, make_event_publisher
+from tidal.runtime.planes import make_discovery, make_event_publisher
 from tidal.transfer import KVTransferConfig
 from tidal.worker.worker import GPU_WORKER_THREADS, StopFlag, WorkerSpec, serve_engine
 
@@ -44,7 +44,7 @@ class Registration:
     is synchronous). `register` and `close` block the caller until etcd answered (or timed out)."""
 
     def __init__(self, settings: ClusterFile) -> None:
-        self.discovery = make_discovery(settings.cluster.cluster_config())
+        self.discovery = make_discovery(settings.cluster.plane_config())
         self.worker_id: str | None = None
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="tidal-etcd", daemon=True)
@@ -138,8 +138,8 @@ def run(settings: ClusterFile, log_level: str = "info") -> int:
     leave = getattr(stop, "on_sigterm", None) or (lambda *_: setattr(stop, "requested", True))
     signal.signal(signal.SIGTERM, leave)
     signal.signal(signal.SIGINT, leave)
-    cluster = settings.cluster.cluster_config()
-    events = make_event_publisher(cluster, spec.worker_id, "")
+    planes = settings.cluster.plane_config()
+    events = make_event_publisher(planes, spec.worker_id, "")
     registration = Registration(settings)
 
     def make_engine():
