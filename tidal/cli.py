@@ -128,7 +128,7 @@ def deployment_from_args(args: argparse.Namespace):
                      "max_request_body_bytes": args.max_request_body_bytes, "log_level": args.log_level},
         "engine": {k: v for k, v in engine.items() if v is not None},
         "workers": [{"role": "both", "devices": devices, "tensor_parallel_size": tp, "num_threads": args.num_threads,
-                     "drain_grace_s": args.drain_grace_s}],
+                     "stop_grace_s": args.stop_grace_s}],
     }, "command line")
 
 
@@ -160,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-migrations", type=int, default=None,
                        help="times a request may move to another worker when its worker dies or leaves "
                             "mid-stream (default: the config's frontend.max_migrations, 3)")
-    serve.add_argument("--drain-grace-s", type=float, default=30.0,
+    serve.add_argument("--stop-grace-s", type=float, default=30.0,
                        help="after SIGTERM a worker finishes its requests for up to this long (without -f; "
-                            "with -f: workers.N.drain_grace_s)")
+                            "with -f: workers.N.stop_grace_s)")
     sim = sub.add_parser("sim", help="the real frontend and router in front of N simulated workers")
     sim.add_argument("--workers", type=int, default=8)
     sim.add_argument("--speedup", type=float, default=1.0, help="simulated time runs this many times faster")

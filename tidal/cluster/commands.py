@@ -47,7 +47,7 @@ def add_commands(sub, add_engine_args: Callable[[argparse.ArgumentParser], None]
                                                                "wildcard this machine's address towards etcd)")
     worker.add_argument("--kv-port", type=int, default=None, help="zmq KV server port (default 0: a free one)")
     worker.add_argument("--health-port", type=int, default=None, help="serve /live and /health here (probes)")
-    worker.add_argument("--drain-grace-s", type=float, default=None,
+    worker.add_argument("--stop-grace-s", type=float, default=None,
                         help="after SIGTERM, how long requests may take to finish (default 30)")
     worker.add_argument("--kv-transfer-backend", default=None, choices=["auto", "zmq", "shm", "cuda_ipc", "fake"],
                         help="auto: zmq on CPU (across hosts); shm and cuda_ipc reach this host only")
@@ -87,7 +87,7 @@ def _worker_overrides(args: argparse.Namespace) -> dict:
               "enable_cuda_graphs": False if args.no_cuda_graphs else None}
     worker = {"role": args.role, "worker_id": args.worker_id, "host": args.host, "port": args.port,
               "advertise_host": args.advertise_host, "kv_port": args.kv_port, "device": args.device,
-              "health_port": args.health_port, "drain_grace_s": args.drain_grace_s,
+              "health_port": args.health_port, "stop_grace_s": args.stop_grace_s,
               "tensor_parallel_size": args.tensor_parallel_size, "num_threads": args.num_threads}
     return {**_cluster_overrides(args), "model": args.model, "tokenizer": args.tokenizer,
             "served_model_name": args.served_model_name, "engine": engine, "worker": worker,

@@ -64,7 +64,7 @@ class WorkerCommandSection(_Strict):
     """The zmq KV server's port; 0: a free one."""
     health_port: int | None = Field(None, ge=0, le=65535)
     """Serve /live and /health (503 while loading or leaving) here, for Kubernetes probes; None: none."""
-    drain_grace_s: float = Field(30.0, ge=0)
+    stop_grace_s: float = Field(30.0, ge=0)
     """After SIGTERM: how long in-flight requests may take to finish before the worker exits."""
     device: str = "cpu"
     tensor_parallel_size: int = Field(1, ge=1)

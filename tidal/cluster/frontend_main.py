@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import msgspec
 
 from tidal.cluster.config import ClusterFile
-from tidal.cluster.control import ControlPlane, FlipCommand, FlipReply
-from tidal.runtime.planes import make_discovery, make_event_subscriber
+from tidal.cluster.control import ControlPlane
+from tidal.protocol import FlipCommand, FlipReply
 from tidal.runtime.events import cancel_and_wait
+from tidal.runtime.planes import make_discovery, make_event_subscriber
 
 logger = logging.getLogger(__name__)
 

@@ -92,7 +92,7 @@ def worker_spec(settings: ClusterFile) -> tuple[WorkerSpec, str]:
                       event_addr="", transfer=_transfer_config(settings, advertise, devices[0]),
                       num_threads=w.num_threads or (None if devices[0] == "cpu" else GPU_WORKER_THREADS),
                       advertise_addr=f"tcp://{_url_host(advertise)}:{port}",
-                      health_port=w.health_port, drain_grace_s=w.drain_grace_s)
+                      health_port=w.health_port, stop_grace_s=w.stop_grace_s)
     return spec, advertise
 
 

@@ -16,7 +16,7 @@ says suits the role (`resolve_role_limits`).
     engine: {dtype: auto, token_budget: 256, kv_cache_memory_gib: 0.5, ...}
     workers:
       - {role: prefill, count: 1, devices: [cpu], engine: {token_budget: 512}}
-      - {role: decode, count: 1, drain_grace_s: 30, engine: {profile: profile.json, itl_target_ms: 50}}
+      - {role: decode, count: 1, stop_grace_s: 30, engine: {profile: profile.json, itl_target_ms: 50}}
       # or, one worker over 4 GPUs (tensor parallel; aggregated only, for now):
       - {role: both, count: 1, tensor_parallel_size: 4, devices: [cuda:0, cuda:1, cuda:2, cuda:3]}
     planner:                        # optional: `tidal serve` runs the SLA planner (docs/planner.md)
@@ -139,7 +139,7 @@ class WorkerSection(_Strict):
     """Devices (processes) each worker of this group spans; its rank 0 runs the engine."""
     num_threads: int | None = Field(None, gt=0)
     """Torch threads per worker; default: the machine's cores shared among CPU workers."""
-    drain_grace_s: float = Field(30.0, ge=0)
+    stop_grace_s: float = Field(30.0, ge=0)
     """After SIGTERM a worker takes no new requests and exits once its own are done, or after this
     long (requests still running then move to other workers)."""
     health_port: int | None = Field(None, ge=1, le=65535)
@@ -187,7 +187,7 @@ class PlannerSection(_Strict):
     predictor: Literal["moving_average", "holt", "seasonal", "arima"] = "seasonal"
     headroom: float = Field(0.15, ge=0)
     worker_startup_s: float = Field(30.0, gt=0)
-    backlog_drain_s: float = Field(20.0, gt=0)
+    backlog_clear_s: float = Field(20.0, gt=0)
     scale_down_cooldown_s: float = Field(30.0, ge=0)
     allow_flips: bool = True
     decode_prefill_share: float = Field(0.25, ge=0, le=1)
@@ -225,7 +225,7 @@ class PlannerSection(_Strict):
                              reactive_interval_s=self.reactive_interval_s,
                              predictive_interval_s=self.predictive_interval_s, predictor=self.predictor,
                              headroom=self.headroom, scale_down_cooldown_s=self.scale_down_cooldown_s,
-                             worker_startup_s=self.worker_startup_s, backlog_drain_s=self.backlog_drain_s,
+                             worker_startup_s=self.worker_startup_s, backlog_clear_s=self.backlog_clear_s,
                              allow_flips=self.allow_flips, decode_prefill_share=self.decode_prefill_share)
 
 

@@ -14,7 +14,7 @@ planner loop, or the simulator). Each call runs one of two loops:
   TTFT P90 over the SLO, or the prefill queue would take more than `queue_wait_fraction` of the TTFT
   target to drain; decode: ITL P90 or decode step time over the target, or KV use over
   `kv_pressure`). A pool in trouble is sized at once for the rate seen in the last few calls plus
-  its queue drained within `backlog_drain_s` (one worker when that model finds none missing and
+  its queue drained within `backlog_clear_s` (one worker when that model finds none missing and
   none is on its way); one worker of it may come by a flip from the other pool when that pool has
   slack and more workers than the current rate needs, the rest are added within the budget
   (reason `at_budget` when the budget stops it).
@@ -102,7 +102,7 @@ class _Health:
 
     trouble: str | None  # the reason label when in trouble
     worst_ratio: float
-    backlog_workers: float = 0.0  # workers it would take to drain its queue within backlog_drain_s
+    backlog_workers: float = 0.0  # workers it would take to drain its queue within backlog_clear_s
 
 
 @dataclass
@@ -261,7 +261,7 @@ class Planner:
         wait_s = queued_tokens / throughput if throughput > 0 else (math.inf if queued_tokens > 0 else 0.0)
         queue_ratio = wait_s / (self.thresholds.queue_wait_fraction * ttft_ms / 1000)
         trouble = "ttft_over_slo" if ttft_ratio > 1 else "prefill_queue" if queue_ratio > 1 else None
-        backlog = queued_tokens / (self.perf.prefill_tokens_per_s(ttft_ms) * self.config.backlog_drain_s)
+        backlog = queued_tokens / (self.perf.prefill_tokens_per_s(ttft_ms) * self.config.backlog_clear_s)
         return _Health(trouble, max(ttft_ratio, queue_ratio), backlog)
 
     def _decode_health(self, obs: Observation, pools: dict[Role, _Pool]) -> _Health:

@@ -15,7 +15,7 @@ engine, its weights and its caches stay; only the role it reports changes) -> ex
 
 Exits: SIGTERM leaves gracefully: the worker tells every client `WorkerLeaving` (routers send it
 nothing new), finishes what it holds (requests, KV pulls, KV held for a decode worker) for up to
-`spec.drain_grace_s`, sends `WorkerGone` and exits; a second SIGTERM cuts the grace short.
+`spec.stop_grace_s`, sends `WorkerGone` and exits; a second SIGTERM cuts the grace short.
 `Shutdown`, SIGUSR1 (the launcher stopping a whole deployment) or a vanished parent stop it after
 the current step, also with a `WorkerGone`. SIGINT is ignored: Ctrl-C reaches the launcher, which
 stops its workers in order. Requests a worker still held when it exits end on the client side,
@@ -76,7 +76,7 @@ class WorkerSpec:
     transfer: KVTransferConfig | None = None
     num_threads: int | None = None
     log_level: str = "INFO"
-    drain_grace_s: float = 30.0
+    stop_grace_s: float = 30.0
     """After SIGTERM: how long in-flight requests may take to finish before the worker exits."""
     health_port: int | None = None
     """Serve /live and /health on this port (0: any free one); None: no health endpoint."""
@@ -228,11 +228,11 @@ class _WorkerLoop:
         nothing or its grace period is over (what is left then moves to other workers)."""
         now = time.monotonic()
         if self.leave_deadline is None:
-            self.leave_deadline = now + self.spec.drain_grace_s
-            logger.info("leaving (SIGTERM): finishing in-flight work for up to %.0fs", self.spec.drain_grace_s)
+            self.leave_deadline = now + self.spec.stop_grace_s
+            logger.info("leaving (SIGTERM): finishing in-flight work for up to %.0fs", self.spec.stop_grace_s)
             if self.health is not None:
                 self.health.status = "leaving"
-            self._to_clients(WorkerLeaving(worker_id=self.spec.worker_id, grace_s=self.spec.drain_grace_s))
+            self._to_clients(WorkerLeaving(worker_id=self.spec.worker_id, grace_s=self.spec.stop_grace_s))
         busy = self.engine.idle_for_role_change()
         if busy is None:
             logger.info("drained; exiting")
