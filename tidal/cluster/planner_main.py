@@ -90,13 +90,12 @@ class ClusterActuator:
     def _limits(self, role: Role) -> tuple[int | None, int | None]:
         """The role's scheduler limits when the config's engine section sets them (a profile
         included); else None: the worker keeps its own."""
-        from tidal.deploy.config import WorkerSection, resolve_role_limits
+        from tidal.config import resolve_role_limits
 
-        section = WorkerSection(role=role, engine=self.settings.worker.engine)
-        engine = self.settings.engine.merged(section.engine)
+        engine = self.settings.engine.merged(self.settings.worker.engine)
         if engine.token_budget is None and engine.max_num_seqs is None and engine.profile is None:
             return None, None
-        limits = resolve_role_limits(role, engine)
+        limits = resolve_role_limits(role, engine.knobs())
         return limits.token_budget, limits.max_num_seqs
 
 

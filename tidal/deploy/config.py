@@ -6,7 +6,8 @@ with a message naming the field (`workers.1.role: Input should be 'both', 'prefi
 resolves one worker's engine settings (the shared `engine` section, then that worker's
 overrides) into the engine's frozen `EngineConfig`; with a `profile` (a `tidal profile` file), a
 prefill worker's token budget and a decode worker's sequence cap default to what the profile
-says suits the role (`resolve_role_limits`).
+says suits the role (`tidal.config.resolve_role_limits`). The `engine` section is derived from
+`tidal.config.ENGINE_KNOBS`: its fields, types and bounds are the config dataclasses' own.
 
     model: null                     # GGUF file, HF folder, dummy:ARCH; null: embedded SmolLM2
     frontend: {host: 127.0.0.1, port: 8000, api_servers: 4, router: kv, max_queue: 1024, queue_timeout_s: 30,
@@ -30,17 +31,17 @@ says suits the role (`resolve_role_limits`).
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import logging
-from dataclasses import dataclass
+import typing
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from tidal.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig, RunnerConfig, SchedulerConfig,
-                          ServerConfig)
+from tidal.config import (ENGINE_KNOBS, EngineConfig, ParallelConfig, ServerConfig, engine_config, knob_type,
+                          resolve_role_limits)
 from tidal.perf.profile import load_profile
 from tidal.planner.types import SLO, PlannerConfig
 from tidal.router.policy import DisaggPolicy, KVWeights
@@ -48,9 +49,6 @@ from tidal.router.service import RouterConfig
 from tidal.transfer import KVTransferConfig
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_TUNING_CONTEXT_LEN = 2048
-
 
 class DeploymentError(ValueError):
     """A deployment config that can't be used; the message names the file and the field."""
@@ -100,33 +98,37 @@ class KVTransferSection(_Strict):
     """Fault testing: every pull waits this long."""
 
 
-class EngineSection(_Strict):
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
-    max_model_len: int | None = Field(None, gt=0)
-    seed: int | None = None
-    block_size: int | None = Field(None, gt=0)
-    num_kv_blocks: int | None = Field(None, gt=0)
-    kv_cache_memory_gib: float | None = Field(None, gt=0)
-    enable_prefix_caching: bool | None = None
-    token_budget: int | None = Field(None, gt=0)
-    max_num_seqs: int | None = Field(None, gt=0)
-    enable_chunked_prefill: bool | None = None
-    attention_backend: Literal["auto", "torch", "triton"] | None = None
-    enable_cuda_graphs: bool | None = None
-    profile: str | None = None
-    """A `tidal profile` file of this model on this device. Unless set explicitly, a prefill worker's
-    token_budget becomes the profile's prefill knee and a decode worker's max_num_seqs the largest
-    batch whose step time stays within itl_target_ms; role `both` keeps its settings."""
-    itl_target_ms: float | None = Field(None, gt=0)
-    """Decode workers tuned from a profile: the inter-token latency (= decode step time) to keep under."""
-    tuning_context_len: int | None = Field(None, gt=0)
-    """Decode workers tuned from a profile: the context length (tokens per sequence) at which the
-    ITL target must hold; default 2048."""
+def section_from(cls: type, name: str, *, optional: bool = False, rename: dict[str, str] | None = None,
+                 exclude: tuple[str, ...] = (), base: type[BaseModel] = _Strict) -> type[BaseModel]:
+    """A YAML section derived from the config dataclass `cls`: a field per dataclass field (named as
+    `rename` says), with its type, bounds and choices; its default too, unless `optional`, where
+    every field defaults to None: "not set here, keep the dataclass's default"."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields = {}
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        fields[(rename or {}).get(f.name, f.name)] = (
+            (typing.Optional[hints[f.name]], None) if optional else (hints[f.name], default))
+    return create_model(name, __base__=base, __module__=__name__, **fields)
+
+
+class _EngineKnobs(_Strict):
+    """The engine settings of a deployment (`engine:`, and a worker's own `engine:` over it): every
+    knob of `tidal.config.ENGINE_KNOBS`, None meaning "the config's default"."""
 
     def merged(self, override: EngineSection | None) -> EngineSection:
         if override is None:
             return self
         return self.model_copy(update=override.model_dump(exclude_none=True))
+
+    def knobs(self) -> dict[str, object]:
+        return self.model_dump()
+
+
+EngineSection = create_model("EngineSection", __base__=_EngineKnobs, __module__=__name__,
+                             **{name: (typing.Optional[knob_type(name)], None) for name in ENGINE_KNOBS})
 
 
 class WorkerSection(_Strict):
@@ -261,7 +263,7 @@ class Deployment(ServingSections):
     def _profiles_resolve(self) -> Deployment:
         for i, section in enumerate(self.workers):
             try:
-                resolve_role_limits(section.role, self.engine.merged(section.engine))
+                resolve_role_limits(section.role, self.engine.merged(section.engine).knobs())
             except ValueError as exc:
                 raise ValueError(f"workers.{i} ({section.role}): {exc}") from None
         return self
@@ -286,30 +288,11 @@ class Deployment(ServingSections):
     def engine_config(self, section: WorkerSection, device: str, devices: tuple[str, ...] = ()) -> EngineConfig:
         """One worker's engine settings; `device` is its rank 0's, `devices` every rank's (default:
         `rank_devices(device, tensor_parallel_size)`)."""
-        e = self.engine.merged(section.engine)
-        cache_defaults, sched_defaults = CacheConfig(), SchedulerConfig()
-        limits = resolve_role_limits(section.role, e)
-        if limits.derived:
-            _log_once(f"{section.role} workers: {limits.derived}")
-        return EngineConfig(
-            model=ModelConfig(model=self.model, tokenizer=self.tokenizer, served_model_name=self.served_model_name,
-                              dtype=e.dtype or "auto", device=device, max_model_len=e.max_model_len,
-                              seed=e.seed or 0),
-            cache=CacheConfig(
-                block_size=e.block_size or cache_defaults.block_size, num_blocks=e.num_kv_blocks,
-                kv_cache_memory_bytes=int(e.kv_cache_memory_gib * (1 << 30)) if e.kv_cache_memory_gib
-                else cache_defaults.kv_cache_memory_bytes,
-                enable_prefix_caching=cache_defaults.enable_prefix_caching if e.enable_prefix_caching is None
-                else e.enable_prefix_caching),
-            scheduler=SchedulerConfig(
-                token_budget=limits.token_budget, max_num_seqs=limits.max_num_seqs,
-                enable_chunked_prefill=sched_defaults.enable_chunked_prefill if e.enable_chunked_prefill is None
-                else e.enable_chunked_prefill),
-            runner=RunnerConfig(
-                attention_backend=e.attention_backend or "auto",
-                enable_cuda_graphs=True if e.enable_cuda_graphs is None else e.enable_cuda_graphs),
-            parallel=ParallelConfig(tensor_parallel_size=section.tensor_parallel_size,
-                                    devices=tuple(devices) if section.tensor_parallel_size > 1 else ()))
+        tp = section.tensor_parallel_size
+        return engine_config(self.engine.merged(section.engine).knobs(), section.role,
+                             ParallelConfig(tensor_parallel_size=tp, devices=tuple(devices) if tp > 1 else ()),
+                             model=self.model, tokenizer=self.tokenizer, served_model_name=self.served_model_name,
+                             device=device)
 
     def server_config(self, host: str | None = None, port: int | None = None) -> ServerConfig:
         f = self.frontend
@@ -330,45 +313,6 @@ class Deployment(ServingSections):
         t = self.kv_transfer
         return KVTransferConfig(backend=t.backend, timeout_s=t.timeout_s, debug_delay_s=t.debug_delay_s,
                                 scratch_dir=scratch_dir)
-
-
-@dataclass(frozen=True)
-class RoleLimits:
-    token_budget: int
-    max_num_seqs: int
-    derived: str | None = None
-    """What came from a profile, and why, for the log; None when nothing did."""
-
-
-def resolve_role_limits(role: str, e: EngineSection) -> RoleLimits:
-    """One worker's token_budget and max_num_seqs. Explicit settings win; else, with a profile:
-    - prefill: token_budget = the profile's prefill knee, the smallest batch that saturates the
-      device (larger ones add TTFT for little throughput);
-    - decode: max_num_seqs = the largest batch whose decode step, at `tuning_context_len` tokens of
-      context, stays within `itl_target_ms`;
-    else (and for role `both`) the engine defaults. Raises ValueError for an unreadable profile, a
-    decode worker without itl_target_ms, or a target that even batch 1 misses."""
-    defaults = SchedulerConfig()
-    token_budget, max_num_seqs, derived = e.token_budget, e.max_num_seqs, None
-    if e.profile is not None and role == "prefill" and token_budget is None:
-        token_budget = load_profile(e.profile).prefill_knee_tokens()
-        derived = f"token_budget={token_budget}, the prefill knee of {e.profile}"
-    elif e.profile is not None and role == "decode" and max_num_seqs is None:
-        if e.itl_target_ms is None:
-            raise ValueError(f"a decode worker tuned from a profile ({e.profile}) needs engine.itl_target_ms")
-        context_len = e.tuning_context_len or DEFAULT_TUNING_CONTEXT_LEN
-        max_num_seqs = load_profile(e.profile).max_decode_batch(e.itl_target_ms, context_len)
-        derived = (f"max_num_seqs={max_num_seqs}, the largest batch of {e.profile} within "
-                   f"itl_target_ms={e.itl_target_ms:g} at context {context_len}")
-    token_budget = token_budget or defaults.token_budget
-    if derived and role == "decode" and max_num_seqs > token_budget:
-        derived += f" (but token_budget={token_budget} caps a step's batch lower)"
-    return RoleLimits(token_budget, max_num_seqs or defaults.max_num_seqs, derived)
-
-
-@functools.cache
-def _log_once(message: str) -> None:
-    logger.info(message)
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
