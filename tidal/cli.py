@@ -133,7 +133,7 @@ def deployment_from_args(args: argparse.Namespace):
                      "max_request_body_bytes": args.max_request_body_bytes, "log_level": args.log_level},
         "engine": {k: v for k, v in engine.items() if v is not None},
         "workers": [{"role": "both", "devices": devices, "tensor_parallel_size": tp, "num_threads": args.num_threads,
-                     "stop_grace_s": args.stop_grace_s}],
+                     **({"stop_grace_s": args.stop_grace_s} if args.stop_grace_s is not None else {})}],
     }, "command line")
 
 
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-migrations", type=int, default=None,
                        help="times a request may move to another worker when its worker dies or leaves "
                             "mid-stream (default: the config's frontend.max_migrations, 3)")
-    serve.add_argument("--stop-grace-s", type=float, default=30.0,
+    serve.add_argument("--stop-grace-s", type=float, default=None,
                        help="after SIGTERM a worker finishes its requests for up to this long (without -f; "
                             "with -f: workers.N.stop_grace_s)")
     sim = sub.add_parser("sim", help="the real frontend and router in front of N simulated workers")

@@ -303,6 +303,10 @@ def _log_once(message: str) -> None:
     logger.info(message)
 
 
+STOP_GRACE_S = 30.0
+"""After SIGTERM a worker takes no new requests and exits once its own are done, or after this long."""
+
+
 NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 

@@ -29,23 +29,19 @@ import yaml
 from pydantic import Field, ValidationError
 
 from tidal.deploy.config import (Deployment, DeploymentError, EngineSection, PlannerSection, ServingSections,
-                                 WorkerSection, _Strict, format_validation_error)
-from tidal.config import PlaneConfig
+                                 WorkerSection, _Strict, format_validation_error, section_from)
+from tidal.config import STOP_GRACE_S, PlaneConfig
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "*", "::", "[::]")
 
 
-class ClusterSection(_Strict):
-    etcd: list[str] = []
-    """etcd client URLs (`http://HOST:2379`)."""
-    nats: str | None = None
-    """NATS server URL(s), comma-separated."""
-    namespace: str = "default"
-    lease_ttl_s: int = Field(10, ge=2)
+class ClusterSection(section_from(PlaneConfig, "PlaneSection", rename={"etcd_endpoints": "etcd", "nats_url": "nats"})):
+    """The `cluster:` section: `tidal.config.PlaneConfig`'s fields, with `etcd` (client URLs,
+    `http://HOST:2379`) and `nats` (URL(s), comma-separated) for its endpoints."""
 
     def plane_config(self) -> PlaneConfig:
         return PlaneConfig(etcd_endpoints=tuple(self.etcd), nats_url=self.nats, namespace=self.namespace,
-                             lease_ttl_s=self.lease_ttl_s)
+                           lease_ttl_s=self.lease_ttl_s)
 
 
 class WorkerCommandSection(_Strict):
@@ -64,7 +60,7 @@ class WorkerCommandSection(_Strict):
     """The zmq KV server's port; 0: a free one."""
     health_port: int | None = Field(None, ge=0, le=65535)
     """Serve /live and /health (503 while loading or leaving) here, for Kubernetes probes; None: none."""
-    stop_grace_s: float = Field(30.0, ge=0)
+    stop_grace_s: float = Field(STOP_GRACE_S, ge=0)
     """After SIGTERM: how long in-flight requests may take to finish before the worker exits."""
     device: str = "cpu"
     tensor_parallel_size: int = Field(1, ge=1)

@@ -40,7 +40,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from tidal.config import (ENGINE_KNOBS, EngineConfig, ParallelConfig, ServerConfig, engine_config, knob_type,
+from tidal.config import (ENGINE_KNOBS, STOP_GRACE_S, EngineConfig, ParallelConfig, ServerConfig, engine_config, knob_type,
                           resolve_role_limits)
 from tidal.perf.profile import load_profile
 from tidal.planner.types import SLO, PlannerConfig
@@ -141,7 +141,7 @@ class WorkerSection(_Strict):
     """Devices (processes) each worker of this group spans; its rank 0 runs the engine."""
     num_threads: int | None = Field(None, gt=0)
     """Torch threads per worker; default: the machine's cores shared among CPU workers."""
-    stop_grace_s: float = Field(30.0, ge=0)
+    stop_grace_s: float = Field(STOP_GRACE_S, ge=0)
     """After SIGTERM a worker takes no new requests and exits once its own are done, or after this
     long (requests still running then move to other workers)."""
     health_port: int | None = Field(None, ge=1, le=65535)

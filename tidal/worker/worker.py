@@ -40,7 +40,7 @@ import msgspec
 import torch
 import zmq
 
-from tidal.config import EngineConfig
+from tidal.config import STOP_GRACE_S, EngineConfig
 from tidal.engine.engine import EngineCore
 from tidal.protocol import (AbortRequest, AddRequest, Connect, EngineStats, KVDump, KVDumpRequest, KVEventBatch,
                             ForgetClient, LoadReport, ReleaseKV, RequestPlaneMessage, RoleRefused, SetDraining, SetRole,
@@ -76,7 +76,7 @@ class WorkerSpec:
     transfer: KVTransferConfig | None = None
     num_threads: int | None = None
     log_level: str = "INFO"
-    stop_grace_s: float = 30.0
+    stop_grace_s: float = STOP_GRACE_S
     """After SIGTERM: how long in-flight requests may take to finish before the worker exits."""
     health_port: int | None = None
     """Serve /live and /health on this port (0: any free one); None: no health endpoint."""
