@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 
 from tidal.cluster.config import ClusterFile
 from tidal.cluster.control import ControlPlane
+from tidal.deploy.assembly import kubernetes_actuator, start_planner
 from tidal.planner.actuators import ActuatorError, FlipResult
 from tidal.planner.types import Observation, Role, merge_observations
 from tidal.protocol import FlipCommand
@@ -102,12 +103,7 @@ class ClusterActuator:
 def make_scaler(settings: ClusterFile, registry: CollectorRegistry):
     section = settings.planner
     if section.actuator == "kubernetes":
-        from tidal.planner.actuators import KubernetesActuator, KubernetesConfig
-
-        k = section.kubernetes
-        return KubernetesActuator(KubernetesConfig(namespace=k.namespace, prefill_deployment=k.prefill_deployment,
-                                                   decode_deployment=k.decode_deployment, base_url=k.base_url,
-                                                   token=k.token))
+        return kubernetes_actuator(section)
     if section.actuator == "local":
         logger.warning("actuator local: a cluster planner has no launcher; adds and removes are only logged")
     return LogOnlyActuator(registry)
@@ -158,8 +154,6 @@ async def serve_metrics(registry: CollectorRegistry, host: str, port: int, healt
 
 
 async def serve_planner(settings: ClusterFile) -> None:
-    from tidal.planner.service import PlannerService
-
     planes = settings.cluster.plane_config()
     section = settings.planner
     registry = CollectorRegistry()
@@ -167,8 +161,7 @@ async def serve_planner(settings: ClusterFile) -> None:
                            registry=registry)
     control = ControlPlane(planes, "tidal-planner")
     scaler = make_scaler(settings, registry)
-    service = PlannerService(section.planner_config(), None, ClusterActuator(control, scaler, settings),
-                             section.make_planner(), registry=registry)
+    service = None
     follower = FrontendMerger(settings.observation_interval_s or section.reactive_interval_s)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -179,7 +172,7 @@ async def serve_planner(settings: ClusterFile) -> None:
         await control.connect()
         runner = await serve_metrics(registry, section.host, section.port,
                                      lambda: time.monotonic() - follower.last_heard < follower.timeout_s)
-        await service.start()
+        service = await start_planner(section, None, ClusterActuator(control, scaler, settings), registry)
         logger.info("planner: metrics on http://%s:%d/metrics; actuator %s; observations from NATS %s "
                     "(namespace %s)", section.host, section.port, type(scaler).__name__, planes.nats_url,
                     planes.namespace)
@@ -189,7 +182,8 @@ async def serve_planner(settings: ClusterFile) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await consume
     finally:
-        await service.close()
+        if service is not None:
+            await service.close()
         if runner is not None:
             await runner.cleanup()
         if hasattr(scaler, "close"):
