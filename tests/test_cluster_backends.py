@@ -16,10 +16,11 @@ import msgspec
 import pytest
 
 from tidal.protocol import (BlockRemoved, BlockStored, EngineStats, KVEventBatch, LoadReport, WorkerInfo)
+from tidal.config import PlaneConfig
 from tidal.router.config import RouterConfig
 from tidal.router.service import Router
 from tidal.router.workers import Worker
-from tidal.runtime.cluster import ClusterConfig, make_discovery, make_event_publisher, make_event_subscriber
+from tidal.runtime.planes import make_discovery, make_event_publisher, make_event_subscriber
 from tidal.runtime.discovery import LocalDiscovery
 from tidal.runtime.events import ZmqEventPublisher, ZmqEventSubscriber, cancel_and_wait
 
@@ -67,7 +68,7 @@ class _Recorder:
 @pytest.fixture()
 async def etcd_pair(etcd_server):
     """(owner, viewer): two EtcdDiscovery clients on one namespace, like a worker and a frontend."""
-    cluster = ClusterConfig(etcd_endpoints=(etcd_server.url,), namespace=_namespace(), lease_ttl_s=TTL_S)
+    cluster = PlaneConfig(etcd_endpoints=(etcd_server.url,), namespace=_namespace(), lease_ttl_s=TTL_S)
     owner, viewer = make_discovery(cluster), make_discovery(cluster)
     await owner.start()
     await viewer.start()
@@ -80,7 +81,7 @@ async def etcd_pair(etcd_server):
 
 
 def test_factories_default_to_the_embedded_back_ends():
-    cluster = ClusterConfig()
+    cluster = PlaneConfig()
     assert isinstance(make_discovery(cluster), LocalDiscovery)
     publisher = make_event_publisher(cluster, "w0", "tcp://127.0.0.1:*")
     subscriber = make_event_subscriber(cluster, ("load", "kv"))
@@ -91,14 +92,14 @@ def test_factories_default_to_the_embedded_back_ends():
         publisher.close()
         subscriber.close()
     with pytest.raises(ValueError):
-        ClusterConfig(namespace="a.b")
+        PlaneConfig(namespace="a.b")
 
 
 async def test_factories_pick_etcd_and_nats_when_configured(etcd_server, nats_server):
     from tidal.runtime.etcd_discovery import EtcdDiscovery
     from tidal.runtime.nats_events import NatsEventPublisher, NatsEventSubscriber
 
-    cluster = ClusterConfig(etcd_endpoints=(etcd_server.url,), nats_url=nats_server.url)
+    cluster = PlaneConfig(etcd_endpoints=(etcd_server.url,), nats_url=nats_server.url)
     discovery = make_discovery(cluster)
     publisher = make_event_publisher(cluster, "w0", "tcp://127.0.0.1:*")
     subscriber = make_event_subscriber(cluster, ("kv",))
@@ -136,7 +137,7 @@ async def test_etcd_register_list_watch_update_unregister(etcd_pair):
 
 
 async def test_etcd_worker_that_stops_keepalive_disappears_within_ttl(etcd_server):
-    cluster = ClusterConfig(etcd_endpoints=(etcd_server.url,), namespace=_namespace(), lease_ttl_s=TTL_S)
+    cluster = PlaneConfig(etcd_endpoints=(etcd_server.url,), namespace=_namespace(), lease_ttl_s=TTL_S)
     dying, viewer = make_discovery(cluster), make_discovery(cluster)
     await viewer.start()
     recorder = _Recorder(viewer)
@@ -170,7 +171,7 @@ async def test_etcd_that_lost_its_data_gets_every_worker_again(etcd_server, etcd
     await _until(lambda: viewer.list() == [_worker("w0")], 5, "w0 listed")
     recorder = _Recorder(viewer)
     await asyncio.to_thread(etcd_server.restart, 0.0, True)  # a new, empty etcd at the same address
-    fresh = make_discovery(owner.cluster)  # sees only what the new etcd holds
+    fresh = make_discovery(owner.planes)  # sees only what the new etcd holds
     await fresh.start()
     await _until(lambda: fresh.list() == [_worker("w0")], 10, "w0 registered again in the new etcd")
     await fresh.close()
@@ -195,8 +196,8 @@ def _kv_batch(event_id: int, worker_id: str = "w0") -> KVEventBatch:
 
 
 @pytest.fixture()
-def nats_cluster(nats_server) -> ClusterConfig:
-    return ClusterConfig(nats_url=nats_server.url, namespace=_namespace())
+def nats_cluster(nats_server) -> PlaneConfig:
+    return PlaneConfig(nats_url=nats_server.url, namespace=_namespace())
 
 
 async def _next(subscriber, timeout_s: float = 5.0):

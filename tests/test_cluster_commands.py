@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from tidal.cli import main
 from tidal.cluster.config import advertised_host, resolve
-from tidal.cluster.control import ObservationMessage
+from tidal.protocol import ObservationMessage
 from tidal.cluster.planner_main import FrontendMerger, LogOnlyActuator
 from tidal.cluster.worker_main import worker_spec
 from tidal.deploy.config import DeploymentError
@@ -33,7 +33,7 @@ def test_flags_override_the_file(tmp_path):
                             "worker": {"role": "prefill", "port": 7000}})
     settings = resolve(path, {"cluster": {"namespace": "staging", "nats": None},
                               "worker": {"role": "decode", "port": None}, "engine": {"token_budget": None}})
-    assert settings.cluster.cluster_config().namespace == "staging"
+    assert settings.cluster.plane_config().namespace == "staging"
     assert settings.cluster.nats == CLUSTER["nats"]
     assert (settings.worker.role, settings.worker.port) == ("decode", 7000)
     assert settings.engine.token_budget == 128
@@ -67,33 +67,34 @@ def test_worker_binds_a_wildcard_and_advertises_a_dialable_host():
 
 
 def test_planner_merges_the_frontends_it_hears():
-    def message(frontend_id: str, **front) -> ObservationMessage:
+    def message(frontend_id: str, **front) -> tuple[str, Observation]:
         obs = Observation(time_s=1.0, interval_s=1.0, frontend=FrontendObservation(**front),
                           workers=(WorkerObservation(worker_id="d0", role="decode"),))
-        return ObservationMessage(frontend_id=frontend_id, observation=obs)
+        return frontend_id, obs
 
     merger = FrontendMerger(interval_s=1.0)
     # "a" is the clock (the smallest id): its report alone steps, then merged with b's latest.
-    alone = merger.accept(message("a", request_rate=2.0, num_requests=2, ttft_ms_p90=100.0, isl_mean=1000.0), 0.0)
+    alone = merger.accept(*message("a", request_rate=2.0, num_requests=2, ttft_ms_p90=100.0, isl_mean=1000.0), 0.0)
     assert alone.frontend.request_rate == 2.0
-    assert merger.accept(message("b", request_rate=6.0, num_requests=6, ttft_ms_p90=300.0, isl_mean=2000.0,
+    assert merger.accept(*message("b", request_rate=6.0, num_requests=6, ttft_ms_p90=300.0, isl_mean=2000.0,
                                  queue_depth=3), 0.5) is None
-    merged = merger.accept(message("a", request_rate=2.0, num_requests=2, ttft_ms_p90=100.0, isl_mean=1000.0), 1.0)
+    merged = merger.accept(*message("a", request_rate=2.0, num_requests=2, ttft_ms_p90=100.0, isl_mean=1000.0), 1.0)
     # rates and queues add up; the worst p90; ISL weighted by requests: (2 x 1000 + 6 x 2000) / 8 = 1750
     assert merged.frontend.request_rate == 8.0 and merged.frontend.queue_depth == 3
     assert merged.frontend.ttft_ms_p90 == 300.0 and merged.frontend.isl_mean == 1750.0
     assert merged.workers == (WorkerObservation(worker_id="d0", role="decode"),)
     # a goes quiet: b becomes the clock and steps alone
     later = 1.0 + merger.timeout_s + 0.1
-    alone_b = merger.accept(message("b", request_rate=6.0, num_requests=6), later)
+    alone_b = merger.accept(*message("b", request_rate=6.0, num_requests=6), later)
     assert alone_b.frontend.request_rate == 6.0 and list(merger.latest) == ["b"]
 
 
 def test_observation_round_trips_through_msgpack():
     obs = Observation(time_s=5.0, interval_s=2.0, frontend=FrontendObservation(request_rate=1.5, ttft_ms_p90=80.0),
                       workers=(WorkerObservation(worker_id="d0", role="decode", state="flipping", steps=3),))
-    raw = msgspec.msgpack.encode(ObservationMessage(frontend_id="f", observation=obs))
-    assert msgspec.msgpack.decode(raw, type=ObservationMessage).observation == obs
+    message = ObservationMessage(frontend_id="f", observation=msgspec.Raw(msgspec.msgpack.encode(obs)))
+    decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(message), type=ObservationMessage)
+    assert decoded.frontend_id == "f" and msgspec.msgpack.decode(decoded.observation, type=Observation) == obs
 
 
 def test_log_only_actuator_counts_and_changes_nothing():

@@ -73,7 +73,7 @@ def test_tidal_containers_run_the_cluster_commands_with_valid_flags_and_config(c
             assert (ports["requests"], ports["kv"], ports["health"]) == (w.port, w.kv_port, w.health_port)
             assert {c["livenessProbe"]["httpGet"]["path"], c["readinessProbe"]["httpGet"]["path"]} == {"/live", "/health"}
             spec = _by_kind("Deployment")[name]["spec"]["template"]["spec"]
-            assert spec["terminationGracePeriodSeconds"] > w.drain_grace_s  # the drain finishes before SIGKILL
+            assert spec["terminationGracePeriodSeconds"] > w.stop_grace_s  # the drain finishes before SIGKILL
         if parsed.command == "planner":
             k = settings.planner.kubernetes
             assert settings.planner.actuator == "kubernetes" and k.namespace == "tidal"

@@ -14,8 +14,8 @@ import pytest
 
 from _server import REPO_ROOT, running_server
 from tidal.cli import main
-from tidal.deploy.config import (DeploymentError, EngineSection, RoleLimits, parse_deployment,
-                                 resolve_role_limits)
+from tidal.config import RoleLimits, resolve_role_limits
+from tidal.deploy.config import DeploymentError, parse_deployment
 from tidal.perf.profile import (DecodePoint, PrefillPoint, Profile, ProfileError, SkippedPoint, load_profile,
                                 save_profile)
 
@@ -165,7 +165,7 @@ def test_sim_takes_a_profile_or_a_timing_not_both(tmp_path, capsys):
 
 # ---- per-role tuning -------------------------------------------------------------------------------
 def test_role_limits_come_from_the_profile_unless_set(profile_path):
-    e = EngineSection(profile=profile_path, itl_target_ms=20)
+    e = {"profile": profile_path, "itl_target_ms": 20}
     prefill = resolve_role_limits("prefill", e)
     assert (prefill.token_budget, prefill.max_num_seqs) == (400, 128)  # the knee; the default cap
     assert "prefill knee" in prefill.derived
@@ -174,20 +174,20 @@ def test_role_limits_come_from_the_profile_unless_set(profile_path):
     decode = resolve_role_limits("decode", e)
     assert (decode.token_budget, decode.max_num_seqs) == (256, 2)
     # at ctx 1000: 16 ms at batch 4, 19.5 ms at 5, 23 ms at 6
-    assert resolve_role_limits("decode", e.model_copy(update={"tuning_context_len": 1000})).max_num_seqs == 5
+    assert resolve_role_limits("decode", {**e, "tuning_context_len": 1000}).max_num_seqs == 5
     assert resolve_role_limits("both", e) == RoleLimits(256, 128)
-    explicit = e.model_copy(update={"token_budget": 1000, "max_num_seqs": 64})
+    explicit = {**e, "token_budget": 1000, "max_num_seqs": 64}
     for role in ("prefill", "decode"):
         assert resolve_role_limits(role, explicit) == RoleLimits(1000, 64)
     with pytest.raises(ValueError, match="needs engine.itl_target_ms"):
-        resolve_role_limits("decode", EngineSection(profile=profile_path))
+        resolve_role_limits("decode", {"profile": profile_path})
 
 
 def test_a_deployment_tunes_each_role_and_logs_it_once(profile_path, caplog):
     d = parse_deployment({"engine": {"profile": profile_path, "itl_target_ms": 20},
                           "workers": [{"role": "prefill", "count": 2}, {"role": "decode"}, {"role": "both"},
                                       {"role": "prefill", "engine": {"token_budget": 512}}]})
-    with caplog.at_level(logging.INFO, logger="tidal.deploy.config"):
+    with caplog.at_level(logging.INFO, logger="tidal.config"):
         configs = [(worker_id, d.engine_config(section, device).scheduler) for worker_id, section, device in
                    d.replicas()]
     limits = {worker_id: (s.token_budget, s.max_num_seqs) for worker_id, s in configs}

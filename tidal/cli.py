@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 
+from tidal.config import SIMULATED_WORKER
 from tidal.runtime.loop import run as run_loop
 
 logger = logging.getLogger("tidal")
@@ -41,12 +42,12 @@ def _add_model_args(p: argparse.ArgumentParser, model_option: bool = False) -> N
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (with -tp: the first of consecutive devices)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over this many devices (cuda:N, cuda:N+1, ...), one process each")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB for the KV cache")
+    p.add_argument("--kv-cache-memory", type=float, default=None, help="GiB for the KV cache (default 1)")
     p.add_argument("--num-threads", type=int, default=None, help="torch threads (CPU)")
     p.add_argument("--attention-backend", default=None, choices=["auto", "torch", "triton"],
                    help="auto: the Triton kernels on CUDA, plain torch elsewhere")
@@ -57,8 +58,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--token-budget", type=int, default=256, help="tokens per engine step")
-    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--token-budget", type=int, default=None, help="tokens per engine step (default 256)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="requests running at once (default 128)")
     p.add_argument("--no-chunked-prefill", action="store_true")
 
 
@@ -98,15 +99,24 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def engine_config_from_args(args: argparse.Namespace):
     """The model and cache flags as an `EngineConfig` (scheduler settings left at their defaults)."""
-    from tidal.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig
+    from tidal.config import engine_config
 
-    return EngineConfig(
-        model=ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
-                          max_model_len=args.max_model_len, seed=args.seed),
-        cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
-                          kv_cache_memory_bytes=int(args.kv_cache_memory * (1 << 30))),
-        runner=RunnerConfig(attention_backend=args.attention_backend or "auto",
-                            enable_cuda_graphs=not args.no_cuda_graphs))
+    return engine_config(_model_knobs(args), model=args.model, tokenizer=args.tokenizer, device=args.device)
+
+
+def _model_knobs(args: argparse.Namespace) -> dict:
+    """The engine knobs (`tidal.config.ENGINE_KNOBS`) `_add_model_args`' flags set; None: not given."""
+    return {"dtype": args.dtype, "max_model_len": args.max_model_len, "seed": args.seed,
+            "block_size": args.block_size, "num_kv_blocks": args.num_kv_blocks,
+            "kv_cache_memory_gib": args.kv_cache_memory, "attention_backend": args.attention_backend,
+            "enable_cuda_graphs": False if args.no_cuda_graphs else None}
+
+
+def engine_knobs_from_args(args: argparse.Namespace) -> dict:
+    """The engine knobs `_add_engine_args`' flags set; None: not given (the config's default)."""
+    return {**_model_knobs(args), "token_budget": args.token_budget, "max_num_seqs": args.max_num_seqs,
+            "enable_prefix_caching": False if args.no_prefix_caching else None,
+            "enable_chunked_prefill": False if args.no_chunked_prefill else None}
 
 
 def deployment_from_args(args: argparse.Namespace):
@@ -116,19 +126,14 @@ def deployment_from_args(args: argparse.Namespace):
 
     tp = args.tensor_parallel_size
     devices = list(rank_devices(args.device, tp)) if tp > 1 else [args.device]
-    engine = {"dtype": args.dtype, "max_model_len": args.max_model_len, "seed": args.seed,
-              "block_size": args.block_size, "num_kv_blocks": args.num_kv_blocks,
-              "kv_cache_memory_gib": args.kv_cache_memory, "enable_prefix_caching": not args.no_prefix_caching,
-              "token_budget": args.token_budget, "max_num_seqs": args.max_num_seqs,
-              "enable_chunked_prefill": not args.no_chunked_prefill, "attention_backend": args.attention_backend,
-              "enable_cuda_graphs": False if args.no_cuda_graphs else None}
+    engine = engine_knobs_from_args(args)
     return parse_deployment({
         "model": args.model, "tokenizer": args.tokenizer, "served_model_name": args.served_model_name,
         "frontend": {"host": args.host or "127.0.0.1", "port": 8000 if args.port is None else args.port,
                      "max_request_body_bytes": args.max_request_body_bytes, "log_level": args.log_level},
         "engine": {k: v for k, v in engine.items() if v is not None},
         "workers": [{"role": "both", "devices": devices, "tensor_parallel_size": tp, "num_threads": args.num_threads,
-                     "drain_grace_s": args.drain_grace_s}],
+                     **({"stop_grace_s": args.stop_grace_s} if args.stop_grace_s is not None else {})}],
     }, "command line")
 
 
@@ -160,9 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-migrations", type=int, default=None,
                        help="times a request may move to another worker when its worker dies or leaves "
                             "mid-stream (default: the config's frontend.max_migrations, 3)")
-    serve.add_argument("--drain-grace-s", type=float, default=30.0,
+    serve.add_argument("--stop-grace-s", type=float, default=None,
                        help="after SIGTERM a worker finishes its requests for up to this long (without -f; "
-                            "with -f: workers.N.drain_grace_s)")
+                            "with -f: workers.N.stop_grace_s)")
     sim = sub.add_parser("sim", help="the real frontend and router in front of N simulated workers")
     sim.add_argument("--workers", type=int, default=8)
     sim.add_argument("--speedup", type=float, default=1.0, help="simulated time runs this many times faster")
@@ -171,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="e.g. base_s=0.008,prefill_s_per_token=5e-05 (see tidal/sim/timing.py)")
     timing.add_argument("--profile", default=None, help="step times from a `tidal profile` file instead")
     sim.add_argument("--router", default="kv", choices=["round_robin", "random", "least_loaded", "kv"])
-    sim.add_argument("--num-kv-blocks", type=int, default=8192, help="per simulated worker")
-    sim.add_argument("--token-budget", type=int, default=2048)
+    sim.add_argument("--num-kv-blocks", type=int, default=SIMULATED_WORKER.cache.num_blocks,
+                     help="per simulated worker")
+    sim.add_argument("--token-budget", type=int, default=SIMULATED_WORKER.scheduler.token_budget)
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8000)
     sim.add_argument("--api-servers", type=int, default=1,
@@ -287,7 +293,7 @@ def _add_sim_fleet_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interval-s", type=float, default=2.0, help="the planner's reactive interval")
     p.add_argument("--compare-static", action="store_true",
                    help="also run the static baselines: the best static split (swept) and peak provisioning")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--output", default=None, help="folder for results.json and fleet.png")
 
 
@@ -336,10 +342,10 @@ def _profile(args: argparse.Namespace) -> int:
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    grids = {"prefill_tokens": args.prefill_tokens, "decode_batches": args.decode_batches,
-             "decode_contexts": args.decode_contexts}
-    sweep = SweepConfig(**{k: v for k, v in grids.items() if v is not None}, warmup=args.warmup,
-                        repeats=args.repeats, decode_steps=args.decode_steps, seed=args.seed)
+    given = {"prefill_tokens": args.prefill_tokens, "decode_batches": args.decode_batches,
+             "decode_contexts": args.decode_contexts, "seed": args.seed}
+    sweep = SweepConfig(**{k: v for k, v in given.items() if v is not None}, warmup=args.warmup,
+                        repeats=args.repeats, decode_steps=args.decode_steps)
     try:
         profile = run_profile(engine_config_from_args(args), sweep)
     except (SweepError, ValueError) as exc:
@@ -384,7 +390,7 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=30000, help="synthetic: token ids drawn below this")
     p.add_argument("--slo", default=None, help="e.g. ttft_ms=500,itl_ms=50 (also tpot_ms, e2e_ms)")
     p.add_argument("--output", default=None, help="folder for records.jsonl and summary.json")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-concurrency", type=int, default=None,
                    help="at most this many requests (chat: sessions) in flight; with a high --rate, a closed loop")
     p.add_argument("--timeout-s", type=float, default=600.0)

@@ -1,15 +1,69 @@
 """Configuration: frozen dataclasses, one per concern, resolved once at start and never mutated.
 
+Every knob has its one default here. A field's annotation carries its bounds and choices
+(`Positive`, `Literal[...]`); `__post_init__` checks them (`validate_fields`), and the YAML
+sections of `tidal.deploy.config` are derived from the same annotations, so a bad value is refused
+the same way whichever door it came in by. `engine_config(knobs)` turns the flat engine settings a
+user writes (`token_budget`, `num_kv_blocks`, ...: `ENGINE_KNOBS`) into an `EngineConfig`;
+`resolve_role_limits` gives a prefill or decode worker its scheduler limits from a profile.
+
 Environment variables are read here and nowhere else (`env_*` helpers below).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import os
+import re
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+from annotated_types import Ge, Gt
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+Positive = Gt(0)
+NonNegative = Ge(0)
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+AttentionBackend = Literal["auto", "torch", "triton"]
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, object]:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _check(where: str, hint: object, value: object) -> None:
+    if value is None:
+        return
+    if typing.get_origin(hint) is Annotated:
+        base, *metadata = typing.get_args(hint)
+        for bound in metadata:
+            if isinstance(bound, Gt) and not value > bound.gt:
+                raise ValueError(f"{where} must be greater than {bound.gt}, got {value!r}")
+            if isinstance(bound, Ge) and not value >= bound.ge:
+                raise ValueError(f"{where} must be at least {bound.ge}, got {value!r}")
+        _check(where, base, value)
+    elif typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for arm in typing.get_args(hint):
+            if arm is not type(None):
+                _check(where, arm, value)
+    elif typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
+        raise ValueError(f"{where} must be one of {', '.join(map(repr, typing.get_args(hint)))}, got {value!r}")
+
+
+def validate_fields(config) -> None:
+    """Check a config dataclass's values against the bounds and choices its annotations state."""
+    for f in dataclasses.fields(config):
+        _check(f.name, _hints(type(config))[f.name], getattr(config, f.name))
 
 
 def env_str(name: str, default: str | None = None) -> str | None:
@@ -25,47 +79,59 @@ class ModelConfig:
     """A folder with tokenizer.json or a .gguf file, instead of the model's own tokenizer."""
     served_model_name: str | None = None
     """Name clients use in the `model` field; defaults to the model's own name."""
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     """`float32`, `bfloat16`, `float16` or `auto` (float32 on CPU, bfloat16 on CUDA)."""
     device: str = "cpu"
     """`cpu` or `cuda` (or `cuda:N`)."""
-    max_model_len: int | None = None
+    max_model_len: Annotated[int, Positive] | None = None
     """Longest prompt + output in tokens; defaults to the model's context length."""
     seed: int = 0
     """Seed for dummy weights and for requests that don't carry one."""
 
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
 
 @dataclass(frozen=True)
 class CacheConfig:
-    block_size: int = 16
+    block_size: Annotated[int, Positive] = 16
     """Tokens per KV block."""
-    num_blocks: int | None = None
+    num_blocks: Annotated[int, Positive] | None = None
     """KV blocks in the pool; None: size from `kv_cache_memory_bytes`."""
-    kv_cache_memory_bytes: int = 1 << 30
+    kv_cache_memory_bytes: Annotated[int, Positive] = 1 << 30
     """Memory given to the KV cache when `num_blocks` is None."""
     enable_prefix_caching: bool = True
     """Reuse blocks whose chained hash matches a prompt's prefix."""
 
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    token_budget: int = 256
+    token_budget: Annotated[int, Positive] = 256
     """Tokens (decode tokens plus prefill chunk tokens) the scheduler may run in one step."""
-    max_num_seqs: int = 128
+    max_num_seqs: Annotated[int, Positive] = 128
     """Requests running at once."""
     enable_chunked_prefill: bool = True
     """Split long prompts over several steps; off: a prompt is prefilled whole in one step."""
 
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
 
 @dataclass(frozen=True)
 class RunnerConfig:
-    attention_backend: str = "auto"
+    attention_backend: AttentionBackend = "auto"
     """`torch` (plain torch, any device), `triton` (the Triton kernels, CUDA) or `auto` (Triton on CUDA
     when it is installed, else torch)."""
     enable_cuda_graphs: bool = True
     """Capture decode steps as CUDA graphs (CUDA with the Triton backend only)."""
-    cuda_graph_max_batch: int = 256
+    cuda_graph_max_batch: Annotated[int, Positive] = 256
     """Largest decode batch run from a graph; larger batches run eagerly. Capped by `max_num_seqs`."""
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
 
 
 @dataclass(frozen=True)
@@ -117,6 +183,159 @@ class EngineConfig:
 
     def replace(self, **changes) -> EngineConfig:
         return dataclasses.replace(self, **changes)
+
+
+SIMULATED_WORKER = EngineConfig(cache=CacheConfig(num_blocks=8192),
+                                scheduler=SchedulerConfig(token_budget=2048, max_num_seqs=256))
+"""What a simulated worker of `tidal sim` runs with unless told otherwise: a GPU-sized engine (the
+simulator models GPU step times), not the CPU-sized defaults above."""
+FLEET_PREFILL_TOKEN_BUDGET = 1024
+"""A prefill worker's token budget in the fleet simulator (`tidal sim-fleet`): about the knee of the
+H200 profile it models."""
+
+
+@dataclass(frozen=True)
+class RoleTuning:
+    """How a prefill or decode worker's scheduler limits follow from a `tidal profile` file
+    (`resolve_role_limits`); explicit `token_budget`/`max_num_seqs` settings win over it."""
+
+    profile: str | None = None
+    """A `tidal profile` file of this model on this device. A prefill worker's token_budget becomes
+    the profile's prefill knee and a decode worker's max_num_seqs the largest batch whose step time
+    stays within itl_target_ms; role `both` keeps its settings."""
+    itl_target_ms: Annotated[float, Positive] | None = None
+    """Decode workers tuned from a profile: the inter-token latency (= decode step time) to keep under."""
+    tuning_context_len: Annotated[int, Positive] = 2048
+    """Decode workers tuned from a profile: the context length (tokens per sequence) at which the
+    ITL target must hold."""
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+GIB = 1 << 30
+ENGINE_KNOBS: dict[str, tuple[type, str]] = {
+    "dtype": (ModelConfig, "dtype"), "max_model_len": (ModelConfig, "max_model_len"), "seed": (ModelConfig, "seed"),
+    "block_size": (CacheConfig, "block_size"), "num_kv_blocks": (CacheConfig, "num_blocks"),
+    "kv_cache_memory_gib": (CacheConfig, "kv_cache_memory_bytes"),  # in GiB (`knob_type`)
+    "enable_prefix_caching": (CacheConfig, "enable_prefix_caching"),
+    "token_budget": (SchedulerConfig, "token_budget"), "max_num_seqs": (SchedulerConfig, "max_num_seqs"),
+    "enable_chunked_prefill": (SchedulerConfig, "enable_chunked_prefill"),
+    "attention_backend": (RunnerConfig, "attention_backend"), "enable_cuda_graphs": (RunnerConfig, "enable_cuda_graphs"),
+    "profile": (RoleTuning, "profile"), "itl_target_ms": (RoleTuning, "itl_target_ms"),
+    "tuning_context_len": (RoleTuning, "tuning_context_len"),
+}
+"""The engine settings a user writes (a deployment's `engine:` section, the engine flags), each
+naming the config field it sets; unset (None) knobs keep that field's default."""
+
+
+def knob_type(name: str) -> object:
+    """The type (with bounds and choices) a knob's values take: its field's annotation."""
+    if name == "kv_cache_memory_gib":
+        return Annotated[float, Positive]
+    cls, field_name = ENGINE_KNOBS[name]
+    return _hints(cls)[field_name]
+
+
+def _knob_fields(cls: type, knobs: Mapping[str, object]) -> dict[str, object]:
+    """The fields of `cls` the set knobs name, with their values (GiB knobs in bytes)."""
+    out = {}
+    for name, value in knobs.items():
+        if value is None or ENGINE_KNOBS[name][0] is not cls:
+            continue
+        out[ENGINE_KNOBS[name][1]] = int(value * GIB) if name == "kv_cache_memory_gib" else value
+    return out
+
+
+@dataclass(frozen=True)
+class RoleLimits:
+    token_budget: int
+    max_num_seqs: int
+    derived: str | None = None
+    """What came from a profile, and why, for the log; None when nothing did."""
+
+
+def resolve_role_limits(role: str, knobs: Mapping[str, object]) -> RoleLimits:
+    """A worker's token_budget and max_num_seqs from its engine knobs. Explicit settings win; else,
+    with a profile (`RoleTuning`):
+    - prefill: token_budget = the profile's prefill knee, the smallest batch that saturates the
+      device (larger ones add TTFT for little throughput);
+    - decode: max_num_seqs = the largest batch whose decode step, at `tuning_context_len` tokens of
+      context, stays within `itl_target_ms`;
+    else (and for role `both`) the `SchedulerConfig` defaults. Raises ValueError for an unreadable
+    profile, a decode worker without itl_target_ms, or a target that even batch 1 misses."""
+    from tidal.perf.profile import load_profile
+
+    scheduler = SchedulerConfig(**_knob_fields(SchedulerConfig, knobs))
+    tuning = RoleTuning(**_knob_fields(RoleTuning, knobs))
+    token_budget, max_num_seqs, derived = scheduler.token_budget, scheduler.max_num_seqs, None
+    if tuning.profile is not None and role == "prefill" and knobs.get("token_budget") is None:
+        token_budget = load_profile(tuning.profile).prefill_knee_tokens()
+        derived = f"token_budget={token_budget}, the prefill knee of {tuning.profile}"
+    elif tuning.profile is not None and role == "decode" and knobs.get("max_num_seqs") is None:
+        if tuning.itl_target_ms is None:
+            raise ValueError(f"a decode worker tuned from a profile ({tuning.profile}) needs engine.itl_target_ms")
+        context_len = tuning.tuning_context_len
+        max_num_seqs = load_profile(tuning.profile).max_decode_batch(tuning.itl_target_ms, context_len)
+        derived = (f"max_num_seqs={max_num_seqs}, the largest batch of {tuning.profile} within "
+                   f"itl_target_ms={tuning.itl_target_ms:g} at context {context_len}")
+        if max_num_seqs > token_budget:
+            derived += f" (but token_budget={token_budget} caps a step's batch lower)"
+    return RoleLimits(token_budget, max_num_seqs, derived)
+
+
+def engine_config(knobs: Mapping[str, object], role: str = "both", parallel: ParallelConfig = ParallelConfig(),
+                  **model: object) -> EngineConfig:
+    """The `EngineConfig` of a worker of `role` from its engine knobs (`ENGINE_KNOBS`; None: the
+    default) and its `ModelConfig` fields other than the knobs' (model, tokenizer, device, ...)."""
+    limits = resolve_role_limits(role, knobs)
+    if limits.derived:
+        _log_once(f"{role} workers: {limits.derived}")
+    scheduler = SchedulerConfig(**{**_knob_fields(SchedulerConfig, knobs), "token_budget": limits.token_budget,
+                                   "max_num_seqs": limits.max_num_seqs})
+    return EngineConfig(model=ModelConfig(**model, **_knob_fields(ModelConfig, knobs)),
+                        cache=CacheConfig(**_knob_fields(CacheConfig, knobs)), scheduler=scheduler,
+                        runner=RunnerConfig(**_knob_fields(RunnerConfig, knobs)), parallel=parallel)
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    logger.info(message)
+
+
+STOP_GRACE_S = 30.0
+"""After SIGTERM a worker takes no new requests and exits once its own are done, or after this long."""
+
+
+NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True)
+class PlaneConfig:
+    """Which discovery and event planes a process uses: embedded (nothing configured) or etcd and
+    NATS (`tidal.runtime.planes` builds them)."""
+
+    etcd_endpoints: tuple[str, ...] = ()
+    """etcd client URLs (`http://10.0.0.5:2379`); empty: discovery is the process's own table."""
+    nats_url: str | None = None
+    """NATS server URL (`nats://10.0.0.5:4222`), several joined by commas; None: events go over
+    ZMQ PUB/SUB, each worker binding its own socket."""
+    namespace: str = "default"
+    """Keeps deployments that share etcd and NATS apart: etcd keys under `/tidal/<namespace>/`,
+    NATS subjects under `tidal.<namespace>.`."""
+    lease_ttl_s: int = 10
+    """A worker's etcd lease: a worker that stops renewing it (dead, cut off) disappears from
+    discovery this long after its last renewal."""
+
+    def __post_init__(self) -> None:
+        if not NAMESPACE_PATTERN.match(self.namespace):
+            raise ValueError(f"namespace {self.namespace!r}: use letters, digits, '-' and '_' only")
+        if self.lease_ttl_s < 2:
+            raise ValueError(f"lease_ttl_s={self.lease_ttl_s}: etcd grants no lease shorter than 2 s")
+
+    @property
+    def nats_servers(self) -> list[str]:
+        return [url.strip() for url in (self.nats_url or "").split(",") if url.strip()]
 
 
 def resolve_dtype(dtype: str, device: str):

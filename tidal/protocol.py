@@ -373,3 +373,30 @@ WorkerMessage = WorkerReady | RoleRefused | StepOutputs | KVDump | WorkerLeaving
 RelayMessage = DiscoverySubscribe | DiscoverySnapshot | DiscoveryChange
 ReplicaBusMessage = SessionPinned | RequestLogBatch
 EventMessage = LoadReport | KVEventBatch
+
+
+# ---- the control plane (NATS, cluster mode): planner <-> frontends ---------------------------------
+
+class ObservationMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """A frontend's planner observation (`tidal.planner.types.Observation`, msgpack-encoded: the
+    planner decodes it; this module stays below the planner)."""
+
+    frontend_id: str
+    observation: msgspec.Raw
+
+
+class FlipCommand(msgspec.Struct, frozen=True, kw_only=True):
+    """The planner asks a frontend to drain a worker and give it another role."""
+
+    worker_id: str
+    role: Role  # the new role
+    token_budget: int | None = None  # the new role's scheduler limits (None: the worker keeps its own)
+    max_num_seqs: int | None = None
+
+
+class FlipReply(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool
+    error: str = ""
+    drain_s: float = 0.0
+    unavailable_s: float = 0.0
+    total_s: float = 0.0

@@ -13,14 +13,14 @@ import sys
 from collections.abc import Callable
 
 from tidal.deploy.config import DeploymentError
+from tidal.protocol import ROLES
 from tidal.runtime.loop import run as run_loop
 
 logger = logging.getLogger(__name__)
 
 COMMANDS = ("worker", "frontend", "planner")
-# `tidal serve`'s engine flags that default to something; here they must default to None.
-_ENGINE_FLAG_DEFAULTS = ("device", "tensor_parallel_size", "dtype", "seed", "block_size", "kv_cache_memory",
-                         "token_budget", "max_num_seqs")
+# `tidal serve`'s worker flags that default to something; here they must default to None.
+_WORKER_FLAG_DEFAULTS = ("device", "tensor_parallel_size")
 
 
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -36,9 +36,9 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
 def add_commands(sub, add_engine_args: Callable[[argparse.ArgumentParser], None]) -> None:
     worker = sub.add_parser("worker", help="one worker that registers in etcd (cluster mode)")
     add_engine_args(worker)
-    worker.set_defaults(**{name: None for name in _ENGINE_FLAG_DEFAULTS})
+    worker.set_defaults(**{name: None for name in _WORKER_FLAG_DEFAULTS})
     _add_cluster_args(worker)
-    worker.add_argument("--role", default=None, choices=["both", "prefill", "decode"])
+    worker.add_argument("--role", default=None, choices=ROLES)
     worker.add_argument("--worker-id", default=None, help="its name in discovery (default HOSTNAME-PID)")
     worker.add_argument("--host", default=None, help="bind address of the request socket and KV server "
                                                      "(default 0.0.0.0)")
@@ -47,7 +47,7 @@ def add_commands(sub, add_engine_args: Callable[[argparse.ArgumentParser], None]
                                                                "wildcard this machine's address towards etcd)")
     worker.add_argument("--kv-port", type=int, default=None, help="zmq KV server port (default 0: a free one)")
     worker.add_argument("--health-port", type=int, default=None, help="serve /live and /health here (probes)")
-    worker.add_argument("--drain-grace-s", type=float, default=None,
+    worker.add_argument("--stop-grace-s", type=float, default=None,
                         help="after SIGTERM, how long requests may take to finish (default 30)")
     worker.add_argument("--kv-transfer-backend", default=None, choices=["auto", "zmq", "shm", "cuda_ipc", "fake"],
                         help="auto: zmq on CPU (across hosts); shm and cuda_ipc reach this host only")
@@ -78,16 +78,12 @@ def _cluster_overrides(args: argparse.Namespace) -> dict:
 
 
 def _worker_overrides(args: argparse.Namespace) -> dict:
-    engine = {"dtype": args.dtype, "max_model_len": args.max_model_len, "seed": args.seed,
-              "block_size": args.block_size, "num_kv_blocks": args.num_kv_blocks,
-              "kv_cache_memory_gib": args.kv_cache_memory, "token_budget": args.token_budget,
-              "max_num_seqs": args.max_num_seqs, "attention_backend": args.attention_backend,
-              "enable_prefix_caching": False if args.no_prefix_caching else None,
-              "enable_chunked_prefill": False if args.no_chunked_prefill else None,
-              "enable_cuda_graphs": False if args.no_cuda_graphs else None}
+    from tidal.cli import engine_knobs_from_args
+
+    engine = engine_knobs_from_args(args)
     worker = {"role": args.role, "worker_id": args.worker_id, "host": args.host, "port": args.port,
               "advertise_host": args.advertise_host, "kv_port": args.kv_port, "device": args.device,
-              "health_port": args.health_port, "drain_grace_s": args.drain_grace_s,
+              "health_port": args.health_port, "stop_grace_s": args.stop_grace_s,
               "tensor_parallel_size": args.tensor_parallel_size, "num_threads": args.num_threads}
     return {**_cluster_overrides(args), "model": args.model, "tokenizer": args.tokenizer,
             "served_model_name": args.served_model_name, "engine": engine, "worker": worker,

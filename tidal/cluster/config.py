@@ -29,27 +29,24 @@ import yaml
 from pydantic import Field, ValidationError
 
 from tidal.deploy.config import (Deployment, DeploymentError, EngineSection, PlannerSection, ServingSections,
-                                 WorkerSection, _Strict, format_validation_error)
-from tidal.runtime.cluster import ClusterConfig
+                                 WorkerSection, _Strict, format_validation_error, section_from)
+from tidal.config import STOP_GRACE_S, PlaneConfig
+from tidal.protocol import Role
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "*", "::", "[::]")
 
 
-class ClusterSection(_Strict):
-    etcd: list[str] = []
-    """etcd client URLs (`http://HOST:2379`)."""
-    nats: str | None = None
-    """NATS server URL(s), comma-separated."""
-    namespace: str = "default"
-    lease_ttl_s: int = Field(10, ge=2)
+class ClusterSection(section_from(PlaneConfig, "PlaneSection", rename={"etcd_endpoints": "etcd", "nats_url": "nats"})):
+    """The `cluster:` section: `tidal.config.PlaneConfig`'s fields, with `etcd` (client URLs,
+    `http://HOST:2379`) and `nats` (URL(s), comma-separated) for its endpoints."""
 
-    def cluster_config(self) -> ClusterConfig:
-        return ClusterConfig(etcd_endpoints=tuple(self.etcd), nats_url=self.nats, namespace=self.namespace,
-                             lease_ttl_s=self.lease_ttl_s)
+    def plane_config(self) -> PlaneConfig:
+        return PlaneConfig(etcd_endpoints=tuple(self.etcd), nats_url=self.nats, namespace=self.namespace,
+                           lease_ttl_s=self.lease_ttl_s)
 
 
 class WorkerCommandSection(_Strict):
-    role: Literal["both", "prefill", "decode"] = "both"
+    role: Role = "both"
     worker_id: str | None = None
     """Its name in discovery; default HOSTNAME-PID (on Kubernetes pass the pod name: the
     Kubernetes actuator marks that pod for deletion)."""
@@ -64,7 +61,7 @@ class WorkerCommandSection(_Strict):
     """The zmq KV server's port; 0: a free one."""
     health_port: int | None = Field(None, ge=0, le=65535)
     """Serve /live and /health (503 while loading or leaving) here, for Kubernetes probes; None: none."""
-    drain_grace_s: float = Field(30.0, ge=0)
+    stop_grace_s: float = Field(STOP_GRACE_S, ge=0)
     """After SIGTERM: how long in-flight requests may take to finish before the worker exits."""
     device: str = "cpu"
     tensor_parallel_size: int = Field(1, ge=1)
@@ -115,7 +112,7 @@ def resolve(path: str | None, overrides: dict, need: tuple[str, ...] = ("etcd", 
             raise DeploymentError(f"{path}: expected a mapping at the top level")
     try:
         settings = ClusterFile.model_validate(_merge(data, overrides))
-        settings.cluster.cluster_config()  # the namespace's spelling
+        settings.cluster.plane_config()  # the namespace's spelling
     except ValidationError as exc:
         raise DeploymentError(format_validation_error(exc, source)) from None
     except ValueError as exc:
@@ -145,7 +142,7 @@ def advertised_host(host: str, etcd_endpoints: tuple[str, ...]) -> str:
     machine uses to reach etcd (a UDP connect sends nothing; it only picks the route)."""
     if host not in WILDCARD_HOSTS:
         return host
-    from tidal.runtime.etcd_discovery import parse_endpoint
+    from tidal.runtime.etcd_cache import parse_endpoint
 
     etcd_host, etcd_port = parse_endpoint(etcd_endpoints[0]) if etcd_endpoints else ("8.8.8.8", 53)
     try:

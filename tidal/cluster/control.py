@@ -10,10 +10,10 @@ Subjects (under the deployment's namespace, like the event plane's):
 - `tidal.<ns>.router.session`: a frontend that pins a session to a worker publishes `SessionPinned`;
   every frontend keeps it, so the session's next turn goes there whichever frontend takes it.
 
-`ControlPlane` is one NATS connection on the caller's event loop (the frontend and the planner are
-asyncio programs). `connect()` retries until NATS answers, so either side may start first; after
-that nats-py reconnects by itself. Payloads are msgpack (msgspec), the planner's own dataclasses
-inside.
+`ControlPlane` is one `tidal.runtime.nats_client.NatsConnection` on the caller's event loop (the
+frontend and the planner are asyncio programs); `connect()` waits until NATS answers, so either
+side may start first. Payloads are msgpack (msgspec): the `tidal.protocol` control-plane messages,
+the planner's `Observation` inside an `ObservationMessage`.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
-import nats
 import nats.errors
 
+from tidal.config import PlaneConfig
 from tidal.planner.types import Observation
-from tidal.protocol import Role, SessionPinned
-from tidal.runtime.cluster import ClusterConfig
+from tidal.protocol import FlipCommand, FlipReply, ObservationMessage, SessionPinned
+from tidal.runtime.nats_client import NatsConnection
 
 logger = logging.getLogger(__name__)
 
@@ -37,76 +37,44 @@ OBSERVATION_TOPIC = "planner.observation"
 COMMAND_TOPIC = "planner.command"
 SESSION_TOPIC = "router.session"
 FRONTEND_QUEUE = "frontends"
-CONNECT_RETRY_S = 0.5
-
-
-class ObservationMessage(msgspec.Struct, frozen=True, kw_only=True):
-    frontend_id: str
-    observation: Observation
-
-
-class FlipCommand(msgspec.Struct, frozen=True, kw_only=True):
-    worker_id: str
-    role: Role
-    token_budget: int | None = None  # the new role's scheduler limits (None: the worker keeps its own)
-    max_num_seqs: int | None = None
-
-
-class FlipReply(msgspec.Struct, frozen=True, kw_only=True):
-    ok: bool
-    error: str = ""
-    drain_s: float = 0.0
-    unavailable_s: float = 0.0
-    total_s: float = 0.0
+CONNECT_TIMEOUT_S = 60.0
 
 
 class ControlPlane:
-    def __init__(self, cluster: ClusterConfig, name: str) -> None:
-        if not cluster.nats_servers:
-            raise ValueError("the planner's traffic needs NATS (--nats URL)")
-        self.cluster = cluster
-        self.name = name
-        self.client = nats.NATS()
+    def __init__(self, planes: PlaneConfig, name: str) -> None:
+        self.nats = NatsConnection(planes, name)
+        self.client = self.nats.client
+        self.subject = self.nats.subject
         self._subscriptions: list = []
 
-    def subject(self, topic: str) -> str:
-        return f"tidal.{self.cluster.namespace}.{topic}"
-
-    async def connect(self, timeout_s: float = 60.0) -> None:
-        """Connect, retrying every CONNECT_RETRY_S until NATS answers; TimeoutError after `timeout_s`."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while True:
-            try:
-                await self.client.connect(servers=self.cluster.nats_servers, name=self.name, allow_reconnect=True,
-                                          max_reconnect_attempts=-1, reconnect_time_wait=CONNECT_RETRY_S,
-                                          connect_timeout=2)
-                return
-            except (nats.errors.Error, OSError) as exc:
-                if loop.time() > deadline:
-                    raise TimeoutError(f"NATS at {self.cluster.nats_url} did not answer: {exc}") from None
-                await asyncio.sleep(CONNECT_RETRY_S)
+    async def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        """Connect, waiting until NATS answers; TimeoutError after `timeout_s`."""
+        await self.nats.connect(timeout_s)
 
     async def close(self) -> None:
-        if self.client.is_connected or self.client.is_reconnecting:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.client.close(), 2.0)
+        await self.nats.close()
 
     # ---- observations: frontend -> planner ----------------------------------------------------------
     async def publish_observation(self, frontend_id: str, observation: Observation) -> None:
-        payload = msgspec.msgpack.encode(ObservationMessage(frontend_id=frontend_id, observation=observation))
+        raw = msgspec.Raw(msgspec.msgpack.encode(observation))
+        payload = msgspec.msgpack.encode(ObservationMessage(frontend_id=frontend_id, observation=raw))
         with contextlib.suppress(nats.errors.Error):  # reconnecting with a full buffer: this one is lost
             await self.client.publish(self.subject(OBSERVATION_TOPIC), payload)
 
-    async def observations(self) -> AsyncIterator[ObservationMessage]:
+    async def observations(self) -> AsyncIterator[tuple[str, Observation]]:
+        """(frontend id, its observation) as they arrive."""
         decoder = msgspec.msgpack.Decoder(ObservationMessage)
+        observation_decoder = msgspec.msgpack.Decoder(Observation)
         sub = await self.client.subscribe(self.subject(OBSERVATION_TOPIC))
         try:
             async for msg in sub.messages:
                 try:
-                    yield decoder.decode(msg.data)
+                    message = decoder.decode(msg.data)
+                    observation = observation_decoder.decode(message.observation)
                 except msgspec.DecodeError as exc:
                     logger.warning("undecodable observation skipped: %s", exc)
+                    continue
+                yield message.frontend_id, observation
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()

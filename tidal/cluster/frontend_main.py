@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import msgspec
 
 from tidal.cluster.config import ClusterFile
-from tidal.cluster.control import ControlPlane, FlipCommand, FlipReply
-from tidal.runtime.cluster import make_discovery, make_event_subscriber
+from tidal.cluster.control import ControlPlane
+from tidal.protocol import FlipCommand, FlipReply
 from tidal.runtime.events import cancel_and_wait
+from tidal.runtime.planes import make_discovery, make_event_subscriber
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ async def serve_frontend(settings: ClusterFile) -> None:
     from tidal.frontend.assembly import Frontend, FrontendSpec
     from tidal.planner.service import ObservationCollector
 
-    cluster = settings.cluster.cluster_config()
+    planes = settings.cluster.plane_config()
     deployment = settings.deployment()
     server_config = deployment.server_config()
     interval_s = settings.observation_interval_s or settings.planner.reactive_interval_s
@@ -108,14 +109,14 @@ async def serve_frontend(settings: ClusterFile) -> None:
                         served_model_name=settings.served_model_name, router=deployment.router_config(),
                         server=server_config)
     frontend_id = f"{socket.gethostname()}-{os.getpid()}"
-    discovery = make_discovery(cluster)
-    control = ControlPlane(cluster, f"tidal-frontend-{frontend_id}")
+    discovery = make_discovery(planes)
+    control = ControlPlane(planes, f"tidal-frontend-{frontend_id}")
     frontend = None
     tasks: list[asyncio.Task] = []
     try:
         await discovery.start()
         await control.connect()
-        frontend = Frontend(spec, discovery, events=make_event_subscriber(cluster, ("load", "kv")),
+        frontend = Frontend(spec, discovery, events=make_event_subscriber(planes, ("load", "kv")),
                             client_tag=f"{frontend_id}/")
         await frontend.start(wait_ready=False)  # workers come and go: serve once the model name is known
         await control.share_session_pins(frontend.router)
@@ -125,7 +126,7 @@ async def serve_frontend(settings: ClusterFile) -> None:
         tasks.append(asyncio.create_task(publish_observations(control, collector, frontend_id, interval_s)))
         logger.info("serving %s on http://%s:%d; workers from etcd %s (namespace %s), events and planner "
                     "traffic over NATS %s", frontend.model_name, server_config.host, server_config.port,
-                    ",".join(cluster.etcd_endpoints), cluster.namespace, cluster.nats_url)
+                    ",".join(planes.etcd_endpoints), planes.namespace, planes.nats_url)
         await frontend.serve()
     finally:
         for task in tasks:

@@ -4,7 +4,7 @@ What it owns: the planner service (`tidal.planner.service.PlannerService` withou
 pure `Planner` core, its metrics, the one-batch-at-a-time executor), the control-plane connection,
 the actuator, and a small HTTP server with `/metrics` (the `tidal_planner_*` series) and `/health`.
 
-Lifecycle: connect to NATS -> serve /metrics -> for each `ObservationMessage` from the frontend it
+Lifecycle: connect to NATS -> serve /metrics -> for each `ObservationMessage` from a frontend it
 follows: `step_once(observation)` -> actions: adds and removes go to the actuator (`KubernetesActuator`
 with `actuator: kubernetes`, else `LogOnlyActuator`), flips to the frontend as `FlipCommand`s
 (`ClusterActuator`) -> SIGINT/SIGTERM: stop.
@@ -26,10 +26,11 @@ import time
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from tidal.cluster.config import ClusterFile
-from tidal.cluster.control import ControlPlane, FlipCommand, ObservationMessage
+from tidal.cluster.control import ControlPlane
+from tidal.deploy.assembly import kubernetes_actuator, start_planner
 from tidal.planner.actuators import ActuatorError, FlipResult
 from tidal.planner.types import Observation, merge_observations
-from tidal.protocol import Role
+from tidal.protocol import FlipCommand, Role
 
 logger = logging.getLogger(__name__)
 
@@ -90,25 +91,19 @@ class ClusterActuator:
     def _limits(self, role: Role) -> tuple[int | None, int | None]:
         """The role's scheduler limits when the config's engine section sets them (a profile
         included); else None: the worker keeps its own."""
-        from tidal.deploy.config import WorkerSection, resolve_role_limits
+        from tidal.config import resolve_role_limits
 
-        section = WorkerSection(role=role, engine=self.settings.worker.engine)
-        engine = self.settings.engine.merged(section.engine)
+        engine = self.settings.engine.merged(self.settings.worker.engine)
         if engine.token_budget is None and engine.max_num_seqs is None and engine.profile is None:
             return None, None
-        limits = resolve_role_limits(role, engine)
+        limits = resolve_role_limits(role, engine.knobs())
         return limits.token_budget, limits.max_num_seqs
 
 
 def make_scaler(settings: ClusterFile, registry: CollectorRegistry):
     section = settings.planner
     if section.actuator == "kubernetes":
-        from tidal.planner.actuators import KubernetesActuator, KubernetesConfig
-
-        k = section.kubernetes
-        return KubernetesActuator(KubernetesConfig(namespace=k.namespace, prefill_deployment=k.prefill_deployment,
-                                                   decode_deployment=k.decode_deployment, base_url=k.base_url,
-                                                   token=k.token))
+        return kubernetes_actuator(section)
     if section.actuator == "local":
         logger.warning("actuator local: a cluster planner has no launcher; adds and removes are only logged")
     return LogOnlyActuator(registry)
@@ -122,17 +117,17 @@ class FrontendMerger:
         self.latest: dict[str, tuple[float, Observation]] = {}  # frontend id -> (heard at, observation)
         self.last_heard = 0.0
 
-    def accept(self, message: ObservationMessage, now: float) -> Observation | None:
-        """The merged observation to step on, when `message` comes from the clock frontend; else None."""
-        if message.frontend_id not in self.latest:
-            logger.info("planner: hearing frontend %s", message.frontend_id)
-        self.latest[message.frontend_id] = (now, message.observation)
+    def accept(self, frontend_id: str, observation: Observation, now: float) -> Observation | None:
+        """The merged observation to step on, when `frontend_id` is the clock frontend; else None."""
+        if frontend_id not in self.latest:
+            logger.info("planner: hearing frontend %s", frontend_id)
+        self.latest[frontend_id] = (now, observation)
         self.last_heard = now
-        for frontend_id in [f for f, (heard, _) in self.latest.items() if now - heard > self.timeout_s]:
-            logger.info("planner: frontend %s went quiet", frontend_id)
-            del self.latest[frontend_id]
+        for quiet in [f for f, (heard, _) in self.latest.items() if now - heard > self.timeout_s]:
+            logger.info("planner: frontend %s went quiet", quiet)
+            del self.latest[quiet]
         clock = min(self.latest)
-        if message.frontend_id != clock:
+        if frontend_id != clock:
             return None
         ordered = [self.latest[clock][1]] + [obs for f, (_, obs) in sorted(self.latest.items()) if f != clock]
         return merge_observations(ordered)
@@ -159,17 +154,14 @@ async def serve_metrics(registry: CollectorRegistry, host: str, port: int, healt
 
 
 async def serve_planner(settings: ClusterFile) -> None:
-    from tidal.planner.service import PlannerService
-
-    cluster = settings.cluster.cluster_config()
+    planes = settings.cluster.plane_config()
     section = settings.planner
     registry = CollectorRegistry()
     observations = Counter("tidal_planner_observations", "Observations received from the frontend.",
                            registry=registry)
-    control = ControlPlane(cluster, "tidal-planner")
+    control = ControlPlane(planes, "tidal-planner")
     scaler = make_scaler(settings, registry)
-    service = PlannerService(section.planner_config(), None, ClusterActuator(control, scaler, settings),
-                             registry, section.make_planner())
+    service = None
     follower = FrontendMerger(settings.observation_interval_s or section.reactive_interval_s)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -180,17 +172,18 @@ async def serve_planner(settings: ClusterFile) -> None:
         await control.connect()
         runner = await serve_metrics(registry, section.host, section.port,
                                      lambda: time.monotonic() - follower.last_heard < follower.timeout_s)
-        await service.start()
+        service = await start_planner(section, None, ClusterActuator(control, scaler, settings), registry)
         logger.info("planner: metrics on http://%s:%d/metrics; actuator %s; observations from NATS %s "
-                    "(namespace %s)", section.host, section.port, type(scaler).__name__, cluster.nats_url,
-                    cluster.namespace)
+                    "(namespace %s)", section.host, section.port, type(scaler).__name__, planes.nats_url,
+                    planes.namespace)
         consume = asyncio.create_task(_consume(control, service, follower, observations))
         await stop.wait()
         consume.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await consume
     finally:
-        await service.close()
+        if service is not None:
+            await service.close()
         if runner is not None:
             await runner.cleanup()
         if hasattr(scaler, "close"):
@@ -199,9 +192,9 @@ async def serve_planner(settings: ClusterFile) -> None:
 
 
 async def _consume(control: ControlPlane, service, follower: FrontendMerger, observations: Counter) -> None:
-    async for message in control.observations():
+    async for frontend_id, observation in control.observations():
         observations.inc()
-        merged = follower.accept(message, time.monotonic())
+        merged = follower.accept(frontend_id, observation, time.monotonic())
         if merged is None:
             continue
         try:

@@ -27,8 +27,10 @@ import threading
 import torch
 
 from tidal.cluster.config import ClusterFile, advertised_host, free_port
+from tidal.config import rank_devices
+from tidal.deploy import assembly
 from tidal.protocol import WorkerInfo
-from tidal.runtime.cluster import make_discovery, make_event_publisher
+from tidal.runtime.planes import make_discovery, make_event_publisher
 from tidal.transfer import KVTransferConfig
 from tidal.worker.worker import GPU_WORKER_THREADS, StopFlag, WorkerSpec, serve_engine
 
@@ -44,7 +46,7 @@ class Registration:
     is synchronous). `register` and `close` block the caller until etcd answered (or timed out)."""
 
     def __init__(self, settings: ClusterFile) -> None:
-        self.discovery = make_discovery(settings.cluster.cluster_config())
+        self.discovery = make_discovery(settings.cluster.plane_config())
         self.worker_id: str | None = None
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="tidal-etcd", daemon=True)
@@ -86,21 +88,14 @@ def worker_spec(settings: ClusterFile) -> tuple[WorkerSpec, str]:
     port = w.port or free_port(w.host)
     bind_host = "*" if w.host in ("0.0.0.0", "", "*") else w.host
     worker_id = w.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-    devices = tuple(_rank_devices(w.device, w.tensor_parallel_size))
-    engine = settings.deployment().engine_config(settings.worker_section(), devices[0], devices)
-    spec = WorkerSpec(worker_id=worker_id, role=w.role, engine=engine, request_addr=f"tcp://{bind_host}:{port}",
-                      event_addr="", transfer=_transfer_config(settings, advertise, devices[0]),
-                      num_threads=w.num_threads or (None if devices[0] == "cpu" else GPU_WORKER_THREADS),
-                      advertise_addr=f"tcp://{_url_host(advertise)}:{port}",
-                      health_port=w.health_port, drain_grace_s=w.drain_grace_s)
+    devices = rank_devices(w.device, w.tensor_parallel_size) if w.tensor_parallel_size > 1 else (w.device,)
+    spec = assembly.worker_spec(
+        settings.deployment(), settings.worker_section(), worker_id, devices, request_addr=f"tcp://{bind_host}:{port}",
+        event_addr="", transfer=_transfer_config(settings, advertise, devices[0]),
+        num_threads=w.num_threads or (None if devices[0] == "cpu" else GPU_WORKER_THREADS),
+        advertise_addr=f"tcp://{_url_host(advertise)}:{port}", health_port=w.health_port,
+        stop_grace_s=w.stop_grace_s)
     return spec, advertise
-
-
-def _rank_devices(device: str, tp: int) -> list[str]:
-    if tp == 1:
-        return [device]
-    from tidal.config import rank_devices
-    return list(rank_devices(device, tp))
 
 
 def _transfer_config(settings: ClusterFile, advertise: str, device: str) -> KVTransferConfig | None:
@@ -138,8 +133,8 @@ def run(settings: ClusterFile, log_level: str = "info") -> int:
     leave = getattr(stop, "on_sigterm", None) or (lambda *_: setattr(stop, "requested", True))
     signal.signal(signal.SIGTERM, leave)
     signal.signal(signal.SIGINT, leave)
-    cluster = settings.cluster.cluster_config()
-    events = make_event_publisher(cluster, spec.worker_id, "")
+    planes = settings.cluster.plane_config()
+    events = make_event_publisher(planes, spec.worker_id, "")
     registration = Registration(settings)
 
     def make_engine():

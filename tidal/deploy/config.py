@@ -6,7 +6,8 @@ with a message naming the field (`workers.1.role: Input should be 'both', 'prefi
 resolves one worker's engine settings (the shared `engine` section, then that worker's
 overrides) into the engine's frozen `EngineConfig`; with a `profile` (a `tidal profile` file), a
 prefill worker's token budget and a decode worker's sequence cap default to what the profile
-says suits the role (`resolve_role_limits`).
+says suits the role (`tidal.config.resolve_role_limits`). The `engine` section is derived from
+`tidal.config.ENGINE_KNOBS`: its fields, types and bounds are the config dataclasses' own.
 
     model: null                     # GGUF file, HF folder, dummy:ARCH; null: embedded SmolLM2
     frontend: {host: 127.0.0.1, port: 8000, api_servers: 4, router: kv, max_queue: 1024, queue_timeout_s: 30,
@@ -16,7 +17,7 @@ says suits the role (`resolve_role_limits`).
     engine: {dtype: auto, token_budget: 256, kv_cache_memory_gib: 0.5, ...}
     workers:
       - {role: prefill, count: 1, devices: [cpu], engine: {token_budget: 512}}
-      - {role: decode, count: 1, drain_grace_s: 30, engine: {profile: profile.json, itl_target_ms: 50}}
+      - {role: decode, count: 1, stop_grace_s: 30, engine: {profile: profile.json, itl_target_ms: 50}}
       # or, one worker over 4 GPUs (tensor parallel; aggregated only, for now):
       - {role: both, count: 1, tensor_parallel_size: 4, devices: [cuda:0, cuda:1, cuda:2, cuda:3]}
     planner:                        # optional: `tidal serve` runs the SLA planner (docs/planner.md)
@@ -30,27 +31,25 @@ says suits the role (`resolve_role_limits`).
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import logging
-from dataclasses import dataclass
+import typing
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from tidal.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig, RunnerConfig, SchedulerConfig,
-                          ServerConfig)
+from tidal.config import (ENGINE_KNOBS, STOP_GRACE_S, EngineConfig, ParallelConfig, ServerConfig, engine_config, knob_type,
+                          resolve_role_limits)
 from tidal.perf.profile import load_profile
 from tidal.planner.types import SLO, PlannerConfig
+from tidal.protocol import Role
 from tidal.router.policy import DisaggPolicy, KVWeights
 from tidal.router.config import RouterConfig
 from tidal.transfer import KVTransferConfig
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_TUNING_CONTEXT_LEN = 2048
-
 
 class DeploymentError(ValueError):
     """A deployment config that can't be used; the message names the file and the field."""
@@ -100,37 +99,41 @@ class KVTransferSection(_Strict):
     """Fault testing: every pull waits this long."""
 
 
-class EngineSection(_Strict):
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
-    max_model_len: int | None = Field(None, gt=0)
-    seed: int | None = None
-    block_size: int | None = Field(None, gt=0)
-    num_kv_blocks: int | None = Field(None, gt=0)
-    kv_cache_memory_gib: float | None = Field(None, gt=0)
-    enable_prefix_caching: bool | None = None
-    token_budget: int | None = Field(None, gt=0)
-    max_num_seqs: int | None = Field(None, gt=0)
-    enable_chunked_prefill: bool | None = None
-    attention_backend: Literal["auto", "torch", "triton"] | None = None
-    enable_cuda_graphs: bool | None = None
-    profile: str | None = None
-    """A `tidal profile` file of this model on this device. Unless set explicitly, a prefill worker's
-    token_budget becomes the profile's prefill knee and a decode worker's max_num_seqs the largest
-    batch whose step time stays within itl_target_ms; role `both` keeps its settings."""
-    itl_target_ms: float | None = Field(None, gt=0)
-    """Decode workers tuned from a profile: the inter-token latency (= decode step time) to keep under."""
-    tuning_context_len: int | None = Field(None, gt=0)
-    """Decode workers tuned from a profile: the context length (tokens per sequence) at which the
-    ITL target must hold; default 2048."""
+def section_from(cls: type, name: str, *, optional: bool = False, rename: dict[str, str] | None = None,
+                 exclude: tuple[str, ...] = (), base: type[BaseModel] = _Strict) -> type[BaseModel]:
+    """A YAML section derived from the config dataclass `cls`: a field per dataclass field (named as
+    `rename` says), with its type, bounds and choices; its default too, unless `optional`, where
+    every field defaults to None: "not set here, keep the dataclass's default"."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields = {}
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        fields[(rename or {}).get(f.name, f.name)] = (
+            (typing.Optional[hints[f.name]], None) if optional else (hints[f.name], default))
+    return create_model(name, __base__=base, __module__=__name__, **fields)
+
+
+class _EngineKnobs(_Strict):
+    """The engine settings of a deployment (`engine:`, and a worker's own `engine:` over it): every
+    knob of `tidal.config.ENGINE_KNOBS`, None meaning "the config's default"."""
 
     def merged(self, override: EngineSection | None) -> EngineSection:
         if override is None:
             return self
         return self.model_copy(update=override.model_dump(exclude_none=True))
 
+    def knobs(self) -> dict[str, object]:
+        return self.model_dump()
+
+
+EngineSection = create_model("EngineSection", __base__=_EngineKnobs, __module__=__name__,
+                             **{name: (typing.Optional[knob_type(name)], None) for name in ENGINE_KNOBS})
+
 
 class WorkerSection(_Strict):
-    role: Literal["both", "prefill", "decode"]
+    role: Role
     count: int = Field(1, ge=1, le=64)
     devices: list[str] | None = None
     """One device per replica (`cpu`, `cuda:0`, ...), or `tensor_parallel_size` consecutive devices
@@ -139,7 +142,7 @@ class WorkerSection(_Strict):
     """Devices (processes) each worker of this group spans; its rank 0 runs the engine."""
     num_threads: int | None = Field(None, gt=0)
     """Torch threads per worker; default: the machine's cores shared among CPU workers."""
-    drain_grace_s: float = Field(30.0, ge=0)
+    stop_grace_s: float = Field(STOP_GRACE_S, ge=0)
     """After SIGTERM a worker takes no new requests and exits once its own are done, or after this
     long (requests still running then move to other workers)."""
     health_port: int | None = Field(None, ge=1, le=65535)
@@ -187,7 +190,7 @@ class PlannerSection(_Strict):
     predictor: Literal["moving_average", "holt", "seasonal", "arima"] = "seasonal"
     headroom: float = Field(0.15, ge=0)
     worker_startup_s: float = Field(30.0, gt=0)
-    backlog_drain_s: float = Field(20.0, gt=0)
+    backlog_clear_s: float = Field(20.0, gt=0)
     scale_down_cooldown_s: float = Field(30.0, ge=0)
     allow_flips: bool = True
     decode_prefill_share: float = Field(0.25, ge=0, le=1)
@@ -225,7 +228,7 @@ class PlannerSection(_Strict):
                              reactive_interval_s=self.reactive_interval_s,
                              predictive_interval_s=self.predictive_interval_s, predictor=self.predictor,
                              headroom=self.headroom, scale_down_cooldown_s=self.scale_down_cooldown_s,
-                             worker_startup_s=self.worker_startup_s, backlog_drain_s=self.backlog_drain_s,
+                             worker_startup_s=self.worker_startup_s, backlog_clear_s=self.backlog_clear_s,
                              allow_flips=self.allow_flips, decode_prefill_share=self.decode_prefill_share)
 
 
@@ -261,7 +264,7 @@ class Deployment(ServingSections):
     def _profiles_resolve(self) -> Deployment:
         for i, section in enumerate(self.workers):
             try:
-                resolve_role_limits(section.role, self.engine.merged(section.engine))
+                resolve_role_limits(section.role, self.engine.merged(section.engine).knobs())
             except ValueError as exc:
                 raise ValueError(f"workers.{i} ({section.role}): {exc}") from None
         return self
@@ -286,30 +289,11 @@ class Deployment(ServingSections):
     def engine_config(self, section: WorkerSection, device: str, devices: tuple[str, ...] = ()) -> EngineConfig:
         """One worker's engine settings; `device` is its rank 0's, `devices` every rank's (default:
         `rank_devices(device, tensor_parallel_size)`)."""
-        e = self.engine.merged(section.engine)
-        cache_defaults, sched_defaults = CacheConfig(), SchedulerConfig()
-        limits = resolve_role_limits(section.role, e)
-        if limits.derived:
-            _log_once(f"{section.role} workers: {limits.derived}")
-        return EngineConfig(
-            model=ModelConfig(model=self.model, tokenizer=self.tokenizer, served_model_name=self.served_model_name,
-                              dtype=e.dtype or "auto", device=device, max_model_len=e.max_model_len,
-                              seed=e.seed or 0),
-            cache=CacheConfig(
-                block_size=e.block_size or cache_defaults.block_size, num_blocks=e.num_kv_blocks,
-                kv_cache_memory_bytes=int(e.kv_cache_memory_gib * (1 << 30)) if e.kv_cache_memory_gib
-                else cache_defaults.kv_cache_memory_bytes,
-                enable_prefix_caching=cache_defaults.enable_prefix_caching if e.enable_prefix_caching is None
-                else e.enable_prefix_caching),
-            scheduler=SchedulerConfig(
-                token_budget=limits.token_budget, max_num_seqs=limits.max_num_seqs,
-                enable_chunked_prefill=sched_defaults.enable_chunked_prefill if e.enable_chunked_prefill is None
-                else e.enable_chunked_prefill),
-            runner=RunnerConfig(
-                attention_backend=e.attention_backend or "auto",
-                enable_cuda_graphs=True if e.enable_cuda_graphs is None else e.enable_cuda_graphs),
-            parallel=ParallelConfig(tensor_parallel_size=section.tensor_parallel_size,
-                                    devices=tuple(devices) if section.tensor_parallel_size > 1 else ()))
+        tp = section.tensor_parallel_size
+        return engine_config(self.engine.merged(section.engine).knobs(), section.role,
+                             ParallelConfig(tensor_parallel_size=tp, devices=tuple(devices) if tp > 1 else ()),
+                             model=self.model, tokenizer=self.tokenizer, served_model_name=self.served_model_name,
+                             device=device)
 
     def server_config(self, host: str | None = None, port: int | None = None) -> ServerConfig:
         f = self.frontend
@@ -330,45 +314,6 @@ class Deployment(ServingSections):
         t = self.kv_transfer
         return KVTransferConfig(backend=t.backend, timeout_s=t.timeout_s, debug_delay_s=t.debug_delay_s,
                                 scratch_dir=scratch_dir)
-
-
-@dataclass(frozen=True)
-class RoleLimits:
-    token_budget: int
-    max_num_seqs: int
-    derived: str | None = None
-    """What came from a profile, and why, for the log; None when nothing did."""
-
-
-def resolve_role_limits(role: str, e: EngineSection) -> RoleLimits:
-    """One worker's token_budget and max_num_seqs. Explicit settings win; else, with a profile:
-    - prefill: token_budget = the profile's prefill knee, the smallest batch that saturates the
-      device (larger ones add TTFT for little throughput);
-    - decode: max_num_seqs = the largest batch whose decode step, at `tuning_context_len` tokens of
-      context, stays within `itl_target_ms`;
-    else (and for role `both`) the engine defaults. Raises ValueError for an unreadable profile, a
-    decode worker without itl_target_ms, or a target that even batch 1 misses."""
-    defaults = SchedulerConfig()
-    token_budget, max_num_seqs, derived = e.token_budget, e.max_num_seqs, None
-    if e.profile is not None and role == "prefill" and token_budget is None:
-        token_budget = load_profile(e.profile).prefill_knee_tokens()
-        derived = f"token_budget={token_budget}, the prefill knee of {e.profile}"
-    elif e.profile is not None and role == "decode" and max_num_seqs is None:
-        if e.itl_target_ms is None:
-            raise ValueError(f"a decode worker tuned from a profile ({e.profile}) needs engine.itl_target_ms")
-        context_len = e.tuning_context_len or DEFAULT_TUNING_CONTEXT_LEN
-        max_num_seqs = load_profile(e.profile).max_decode_batch(e.itl_target_ms, context_len)
-        derived = (f"max_num_seqs={max_num_seqs}, the largest batch of {e.profile} within "
-                   f"itl_target_ms={e.itl_target_ms:g} at context {context_len}")
-    token_budget = token_budget or defaults.token_budget
-    if derived and role == "decode" and max_num_seqs > token_budget:
-        derived += f" (but token_budget={token_budget} caps a step's batch lower)"
-    return RoleLimits(token_budget, max_num_seqs or defaults.max_num_seqs, derived)
-
-
-@functools.cache
-def _log_once(message: str) -> None:
-    logger.info(message)
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from tidal.deploy.assembly import worker_spec
 from tidal.deploy.config import Deployment, WorkerSection
 from tidal.protocol import WorkerInfo
 from tidal.runtime.discovery import Discovery, LocalDiscovery
@@ -82,12 +83,12 @@ class Launcher:
     async def _spawn(self, worker_id: str, section: WorkerSection, devices: tuple[str, ...],
                      health_port: int | None = None) -> WorkerInfo:
         device, tp = devices[0], section.tensor_parallel_size
-        spec = WorkerSpec(
-            worker_id=worker_id, role=section.role, engine=self.deployment.engine_config(section, device, devices),
-            request_addr=f"ipc://{self.dir}/{worker_id}.req", event_addr=f"ipc://{self.dir}/{worker_id}.ev",
+        spec = worker_spec(
+            self.deployment, section, worker_id, devices, request_addr=f"ipc://{self.dir}/{worker_id}.req",
+            event_addr=f"ipc://{self.dir}/{worker_id}.ev",
             transfer=self.deployment.transfer_config(self.dir) if tp == 1 else None,  # TP workers run aggregated
             num_threads=section.num_threads or (self._default_threads if device == "cpu" else GPU_WORKER_THREADS),
-            log_level=self.log_level, drain_grace_s=section.drain_grace_s, health_port=health_port)
+            log_level=self.log_level, stop_grace_s=section.stop_grace_s, health_port=health_port)
         # A daemonic process may not start processes, and a tensor-parallel worker starts its other ranks.
         process = multiprocessing.get_context("spawn").Process(target=run_worker, args=(spec,),
                                                                name=f"tidal-{worker_id}", daemon=tp == 1)
@@ -127,7 +128,7 @@ class Launcher:
         proc.reported = True  # an exit on purpose: supervision stays quiet
         if proc.process.is_alive():
             proc.process.terminate()
-        timeout_s = proc.spec.drain_grace_s + STOP_TIMEOUT_S
+        timeout_s = proc.spec.stop_grace_s + STOP_TIMEOUT_S
         await asyncio.to_thread(proc.process.join, timeout_s)
         if proc.process.is_alive():
             logger.warning("worker %s did not stop in %.0fs; killing it", worker_id, timeout_s)

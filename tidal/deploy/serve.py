@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 
+from tidal.deploy import assembly
 from tidal.deploy.api_servers import ApiServerPool, default_api_servers
 from tidal.deploy.config import Deployment
 from tidal.deploy.launcher import Launcher
@@ -110,18 +111,11 @@ def _log_serving(model_name: str, spec: FrontendSpec, launcher: Launcher, count:
 
 async def start_planner(deployment: Deployment, launcher: Launcher, router):
     """The planner service over this deployment's launcher (or Kubernetes) and router, started."""
-    from tidal.planner.actuators import KubernetesActuator, KubernetesConfig, LocalActuator
-    from tidal.planner.service import PlannerService
+    from tidal.planner.actuators import LocalActuator
 
     section = deployment.planner
     if section.actuator == "kubernetes":
-        k = section.kubernetes
-        actuator = KubernetesActuator(KubernetesConfig(namespace=k.namespace, prefill_deployment=k.prefill_deployment,
-                                                       decode_deployment=k.decode_deployment, base_url=k.base_url,
-                                                       token=k.token), fleet=router)
+        actuator = assembly.kubernetes_actuator(section, router=router)
     else:
         actuator = LocalActuator(launcher, router, tuple(section.devices), drain_timeout_s=section.drain_timeout_s)
-    service = PlannerService(section.planner_config(), router.snapshot, actuator, router.registry,
-                             section.make_planner())
-    await service.start()
-    return service
+    return await assembly.start_planner(section, router, actuator)

@@ -36,12 +36,16 @@ class RequestOutput:
 
 
 class LLM:
-    def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
-                 device: str = "cpu", max_model_len: int | None = None, seed: int = 0, block_size: int = 16,
-                 num_kv_blocks: int | None = None, kv_cache_memory_bytes: int = 1 << 30,
-                 enable_prefix_caching: bool = True, token_budget: int = 256, max_num_seqs: int = 128,
-                 enable_chunked_prefill: bool = True, attention_backend: str = "auto",
-                 enable_cuda_graphs: bool = True, tensor_parallel_size: int = 1):
+    def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = ModelConfig.dtype,
+                 device: str = ModelConfig.device, max_model_len: int | None = None, seed: int = ModelConfig.seed,
+                 block_size: int = CacheConfig.block_size, num_kv_blocks: int | None = None,
+                 kv_cache_memory_bytes: int = CacheConfig.kv_cache_memory_bytes,
+                 enable_prefix_caching: bool = CacheConfig.enable_prefix_caching,
+                 token_budget: int = SchedulerConfig.token_budget, max_num_seqs: int = SchedulerConfig.max_num_seqs,
+                 enable_chunked_prefill: bool = SchedulerConfig.enable_chunked_prefill,
+                 attention_backend: str = RunnerConfig.attention_backend,
+                 enable_cuda_graphs: bool = RunnerConfig.enable_cuda_graphs,
+                 tensor_parallel_size: int = ParallelConfig.tensor_parallel_size):
         self.config = EngineConfig(
             model=ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, device=device,
                               max_model_len=max_model_len, seed=seed),

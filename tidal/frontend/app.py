@@ -80,7 +80,7 @@ class BodySizeLimitMiddleware:
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             if declared <= limit * _DRAIN_LIMIT_FACTOR:
-                await self._drain(receive)
+                await self._discard_body(receive)
             await self._refuse(scope, receive, send)
             return
         chunks: list[bytes] = []
@@ -93,7 +93,7 @@ class BodySizeLimitMiddleware:
             size += len(body)
             if size > limit:
                 if size <= limit * _DRAIN_LIMIT_FACTOR and message.get("more_body", False):
-                    await self._drain(receive, size)
+                    await self._discard_body(receive, size)
                 await self._refuse(scope, receive, send)
                 return
             chunks.append(body)
@@ -110,7 +110,7 @@ class BodySizeLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _drain(self, receive: Receive, size: int = 0) -> None:
+    async def _discard_body(self, receive: Receive, size: int = 0) -> None:
         while size <= self.max_body_bytes * _DRAIN_LIMIT_FACTOR:
             message = await receive()
             size += len(message.get("body", b""))
@@ -138,10 +138,7 @@ def build_app(engine: EngineClient, tokenizer: Any, served_model_name: str,
     """The HTTP app for one engine; `tokenizer` follows `tidal.tokenizer`'s interface."""
     app = FastAPI(title="Tidal", version=_version())
     metrics = FrontendMetrics(engine)
-    ctx = ServingContext(engine=engine, tokenizer=tokenizer,
-                         served_model_name=served_model_name, metrics=metrics,
-                         token_table=TokenTextTable(tokenizer),
-                         chat_tokens=ChatTokenCache(tokenizer) if hasattr(tokenizer, "backend") else None)
+    ctx = _serving_context(engine, tokenizer, served_model_name, metrics)
     chat = ChatServing(ctx)
     completion = CompletionServing(ctx)
     app.state.serving_context = ctx
@@ -173,15 +170,7 @@ def build_app(engine: EngineClient, tokenizer: Any, served_model_name: str,
 
     @app.get("/health")
     async def health() -> Response:
-        """Ready to serve: a router needs a worker of every role it can't do without (one that
-        decodes); a single engine must be up. 503 otherwise."""
-        readiness = getattr(engine, "readiness", None)
-        ready, workers = readiness() if readiness is not None else (engine.is_healthy(), None)
-        if ready:
-            return JSONResponse({"status": "ready"} if workers is None else {"status": "ready", "workers": workers})
-        err = engine_unavailable("Not ready: no worker can serve requests." if workers is not None
-                                 else "The engine is not healthy.")
-        return err.response()
+        return _health_response(engine)
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -198,6 +187,25 @@ def build_app(engine: EngineClient, tokenizer: Any, served_model_name: str,
         return JSONResponse({"version": _version()})
 
     return app
+
+
+def _serving_context(engine: EngineClient, tokenizer: Any, served_model_name: str,
+                     metrics: FrontendMetrics) -> ServingContext:
+    return ServingContext(engine=engine, tokenizer=tokenizer, served_model_name=served_model_name, metrics=metrics,
+                          token_table=TokenTextTable(tokenizer),
+                          chat_tokens=ChatTokenCache(tokenizer) if hasattr(tokenizer, "backend") else None)
+
+
+def _health_response(engine: EngineClient) -> Response:
+    """Ready to serve: a router needs a worker of every role it can't do without (one that
+    decodes); a single engine must be up. 503 otherwise."""
+    readiness = getattr(engine, "readiness", None)
+    ready, workers = readiness() if readiness is not None else (engine.is_healthy(), None)
+    if ready:
+        return JSONResponse({"status": "ready"} if workers is None else {"status": "ready", "workers": workers})
+    err = engine_unavailable("Not ready: no worker can serve requests." if workers is not None
+                             else "The engine is not healthy.")
+    return err.response()
 
 
 def _model_card(ctx: ServingContext) -> ModelCard:

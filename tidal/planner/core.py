@@ -14,7 +14,7 @@ planner loop, or the simulator). Each call runs one of two loops:
   TTFT P90 over the SLO, or the prefill queue would take more than `queue_wait_fraction` of the TTFT
   target to drain; decode: ITL P90 or decode step time over the target, or KV use over
   `kv_pressure`). A pool in trouble is sized at once for the rate seen in the last few calls plus
-  its queue drained within `backlog_drain_s` (one worker when that model finds none missing and
+  its queue drained within `backlog_clear_s` (one worker when that model finds none missing and
   none is on its way); one worker of it may come by a flip from the other pool when that pool has
   slack and more workers than the current rate needs, the rest are added within the budget
   (reason `at_budget` when the budget stops it).
@@ -48,7 +48,8 @@ from tidal.planner.load import LoadTracker, Window
 from tidal.planner.perf_model import PerfModel
 from tidal.planner.pools import POOLS, Pool, PoolBook, other_pool
 from tidal.planner.predictors import MovingAverage, Predictor, forecast_peak, make_predictor
-from tidal.planner.types import Action, Decision, Observation, PlannerConfig, Role, Thresholds
+from tidal.planner.types import Action, Decision, Observation, PlannerConfig, Thresholds
+from tidal.protocol import Role
 
 
 class Planner:

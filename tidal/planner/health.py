@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from tidal.planner.perf_model import PerfModel
 from tidal.planner.pools import Pool
-from tidal.planner.types import Observation, PlannerConfig, Role, Thresholds
+from tidal.planner.types import Observation, PlannerConfig, Thresholds
+from tidal.protocol import Role
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class Health:
 
     trouble: str | None  # the reason label when in trouble
     worst_ratio: float
-    backlog_workers: float = 0.0  # workers it would take to drain its queue within backlog_drain_s
+    backlog_workers: float = 0.0  # workers it would take to drain its queue within backlog_clear_s
 
 
 def prefill_health(obs: Observation, pools: dict[Role, Pool], perf: PerfModel, config: PlannerConfig,
@@ -40,7 +41,7 @@ def prefill_health(obs: Observation, pools: dict[Role, Pool], perf: PerfModel, c
     wait_s = queued_tokens / throughput if throughput > 0 else (math.inf if queued_tokens > 0 else 0.0)
     queue_ratio = wait_s / (thresholds.queue_wait_fraction * ttft_ms / 1000)
     trouble = "ttft_over_slo" if ttft_ratio > 1 else "prefill_queue" if queue_ratio > 1 else None
-    backlog = queued_tokens / (perf.prefill_tokens_per_s(ttft_ms) * config.backlog_drain_s)
+    backlog = queued_tokens / (perf.prefill_tokens_per_s(ttft_ms) * config.backlog_clear_s)
     return Health(trouble, max(ttft_ratio, queue_ratio), backlog)
 
 

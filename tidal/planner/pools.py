@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from tidal.planner.types import Action, Observation, Role, WorkerObservation
+from tidal.planner.types import Action, Observation, WorkerObservation
+from tidal.protocol import Role
 
 POOLS: tuple[Role, Role] = ("prefill", "decode")
 

@@ -130,7 +130,7 @@ class PlannerConfig:
     """How long an added worker takes to serve, before the planner has seen one start (then it uses
     what it saw). The predictive loop sizes for the highest rate forecast over the next start-up
     time + predictive interval: the soonest capacity it orders now can help."""
-    backlog_drain_s: float = 20.0
+    backlog_clear_s: float = 20.0
     """The reactive loop sizes a pool in trouble to serve the current rate plus its queue within this."""
     scale_down_cooldown_s: float = 30.0
     """No removal or flip away from a pool within this long of adding to it (no flapping)."""

@@ -45,7 +45,7 @@ from tidal.runtime.events import EventSubscriber, ZmqEventSubscriber
 class Router:
     def __init__(self, discovery: Discovery, config: RouterConfig = RouterConfig(),
                  events: EventSubscriber | None = None, client_tag: str = ""):
-        """`events`: the event plane's subscriber (`tidal.runtime.cluster.make_event_subscriber`, with
+        """`events`: the event plane's subscriber (`tidal.runtime.planes.make_event_subscriber`, with
         topics `load` and `kv`); None: ZMQ, connecting to each worker's `event_addr`. `client_tag`
         starts this replica's socket ids at every worker (`WorkerClient`)."""
         if config.policy not in POLICIES:

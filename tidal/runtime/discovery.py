@@ -5,7 +5,7 @@ launcher's own table, in the frontend's process). `tidal.runtime.etcd_discovery.
 sits beside it with the same interface (workers registered under a lease, so a dead worker
 disappears when its lease lapses): `register`/`unregister` by the side that owns a worker,
 `list`/`watch` by those that use it. `start()` before use and `close()` at the end (no-ops here);
-`tidal.runtime.cluster.make_discovery` picks the implementation.
+`tidal.runtime.planes.make_discovery` picks the implementation.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Interfaces (`EventPublisher`, `EventSubscriber`) with the embedded implementation: ZMQ PUB/SUB,
 each worker binding its own PUB socket and subscribers connecting to every worker they learn of
 from discovery. `tidal.runtime.nats_events` has the NATS implementation of the same two
-interfaces; `tidal.runtime.cluster` picks one.
+interfaces; `tidal.runtime.planes` picks one.
 Events are msgspec-encoded `tidal.protocol.EventMessage` values, one topic frame before each.
 Delivery is best effort (a subscriber that connects late misses what came before); consumers
 that need a complete picture ask for a resync (KV events, issue 4).

@@ -6,133 +6,51 @@ over ZMQ. Delivery is best effort, as over ZMQ: what is published while a side i
 may be lost, and the KV event ids let the router notice the gap and resync from a dump.
 
 Threads: each publisher and subscriber owns one NATS connection on a private asyncio loop in a
-daemon thread (`_NatsThread`). The publisher is called from the worker's synchronous engine loop:
-`publish` encodes, hands the message to that loop (`call_soon_threadsafe`) and returns; a bounded
-queue there feeds the connection and drops when full, so a slow or absent NATS never blocks a
-step. The subscriber's `connect`/`disconnect` are sync too (they schedule (un)subscribes on the
-NATS thread, in order); messages cross back to the consumer's loop, where `events()` decodes them.
-
-Reconnects: nats-py reconnects forever, every `RECONNECT_WAIT_S`, and re-sends subscriptions
-itself; while disconnected, publishes go into its pending buffer (sent on reconnect) until that
-is full, then are dropped. The first connection is retried the same way, so a component may start
-before NATS does.
+daemon thread (`tidal.runtime.nats_client.NatsThread`). The publisher is called from the worker's
+synchronous engine loop: `publish` encodes, hands the message to that loop (`call_soon_threadsafe`)
+and returns; a bounded queue there feeds the connection and drops when full, so a slow or absent
+NATS never blocks a step. The subscriber's `connect`/`disconnect` are sync too (they schedule
+(un)subscribes on the NATS thread, in order); messages cross back to the consumer's loop, where
+`events()` decodes them. Reconnects: see `tidal.runtime.nats_client`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
-import re
-import threading
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 
 import msgspec
-import nats
 import nats.errors
 
+from tidal.config import PlaneConfig
 from tidal.protocol import EventMessage
-from tidal.runtime.cluster import ClusterConfig
+from tidal.runtime.nats_client import NatsThread, namespace_subject, subject_token
 
 logger = logging.getLogger(__name__)
 
-RECONNECT_WAIT_S = 0.5
-CONNECT_TIMEOUT_S = 2
-PING_INTERVAL_S = 10  # a silently dead server is noticed after two unanswered pings
 MAX_QUEUED = 10_000  # messages waiting between a caller and the connection; more are dropped
-CLOSE_TIMEOUT_S = 2.0
-_UNSAFE_SUBJECT_CHARS = re.compile(r"[.*>\s]")
-
-
-def subject_token(name: str) -> str:
-    """`name` as one NATS subject token."""
-    return _UNSAFE_SUBJECT_CHARS.sub("_", name) or "_"
 
 
 def event_subject(namespace: str, topic: str, source_id: str) -> str:
-    return f"tidal.{namespace}.{subject_token(topic)}.{subject_token(source_id)}"
-
-
-class _NatsThread:
-    """One NATS connection on an asyncio loop in a daemon thread; lives until `close()`."""
-
-    def __init__(self, servers: list[str], name: str) -> None:
-        self.name = name
-        self.client = nats.NATS()
-        self.connected = threading.Event()  # set once the first connection is up (any thread)
-        self.ready = asyncio.Event()  # the same, for coroutines on the NATS loop
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-        self._connecting = self.submit(self._connect(servers))
-
-    def submit(self, coro: Coroutine) -> concurrent.futures.Future:
-        """Run `coro` on the NATS loop (callable from any thread)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def close(self) -> None:
-        if not self._thread.is_alive():
-            return
-        with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
-            self.submit(self._close()).result(CLOSE_TIMEOUT_S)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(CLOSE_TIMEOUT_S)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_forever()
-            # Stopped by `close()`: end what is left (the sender, reconnect attempts, reads).
-            tasks = asyncio.all_tasks(self.loop)
-            for task in tasks:
-                task.cancel()
-            self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-        finally:
-            self.loop.close()
-
-    async def _connect(self, servers: list[str]) -> None:
-        await self.client.connect(
-            servers=servers, name=self.name, allow_reconnect=True, max_reconnect_attempts=-1,
-            reconnect_time_wait=RECONNECT_WAIT_S, connect_timeout=CONNECT_TIMEOUT_S,
-            ping_interval=PING_INTERVAL_S, max_outstanding_pings=2,
-            error_cb=self._on_error, disconnected_cb=self._on_disconnected,
-            reconnected_cb=self._on_reconnected)
-        self.connected.set()
-        self.ready.set()
-        logger.debug("%s: connected to NATS at %s", self.name, self.client.connected_url)
-
-    async def _close(self) -> None:
-        self._connecting.cancel()  # still trying to connect the first time: stop
-        if self.client.is_connected or self.client.is_reconnecting:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.client.close(), CLOSE_TIMEOUT_S)
-
-    async def _on_error(self, exc: Exception) -> None:
-        logger.debug("%s: NATS error: %s", self.name, exc)
-
-    async def _on_disconnected(self) -> None:
-        if self.connected.is_set():
-            logger.warning("%s: disconnected from NATS; reconnecting every %gs", self.name, RECONNECT_WAIT_S)
-
-    async def _on_reconnected(self) -> None:
-        logger.info("%s: reconnected to NATS at %s", self.name, self.client.connected_url)
+    return namespace_subject(namespace, f"{subject_token(topic)}.{subject_token(source_id)}")
 
 
 class NatsEventPublisher:
     """One source's publisher (thread-safe, never blocks). `address` is what the source
     advertises as its event endpoint (subscribers need only its id)."""
 
-    def __init__(self, cluster: ClusterConfig, source_id: str) -> None:
-        if not cluster.nats_servers:
+    def __init__(self, planes: PlaneConfig, source_id: str) -> None:
+        if not planes.nats_servers:
             raise ValueError("NatsEventPublisher needs a NATS URL")
-        self.namespace = cluster.namespace
+        self.namespace = planes.namespace
         self.source_id = source_id
         self.address = f"nats:tidal.{self.namespace}.*.{subject_token(source_id)}"
         self.dropped = 0  # messages dropped (queue full, or the connection refused them)
         self._encoder = msgspec.msgpack.Encoder()
         self._subjects: dict[str, str] = {}
-        self._nats = _NatsThread(cluster.nats_servers, f"tidal-events-pub-{source_id}")
+        self._nats = NatsThread(planes, f"tidal-events-pub-{source_id}")
         self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(MAX_QUEUED)
         self._sender = self._nats.submit(self._send_forever())
 
@@ -175,10 +93,10 @@ class NatsEventSubscriber:
     """Subscribes to the topics of each connected source (asyncio consumer; `connect`,
     `disconnect` and `close` may be called from the consumer's loop, they do not block it)."""
 
-    def __init__(self, cluster: ClusterConfig, topics: tuple[str, ...] = ("",)) -> None:
-        if not cluster.nats_servers:
+    def __init__(self, planes: PlaneConfig, topics: tuple[str, ...] = ("",)) -> None:
+        if not planes.nats_servers:
             raise ValueError("NatsEventSubscriber needs a NATS URL")
-        self.namespace = cluster.namespace
+        self.namespace = planes.namespace
         self.topics = tuple(sorted({subject_token(t) if t else "*" for t in topics}))
         self.dropped = 0
         self._sources: dict[str, str] = {}  # subject token -> source id (consumer side)
@@ -186,7 +104,7 @@ class NatsEventSubscriber:
         self._decoder = msgspec.msgpack.Decoder(EventMessage)
         self._queue: asyncio.Queue[tuple[str, str, bytes]] = asyncio.Queue(MAX_QUEUED * 10)
         self._consumer: asyncio.AbstractEventLoop | None = None
-        self._nats = _NatsThread(cluster.nats_servers, "tidal-events-sub")
+        self._nats = NatsThread(planes, "tidal-events-sub")
         self._ops = asyncio.Lock()  # (un)subscribes run on the NATS loop one at a time, in call order
 
     def wait_connected(self, timeout_s: float) -> bool:

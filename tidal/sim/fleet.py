@@ -54,6 +54,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
+from tidal.config import FLEET_PREFILL_TOKEN_BUDGET
 from tidal.planner.types import (Action, Decision, FrontendObservation, Observation, Role,
                                  WorkerObservation, percentile)
 from tidal.sim.timing import StepTimeModel
@@ -84,7 +85,7 @@ class PlannerLike(Protocol):
 
 @dataclass(frozen=True)
 class FleetConfig:
-    token_budget: int = 1024
+    token_budget: int = FLEET_PREFILL_TOKEN_BUDGET
     """Prefill tokens per step on a prefill worker (a profile's knee is a good choice)."""
     max_decode_batch: int = 256
     """Sequences in one decode worker's batch at most."""

@@ -38,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from tidal.config import CacheConfig, EngineConfig, SchedulerConfig
+from tidal.config import SIMULATED_WORKER, CacheConfig, EngineConfig, SchedulerConfig
 from tidal.engine.engine import EngineCore, ServedModel
 from tidal.engine.scheduler import SchedulerOutput
 from tidal.protocol import WorkerInfo
@@ -135,7 +135,9 @@ class SimCluster:
     module docstring), registered in `discovery`."""
 
     def __init__(self, num_workers: int, timing: StepTimeModel = TimingModel(), speedup: float = 1.0,
-                 num_blocks: int = 8192, block_size: int = 16, token_budget: int = 2048, max_num_seqs: int = 256,
+                 num_blocks: int = SIMULATED_WORKER.cache.num_blocks, block_size: int = CacheConfig.block_size,
+                 token_budget: int = SIMULATED_WORKER.scheduler.token_budget,
+                 max_num_seqs: int = SIMULATED_WORKER.scheduler.max_num_seqs,
                  max_model_len: int = 32768, vocab_size: int = 49152, worker_processes: int = 0) -> None:
         self.num_workers = num_workers
         self.timing, self.speedup = timing, speedup

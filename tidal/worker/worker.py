@@ -15,7 +15,7 @@ engine, its weights and its caches stay; only the role it reports changes) -> ex
 
 Exits: SIGTERM leaves gracefully: the worker tells every client `WorkerLeaving` (routers send it
 nothing new), finishes what it holds (requests, KV pulls, KV held for a decode worker) for up to
-`spec.drain_grace_s`, sends `WorkerGone` and exits; a second SIGTERM cuts the grace short.
+`spec.stop_grace_s`, sends `WorkerGone` and exits; a second SIGTERM cuts the grace short.
 `Shutdown`, SIGUSR1 (the launcher stopping a whole deployment) or a vanished parent stop it after
 the current step, also with a `WorkerGone`. SIGINT is ignored: Ctrl-C reaches the launcher, which
 stops its workers in order. Requests a worker still held when it exits end on the client side,
@@ -40,10 +40,10 @@ import msgspec
 import torch
 import zmq
 
-from tidal.config import EngineConfig
+from tidal.config import STOP_GRACE_S, EngineConfig
 from tidal.engine.engine import EngineCore
 from tidal.engine.factory import build_engine
-from tidal.protocol import (AbortRequest, AddRequest, Connect, EngineStats, KVDump, KVDumpRequest, KVEventBatch,
+from tidal.protocol import (ROLES, AbortRequest, AddRequest, Connect, EngineStats, KVDump, KVDumpRequest, KVEventBatch,
                             ForgetClient, LoadReport, ReleaseKV, RequestPlaneMessage, RoleRefused, SetDraining, SetRole,
                             Shutdown, StepOutputs,
                             TokenDelta, WorkerDraining, WorkerGone, WorkerLeaving, WorkerReady)
@@ -57,7 +57,6 @@ IDLE_POLL_MS = 50
 PULL_POLL_MS = 1  # while KV pulls are in flight and nothing else runs
 STATS_INTERVAL_S = 0.5
 EXIT_LINGER_MS = 500  # at exit, how long queued messages (last deltas, WorkerGone) may take to leave
-ROLES = ("both", "prefill", "decode")
 GPU_WORKER_THREADS = 1
 """Torch CPU threads of a GPU worker. Its CPU tensor work is small (step inputs, sampling
 bookkeeping); with a thread per core, OpenMP's spinning threads may burn several cores of the host
@@ -77,7 +76,7 @@ class WorkerSpec:
     transfer: KVTransferConfig | None = None
     num_threads: int | None = None
     log_level: str = "INFO"
-    drain_grace_s: float = 30.0
+    stop_grace_s: float = STOP_GRACE_S
     """After SIGTERM: how long in-flight requests may take to finish before the worker exits."""
     health_port: int | None = None
     """Serve /live and /health on this port (0: any free one); None: no health endpoint."""
@@ -230,11 +229,11 @@ class _WorkerLoop:
         nothing or its grace period is over (what is left then moves to other workers)."""
         now = time.monotonic()
         if self.leave_deadline is None:
-            self.leave_deadline = now + self.spec.drain_grace_s
-            logger.info("leaving (SIGTERM): finishing in-flight work for up to %.0fs", self.spec.drain_grace_s)
+            self.leave_deadline = now + self.spec.stop_grace_s
+            logger.info("leaving (SIGTERM): finishing in-flight work for up to %.0fs", self.spec.stop_grace_s)
             if self.health is not None:
                 self.health.status = "leaving"
-            self._to_clients(WorkerLeaving(worker_id=self.spec.worker_id, grace_s=self.spec.drain_grace_s))
+            self._to_clients(WorkerLeaving(worker_id=self.spec.worker_id, grace_s=self.spec.stop_grace_s))
         busy = self.engine.idle_for_role_change()
         if busy is None:
             logger.info("drained; exiting")
