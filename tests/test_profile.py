@@ -14,7 +14,7 @@ import pytest
 
 from _server import REPO_ROOT, running_server
 from tidal.cli import main
-from tidal.config import RoleLimits, resolve_role_limits
+from tidal.deploy.engine_knobs import RoleLimits, resolve_role_limits
 from tidal.deploy.config import DeploymentError, parse_deployment
 from tidal.perf.profile import (DecodePoint, PrefillPoint, Profile, ProfileError, SkippedPoint, load_profile,
                                 save_profile)
@@ -187,7 +187,7 @@ def test_a_deployment_tunes_each_role_and_logs_it_once(profile_path, caplog):
     d = parse_deployment({"engine": {"profile": profile_path, "itl_target_ms": 20},
                           "workers": [{"role": "prefill", "count": 2}, {"role": "decode"}, {"role": "both"},
                                       {"role": "prefill", "engine": {"token_budget": 512}}]})
-    with caplog.at_level(logging.INFO, logger="tidal.config"):
+    with caplog.at_level(logging.INFO, logger="tidal.deploy.engine_knobs"):
         configs = [(worker_id, d.engine_config(section, device).scheduler) for worker_id, section, device in
                    d.replicas()]
     limits = {worker_id: (s.token_budget, s.max_num_seqs) for worker_id, s in configs}

@@ -99,7 +99,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def engine_config_from_args(args: argparse.Namespace):
     """The model and cache flags as an `EngineConfig` (scheduler settings left at their defaults)."""
-    from tidal.config import engine_config
+    from tidal.deploy.engine_knobs import engine_config
 
     return engine_config(_model_knobs(args), model=args.model, tokenizer=args.tokenizer, device=args.device)
 

@@ -3,9 +3,9 @@
 Every knob has its one default here. A field's annotation carries its bounds and choices
 (`Positive`, `Literal[...]`); `__post_init__` checks them (`validate_fields`), and the YAML
 sections of `tidal.deploy.config` are derived from the same annotations, so a bad value is refused
-the same way whichever door it came in by. `engine_config(knobs)` turns the flat engine settings a
-user writes (`token_budget`, `num_kv_blocks`, ...: `ENGINE_KNOBS`) into an `EngineConfig`;
-`resolve_role_limits` gives a prefill or decode worker its scheduler limits from a profile.
+the same way whichever door it came in by. `ENGINE_KNOBS` names the flat engine settings a user
+writes (`token_budget`, `num_kv_blocks`, ...); `tidal.deploy.engine_knobs` turns them into an
+`EngineConfig`, with a role's scheduler limits from a profile.
 
 Environment variables are read here and nowhere else (`env_*` helpers below).
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import os
 import re
 import types
@@ -25,7 +24,6 @@ from typing import Annotated, Literal
 
 from annotated_types import Ge, Gt
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -237,7 +235,7 @@ def knob_type(name: str) -> object:
     return _hints(cls)[field_name]
 
 
-def _knob_fields(cls: type, knobs: Mapping[str, object]) -> dict[str, object]:
+def knob_fields(cls: type, knobs: Mapping[str, object]) -> dict[str, object]:
     """The fields of `cls` the set knobs name, with their values (GiB knobs in bytes)."""
     out = {}
     for name, value in knobs.items():
@@ -245,62 +243,6 @@ def _knob_fields(cls: type, knobs: Mapping[str, object]) -> dict[str, object]:
             continue
         out[ENGINE_KNOBS[name][1]] = int(value * GIB) if name == "kv_cache_memory_gib" else value
     return out
-
-
-@dataclass(frozen=True)
-class RoleLimits:
-    token_budget: int
-    max_num_seqs: int
-    derived: str | None = None
-    """What came from a profile, and why, for the log; None when nothing did."""
-
-
-def resolve_role_limits(role: str, knobs: Mapping[str, object]) -> RoleLimits:
-    """A worker's token_budget and max_num_seqs from its engine knobs. Explicit settings win; else,
-    with a profile (`RoleTuning`):
-    - prefill: token_budget = the profile's prefill knee, the smallest batch that saturates the
-      device (larger ones add TTFT for little throughput);
-    - decode: max_num_seqs = the largest batch whose decode step, at `tuning_context_len` tokens of
-      context, stays within `itl_target_ms`;
-    else (and for role `both`) the `SchedulerConfig` defaults. Raises ValueError for an unreadable
-    profile, a decode worker without itl_target_ms, or a target that even batch 1 misses."""
-    from tidal.perf.profile import load_profile
-
-    scheduler = SchedulerConfig(**_knob_fields(SchedulerConfig, knobs))
-    tuning = RoleTuning(**_knob_fields(RoleTuning, knobs))
-    token_budget, max_num_seqs, derived = scheduler.token_budget, scheduler.max_num_seqs, None
-    if tuning.profile is not None and role == "prefill" and knobs.get("token_budget") is None:
-        token_budget = load_profile(tuning.profile).prefill_knee_tokens()
-        derived = f"token_budget={token_budget}, the prefill knee of {tuning.profile}"
-    elif tuning.profile is not None and role == "decode" and knobs.get("max_num_seqs") is None:
-        if tuning.itl_target_ms is None:
-            raise ValueError(f"a decode worker tuned from a profile ({tuning.profile}) needs engine.itl_target_ms")
-        context_len = tuning.tuning_context_len
-        max_num_seqs = load_profile(tuning.profile).max_decode_batch(tuning.itl_target_ms, context_len)
-        derived = (f"max_num_seqs={max_num_seqs}, the largest batch of {tuning.profile} within "
-                   f"itl_target_ms={tuning.itl_target_ms:g} at context {context_len}")
-        if max_num_seqs > token_budget:
-            derived += f" (but token_budget={token_budget} caps a step's batch lower)"
-    return RoleLimits(token_budget, max_num_seqs, derived)
-
-
-def engine_config(knobs: Mapping[str, object], role: str = "both", parallel: ParallelConfig = ParallelConfig(),
-                  **model: object) -> EngineConfig:
-    """The `EngineConfig` of a worker of `role` from its engine knobs (`ENGINE_KNOBS`; None: the
-    default) and its `ModelConfig` fields other than the knobs' (model, tokenizer, device, ...)."""
-    limits = resolve_role_limits(role, knobs)
-    if limits.derived:
-        _log_once(f"{role} workers: {limits.derived}")
-    scheduler = SchedulerConfig(**{**_knob_fields(SchedulerConfig, knobs), "token_budget": limits.token_budget,
-                                   "max_num_seqs": limits.max_num_seqs})
-    return EngineConfig(model=ModelConfig(**model, **_knob_fields(ModelConfig, knobs)),
-                        cache=CacheConfig(**_knob_fields(CacheConfig, knobs)), scheduler=scheduler,
-                        runner=RunnerConfig(**_knob_fields(RunnerConfig, knobs)), parallel=parallel)
-
-
-@functools.cache
-def _log_once(message: str) -> None:
-    logger.info(message)
 
 
 STOP_GRACE_S = 30.0

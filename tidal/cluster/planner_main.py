@@ -91,7 +91,7 @@ class ClusterActuator:
     def _limits(self, role: Role) -> tuple[int | None, int | None]:
         """The role's scheduler limits when the config's engine section sets them (a profile
         included); else None: the worker keeps its own."""
-        from tidal.config import resolve_role_limits
+        from tidal.deploy.engine_knobs import resolve_role_limits
 
         engine = self.settings.engine.merged(self.settings.worker.engine)
         if engine.token_budget is None and engine.max_num_seqs is None and engine.profile is None:

@@ -6,7 +6,7 @@ with a message naming the field (`workers.1.role: Input should be 'both', 'prefi
 resolves one worker's engine settings (the shared `engine` section, then that worker's
 overrides) into the engine's frozen `EngineConfig`; with a `profile` (a `tidal profile` file), a
 prefill worker's token budget and a decode worker's sequence cap default to what the profile
-says suits the role (`tidal.config.resolve_role_limits`). The `engine` section is derived from
+says suits the role (`tidal.deploy.engine_knobs.resolve_role_limits`). The `engine` section is derived from
 `tidal.config.ENGINE_KNOBS`: its fields, types and bounds are the config dataclasses' own.
 
     model: null                     # GGUF file, HF folder, dummy:ARCH; null: embedded SmolLM2
@@ -40,8 +40,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from tidal.config import (ENGINE_KNOBS, STOP_GRACE_S, EngineConfig, ParallelConfig, ServerConfig, engine_config, knob_type,
-                          resolve_role_limits)
+from tidal.config import ENGINE_KNOBS, STOP_GRACE_S, EngineConfig, ParallelConfig, ServerConfig, knob_type
+from tidal.deploy.engine_knobs import engine_config, resolve_role_limits
 from tidal.perf.profile import load_profile
 from tidal.planner.types import SLO, PlannerConfig
 from tidal.protocol import Role
