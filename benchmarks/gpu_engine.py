@@ -1,8 +1,8 @@
 """The GPU engine against the card's ceilings, in one device call per part.
 
-    python benchmarks/gpu_engine.py --parts ceilings,decode,prefill,server,hf \
+    python -m benchmarks.gpu_engine --parts ceilings,decode,prefill,server,hf \
         --models llama-3.1-8b,qwen3-8b --tokenizer .gpu_assets/tokenizer
-    python benchmarks/gpu_engine.py --parts ceilings,tp --tp-model llama-3.1-70b --tp 2
+    python -m benchmarks.gpu_engine --parts ceilings,tp --tp-model llama-3.1-70b --tp 2
 
 Parts:
 - ceilings: device-to-device copy bandwidth (bytes read + written) and bf16 matmul rate.
@@ -33,20 +33,21 @@ import gc
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.gpu_smoke import ceilings  # noqa: E402
-from tidal import LLM  # noqa: E402
-from tidal.engine.batch import StepBatch  # noqa: E402
-from tidal.models.arch import get_preset, param_count  # noqa: E402
-from tidal.models.llama import kv_bytes_per_token  # noqa: E402
+from tidal import LLM
+from tidal.bench.server import ServerProcess, free_port, tidal_command
+from tidal.engine.batch import StepBatch
+from tidal.models.arch import get_preset, param_count
+from tidal.models.llama import kv_bytes_per_token
+from tidal.perf.ceilings import device_ceilings
 
 GiB = 1 << 30
 
@@ -193,33 +194,21 @@ def breakdown(llm: LLM, batches=(1, 64)) -> list[dict]:
 
 
 def serve_throughput(preset: str, tokenizer: str, concurrencies, kv_gib: float) -> list[dict]:
-    import httpx
-
     from tidal.bench.runner import BenchConfig, run_bench
 
-    port = 8437
-    cmd = [sys.executable, "-m", "tidal.cli", "serve", f"dummy:{preset}", "--device", "cuda", "--dtype", "bfloat16",
-           "--port", str(port), "--kv-cache-memory", str(kv_gib), "--max-num-seqs", "256",
-           "--token-budget", "8192", "--max-model-len", "8192", "--tokenizer", tokenizer]
-    log = open(os.path.join(os.environ.get("OUT", "/tmp"), f"serve-{preset}.log"), "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    port = free_port()
+    serve = ["serve", f"dummy:{preset}", "--device", "cuda", "--dtype", "bfloat16", "--port", str(port),
+             "--kv-cache-memory", str(kv_gib), "--max-num-seqs", "256", "--token-budget", "8192",
+             "--max-model-len", "8192", "--tokenizer", tokenizer]
+    log = Path(os.environ.get("OUT", "/tmp")) / f"serve-{preset}.log"
     rows = []
-    try:
-        deadline = time.time() + 400
-        while True:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"tidal serve did not come up (exit {proc.poll()}); see serve-{preset}.log")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+    with ServerProcess(tidal_command(serve), log, port, name="tidal serve", stop_signal=signal.SIGTERM, signal_group=True) as server:
+        server.start_and_wait(timeout_s=400)
         # Token-id prompts must lie in the served tokenizer's vocabulary (the GPU box's tokenizer may
         # be smaller than the model's); a dummy model's speed does not depend on which ids they are.
         vocab = min(get_preset(preset).vocab_size, _tokenizer_vocab(tokenizer))
         for c in concurrencies:
-            config = BenchConfig(url=f"http://127.0.0.1:{port}", workload="synthetic", arrival="constant", rate=1e4,
+            config = BenchConfig(url=server.url, workload="synthetic", arrival="constant", rate=1e4,
                                  requests=max(4, 2 * c), input_len=1024, output_len=256, vocab_size=vocab - 100,
                                  max_concurrency=c, seed=c)
             summary = run_bench(config)
@@ -227,9 +216,6 @@ def serve_throughput(preset: str, tokenizer: str, concurrencies, kv_gib: float) 
                          "ok": summary["ok"], "requests": summary["requests"],
                          "ttft_ms_p50": summary["ttft_ms"]["p50"], "itl_ms_p50": summary["itl_ms"]["p50"],
                          "itl_ms_p99": summary["itl_ms"]["p99"]})
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(60)
     return rows
 
 
@@ -314,7 +300,7 @@ def main() -> None:
     path = os.path.join(args.out, f"gpu_engine-{card}.json")
     results = json.load(open(path)) if os.path.exists(path) else {"card": card, "models": {}}
     results["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    results["ceilings"] = ceilings()
+    results["ceilings"] = device_ceilings()
     print("ceilings", results["ceilings"], flush=True)
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     free_gib = torch.cuda.mem_get_info(0)[0] / GiB

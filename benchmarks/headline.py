@@ -25,7 +25,7 @@ window (`--measure-s`); arrivals stop at its end, requests still running `--grac
 (default 500 s: the GPU tool allows 600 s a command): points that would not fit are listed as
 remaining, and the same command with `--resume` runs them next time.
 
-Metrics (`benchmarks/headline_metrics.py`): SLO attainment and goodput (per GPU too) under all
+Metrics (`tidal.bench.metrics.point_metrics`): SLO attainment and goodput (per GPU too) under all
 three regimes at once (tight TTFT 300 ms / ITL 100 ms, balanced 1 s / 50 ms, relaxed 3 s / 25 ms;
 a request is good when it finished, its TTFT is within the target and its P90 inter-token gap
 too; `strict` variants check its worst gap instead), each request's worst stall, p99 ITL per 5-s
@@ -38,7 +38,7 @@ pads a copy of the tokenizer with plain added tokens (" x1f4a0", ...) up to the 
 (in the run folder), so every token streams text and re-tokenizes to itself in the next turn.
 
 Each GPU invocation first records the cards' names and cuda:0's copy bandwidth and bf16 matmul rate
-(`benchmarks/gpu_smoke.ceilings`, in a child process) into every line it writes.
+(`tidal.perf.ceilings.cards_and_ceilings`, in a child process) into every line it writes.
 
 Commands for the lead (nvidia-h100-x2, in priority order; OUT is the device tool's folder):
 
@@ -62,35 +62,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.headline_metrics import SLO_REGIMES, point_metrics  # noqa: E402
-from tidal.bench.runner import Bench, BenchConfig  # noqa: E402
-from tidal.bench.traces import load_trace  # noqa: E402
+from tidal.bench.fleet_poller import FleetPoller, engine_summary
+from tidal.bench.metrics import SLO_REGIMES, point_metrics
+from tidal.bench.runner import Bench, BenchConfig
+from tidal.bench.server import ServerProcess, checkout_env, free_port, tidal_command
+from tidal.bench.traces import load_trace
+from tidal.perf.ceilings import cards_and_ceilings
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "mooncake_conversation_trace.jsonl"
 GPU_MODEL = "dummy:llama-3.1-8b"
 GPU_VOCAB = 128_256
 STARTUP_TIMEOUT_S = 420
-POOL_POLL_S = 1.0
 
 
 # ---- hardware and arms ----------------------------------------------------------------------------
@@ -123,7 +118,7 @@ class Arm:
     local_prefill_threshold: int = 512
     """tidal: prompts with fewer uncached tokens prefill on their decode worker."""
     planner_slo: str = "balanced"
-    """tidal: the SLO regime (`headline_metrics.SLO_REGIMES`) the planner holds."""
+    """tidal: the SLO regime (`tidal.bench.metrics.SLO_REGIMES`) the planner holds."""
 
     @property
     def arm_id(self) -> str:
@@ -306,182 +301,6 @@ def bench_config(point: Point, family: Family, rate: float, url: str, seed: int,
     return config, warmup_s
 
 
-# ---- the server ----------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A `tidal` command (`serve -f CONFIG`, or `sim ...`) in its own process group: started, waited
-    for, stopped with its workers."""
-
-    def __init__(self, tidal_args: list[str], log_path: Path, url: str, num_workers: int | None = None):
-        self.tidal_args, self.log_path, self.url = tidal_args, log_path, url
-        self.num_workers = num_workers  # the workers that must be routable before a point runs
-        self.proc: subprocess.Popen | None = None
-        self.start_s = 0.0
-
-    def start(self) -> float:
-        started = time.monotonic()
-        with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "tidal.cli", *self.tidal_args],
-                                         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env=child_env())
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tidal serve exited with {self.proc.returncode}; see {self.log_path}:\n"
-                                   + self.log_path.read_text()[-2000:])
-            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200 and self._all_workers_up():
-                    self.start_s = time.monotonic() - started
-                    return self.start_s
-            if time.monotonic() - started > STARTUP_TIMEOUT_S:
-                self.stop()
-                raise RuntimeError(f"tidal serve not healthy after {STARTUP_TIMEOUT_S} s; see {self.log_path}")
-            time.sleep(0.5)
-
-    def _all_workers_up(self) -> bool:
-        """Every worker of the deployment is routable: a point measured on fewer GPUs than the arm
-        names (a worker that failed to start) would be a wrong figure, so the start waits, then fails."""
-        if self.num_workers is None:
-            return True
-        table = httpx.get(self.url + "/admin/workers", timeout=2).json()["workers"]
-        return sum(1 for w in table if not w.get("draining")) >= self.num_workers
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def wait_idle(self, timeout_s: float = 20.0) -> None:
-        """Until no worker has open requests (cut streams are aborted server-side), at most `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError, ValueError):
-                table = httpx.get(self.url + "/admin/workers", timeout=2).json()["workers"]
-                if all(not w["open_requests"] for w in table):
-                    return
-            time.sleep(0.5)
-
-
-ENGINE_COUNTERS = ("steps_total", "step_seconds_total", "prefill_tokens_total", "decode_seqs_total",
-                   "generation_tokens", "kv_transfers", "kv_transfer_seconds", "kv_transfer_bytes")
-ENGINE_GAUGES = ("num_running", "num_waiting", "num_waiting_for_kv")
-
-
-def process_cpu_s(pid: int | None) -> float | None:
-    """User + system CPU seconds of one process so far (Linux /proc), None if unknown."""
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
-
-
-class PoolPoller:
-    """A thread that samples the fleet every second: workers by role (draining ones apart), the
-    planner's targets, each worker's engine counters (`/admin/workers`) and the frontend process's
-    CPU time. Times are `time.perf_counter()` values; the caller shifts them to the run's start."""
-
-    def __init__(self, url: str, interval_s: float = POOL_POLL_S, frontend_pid: int | None = None):
-        self.url, self.interval_s, self.frontend_pid = url, interval_s, frontend_pid
-        self.samples: list[dict] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> PoolPoller:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=2) as client:
-            while not self._stop.is_set():
-                with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
-                    self.samples.append(self._sample(client))
-                self._stop.wait(self.interval_s)
-
-    def _sample(self, client: httpx.Client) -> dict:
-        now = time.perf_counter()
-        cpu_s = process_cpu_s(self.frontend_pid)
-        workers = client.get("/admin/workers").json()["workers"]
-        roles: dict[str, int] = {}
-        engines = {}
-        for w in workers:
-            key = f"{w['role']}-draining" if w["draining"] else w["role"]
-            roles[key] = roles.get(key, 0) + 1
-            if w.get("stats"):
-                engines[w["worker_id"]] = {"role": w["role"], "cpu_s": process_cpu_s(w.get("pid")),
-                                           **{k: w["stats"].get(k, 0) for k in ENGINE_COUNTERS + ENGINE_GAUGES}}
-        targets = {}
-        api_cpu_s = {}  # API server processes' own CPU counters (several API servers)
-        for line in client.get("/metrics").text.splitlines():
-            if line.startswith("tidal_planner_target_workers{"):
-                role = line.split('role="', 1)[1].split('"', 1)[0]
-                targets[role] = float(line.rsplit(" ", 1)[1])
-            elif line.startswith("tidal_frontend_process_cpu_seconds_total{"):
-                index = line.split('frontend="', 1)[1].split('"', 1)[0]
-                api_cpu_s[f"api{index}"] = float(line.rsplit(" ", 1)[1])
-        return {"t": now, "workers": roles, "targets": targets, "engines": engines, "frontend_cpu_s": cpu_s,
-                "api_cpu_s": api_cpu_s}
-
-
-def engine_summary(samples: list[dict], t0: float, t1: float) -> dict:
-    """Where the time went in [t0, t1] (run-relative seconds), from the poller's samples: per worker
-    its busy share (engine step time / wall), its process's CPU use, mean step time, decode batch and running requests,
-    prefill and output tokens/s, KV pulls/s and mean pull time; and the frontend process's CPU use
-    (1.0 = one core). A worker seen at both ends only (a flipped one keeps its counters)."""
-    inside = [s for s in samples if t0 <= s["t"] <= t1]
-    if len(inside) < 2:
-        return {}
-    first, last = inside[0], inside[-1]
-    span = last["t"] - first["t"]
-    workers = {}
-    for wid, end in last["engines"].items():
-        begin = first["engines"].get(wid)
-        if begin is None or span <= 0:
-            continue
-        d = {k: end[k] - begin[k] for k in ENGINE_COUNTERS}
-        steps = d["steps_total"]
-        gauges = [s["engines"][wid] for s in inside if wid in s["engines"]]
-        workers[wid] = {
-            "role": end["role"], "busy": round(d["step_seconds_total"] / span, 3),
-            "cpu": round((end["cpu_s"] - begin["cpu_s"]) / span, 3)
-            if end["cpu_s"] is not None and begin["cpu_s"] is not None else None,
-            "step_ms": round(1000 * d["step_seconds_total"] / steps, 2) if steps else None,
-            "decode_batch": round(d["decode_seqs_total"] / steps, 1) if steps else None,
-            "prefill_tok_s": round(d["prefill_tokens_total"] / span), "output_tok_s": round(d["generation_tokens"] / span),
-            "pulls_per_s": round(d["kv_transfers"] / span, 2),
-            "pull_ms": round(1000 * d["kv_transfer_seconds"] / d["kv_transfers"], 2) if d["kv_transfers"] else None,
-            "pull_gb_s": round(d["kv_transfer_bytes"] / d["kv_transfer_seconds"] / 1e9, 1)
-            if d["kv_transfer_seconds"] > 0 else None,
-            **{f"{g}_mean": round(sum(x[g] for x in gauges) / len(gauges), 1) for g in ENGINE_GAUGES}}
-    cpu = (last["frontend_cpu_s"] - first["frontend_cpu_s"]) / span if (
-        span > 0 and first.get("frontend_cpu_s") is not None and last.get("frontend_cpu_s") is not None) else None
-    # The serve process (launcher; with one API server also the frontend) and each API server process.
-    per_process = {"serve": cpu} if cpu is not None else {}
-    for name, end in last.get("api_cpu_s", {}).items():
-        begin = first.get("api_cpu_s", {}).get(name)
-        if begin is not None and span > 0:
-            per_process[name] = (end - begin) / span
-    total = sum(per_process.values()) if per_process else None
-    return {"span_s": round(span, 1), "frontend_cpu": round(total, 3) if total is not None else None,
-            "frontend_cpu_max": round(max(per_process.values()), 3) if per_process else None,
-            "frontend_cpu_by_process": {k: round(v, 3) for k, v in per_process.items()}, "workers": workers}
-
-
 # ---- one point ----------------------------------------------------------------------------------------
 async def _bench_with_cut(config: BenchConfig, stop_after_s: float) -> tuple[list, float, bool]:
     """Runs the bench; cancels what still runs `stop_after_s` after the start. (records, start, cut?)"""
@@ -496,14 +315,14 @@ async def _bench_with_cut(config: BenchConfig, stop_after_s: float) -> tuple[lis
     return bench.records, bench.start, not done
 
 
-def run_point(point: Point, arm: Arm, hw: Hardware, server: Server, args, families: dict) -> dict:
+def run_point(point: Point, arm: Arm, hw: Hardware, server: ServerProcess, args, families: dict) -> dict:
     family = families[point.family]
     capacity = args.capacity[point.family] * arm.gpus / 2 if not hw.smoke else args.capacity[point.family]
     rate = point.load * capacity
     config, warmup_s = bench_config(point, family, rate, server.url, args.seed, args)
     measure_s = config.duration_s - warmup_s
     wall = time.monotonic()
-    with PoolPoller(server.url, frontend_pid=server.proc.pid if server.proc else None) as poller:
+    with FleetPoller(server.url, frontend_pid=server.pid) as poller:
         records, start, cut = asyncio.run(_bench_with_cut(config, config.duration_s + args.grace_s))
     wall_s = time.monotonic() - wall
     server.wait_idle()
@@ -533,24 +352,6 @@ def done_keys(paths: list[str]) -> set[tuple[str, str]]:
                     if "point" in row:
                         keys.add((row["arm"], row["point"]))
     return keys
-
-
-def child_env() -> dict[str, str]:
-    """This process's environment with the repository first on PYTHONPATH (the GPU box's wheels,
-    installed under a --target folder on PYTHONPATH, stay reachable)."""
-    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-
-
-def gpu_facts() -> dict:
-    """The cards' names and cuda:0's ceilings, measured in a child process (no CUDA context stays here)."""
-    code = ("import json, torch; from benchmarks.gpu_smoke import ceilings; "
-            "names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]; "
-            "print(json.dumps({'cards': names, 'torch': torch.__version__, 'ceilings_cuda0': ceilings()}))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180,
-                         env=child_env())
-    if out.returncode != 0:
-        return {"error": out.stderr[-1000:]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def padded_tokenizer(source: str | None, vocab: int, folder: Path) -> str:
@@ -598,16 +399,17 @@ def run_invocation(args) -> int:
     facts = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(),
              "host_cpus": os.cpu_count()}
     if not hw.smoke:
-        facts.update(gpu_facts())
+        facts.update(cards_and_ceilings(env=checkout_env(), cwd=str(REPO)))
         hw = dataclasses.replace(hw, tokenizer=padded_tokenizer(hw.tokenizer, GPU_VOCAB, Path(args.tokenizer_dir)))
         print("hardware:", json.dumps(facts), flush=True)
     port = free_port()
     config_path = run_dir / "deployment.yaml"
     config_path.write_text(yaml.safe_dump(deployment(arm, hw, port), sort_keys=False))
-    server = Server(["serve", "-f", str(config_path)], run_dir / "serve.log", f"http://127.0.0.1:{port}", num_workers=arm.gpus)
+    server = ServerProcess(tidal_command(["serve", "-f", str(config_path)]), run_dir / "serve.log", port,
+                           name="tidal serve")
     ran = []
     try:
-        start_s = server.start()
+        start_s = server.start_and_wait(timeout_s=STARTUP_TIMEOUT_S, num_workers=arm.gpus)
         print(f"server up in {start_s:.1f} s ({config_path})", flush=True)
         for point in todo:
             left = args.budget_s - (time.monotonic() - begun)

@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.headline_metrics import SLO_REGIMES  # noqa: E402
+from tidal.bench.metrics import SLO_REGIMES  # noqa: E402
 
 CAPACITY_ATTAINMENT_PCT = 90.0
 

@@ -33,7 +33,7 @@ from tidal.planner.core import Planner
 from tidal.planner.perf_model import PerfModel
 from tidal.planner.types import SLO, PlannerConfig
 
-from benchmarks.headline_metrics import SLO_REGIMES
+from tidal.bench.metrics import SLO_REGIMES
 
 TOKENS_PER_WORD = 1.3
 ASSUMED_ITL_S = 0.02
