@@ -42,20 +42,20 @@ Each GPU invocation first records the cards' names and cuda:0's copy bandwidth a
 
 Commands for the lead (nvidia-h100-x2, in priority order; OUT is the device tool's folder):
 
-    python3 benchmarks/headline.py --gpus 2 --arm agg --token-budget 4096 --group chat \\
+    python3 -m benchmarks.headline --gpus 2 --arm agg --token-budget 4096 --group chat \\
         --out $OUT/headline-h100x2.jsonl --resume benchmarks/results/headline-h100x2.jsonl
-    python3 benchmarks/headline.py --gpus 2 --arm disagg --split 1:1 --group chat \\
+    python3 -m benchmarks.headline --gpus 2 --arm disagg --split 1:1 --group chat \\
         --out $OUT/headline-h100x2.jsonl --resume benchmarks/results/headline-h100x2.jsonl
-    python3 benchmarks/headline.py --gpus 2 --arm tidal --split 1:1 --group chat \\
+    python3 -m benchmarks.headline --gpus 2 --arm tidal --split 1:1 --group chat \\
         --out $OUT/headline-h100x2.jsonl --resume benchmarks/results/headline-h100x2.jsonl
     # then: --group square, --group trace, --group control per arm; --token-budget 2048 / 8192 for agg
 
 (append each returned `headline-h100x2.jsonl` to benchmarks/results/headline-h100x2.jsonl before the
 next call, so `--resume` skips what is done). The 4-GPU arms: `--gpus 4 --split 1:3|2:2|3:1`.
 
-    python benchmarks/headline.py --sim --gpus 2         # simulator first: capacities and the load grid
-    python benchmarks/headline.py --report benchmarks/results/headline-h100x2.jsonl --report-dir docs/img/headline
-    python benchmarks/headline.py --smoke --arm tidal --out /tmp/headline-smoke.jsonl   # CPU, tiny model
+    python -m benchmarks.headline --sim --gpus 2         # simulator first: capacities and the load grid
+    python -m benchmarks.headline --report benchmarks/results/headline-h100x2.jsonl --report-dir docs/img/headline
+    python -m benchmarks.headline --smoke --arm tidal --out /tmp/headline-smoke.jsonl   # CPU, tiny model
 """
 
 from __future__ import annotations
@@ -79,7 +79,6 @@ from tidal.bench.metrics import SLO_REGIMES, point_metrics
 from tidal.bench.runner import Bench, BenchConfig
 from tidal.bench.server import ServerProcess, checkout_env, free_port, tidal_command
 from tidal.bench.traces import load_trace
-from tidal.perf.ceilings import cards_and_ceilings
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "mooncake_conversation_trace.jsonl"
@@ -399,6 +398,8 @@ def run_invocation(args) -> int:
     facts = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(),
              "host_cpus": os.cpu_count()}
     if not hw.smoke:
+        from tidal.perf.ceilings import cards_and_ceilings  # torch: only on the GPU box
+
         facts.update(cards_and_ceilings(env=checkout_env(), cwd=str(REPO)))
         hw = dataclasses.replace(hw, tokenizer=padded_tokenizer(hw.tokenizer, GPU_VOCAB, Path(args.tokenizer_dir)))
         print("hardware:", json.dumps(facts), flush=True)

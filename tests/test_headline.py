@@ -8,8 +8,8 @@ import json
 import pytest
 
 from benchmarks import headline
-from benchmarks.headline_metrics import SLO_REGIMES
 from benchmarks.headline_report import write_report
+from tidal.bench.metrics import SLO_REGIMES
 
 
 def test_deployments_carry_the_gpu_settings():
