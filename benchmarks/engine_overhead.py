@@ -79,7 +79,8 @@ def model_run(args) -> dict:
     start = time.perf_counter()
     while pending or engine.has_work():
         while pending and len(engine.scheduler.requests) < args.concurrency:
-            engine.add_request(AddRequest(request_id=str(next_id), prompt_token_ids=pending.pop(), sampling_params=params))
+            engine.add_request(AddRequest(request_id=str(next_id), prompt_token_ids=pending.pop(),
+                                          sampling_params=params))
             next_id += 1
         num_prefill = sum(1 for r in engine.scheduler.running + list(engine.scheduler.waiting)
                           if r.num_computed_tokens < r.num_tokens - 1)

@@ -202,7 +202,9 @@ def serve_throughput(preset: str, tokenizer: str, concurrencies, kv_gib: float) 
              "--max-model-len", "8192", "--tokenizer", tokenizer]
     log = Path(os.environ.get("OUT", "/tmp")) / f"serve-{preset}.log"
     rows = []
-    with ServerProcess(tidal_command(serve), log, port, name="tidal serve", stop_signal=signal.SIGTERM, signal_group=True) as server:
+    server = ServerProcess(tidal_command(serve), log, port, name="tidal serve", stop_signal=signal.SIGTERM,
+                           signal_group=True)
+    with server:
         server.start_and_wait(timeout_s=400)
         # Token-id prompts must lie in the served tokenizer's vocabulary (the GPU box's tokenizer may
         # be smaller than the model's); a dummy model's speed does not depend on which ids they are.

@@ -44,7 +44,8 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(0.005)
             self.wfile.write(b'data: {"choices":[{"index":0,"text":"x"}]}\n\n')
             self.wfile.flush()
-        usage = {"choices": [], "usage": {"prompt_tokens": len(request["prompt"]), "completion_tokens": request["max_tokens"]}}
+        usage = {"choices": [], "usage": {"prompt_tokens": len(request["prompt"]),
+                                          "completion_tokens": request["max_tokens"]}}
         self.wfile.write(b"data: " + json.dumps(usage).encode() + b"\n\ndata: [DONE]\n\n")
 
 worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])

@@ -77,7 +77,8 @@ def simulate(policy: str, num_workers: int, sessions_per_worker: int = 8, turns:
         views = [WorkerView(w.worker_id, "both", open_requests=w.open, pending_prefill_tokens=w.pending_tokens,
                             overlap_blocks=overlaps.get(w.worker_id, 0)) for w in workers]
         decisions += 1
-        worker = workers[int(choose_worker(views, policy, len(prompt), BLOCK, decisions, rng, KVWeights()).worker_id[1:])]
+        chosen = choose_worker(views, policy, len(prompt), BLOCK, decisions, rng, KVWeights())
+        worker = workers[int(chosen.worker_id[1:])]
         cached = worker.cached_blocks(hashes) * BLOCK
         worker.free_at = max(now, worker.free_at) + OVERHEAD_S + (len(prompt) - cached) / PREFILL_TOKENS_PER_S
         worker.pending_tokens += len(prompt) - cached

@@ -98,7 +98,8 @@ def engine_summary(samples: list[dict], t0: float, t1: float) -> dict:
             if end["cpu_s"] is not None and begin["cpu_s"] is not None else None,
             "step_ms": round(1000 * d["step_seconds_total"] / steps, 2) if steps else None,
             "decode_batch": round(d["decode_seqs_total"] / steps, 1) if steps else None,
-            "prefill_tok_s": round(d["prefill_tokens_total"] / span), "output_tok_s": round(d["generation_tokens"] / span),
+            "prefill_tok_s": round(d["prefill_tokens_total"] / span),
+            "output_tok_s": round(d["generation_tokens"] / span),
             "pulls_per_s": round(d["kv_transfers"] / span, 2),
             "pull_ms": round(1000 * d["kv_transfer_seconds"] / d["kv_transfers"], 2) if d["kv_transfers"] else None,
             "pull_gb_s": round(d["kv_transfer_bytes"] / d["kv_transfer_seconds"] / 1e9, 1)

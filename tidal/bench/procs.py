@@ -96,7 +96,8 @@ def cpu_by_role(roles: dict[int, str], cpu0: dict[int, float], cpu1: dict[int, f
     rows, totals = [], {}
     for pid, role in roles.items():
         cores = (cpu1[pid] - cpu0[pid]) / span_s
-        rows.append({"pid": pid, "role": role, "cores": cores, "cpu_us_per_token": 1e6 * cores / tok_s if tok_s else None})
+        rows.append({"pid": pid, "role": role, "cores": cores,
+                     "cpu_us_per_token": 1e6 * cores / tok_s if tok_s else None})
     for role in dict.fromkeys([*roles.values(), *expected]):
         cores = [row["cores"] for row in rows if row["role"] == role]
         totals[f"{role}_cores"], totals[f"{role}_cores_max"] = sum(cores), max(cores, default=0.0)

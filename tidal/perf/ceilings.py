@@ -60,10 +60,8 @@ def device_ceilings(device: str | torch.device = "cuda", copy_bytes: int = 1 << 
     src = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     copy_s = timer(lambda: dst.copy_(src))
-    del src, dst
     a, b = (torch.randn(matmul_n, matmul_n, dtype=torch.bfloat16, device=device) for _ in range(2))
     matmul_s = timer(lambda: a @ b)
-    del a, b
     return {"copy_GBps_read_plus_write": 2 * copy_bytes / copy_s / 1e9,
             "bf16_matmul_TFLOPs": 2 * matmul_n ** 3 / matmul_s / 1e12}
 
