@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.headline import GPU_FAMILIES
+from tidal.bench.headline import GPU_FAMILIES
 from tidal.bench.metrics import point_metrics
 from tidal.bench.procs import cpu_by_role, cpu_seconds, sim_process_roles
 from tidal.bench.runner import Bench, BenchConfig

@@ -1,4 +1,5 @@
-"""The headline report: tables (markdown) and plots (PNG) from `benchmarks/headline.py` result lines.
+"""The headline report: tables (markdown) and plots (PNG) from `python -m benchmarks.headline` result lines
+(`tidal.bench.headline.run_point`).
 
 `write_report(files, folder)` reads every JSONL line (later lines of the same arm and point replace
 earlier ones) and writes into `folder`:
