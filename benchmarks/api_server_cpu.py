@@ -37,6 +37,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks import cpu_serving as cs
+from tidal.bench import serving_compare as sc
 from tidal.bench import vllm_peer
 from tidal.bench.procs import cmdline, cpu_seconds, descendants, machine_info, wait_host_idle
 from tidal.bench.server import CHECKOUT, ServerProcess, free_port
@@ -57,9 +58,9 @@ def level(server: ServerProcess, name: str, model: str, prompts: list[list[int]]
     """One closed-loop level; its latency summary and each role's CPU per streamed token."""
     pids = roles(name, server.pid, server.url)
     cpu0, t0 = {r: cpu_seconds(p) for r, p in pids.items()}, time.monotonic()
-    records, wall = cs.run_level(server.url, model, prompts, concurrency, args.output_len, 600)
+    records, wall = sc.run_level(server.url, model, prompts, concurrency, args.output_len, 600)
     cpu1, span = {r: cpu_seconds(p) for r, p in pids.items()}, time.monotonic() - t0
-    row = cs.summarize(records, wall, concurrency, args.input_len, args.output_len)
+    row = sc.summarize(records, wall, concurrency, args.input_len, args.output_len)
     tokens = row["output_tokens"] or 1
     for role in pids:
         row[f"{role}_cores"] = (cpu1[role] - cpu0[role]) / span
@@ -80,12 +81,13 @@ def idle_cores(name: str, server: ServerProcess, seconds: float) -> dict[str, fl
 def run_server(name: str, args, hf_dir: Path, prompts: list[list[int]], concurrencies: list[int]) -> list[dict]:
     port = free_port()
     with tempfile.TemporaryDirectory() as td:
-        server = (cs.vllm_server(args, args.dtype, hf_dir, port, Path(td)) if name == "vllm"
-                  else cs.tidal_server(args, args.dtype, port))
+        launch = cs.launch_of(args)
+        server = (sc.vllm_server(launch, args.dtype, hf_dir, port, Path(td)) if name == "vllm"
+                  else sc.tidal_server(launch, args.dtype, port))
         with server:
             server.start()
             model = server.wait_ready(args.startup_timeout, need_model=True)
-            cs.run_level(server.url, model, prompts[:4], 4, args.output_len, 600)  # warm-up
+            sc.run_level(server.url, model, prompts[:4], 4, args.output_len, 600)  # warm-up
             idle = idle_cores(name, server, args.idle_s)
             rows = []
             for concurrency in concurrencies:
@@ -123,8 +125,8 @@ def main() -> int:
     servers = args.servers.split(",")
     hf_dir = vllm_peer.ensure_hf_dir(args.gguf or vllm_peer.default_gguf(), args.hf_dir,
                                      [args.tidal_python, args.vllm_python])
-    low, high, special = cs.vocab_range(hf_dir, args.vocab_low)
-    prompts = cs.make_prompts(4 + max(concurrencies) * args.requests_per_slot, args.input_len, low, high, special,
+    low, high, special = sc.vocab_range(hf_dir, args.vocab_low)
+    prompts = sc.make_prompts(4 + max(concurrencies) * args.requests_per_slot, args.input_len, low, high, special,
                               args.seed)
     print("| server | conc | done | out tok/s | ITL p50 | ITL p99 | serving cores | serving us/token "
           "| engine cores | engine us/token |")

@@ -236,3 +236,24 @@ def test_vllm_peer_environment_command_and_model_folder(tmp_path):
     with pytest.raises(RuntimeError, match="no python"):
         vllm_peer.ensure_hf_dir(Path("/none.gguf"), tmp_path / "missing", pythons=[])
     assert vllm_peer.python_has(sys.executable, "json") and not vllm_peer.python_has(sys.executable, "no_such_mod")
+
+
+def test_servers_side_by_side_on_the_stub(stub_server):
+    """`tidal.bench.serving_compare` (cpu_serving's loop): warm-up, every level measured into rows,
+    a busy level measured again, the table."""
+    from tidal.bench import serving_compare as sc
+
+    prompts = sc.make_prompts(12, 5, low=10, high=60, special={11, 12}, seed=0)
+    assert len({p[0] for p in prompts}) == 12 and all(len(p) == 5 and not {11, 12} & set(p) for p in prompts)
+    meta, saved = {"rows": []}, []
+    plan = sc.LevelPlan(input_len=5, output_len=4, startup_timeout_s=30, idle_wait_s=0, max_foreign_cores=-1)
+    levels = [[prompts[2:4], prompts[4:8]], [prompts[8:10], prompts[8:12]]]  # [attempt][level]
+    sc.run_server(plan, stub_server, {"server": "stub", "dtype": "float32"}, prompts[:2], levels, [1, 2], meta,
+                  lambda: saved.append(len(meta["rows"])))
+    rows = meta["rows"]
+    assert [(r["concurrency"], r["completed"], r["attempt"]) for r in rows] == [(1, 2, 1), (2, 4, 1)]
+    assert len(meta["discarded_busy_levels"]) == 2 and saved == [1, 2]  # max_foreign < 0: every level is busy
+    assert rows[0]["model_id"] == "stub-model" and rows[0]["short_outputs"] == 0 and rows[0]["output_tok_s"] > 0
+    assert rows[0]["prompt_tokens_seen"] == [5] and rows[1]["tokens_per_chunk"] == 1.0
+    table = sc.markdown(rows + [{"server": "down", "dtype": "bf16", "error": "exited"}])
+    assert table.count("\n") == 4 and "| stub | float32 | 2 | 4/4 |" in table and "ERROR: exited" in table
