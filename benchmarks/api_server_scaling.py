@@ -39,35 +39,12 @@ import time
 from pathlib import Path
 
 from tidal.bench.clients import run_shares, start_time
-from tidal.bench.metrics import RequestRecord, percentile
+from tidal.bench.metrics import streamed_window
 from tidal.bench.procs import cpu_by_role, cpu_seconds, descendants, sim_process_roles
 from tidal.bench.runner import BenchConfig
 from tidal.bench.server import CHECKOUT, ServerProcess, free_port, tidal_command
 
 CORES = os.cpu_count() or 1
-
-
-def window_stats(records: list[RequestRecord], t0: float, t1: float) -> dict:
-    """Streamed tokens/s, ITL and TTFT of what reached the client between t0 and t1 (run clock)."""
-    tokens, gaps, ttfts = 0.0, [], []
-    for r in records:
-        if r.ttft_s is None:
-            continue
-        chunks = 1 + len(r.itl_s)
-        per_chunk = (r.output_tokens or chunks) / chunks
-        at = r.sent_s + r.ttft_s
-        if t0 <= at < t1:
-            tokens += per_chunk
-            ttfts.append(r.ttft_s)
-        for gap in r.itl_s:
-            at += gap
-            if t0 <= at < t1:
-                tokens += per_chunk
-                gaps.append(gap)
-    ms = lambda xs, q: None if not xs else 1e3 * percentile(xs, q)  # noqa: E731
-    return {"streamed_tok_s": tokens / (t1 - t0), "itl_ms": {f"p{q}": ms(gaps, q) for q in (50, 90, 99)},
-            "ttft_ms": {f"p{q}": ms(ttfts, q) for q in (50, 90, 99)},
-            "errors": sum(r.status != "ok" for r in records)}
 
 
 def client_pids(server_root: int) -> list[int]:
@@ -90,7 +67,7 @@ def run_phase(config: BenchConfig, args, root: int) -> dict:
     time.sleep(args.duration_s)
     cpu1, t1 = {p: cpu_seconds(p) for p in roles}, time.perf_counter()
     thread.join()
-    stats = window_stats(out["records"], t0 - start_at, t1 - start_at)
+    stats = streamed_window(out["records"], t0 - start_at, t1 - start_at)
     stats["processes"], totals = cpu_by_role(roles, cpu0, cpu1, t1 - t0, stats["streamed_tok_s"],
                                              expected=("serving", "sim-worker", "client"))
     stats.update(totals)

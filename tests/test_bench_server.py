@@ -257,3 +257,14 @@ def test_servers_side_by_side_on_the_stub(stub_server):
     assert rows[0]["prompt_tokens_seen"] == [5] and rows[1]["tokens_per_chunk"] == 1.0
     table = sc.markdown(rows + [{"server": "down", "dtype": "bf16", "error": "exited"}])
     assert table.count("\n") == 4 and "| stub | float32 | 2 | 4/4 |" in table and "ERROR: exited" in table
+
+
+def test_streamed_window_counts_only_what_arrived_in_it():
+    from tidal.bench.metrics import streamed_window
+
+    # chunks at 1.0, 1.5, 2.5 s (request 0), 3.2 s (request 1); request 2 never streamed
+    records = [_rec(0, 0.5, 0.5, [0.5, 1.0]), _rec(1, 3.0, 0.2, []), _rec(2, 1.0, None, [], status="error")]
+    stats = streamed_window(records, 1.2, 3.0)
+    assert stats["streamed_tok_s"] == 2 / 1.8 and stats["errors"] == 1
+    assert stats["itl_ms"]["p50"] is not None and stats["ttft_ms"]["p50"] is None
+    assert streamed_window(records, 0.0, 4.0)["ttft_ms"]["p99"] is not None

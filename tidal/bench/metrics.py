@@ -19,6 +19,9 @@ was rejected is a miss under every regime. Per regime:
 Also: latency distributions, each request's worst stall, and per `window_s` window of the whole run
 (warm-up included, times from the run's start) the arrivals, TTFT p90 and the p99 of the gaps that
 ended in it.
+
+`streamed_window` counts what reached the client between two times of a run (tokens/s, ITL, TTFT),
+for a load measured over a window of its own (api_server_scaling).
 """
 
 from __future__ import annotations
@@ -240,3 +243,26 @@ def point_metrics(records: list[RequestRecord], warmup_s: float, measure_s: floa
         "windows": windows(records, window_s),
         "error_samples": sorted({r.error for r in counted if r.error})[:5],
     }
+
+
+def streamed_window(records: list[RequestRecord], t0: float, t1: float) -> dict:
+    """Streamed tokens/s, ITL and TTFT of what reached the client between t0 and t1 (run clock)."""
+    tokens, gaps, ttfts = 0.0, [], []
+    for r in records:
+        if r.ttft_s is None:
+            continue
+        chunks = 1 + len(r.itl_s)
+        per_chunk = (r.output_tokens or chunks) / chunks
+        at = r.sent_s + r.ttft_s
+        if t0 <= at < t1:
+            tokens += per_chunk
+            ttfts.append(r.ttft_s)
+        for gap in r.itl_s:
+            at += gap
+            if t0 <= at < t1:
+                tokens += per_chunk
+                gaps.append(gap)
+    ms = lambda xs, q: None if not xs else 1e3 * percentile(xs, q)  # noqa: E731
+    return {"streamed_tok_s": tokens / (t1 - t0), "itl_ms": {f"p{q}": ms(gaps, q) for q in (50, 90, 99)},
+            "ttft_ms": {f"p{q}": ms(ttfts, q) for q in (50, 90, 99)},
+            "errors": sum(r.status != "ok" for r in records)}
