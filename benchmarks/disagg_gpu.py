@@ -11,7 +11,7 @@ One script, one device call. In the same run it measures:
 Before timing, it checks that disaggregated greedy tokens equal an aggregated run's.
 Prints a table; writes JSON to $OUT/disagg_gpu.json when OUT is set.
 
-    python benchmarks/disagg_gpu.py --tokenizer .gpu_assets/tokenizer
+    python -m benchmarks.disagg_gpu --tokenizer .gpu_assets/tokenizer
 """
 
 from __future__ import annotations
@@ -22,20 +22,17 @@ import json
 import os
 import random
 import statistics
-import sys
 import time
 import uuid
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from gpu_smoke import ceilings  # noqa: E402  (this folder is on sys.path when run as a script)
-from tidal.deploy.config import parse_deployment  # noqa: E402
-from tidal.deploy.launcher import Launcher  # noqa: E402
-from tidal.protocol import AddRequest, SamplingParams  # noqa: E402
-from tidal.router.service import Router  # noqa: E402
-from tidal.transfer.cuda_ipc import peer_copy_ceiling  # noqa: E402
+from tidal.deploy.config import parse_deployment
+from tidal.deploy.launcher import Launcher
+from tidal.perf.ceilings import device_ceilings
+from tidal.protocol import AddRequest, SamplingParams
+from tidal.router.service import Router
+from tidal.transfer.cuda_ipc import peer_copy_ceiling
 
 PARAMS_8B = 8.03e9  # Llama-3.1-8B: 2 x params x tokens FLOPs is the prefill floor
 
@@ -97,7 +94,7 @@ def main() -> None:
     # Ceilings, measured before the workers take the GPUs' memory.
     big = 1 << 30
     out["peer_copy_GBps"] = peer_copy_ceiling(torch.device("cuda:0"), torch.device("cuda:1"), big) / 1e9
-    card = ceilings()  # cuda:0's HBM copy (read + write) and bf16 matmul rates
+    card = device_ceilings()  # cuda:0's HBM copy (read + write) and bf16 matmul rates
     out.update(hbm_copy_GBps=card["copy_GBps_read_plus_write"], bf16_matmul_TFLOPs=card["bf16_matmul_TFLOPs"])
     torch.cuda.empty_cache()
 

@@ -6,7 +6,7 @@ serving process's CPU microseconds per streamed token: the whole process, and it
 (the event loop: HTTP, router, detokenizer, SSE), since the simulated workers may run on threads of
 the same process.
 
-    PYTHONPATH=. python benchmarks/frontend_path.py [--concurrency 64] [--max-tokens 256]
+    python -m benchmarks.frontend_path [--concurrency 64] [--max-tokens 256]
         [--timing base_s=0.02] [--workers 2] [--measure-s 20] [--py-spy FILE] [--out FILE]
 
 `--py-spy FILE` records the serving process during the measured window (raw collapsed stacks,
@@ -28,10 +28,8 @@ from pathlib import Path
 
 import aiohttp
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks.headline import Server, free_port  # noqa: E402
+from tidal.bench.procs import cpu_times
+from tidal.bench.server import ServerProcess, free_port, tidal_command
 
 _TOKENS_RE = re.compile(rb"^tidal_generation_tokens_total (\S+)$", re.M)
 _USAGE_RE = re.compile(rb'"completion_tokens":(\d+)')
@@ -40,14 +38,6 @@ _USAGE_RE = re.compile(rb'"completion_tokens":(\d+)')
 def _py_spy() -> str:
     beside = Path(sys.executable).parent / "py-spy"  # a venv's own scripts first
     return str(beside) if beside.exists() else "py-spy"
-
-
-def cpu_s(pid: int, tid: int | None = None) -> tuple[float, float]:
-    """(user, system) CPU seconds of a process, or of one of its threads (Linux /proc)."""
-    stat = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
-    fields = Path(stat).read_text().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick  # utime, stime (fields 14, 15)
 
 
 def hide_modules(names: list[str]) -> str:
@@ -113,9 +103,9 @@ async def measure(url: str, pid: int, args) -> dict:
                                     "-r", str(args.py_spy_rate), "--gil", "-d", str(int(args.measure_s)), "-o", args.py_spy],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         tok0, req0, ev0 = await generated_tokens(session, url), client.requests, client.events
-        cpu0, main0, t0 = cpu_s(pid), cpu_s(pid, pid), time.monotonic()
+        cpu0, main0, t0 = cpu_times(pid), cpu_times(pid, pid), time.monotonic()
         await asyncio.sleep(args.measure_s)
-        cpu1, main1, t1 = cpu_s(pid), cpu_s(pid, pid), time.monotonic()
+        cpu1, main1, t1 = cpu_times(pid), cpu_times(pid, pid), time.monotonic()
         tok1, req1, ev1 = await generated_tokens(session, url), client.requests, client.events
         client.stopping = True
         if spy is not None:
@@ -158,13 +148,11 @@ def main() -> int:
         os.environ["PYTHONPATH"] = folder + os.pathsep + os.environ.get("PYTHONPATH", "")
     port = free_port()
     log_path = Path(args.out or "/tmp/frontend_path.jsonl").with_suffix(".log")
-    server = Server(["sim", "--workers", str(args.workers), "--timing", args.timing, "--port", str(port),
-                     "--log-level", "warning", *args.sim_args.split()], log_path, f"http://127.0.0.1:{port}")
-    server.start()
-    try:
-        row = asyncio.run(measure(server.url, server.proc.pid, args))
-    finally:
-        server.stop()
+    command = tidal_command(["sim", "--workers", str(args.workers), "--timing", args.timing, "--port", str(port),
+                             "--log-level", "warning", *args.sim_args.split()])
+    with ServerProcess(command, log_path, port, name="tidal sim") as server:
+        server.start_and_wait()
+        row = asyncio.run(measure(server.url, server.pid, args))
     print(f"{'conc':>4} {'tok/s':>7} {'events/tok':>10} {'proc CPU':>8} {'main CPU':>8} "
           f"{'proc us/tok':>11} {'main us/tok':>11} {'(user':>6} {'sys)':>5} {'errors':>6}")
     print(f"{row['concurrency']:>4} {row['tok_s']:>7.0f} {row['events_per_token']:>10.2f} {row['process_cpu']:>8.2f} "

@@ -1,8 +1,8 @@
 """The GPU engine against the card's ceilings, in one device call per part.
 
-    python benchmarks/gpu_engine.py --parts ceilings,decode,prefill,server,hf \
+    python -m benchmarks.gpu_engine --parts ceilings,decode,prefill,server,hf \
         --models llama-3.1-8b,qwen3-8b --tokenizer .gpu_assets/tokenizer
-    python benchmarks/gpu_engine.py --parts ceilings,tp --tp-model llama-3.1-70b --tp 2
+    python -m benchmarks.gpu_engine --parts ceilings,tp --tp-model llama-3.1-70b --tp 2
 
 Parts:
 - ceilings: device-to-device copy bandwidth (bytes read + written) and bf16 matmul rate.
@@ -31,117 +31,29 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.gpu_smoke import ceilings  # noqa: E402
-from tidal import LLM  # noqa: E402
-from tidal.engine.batch import StepBatch  # noqa: E402
-from tidal.models.arch import get_preset, param_count  # noqa: E402
-from tidal.models.llama import kv_bytes_per_token  # noqa: E402
+from tidal import LLM
+from tidal.bench.server import ServerProcess, free_port, tidal_command
+from tidal.models.arch import get_preset, param_count
+from tidal.perf.ceilings import device_ceilings
+from tidal.perf.step_timing import decode_batch, step_points, timed_steps
 
 GiB = 1 << 30
-
-
-def i32(x) -> np.ndarray:
-    return np.asarray(x, dtype=np.int32)
-
-
-def decode_batch(batch: int, context: int, block_size: int, num_blocks: int, vocab: int,
-                 rng: np.random.Generator) -> tuple[StepBatch, bool]:
-    """`batch` requests at position context-1, each with its own blocks while they fit."""
-    per_request = math.ceil(context / block_size)
-    shared = batch * per_request > num_blocks - 1
-    tables = (np.arange(batch * per_request).reshape(batch, per_request) % (num_blocks - 1) + 1).astype(np.int32)
-    pos = context - 1
-    return StepBatch(
-        input_ids=i32(rng.integers(0, vocab, batch)), positions=i32([pos] * batch),
-        slot_mapping=tables[:, pos // block_size] * block_size + pos % block_size,
-        decode_context_lens=i32([context] * batch), decode_block_tables=tables,
-        prefill_cu_query_lens=i32([0]), prefill_context_lens=i32([]),
-        prefill_block_tables=np.zeros((0, 0), np.int32), logits_rows=i32(range(batch))), shared
-
-
-def prefill_batch(tokens: int, block_size: int, vocab: int, rng: np.random.Generator) -> StepBatch:
-    blocks = math.ceil(tokens / block_size)
-    return StepBatch(
-        input_ids=i32(rng.integers(0, vocab, tokens)), positions=i32(range(tokens)), slot_mapping=i32(range(tokens)),
-        decode_context_lens=i32([]), decode_block_tables=np.zeros((0, 0), np.int32),
-        prefill_cu_query_lens=i32([0, tokens]), prefill_context_lens=i32([tokens]),
-        prefill_block_tables=i32([list(range(1, blocks + 1))]), logits_rows=i32([tokens - 1]))
-
-
-def timed_steps(run, batch: StepBatch, iters: int) -> float:
-    """Median wall time of one step: host inputs -> device -> forward -> greedy ids on the host."""
-    for _ in range(3):
-        run(batch).argmax(-1).tolist()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        run(batch).argmax(-1).tolist()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def model_bytes(llm: LLM) -> tuple[int, int]:
-    """(bytes a decode step reads: every weight but the embedding table, decoder-layer params)."""
-    model = llm.engine.runner.model
-    arch = model.arch
-    read = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
-               if name != "embed_tokens" or arch.tie_word_embeddings)
-    layer_params = sum(p.numel() for name, p in model.named_parameters() if name.startswith("layers."))
-    return read, layer_params
 
 
 def engine_for(preset: str, kv_gib: float, tp: int = 1, max_seqs: int = 256) -> LLM:
     kwargs = {"tensor_parallel_size": tp} if tp > 1 else {}
     return LLM(f"dummy:{preset}", device="cuda", dtype="bfloat16", kv_cache_memory_bytes=int(kv_gib * GiB),
                max_num_seqs=max_seqs, token_budget=32768, max_model_len=40960, **kwargs)
-
-
-def engine_points(llm: LLM, ceil: dict, decode_grid, prefill_grid, tp: int = 1) -> dict:
-    runner = llm.engine.runner
-    arch = runner.arch
-    runner.cache.normal_()  # never time on zeros
-    def run(batch: StepBatch):
-        if runner.on_step is not None:  # a tensor-parallel leader sends the step to its followers first
-            runner.on_step(batch.pack())
-        return runner.forward(batch)
-    weight_read, layer_params = model_bytes(llm)
-    weight_read *= tp  # every rank reads its shard: the group reads all of it, in parallel
-    bw = ceil["copy_GBps_read_plus_write"] * 1e9 * tp
-    mm = ceil["bf16_matmul_TFLOPs"] * 1e12 * tp
-    kv_token = kv_bytes_per_token(arch, torch.bfloat16)  # all layers, all kv heads
-    rng = np.random.default_rng(0)
-    out = {"decode": [], "prefill": [], "weight_bytes_read": weight_read, "num_blocks": runner.num_blocks,
-           "tp": tp}
-    for context in (1024, 8192):
-        for batch in decode_grid:
-            step, shared = decode_batch(batch, context, runner.block_size, runner.num_blocks, arch.vocab_size, rng)
-            seconds = timed_steps(run, step, 30)
-            floor = (weight_read + batch * context * kv_token) / bw
-            out["decode"].append({"batch": batch, "context": context, "step_ms": seconds * 1e3,
-                                  "floor_ms": floor * 1e3, "x_floor": seconds / floor, "kv_shared": shared})
-            print(f"decode b={batch} ctx={context}: {seconds * 1e3:.2f} ms (floor {floor * 1e3:.2f})", flush=True)
-    for tokens in prefill_grid:
-        if math.ceil(tokens / runner.block_size) >= runner.num_blocks:
-            continue
-        seconds = timed_steps(run, prefill_batch(tokens, runner.block_size, arch.vocab_size, rng), 5)
-        linear = 2 * layer_params * tp * tokens
-        attention = 4 * arch.num_layers * arch.num_heads * arch.head_dim * tokens * (tokens + 1) / 2
-        out["prefill"].append({"tokens": tokens, "ms": seconds * 1e3, "tokens_per_s": tokens / seconds,
-                               "floor_ms": linear / mm * 1e3, "mfu_pct": 100 * linear / mm / seconds,
-                               "mfu_with_attention_pct": 100 * (linear + attention) / mm / seconds})
-        print(f"prefill {tokens}: {seconds * 1e3:.1f} ms, {100 * linear / mm / seconds:.0f}% of matmul", flush=True)
-    return out
 
 
 def breakdown(llm: LLM, batches=(1, 64)) -> list[dict]:
@@ -193,33 +105,23 @@ def breakdown(llm: LLM, batches=(1, 64)) -> list[dict]:
 
 
 def serve_throughput(preset: str, tokenizer: str, concurrencies, kv_gib: float) -> list[dict]:
-    import httpx
-
     from tidal.bench.runner import BenchConfig, run_bench
 
-    port = 8437
-    cmd = [sys.executable, "-m", "tidal.cli", "serve", f"dummy:{preset}", "--device", "cuda", "--dtype", "bfloat16",
-           "--port", str(port), "--kv-cache-memory", str(kv_gib), "--max-num-seqs", "256",
-           "--token-budget", "8192", "--max-model-len", "8192", "--tokenizer", tokenizer]
-    log = open(os.path.join(os.environ.get("OUT", "/tmp"), f"serve-{preset}.log"), "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    port = free_port()
+    serve = ["serve", f"dummy:{preset}", "--device", "cuda", "--dtype", "bfloat16", "--port", str(port),
+             "--kv-cache-memory", str(kv_gib), "--max-num-seqs", "256", "--token-budget", "8192",
+             "--max-model-len", "8192", "--tokenizer", tokenizer]
+    log = Path(os.environ.get("OUT", "/tmp")) / f"serve-{preset}.log"
     rows = []
-    try:
-        deadline = time.time() + 400
-        while True:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"tidal serve did not come up (exit {proc.poll()}); see serve-{preset}.log")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+    server = ServerProcess(tidal_command(serve), log, port, name="tidal serve", stop_signal=signal.SIGTERM,
+                           signal_group=True)
+    with server:
+        server.start_and_wait(timeout_s=400)
         # Token-id prompts must lie in the served tokenizer's vocabulary (the GPU box's tokenizer may
         # be smaller than the model's); a dummy model's speed does not depend on which ids they are.
         vocab = min(get_preset(preset).vocab_size, _tokenizer_vocab(tokenizer))
         for c in concurrencies:
-            config = BenchConfig(url=f"http://127.0.0.1:{port}", workload="synthetic", arrival="constant", rate=1e4,
+            config = BenchConfig(url=server.url, workload="synthetic", arrival="constant", rate=1e4,
                                  requests=max(4, 2 * c), input_len=1024, output_len=256, vocab_size=vocab - 100,
                                  max_concurrency=c, seed=c)
             summary = run_bench(config)
@@ -227,9 +129,6 @@ def serve_throughput(preset: str, tokenizer: str, concurrencies, kv_gib: float) 
                          "ok": summary["ok"], "requests": summary["requests"],
                          "ttft_ms_p50": summary["ttft_ms"]["p50"], "itl_ms_p50": summary["itl_ms"]["p50"],
                          "itl_ms_p99": summary["itl_ms"]["p99"]})
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(60)
     return rows
 
 
@@ -314,7 +213,7 @@ def main() -> None:
     path = os.path.join(args.out, f"gpu_engine-{card}.json")
     results = json.load(open(path)) if os.path.exists(path) else {"card": card, "models": {}}
     results["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    results["ceilings"] = ceilings()
+    results["ceilings"] = device_ceilings()
     print("ceilings", results["ceilings"], flush=True)
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     free_gib = torch.cuda.mem_get_info(0)[0] / GiB
@@ -323,8 +222,9 @@ def main() -> None:
         kv_gib = args.kv_gib or (free_gib - 2 * param_count(get_preset(preset)) / GiB - 10)
         llm = engine_for(preset, kv_gib)
         entry = results["models"].setdefault(preset, {})
-        entry.update(engine_points(llm, results["ceilings"], ints(args.decode_batches) if "decode" in parts else [],
-                                   ints(args.prefill_tokens) if "prefill" in parts else []))
+        entry.update(step_points(llm.engine.runner, results["ceilings"],
+                                 ints(args.decode_batches) if "decode" in parts else [],
+                                 ints(args.prefill_tokens) if "prefill" in parts else []))
         llm.close()
         del llm
         gc.collect()  # the runner and its graphs refer to each other
@@ -359,7 +259,8 @@ def main() -> None:
     if "tp" in parts:
         llm = engine_for(args.tp_model, kv_gib=8.0, tp=args.tp, max_seqs=64)
         key = f"{args.tp_model}-tp{args.tp}"
-        results["models"][key] = engine_points(llm, results["ceilings"], [1, 16, 64], [2048, 8192], tp=args.tp)
+        results["models"][key] = step_points(llm.engine.runner, results["ceilings"], [1, 16, 64], [2048, 8192],
+                                             tp=args.tp)
         llm.close()
         json.dump(results, open(path, "w"), indent=1)
     print_table(results)

@@ -9,9 +9,9 @@ checks every pulled element against the pattern, and times each size: wall time 
 contiguous copy of the same byte count: device to device within this process
 (`peer_copy_ceiling`), and from the source's cache through the IPC mapping (cuda_ipc only).
 
-    python benchmarks/kv_transfer_gpu.py                          # cuda:0 -> cuda:1, cuda_ipc
-    python benchmarks/kv_transfer_gpu.py --chunk-layers 8         # tune the pipeline
-    python benchmarks/kv_transfer_gpu.py --device cpu --backend shm --layers 4 --num-blocks 512 \\
+    python -m benchmarks.kv_transfer_gpu                          # cuda:0 -> cuda:1, cuda_ipc
+    python -m benchmarks.kv_transfer_gpu --chunk-layers 8         # tune the pipeline
+    python -m benchmarks.kv_transfer_gpu --device cpu --backend shm --layers 4 --num-blocks 512 \\
         --tokens 256,1024,4096                                    # CPU smoke test (two processes)
 
 Prints a table; with OUT set (or --out), writes OUT/kv_transfer.json.
@@ -26,17 +26,14 @@ import os
 import random
 import statistics
 import subprocess
-import sys
 import time
 
 import msgspec
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tidal.protocol import KVLayout, KVSourceInfo  # noqa: E402
-from tidal.transfer import KVTransferBackend, KVTransferConfig, create_kv_transfer  # noqa: E402
-from tidal.transfer.base import block_rows, layout_bytes_per_block  # noqa: E402
+from tidal.protocol import KVLayout, KVSourceInfo
+from tidal.transfer import KVTransferBackend, KVTransferConfig, create_kv_transfer
+from tidal.transfer.base import block_rows, layout_bytes_per_block
 
 _FILL_BLOCKS = 1024  # blocks per pattern slice when filling (bounds the int64 temporaries)
 

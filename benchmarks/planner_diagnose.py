@@ -1,7 +1,7 @@
 """Where the planner loses a square-wave burst: its decisions one by one, and a sensitivity sweep.
 
-    PYTHONPATH=. python benchmarks/planner_diagnose.py            # timeline of the second burst + sweep
-    PYTHONPATH=. python benchmarks/planner_diagnose.py --no-sweep
+    python -m benchmarks.planner_diagnose            # timeline of the second burst + sweep
+    python -m benchmarks.planner_diagnose --no-sweep
 
 16 simulated workers with the linear timing model (`tidal/sim/timing.py` defaults), the fleet
 simulator of `tidal sim-fleet`, reactive loop every 1 s, predictive loop every 10 s. The timeline
@@ -13,17 +13,13 @@ prints burst attainment and worker-seconds against peak provisioning. Figures: d
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tidal.planner.core import Planner  # noqa: E402
-from tidal.planner.perf_model import PerfModel  # noqa: E402
-from tidal.planner.types import SLO, PlannerConfig  # noqa: E402
-from tidal.sim.fleet import FleetConfig  # noqa: E402
-from tidal.sim.fleet_experiment import ExperimentConfig, build_workload, run_arm  # noqa: E402
-from tidal.sim.timing import TimingModel  # noqa: E402
+from tidal.planner.core import Planner
+from tidal.planner.perf_model import PerfModel
+from tidal.planner.types import SLO, PlannerConfig
+from tidal.sim.fleet import FleetConfig
+from tidal.sim.fleet_experiment import ExperimentConfig, build_workload, run_arm
+from tidal.sim.timing import TimingModel
 
 WORKERS = 16
 

@@ -1,6 +1,6 @@
 """The SLA planner in the fleet simulator against static prefill:decode splits (issue 7, part 4).
 
-    PYTHONPATH=. python benchmarks/planner_sim.py [--workers 64,256] [--startup-s 30] [--jobs 2]
+    python -m benchmarks.planner_sim [--workers 64,256] [--startup-s 30] [--jobs 2]
 
 Runs, on the measured H200 profile of Llama-3.1-8B (benchmarks/results/profile-llama-3.1-8b-NVIDIA-H200.json):
 
@@ -26,13 +26,12 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tidal.perf.profile import load_profile
+from tidal.sim.fleet import FleetConfig
+from tidal.sim.fleet_experiment import ExperimentConfig, compare, table
+from tidal.sim.fleet_plots import plot_experiment
 
-from tidal.perf.profile import load_profile  # noqa: E402
-from tidal.sim.fleet import FleetConfig  # noqa: E402
-from tidal.sim.fleet_experiment import ExperimentConfig, compare, table  # noqa: E402
-from tidal.sim.fleet_plots import plot_experiment  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PROFILE = ROOT / "benchmarks/results/profile-llama-3.1-8b-NVIDIA-H200.json"
 

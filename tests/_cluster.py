@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tidal.bench.server import free_port
+
 # Debian puts nats-server in /usr/sbin, which a non-root PATH often lacks.
 EXTRA_BIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/usr/local/bin")
 START_TIMEOUT_S = 15.0
@@ -36,12 +38,6 @@ def find_binary(name: str) -> str:
             pytest.fail(message + "; CI must install it", pytrace=False)
         pytest.skip(message)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _port_open(port: int) -> bool:

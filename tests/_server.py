@@ -1,13 +1,10 @@
-"""Helpers for end-to-end tests: run `tidal serve ...` as a subprocess and wait until healthy."""
+"""Helpers for end-to-end tests: run `tidal serve ...` as a subprocess (`tidal.bench.server`) and wait
+until healthy; example configs; a server's metrics."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,56 +13,30 @@ import httpx
 import pytest
 import yaml
 
+from tidal.bench.server import ServerProcess, ServerStartError, free_port, tidal_command
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 300
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args: list[str], log_path: Path, command: str = "serve") -> tuple[subprocess.Popen, str]:
-    """`python -m tidal.cli COMMAND ARGS --port P`, in its own process group; waits for /health."""
+def start_server(args: list[str], log_path: Path, command: str = "serve") -> ServerProcess:
+    """`python -m tidal.cli COMMAND ARGS --port P` (`tidal.bench.server.ServerProcess`: its own process
+    group); waits for /health, and fails the test with the log's tail if it exits or hangs."""
     port = free_port()
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "tidal.cli", command, *args, "--port", str(port)],
-                            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-    log.close()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}; log {log_path}:\n{log_path.read_text()[-3000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        if time.monotonic() > deadline:
-            stop_server(proc)
-            pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S}s; log {log_path}")
-        time.sleep(0.3)
-
-
-def stop_server(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout_s: float = 30) -> int:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode
+    server = ServerProcess(tidal_command([command, *args, "--port", str(port)]), log_path, port,
+                           name=f"tidal {command}")
+    try:
+        server.start_and_wait(timeout_s=STARTUP_TIMEOUT_S)
+    except ServerStartError as exc:
+        pytest.fail(str(exc))
+    return server
 
 
 @contextlib.contextmanager
 def running_server(args: list[str], log_path: Path, command: str = "serve") -> Iterator[str]:
-    proc, url = start_server(args, log_path, command)
-    try:
-        yield url
-    finally:
-        stop_server(proc)
+    """The server's URL while it runs; stopped (SIGINT, then the group killed) at the end."""
+    with start_server(args, log_path, command) as server:
+        yield server.url
 
 
 def group_is_gone(pgid: int, timeout_s: float = 10) -> bool:

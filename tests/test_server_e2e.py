@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from _server import group_is_gone, metrics, running_server, start_server, stop_server
+from _server import group_is_gone, metrics, running_server, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -213,12 +213,10 @@ def test_abort_mid_stream_frees_blocks(server_url, client):
 def test_sigterm_stops_server_and_worker(tmp_path):
     """SIGTERM: the server stops, tells its worker to shut down, exits 0, leaves no process."""
     log_path = tmp_path / "serve.log"
-    proc, _ = start_server(["dummy:tiny-llama"], log_path)
-    try:
-        assert stop_server(proc, signal.SIGTERM) == 0, log_path.read_text()[-3000:]
-    finally:
-        stop_server(proc, signal.SIGKILL)
-    assert "shutdown requested" in log_path.read_text()
-    if not group_is_gone(proc.pid):
-        left = subprocess.run(["ps", "-o", "pid,args", "-g", str(proc.pid)], capture_output=True, text=True)
-        pytest.fail(f"processes left in the server's group:\n{left.stdout}")
+    with start_server(["dummy:tiny-llama"], log_path) as server:  # leaving it kills what is left
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=30) == 0, log_path.read_text()[-3000:]
+        assert "shutdown requested" in log_path.read_text()
+        if not group_is_gone(server.pid):
+            left = subprocess.run(["ps", "-o", "pid,args", "-g", str(server.pid)], capture_output=True, text=True)
+            pytest.fail(f"processes left in the server's group:\n{left.stdout}")

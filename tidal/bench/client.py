@@ -8,6 +8,9 @@ gap between such chunks, end to end, output tokens (the server's usage count whe
 else the number of text chunks), and how it ended: `ok`, `rejected` (HTTP 429/503: the server
 refused it for load) or `error` (any other status, a broken stream, an error event). It returns
 the generated text too (a chat workload puts it in the next turn's history).
+
+`closed_loop` sends a fixed list of bodies from `concurrency` slots, each slot starting its next
+request when the last one ended (a CPU benchmark's levels: the same prompts for every server).
 """
 
 from __future__ import annotations
@@ -76,3 +79,22 @@ async def stream_request(client: aiohttp.ClientSession, path: str, body: dict, r
     if record.ttft_s is None:
         record.status, record.error = "error", "the stream ended without any text"
     return "".join(text_parts)
+
+
+async def closed_loop(url: str, path: str, bodies: list[dict], concurrency: int,
+                      timeout_s: float = 600.0) -> tuple[list[RequestRecord], float]:
+    """Every body streamed once, at most `concurrency` at a time, in order; (records, wall seconds)."""
+    records = [RequestRecord(request_id=str(i), sent_s=0.0, scheduled_s=0.0, input_tokens=0)
+               for i in range(len(bodies))]
+    queue = iter(range(len(bodies)))
+    connector = aiohttp.TCPConnector(limit=concurrency + 4)
+    timeout = aiohttp.ClientTimeout(total=timeout_s, connect=30.0)
+    async with aiohttp.ClientSession(base_url=url, timeout=timeout, connector=connector) as client:
+        start = time.perf_counter()
+
+        async def slot() -> None:
+            for i in queue:
+                await stream_request(client, path, bodies[i], records[i], start)
+        await asyncio.gather(*(slot() for _ in range(concurrency)))
+        wall_s = time.perf_counter() - start
+    return records, wall_s

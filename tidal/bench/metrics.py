@@ -6,6 +6,22 @@ start): `ttft_s` (first token), `itl_s` (every gap between streamed chunks that 
 `e2e_s`; TPOT is (e2e - ttft) / (output tokens - 1). A request is *good* for the SLOs when it
 finished without error and met every one (`ttft_ms`, `itl_ms` (its worst gap), `tpot_ms`,
 `e2e_ms`); errors and rejections count as misses. Goodput = good requests per second of the run.
+
+`point_metrics` judges one measured window of a longer run (the headline's points) under the three
+`SLO_REGIMES` at once (P90 targets). Counted: requests scheduled inside [warmup_s, warmup_s +
+measure_s). A request the harness cut (still streaming after the window's grace) or that failed or
+was rejected is a miss under every regime. Per regime:
+- `attainment_pct`: share of counted requests that finished with TTFT <= target and the P90 of
+  their own inter-token gaps <= target; `goodput_rps` = those per second of window, and per GPU;
+- `strict_*`: the same with the request's worst gap instead of its P90 (`RequestRecord.good`);
+- `p90_met`: whether the window as a whole meets the regime: TTFT P90 over requests and ITL P90 over
+  every gap within the targets, and no failed request.
+Also: latency distributions, each request's worst stall, and per `window_s` window of the whole run
+(warm-up included, times from the run's start) the arrivals, TTFT p90 and the p99 of the gaps that
+ended in it.
+
+`streamed_window` counts what reached the client between two times of a run (tokens/s, ITL, TTFT),
+for a load measured over a window of its own (api_server_scaling).
 """
 
 from __future__ import annotations
@@ -14,6 +30,12 @@ import math
 from dataclasses import asdict, dataclass, field
 
 SLO_KEYS = ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms")
+SLO_REGIMES = {
+    "tight": {"ttft_ms": 300.0, "itl_ms": 100.0},
+    "balanced": {"ttft_ms": 1000.0, "itl_ms": 50.0},
+    "relaxed": {"ttft_ms": 3000.0, "itl_ms": 25.0},
+}
+"""The headline's SLO regimes (P90 targets); the planner of a `tidal` arm holds one of them."""
 
 
 @dataclass
@@ -142,3 +164,105 @@ def format_summary(summary: dict) -> str:
         lines.append(f"goodput {summary['goodput_rps']:.2f} req/s; SLO attainment "
                      f"{fmt(summary['slo_attainment_pct'])}% for {summary['slo']}")
     return "\n".join(lines)
+
+
+# ---- one measured window under the SLO regimes --------------------------------------------------------------
+def finished(r: RequestRecord) -> bool:
+    """Ended with its whole stream (a cut request keeps status ok but has no end time)."""
+    return r.status == "ok" and r.e2e_s is not None
+
+
+def good_p90(r: RequestRecord, slo: dict[str, float]) -> bool:
+    if not finished(r) or r.ttft_s is None or r.ttft_s * 1e3 > slo["ttft_ms"]:
+        return False
+    p90 = percentile(r.itl_s, 90)
+    return p90 is None or p90 * 1e3 <= slo["itl_ms"]
+
+
+def regime_metrics(counted: list[RequestRecord], slo: dict[str, float], measure_s: float, gpus: int) -> dict:
+    n = max(len(counted), 1)
+    good = sum(good_p90(r, slo) for r in counted)
+    strict = sum(finished(r) and r.good(slo) for r in counted)
+    done = [r for r in counted if finished(r)]
+    ttft_p90 = percentile([r.ttft_s for r in done if r.ttft_s is not None], 90)
+    itl_p90 = percentile([g for r in done for g in r.itl_s], 90)
+    p90_met = (len(done) == len(counted) and ttft_p90 is not None and ttft_p90 * 1e3 <= slo["ttft_ms"]
+               and (itl_p90 is None or itl_p90 * 1e3 <= slo["itl_ms"]))
+    return {"attainment_pct": 100 * good / n, "goodput_rps": good / measure_s,
+            "goodput_per_gpu": good / measure_s / gpus, "strict_attainment_pct": 100 * strict / n,
+            "strict_goodput_per_gpu": strict / measure_s / gpus, "p90_met": p90_met}
+
+
+def windows(records: list[RequestRecord], window_s: float) -> list[dict]:
+    """Per window from the run's start: arrivals/s, TTFT p90 of requests sent in it, ITL p99 of gaps ending in it."""
+    end = max((r.sent_s + (r.e2e_s or 0.0) for r in records), default=0.0)
+    count = int(end // window_s) + 1
+    sent: list[list[float]] = [[] for _ in range(count)]
+    gaps: list[list[float]] = [[] for _ in range(count)]
+    arrivals = [0] * count
+    for r in records:
+        arrivals[min(int(r.scheduled_s // window_s), count - 1)] += 1
+        if r.ttft_s is None:
+            continue
+        sent[min(int(r.sent_s // window_s), count - 1)].append(r.ttft_s)
+        t = r.sent_s + r.ttft_s
+        for gap in r.itl_s:
+            t += gap
+            gaps[min(int(t // window_s), count - 1)].append(gap)
+    return [{"t": i * window_s, "arrivals_per_s": arrivals[i] / window_s,
+             "ttft_ms_p90": _ms(percentile(sent[i], 90)), "itl_ms_p99": _ms(percentile(gaps[i], 99))}
+            for i in range(count)]
+
+
+def _ms(value_s: float | None) -> float | None:
+    return None if value_s is None else value_s * 1e3
+
+
+def point_metrics(records: list[RequestRecord], warmup_s: float, measure_s: float, gpus: int,
+                  window_s: float = 5.0) -> dict:
+    counted = [r for r in records if warmup_s <= r.scheduled_s < warmup_s + measure_s]
+    done = [r for r in counted if finished(r)]
+    summary = summarize(done, measure_s, {})
+    stalls = [r.max_itl_s for r in done if r.max_itl_s is not None]
+    return {
+        "requests": len(counted),
+        "finished": len(done),
+        "unfinished": sum(r.status == "ok" and r.e2e_s is None for r in counted),
+        "errors": sum(r.status == "error" for r in counted),
+        "rejected": sum(r.status == "rejected" for r in counted),
+        "achieved_rps": len(counted) / measure_s,
+        "output_tokens_per_s": summary["output_tokens_per_s"],
+        "input_tokens_mean": sum(r.input_tokens for r in done) / len(done) if done else None,
+        "output_tokens_mean": sum(r.output_tokens for r in done) / len(done) if done else None,
+        "ttft_ms": summary["ttft_ms"], "itl_ms": summary["itl_ms"], "tpot_ms": summary["tpot_ms"],
+        "e2e_ms": summary["e2e_ms"],
+        "worst_stall_ms": {**summary["max_itl_ms"], "max": max(stalls) * 1e3 if stalls else None},
+        "schedule_lag_p99_ms": summarize(counted, measure_s, {})["schedule_lag_p99_ms"] if counted else 0.0,
+        "regimes": {name: regime_metrics(counted, slo, measure_s, gpus) for name, slo in SLO_REGIMES.items()},
+        "window_s": window_s,
+        "windows": windows(records, window_s),
+        "error_samples": sorted({r.error for r in counted if r.error})[:5],
+    }
+
+
+def streamed_window(records: list[RequestRecord], t0: float, t1: float) -> dict:
+    """Streamed tokens/s, ITL and TTFT of what reached the client between t0 and t1 (run clock)."""
+    tokens, gaps, ttfts = 0.0, [], []
+    for r in records:
+        if r.ttft_s is None:
+            continue
+        chunks = 1 + len(r.itl_s)
+        per_chunk = (r.output_tokens or chunks) / chunks
+        at = r.sent_s + r.ttft_s
+        if t0 <= at < t1:
+            tokens += per_chunk
+            ttfts.append(r.ttft_s)
+        for gap in r.itl_s:
+            at += gap
+            if t0 <= at < t1:
+                tokens += per_chunk
+                gaps.append(gap)
+    ms = lambda xs, q: None if not xs else 1e3 * percentile(xs, q)  # noqa: E731
+    return {"streamed_tok_s": tokens / (t1 - t0), "itl_ms": {f"p{q}": ms(gaps, q) for q in (50, 90, 99)},
+            "ttft_ms": {f"p{q}": ms(ttfts, q) for q in (50, 90, 99)},
+            "errors": sum(r.status != "ok" for r in records)}

@@ -1,5 +1,6 @@
-"""The headline arms and workloads in the fleet simulator (`tidal.sim.fleet`), before GPU time is spent:
-AGG's capacity per workload family on G GPUs, the load grid that follows, and a preview of every arm.
+"""The headline experiment's arms and workloads in the fleet simulator (`tidal.sim.fleet`), before
+GPU time is spent: AGG's capacity per workload family on G GPUs, the load grid that follows, and a
+preview of every arm (`python -m benchmarks.headline --sim`).
 
 Simulated time only, step times from a `tidal profile` file. What the simulator can and cannot say:
 - AGG is modelled as G decode workers and no prefill worker, so every prompt prefills on its decode
@@ -26,14 +27,13 @@ import os
 import random
 
 from tidal.bench.arrivals import make_arrivals
+from tidal.bench.metrics import SLO_REGIMES
 from tidal.bench.traces import MOONCAKE_BLOCK_TOKENS, load_trace
 from tidal.perf.profile import load_profile
-from tidal.sim.fleet import Fleet, FleetConfig, SimRequest
 from tidal.planner.core import Planner
 from tidal.planner.perf_model import PerfModel
 from tidal.planner.types import SLO, PlannerConfig
-
-from benchmarks.headline_metrics import SLO_REGIMES
+from tidal.sim.fleet import Fleet, FleetConfig, SimRequest
 
 TOKENS_PER_WORD = 1.3
 ASSUMED_ITL_S = 0.02
@@ -168,7 +168,7 @@ def run_sim(gpus: int, profile_path: str, trace: str, families: dict) -> int:
     split = (gpus // 2, gpus - gpus // 2)
     print(f"fleet simulator, {gpus} GPUs, {profile}; {SIM_S:g} s of arrivals per run")
     print("limits: AGG prefills whole prompts (no chunking) -> its ITL is pessimistic; attainment uses each "
-          "request's MEAN gap; chat turns arrive open-loop (see benchmarks/headline_sim.py)")
+          "request's MEAN gap; chat turns arrive open-loop (see tidal/sim/headline.py)")
     capacities = {}
     for name, family in families.items():
         if family.workload == "trace" and not _exists(trace):

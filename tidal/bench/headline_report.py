@@ -1,4 +1,5 @@
-"""The headline report: tables (markdown) and plots (PNG) from `benchmarks/headline.py` result lines.
+"""The headline report: tables (markdown) and plots (PNG) from `python -m benchmarks.headline` result lines
+(`tidal.bench.headline.run_point`).
 
 `write_report(files, folder)` reads every JSONL line (later lines of the same arm and point replace
 earlier ones) and writes into `folder`:
@@ -22,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.headline_metrics import SLO_REGIMES  # noqa: E402
+from tidal.bench.metrics import SLO_REGIMES  # noqa: E402
 
 CAPACITY_ATTAINMENT_PCT = 90.0
 

@@ -1,0 +1,1 @@
+"""Benchmark scripts over the `tidal` package: run each from the repository root as `python -m benchmarks.NAME`."""
