@@ -28,7 +28,9 @@ import random
 from tidal.bench.arrivals import make_arrivals
 from tidal.bench.traces import MOONCAKE_BLOCK_TOKENS, load_trace
 from tidal.perf.profile import load_profile
-from tidal.sim.fleet import Fleet, FleetConfig, SimRequest
+from tidal.sim.fleet import Fleet
+from tidal.sim.fleet_config import FleetConfig
+from tidal.sim.fleet_worker import SimRequest
 from tidal.planner.core import Planner
 from tidal.planner.perf_model import PerfModel
 from tidal.planner.types import SLO, PlannerConfig

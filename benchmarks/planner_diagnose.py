@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tidal.planner.core import Planner  # noqa: E402
 from tidal.planner.perf_model import PerfModel  # noqa: E402
 from tidal.planner.types import SLO, PlannerConfig  # noqa: E402
-from tidal.sim.fleet import FleetConfig  # noqa: E402
+from tidal.sim.fleet_config import FleetConfig  # noqa: E402
 from tidal.sim.fleet_experiment import ExperimentConfig, build_workload, run_arm  # noqa: E402
 from tidal.sim.timing import TimingModel  # noqa: E402
 

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tidal.perf.profile import load_profile  # noqa: E402
-from tidal.sim.fleet import FleetConfig  # noqa: E402
+from tidal.sim.fleet_config import FleetConfig  # noqa: E402
 from tidal.sim.fleet_experiment import ExperimentConfig, compare, table  # noqa: E402
 from tidal.sim.fleet_plots import plot_experiment  # noqa: E402
 

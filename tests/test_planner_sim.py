@@ -12,7 +12,9 @@ from __future__ import annotations
 import pytest
 
 from tidal.planner.types import Action, Decision, Observation
-from tidal.sim.fleet import Fleet, FleetConfig, SimRequest
+from tidal.sim.fleet import Fleet
+from tidal.sim.fleet_config import FleetConfig
+from tidal.sim.fleet_worker import SimRequest
 from tidal.sim.fleet_experiment import ExperimentConfig, build_workload, fresh, make_planner, run_arm
 from tidal.sim.fleet_workloads import Lengths, poisson
 from tidal.sim.timing import TimingModel
