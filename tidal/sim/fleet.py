@@ -106,26 +106,33 @@ class Fleet:
         if route.prefill is None:
             request.local_prefill = True
             self.steps.send_decode(route.decode, request)
+            self.router.report(route.decode)
         else:
             self.steps.send_prefill(route.prefill, request)
+            self.router.report(route.prefill)
 
     def _on_prefill_done(self, payload) -> None:
         worker, batch, tokens = payload
         self.steps.finish_prefill_step(worker, batch, tokens)
+        self.router.report(worker)
         self.router.wake()  # before the worker's next step, so prompts held for room can join it
         if worker.queue and not worker.prefill_busy:
             self.steps.start_prefill_step(worker)
+            self.router.report(worker)
         else:
             self._maybe_leave(worker)
 
     def _on_kv_ready(self, request: SimRequest) -> None:
         prefill = self.router.kv_arrived(request)
-        self.steps.send_decode(self.workers[request.worker_id], request)
+        decode = self.workers[request.worker_id]
+        self.steps.send_decode(decode, request)
+        self.router.report(decode)
         if prefill is not None:
             self._maybe_leave(prefill)
 
     def _on_decode(self, worker: SimWorker, version: int) -> None:
         self.steps.on_decode(worker, version)
+        self.router.report(worker)
         if not worker.batch:
             self._maybe_leave(worker)
 

@@ -38,11 +38,15 @@ from tidal.sim.fleet_worker import SimRequest, SimWorker
 
 @dataclass
 class WorkerBook:
-    """The router's counts for one worker (the live router's `_Worker` fields)."""
+    """The router's counts for one worker (the live router's `_Worker` fields) and the worker's last
+    load report."""
     open_requests: int = 0
     pending_prefill_tokens: int = 0
     active_blocks: int = 0
     inflight: int = 0
+    reported_pending_tokens: int = 0
+    reported_blocks: int = 0
+    kv_usage: float = 0.0
 
 
 @dataclass
@@ -56,13 +60,15 @@ class Route:
 
 
 class FleetWidePrefixIndex:
-    """Prefix overlap as the workload states it: a request's cached tokens, in whole blocks, on every worker."""
+    """Prefix overlap as the workload states it: a request's cached tokens, in whole blocks, on every
+    worker. `overlaps` answers as the live `KVIndex.overlaps` does (worker id -> blocks), plus the
+    blocks of every worker it does not name: here it names none."""
 
     def __init__(self, block_size: int):
         self.block_size = block_size
 
-    def overlap_blocks(self, request: SimRequest, worker: SimWorker) -> int:
-        return request.cached_tokens // self.block_size
+    def overlaps(self, request: SimRequest) -> tuple[dict[str, int], int]:
+        return {}, request.cached_tokens // self.block_size
 
 
 def session_worker(request: SimRequest, views: list[WorkerView]) -> WorkerView | None:
@@ -75,7 +81,8 @@ def session_worker(request: SimRequest, views: list[WorkerView]) -> WorkerView |
 class SimRouter:
     def __init__(self, config: FleetConfig, active: Callable[[str], list[SimWorker]],
                  dispatch: Callable[[SimRequest, Route], None]):
-        """`active(role)`: the active workers of a role; `dispatch`: hands a routed request to its workers."""
+        """`active(role)`: the active workers of a role (the same list until the set changes);
+        `dispatch`: hands a routed request to its workers."""
         self.config = config
         self.disagg = config.disagg()
         self.index = FleetWidePrefixIndex(config.block_size)
@@ -87,32 +94,64 @@ class SimRouter:
         self.counter = 0
         self.rng = random.Random(config.seed)
         self.wake_needed = False
+        # One WorkerView per worker, kept current as books and reports change (building them per
+        # decision would cost more than the decision); the candidate lists follow `active`'s lists.
+        self._views: dict[str, WorkerView] = {}
+        self._workers: dict[str, SimWorker] = {}
+        self._candidates: dict[str, tuple[list[SimWorker], list[WorkerView]]] = {}
 
     def book(self, worker: SimWorker) -> WorkerBook:
         book = self.books.get(worker.worker_id)
         if book is None:
             book = self.books[worker.worker_id] = WorkerBook()
+            self._views[worker.worker_id] = WorkerView(worker.worker_id, worker.role)
+            self._workers[worker.worker_id] = worker
         return book
 
     def in_use(self, worker: SimWorker) -> bool:
         book = self.books.get(worker.worker_id)
         return book is not None and book.inflight > 0
 
-    def view(self, worker: SimWorker, overlap_blocks: int) -> WorkerView:
-        """As the live router's: its own counts, or the worker's report where that is higher."""
+    def report(self, worker: SimWorker) -> None:
+        """The worker's load report after one of its events (a live worker sends one with every
+        step's outputs): its pending prompt tokens, the KV blocks its batch holds, its KV use."""
         book = self.book(worker)
-        bs = self.config.block_size
-        return WorkerView(worker.worker_id, worker.role, open_requests=book.open_requests,
-                          pending_prefill_tokens=max(book.pending_prefill_tokens, worker.pending_tokens),
-                          overlap_blocks=overlap_blocks,
-                          active_blocks=max(book.active_blocks, int(worker.context_sum()) // bs),
-                          kv_usage=worker.kv_used / self.config.kv_capacity_tokens)
+        book.reported_pending_tokens = worker.pending_tokens
+        book.reported_blocks = int(worker.context_sum()) // self.config.block_size
+        book.kv_usage = worker.kv_used / self.config.kv_capacity_tokens
+        self._refresh(worker)
+
+    def _refresh(self, worker: SimWorker) -> None:
+        """The worker's view: the router's own counts, or the worker's report where that is higher."""
+        book, view = self.book(worker), self._views[worker.worker_id]
+        view.role = worker.role
+        view.open_requests = book.open_requests
+        view.pending_prefill_tokens = max(book.pending_prefill_tokens, book.reported_pending_tokens)
+        view.active_blocks = max(book.active_blocks, book.reported_blocks)
+        view.kv_usage = book.kv_usage
+
+    def _views_of(self, role: str, request: SimRequest) -> list[WorkerView]:
+        """The active workers of `role` as views, with this request's prefix overlap on each."""
+        workers = self.active(role)
+        cached = self._candidates.get(role)
+        if cached is None or cached[0] is not workers:
+            for w in workers:
+                self._refresh(w)
+            cached = self._candidates[role] = (workers, [self._views[w.worker_id] for w in workers])
+        named, default = self.index.overlaps(request)
+        for view in cached[1]:
+            view.overlap_blocks = named.get(view.worker_id, default) if named else default
+        return cached[1]
 
     # ---- admission ------------------------------------------------------------------------------
     def has_room(self) -> bool:
         limit = self.config.max_pending_prefill_tokens
-        return any(max(self.book(w).pending_prefill_tokens, w.pending_tokens) < limit
-                   for w in self.active("decode") + self.active("prefill"))
+        for role in ("decode", "prefill"):
+            for worker in self.active(role):
+                self.book(worker)
+                if self._views[worker.worker_id].pending_prefill_tokens < limit:
+                    return True
+        return False
 
     def admit(self, request: SimRequest) -> None:
         if not self.queue and self.active("decode") and self.has_room():
@@ -136,19 +175,17 @@ class SimRouter:
         """The route of one request, with the books updated for it (the live router's `_plan`)."""
         config, bs, n = self.config, self.config.block_size, request.input_len
         self.counter += 1
-        views = [self.view(w, self.index.overlap_blocks(request, w)) for w in self.active("decode")]
+        views = self._views_of("decode", request)
         chosen = session_worker(request, views) or choose_worker(
             views, config.policy, n, bs, self.counter, self.rng, config.weights)
-        decode = self._worker(self.active("decode"), chosen.worker_id)
+        decode = self._worker(chosen)
         uncached = n - chosen.overlap_blocks * bs
         prefill = None
-        prefillers = self.active("prefill")
-        if prefillers:
-            pviews = [self.view(w, self.index.overlap_blocks(request, w)) for w in prefillers]
-            if decide_prefill(uncached, pviews, self.disagg) == "remote":
-                pick = choose_prefill_worker(pviews, n, bs, self.rng)
-                prefill = self._worker(prefillers, pick.worker_id)
-                uncached = n - pick.overlap_blocks * bs
+        pviews = self._views_of("prefill", request)
+        if pviews and decide_prefill(uncached, pviews, self.disagg) == "remote":
+            pick = choose_prefill_worker(pviews, n, bs, self.rng)
+            prefill = self._worker(pick)
+            uncached = n - pick.overlap_blocks * bs
         route = Route(decode, prefill, uncached, blocks=-(-n // bs), pending_on=prefill or decode,
                       prefill_held=prefill is not None)
         self.book(route.pending_on).pending_prefill_tokens += uncached
@@ -158,17 +195,20 @@ class SimRouter:
         book.active_blocks += route.blocks
         if prefill is not None:
             self.book(prefill).inflight += 1
+            self._refresh(prefill)
+        self._refresh(decode)
         return route
 
-    @staticmethod
-    def _worker(workers: list[SimWorker], worker_id: str) -> SimWorker:
-        return next(w for w in workers if w.worker_id == worker_id)
+    def _worker(self, chosen: WorkerView) -> SimWorker:
+        """The simulated worker behind a chosen view."""
+        return self._workers[chosen.worker_id]
 
     # ---- the books ------------------------------------------------------------------------------
     def first_token(self, request: SimRequest) -> None:
         route = self.routes[request.request_id]
         if route.pending_on is not None:
             self.book(route.pending_on).pending_prefill_tokens -= route.uncached
+            self._refresh(route.pending_on)
             route.pending_on = None
             self.wake_needed = bool(self.queue)
 
@@ -189,4 +229,5 @@ class SimRouter:
         book.inflight -= 1
         book.open_requests -= 1
         book.active_blocks -= route.blocks
+        self._refresh(route.decode)
         return route
