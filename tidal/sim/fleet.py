@@ -77,7 +77,8 @@ class Fleet:
         last_arrival = arrivals[-1].arrival_s if arrivals else 0.0
         self.events.at(self.interval_s, "observe", planner)
         handlers = {"arrive": self._on_arrive, "prefill_done": self._on_prefill_done, "kv_ready": self._on_kv_ready,
-                    "started": self._on_started, "flipped": self._on_flipped}
+                    "local_first_token": self._on_local_first_token, "started": self._on_started,
+                    "flipped": self._on_flipped}
         deadline = last_arrival + self.config.drain_timeout_s
         while self.events and self.events.peek_time() <= deadline:
             time_s, kind, payload, version = self.events.pop()
@@ -129,6 +130,11 @@ class Fleet:
         self.router.report(decode)
         if prefill is not None:
             self._maybe_leave(prefill)
+
+    def _on_local_first_token(self, payload) -> None:
+        worker, request = payload
+        self.steps.local_first_token(worker, request)
+        self.router.report(worker)
 
     def _on_decode(self, worker: SimWorker, version: int) -> None:
         self.steps.on_decode(worker, version)

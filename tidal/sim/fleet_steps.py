@@ -164,12 +164,16 @@ class WorkerSteps:
             self.gaps.append((self.events.now, (extra_s + worker.step_s) * 1000, batch))
         resume = max(worker.t_last, self.events.now) + extra_s
         worker.t_last = resume
-        worker.pending_tokens -= request.uncached_tokens
         worker.stats.busy_s += extra_s
         worker.stats.prefill_tokens += request.uncached_tokens
         request.first_token_s = resume
-        self.listener.first_token(request)
+        self.events.at(resume, "local_first_token", (worker, request))
         self._join(worker, request, request.input_len + 1, request.output_len - 1)
+
+    def local_first_token(self, worker: SimWorker, request: SimRequest) -> None:
+        """A local prefill's stall has ended: the prompt is no longer pending, its first token is out."""
+        worker.pending_tokens -= request.uncached_tokens
+        self.listener.first_token(request)
 
     def _reschedule(self, worker: SimWorker) -> None:
         worker.version += 1
