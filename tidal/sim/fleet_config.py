@@ -48,6 +48,6 @@ class FleetConfig:
     drain_timeout_s: float = 600.0
     """After the last arrival, the run goes on at most this long for requests in flight."""
 
-    def disagg(self) -> DisaggPolicy:
+    def disagg_policy(self) -> DisaggPolicy:
         return DisaggPolicy(local_prefill_threshold=self.local_prefill_tokens,
                             max_prefill_queue_tokens=self.max_prefill_queue_tokens)

@@ -84,7 +84,7 @@ class SimRouter:
         """`active(role)`: the active workers of a role (the same list until the set changes);
         `dispatch`: hands a routed request to its workers."""
         self.config = config
-        self.disagg = config.disagg()
+        self.disagg = config.disagg_policy()
         self.index = FleetWidePrefixIndex(config.block_size)
         self.active = active
         self.dispatch = dispatch
