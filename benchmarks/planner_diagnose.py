@@ -17,7 +17,7 @@ import argparse
 from tidal.planner.core import Planner
 from tidal.planner.perf_model import PerfModel
 from tidal.planner.types import SLO, PlannerConfig
-from tidal.sim.fleet import FleetConfig
+from tidal.sim.fleet_config import FleetConfig
 from tidal.sim.fleet_experiment import ExperimentConfig, build_workload, run_arm
 from tidal.sim.timing import TimingModel
 

@@ -27,7 +27,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from tidal.perf.profile import load_profile
-from tidal.sim.fleet import FleetConfig
+from tidal.sim.fleet_config import FleetConfig
 from tidal.sim.fleet_experiment import ExperimentConfig, compare, table
 from tidal.sim.fleet_plots import plot_experiment
 

@@ -1,5 +1,6 @@
-"""The fleet simulator (`tidal.sim.fleet`): its arithmetic on tiny deterministic cases, no request
-dropped across flips and removals, and the SLA planner in the loop meeting the issue's goals at small
+"""The fleet simulator (`tidal.sim.fleet`): its arithmetic on tiny deterministic cases, its routing by
+the live router's policy functions (admission queue, local prefill when prefill workers are full,
+drains that wait for routed requests), no request dropped across flips and removals, and the SLA planner in the loop meeting the issue's goals at small
 scale (SLO attainment >= 95% through the bursts on <= 70% of peak provisioning's worker-seconds).
 
 Step times in the exact cases come from a linear `TimingModel` with base 10 ms a step and 0.1 ms a
@@ -12,7 +13,9 @@ from __future__ import annotations
 import pytest
 
 from tidal.planner.types import Action, Decision, Observation
-from tidal.sim.fleet import Fleet, FleetConfig, SimRequest
+from tidal.sim.fleet import Fleet
+from tidal.sim.fleet_config import FleetConfig
+from tidal.sim.fleet_worker import SimRequest
 from tidal.sim.fleet_experiment import ExperimentConfig, build_workload, fresh, make_planner, run_arm
 from tidal.sim.fleet_workloads import Lengths, poisson
 from tidal.sim.timing import TimingModel
@@ -67,6 +70,49 @@ def test_full_batch_waits_for_a_slot():
     assert (a.first_token_s, b.first_token_s) == (pytest.approx(0.020), pytest.approx(0.040))
     assert a.finish_s == pytest.approx(0.052)
     assert b.finish_s == pytest.approx(0.082)
+
+
+def test_round_robin_follows_the_router_policy():
+    # the live router counts a request before it chooses: the first goes to candidates[1 % 3]
+    config = FleetConfig(**{**EXACT.__dict__, "policy": "round_robin"})
+    requests = [SimRequest(i, 0.0, 40, 2) for i in range(4)]
+    Fleet(config, FLAT, prefill=0, decode=3).run(requests)
+    assert [r.worker_id for r in requests] == ["w1", "w2", "w0", "w1"]
+
+
+def test_prompts_prefill_locally_when_every_prefill_worker_is_full():
+    # decide_prefill: a's 1000 pending tokens fill the prefill worker (limit 1000), so b prefills on its
+    # decode worker at once: 10 + 0.1 x 500 = 60 ms -> first token at 0.070
+    config = FleetConfig(**{**EXACT.__dict__, "max_prefill_queue_tokens": 1000})
+    a, b = SimRequest(0, 0.0, 1000, 2), SimRequest(1, 0.01, 500, 2)
+    Fleet(config, FLAT, prefill=1, decode=1).run([a, b])
+    assert (a.local_prefill, b.local_prefill) == (False, True)
+    assert a.first_token_s == pytest.approx(0.110)
+    assert b.first_token_s == pytest.approx(0.070)
+
+
+def test_admission_queue_holds_requests_until_a_first_token_frees_room():
+    # one decode worker, full at 1000 pending prompt tokens: a (1000 tokens, local) fills it until its
+    # first token at 0.110; b waits in the router's queue until then
+    config = FleetConfig(**{**EXACT.__dict__, "max_pending_prefill_tokens": 1000})
+    a, b = SimRequest(0, 0.0, 1000, 5), SimRequest(1, 0.01, 500, 5)
+    planner = Scripted({})
+    Fleet(config, FLAT, prefill=0, decode=1, interval_s=0.05).run([a, b], planner)
+    depths = {round(o.time_s, 2): o.frontend.queue_depth for o in planner.seen}
+    assert depths[0.05] == 1 and depths[0.1] == 1 and depths[0.15] == 0
+    assert a.first_token_s == pytest.approx(0.110)
+    assert b.first_token_s == pytest.approx(0.160)  # routed at 0.110; its local prefill adds 50 ms
+
+
+def test_draining_prefill_worker_leaves_once_its_kv_has_moved():
+    # removed at 0.05 while it prefills a: its queue empties at 0.110, the KV reaches the decode worker at
+    # 0.112 (the live router holds a drain until no request uses the worker)
+    a = SimRequest(0, 0.0, 1000, 5)
+    planner = Scripted({0.05: [lambda o: Action("remove", "prefill", "w0", "test")]})
+    fleet = Fleet(EXACT, FLAT, prefill=1, decode=1, interval_s=0.05)
+    fleet.run([a], planner)
+    assert [(w.worker_id, w.left_s) for w in fleet.gone] == [("w0", pytest.approx(0.112))]
+    assert a.finish_s == pytest.approx(0.152)
 
 
 class Scripted:

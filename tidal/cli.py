@@ -302,7 +302,7 @@ def _sim_fleet(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tidal.perf.profile import load_profile
-    from tidal.sim.fleet import FleetConfig
+    from tidal.sim.fleet_config import FleetConfig
     from tidal.sim.fleet_experiment import ExperimentConfig, compare, table
     from tidal.sim.timing import TimingModel
 

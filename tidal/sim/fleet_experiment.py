@@ -27,7 +27,10 @@ from typing import Callable
 
 from tidal.planner.types import SLO, PlannerConfig
 from tidal.planner.types import percentile
-from tidal.sim.fleet import Fleet, FleetConfig, FleetResult, SimRequest, weighted_percentile
+from tidal.sim.fleet import Fleet
+from tidal.sim.fleet_config import FleetConfig
+from tidal.sim.fleet_metrics import FleetResult, weighted_percentile
+from tidal.sim.fleet_worker import SimRequest
 from tidal.sim.fleet_workloads import (DEFAULT_TRACE, Lengths, in_burst, poisson, shape_of, square_wave,
                                        trace_workload, worker_rates)
 from tidal.sim.timing import StepTimeModel

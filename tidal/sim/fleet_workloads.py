@@ -28,7 +28,8 @@ from pathlib import Path
 
 from tidal.bench.arrivals import thinned
 from tidal.bench.traces import MOONCAKE_BLOCK_TOKENS, load_trace
-from tidal.sim.fleet import FleetConfig, SimRequest
+from tidal.sim.fleet_config import FleetConfig
+from tidal.sim.fleet_worker import SimRequest
 from tidal.sim.timing import StepTimeModel
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[2].parent / "shared" / "traces" / "mooncake_conversation_trace.jsonl"

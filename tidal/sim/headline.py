@@ -30,10 +30,12 @@ from tidal.bench.arrivals import make_arrivals
 from tidal.bench.metrics import SLO_REGIMES
 from tidal.bench.traces import MOONCAKE_BLOCK_TOKENS, load_trace
 from tidal.perf.profile import load_profile
+from tidal.sim.fleet import Fleet
+from tidal.sim.fleet_config import FleetConfig
+from tidal.sim.fleet_worker import SimRequest
 from tidal.planner.core import Planner
 from tidal.planner.perf_model import PerfModel
 from tidal.planner.types import SLO, PlannerConfig
-from tidal.sim.fleet import Fleet, FleetConfig, SimRequest
 
 TOKENS_PER_WORD = 1.3
 ASSUMED_ITL_S = 0.02

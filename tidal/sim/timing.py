@@ -3,7 +3,8 @@
 `StepTimeModel` is what a simulated worker asks: `step_s(prefill_tokens, decode_seqs,
 decode_context_tokens)`. Two models answer it: a measured `tidal.perf.profile.Profile` (`tidal sim
 --profile FILE`; interpolated from `tidal profile`'s grids) and this module's `TimingModel`, a
-linear formula with hand-set coefficients (`tidal sim --timing k=v,...`):
+linear formula with hand-set coefficients (`tidal sim --timing k=v,...`; `CachedSteps` memoises
+either for the fleet simulator):
 
     step_s = base_s
            + prefill_s_per_token x prefill tokens               (matmul-bound: linear in tokens)
@@ -38,3 +39,22 @@ class TimingModel:
     def step_s(self, prefill_tokens: int, decode_seqs: int, decode_context_tokens: int) -> float:
         return (self.base_s + self.prefill_s_per_token * prefill_tokens + self.decode_s_per_seq * decode_seqs
                 + self.decode_s_per_kv_token * decode_context_tokens)
+
+
+class CachedSteps:
+    """A step-time model's answers memoised, the mean decode context rounded to `context_quantum`
+    tokens (profile interpolation is the fleet simulator's hottest call otherwise)."""
+
+    def __init__(self, model: StepTimeModel, context_quantum: int = 32):
+        self.model = model
+        self.quantum = context_quantum
+        self._cache: dict[tuple[int, int, int], float] = {}
+
+    def step_s(self, prefill_tokens: int, decode_seqs: int, decode_context_tokens: int) -> float:
+        mean_q = round(decode_context_tokens / decode_seqs / self.quantum) if decode_seqs else 0
+        key = (prefill_tokens, decode_seqs, mean_q)
+        value = self._cache.get(key)
+        if value is None:
+            value = self.model.step_s(prefill_tokens, decode_seqs, mean_q * self.quantum * decode_seqs)
+            self._cache[key] = value
+        return value
