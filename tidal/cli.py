@@ -26,45 +26,14 @@ import os
 import sys
 
 from tidal.config import SIMULATED_WORKER
+from tidal.deploy.engine_knobs import add_engine_flags, add_model_flags, engine_knobs_from_args, model_knobs
 from tidal.runtime.loop import run as run_loop
 
 logger = logging.getLogger("tidal")
 
 
-def _add_model_args(p: argparse.ArgumentParser, model_option: bool = False) -> None:
-    """The model, its device and its KV cache: what `serve` and `profile` share."""
-    model_help = "GGUF file, Hugging Face folder or dummy:ARCH (default: embedded SmolLM2-135M-Instruct)"
-    if model_option:
-        p.add_argument("--model", default=None, help=model_help)
-    else:
-        p.add_argument("model", nargs="?", default=None, help=model_help)
-    p.add_argument("--tokenizer", default=None, help="folder with tokenizer.json, or a .gguf file")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (with -tp: the first of consecutive devices)")
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="split the model over this many devices (cuda:N, cuda:N+1, ...), one process each")
-    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=None)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--kv-cache-memory", type=float, default=None, help="GiB for the KV cache (default 1)")
-    p.add_argument("--num-threads", type=int, default=None, help="torch threads (CPU)")
-    p.add_argument("--attention-backend", default=None, choices=["auto", "torch", "triton"],
-                   help="auto: the Triton kernels on CUDA, plain torch elsewhere")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on CUDA")
-
-
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    _add_model_args(p)
-    p.add_argument("--served-model-name", default=None)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--token-budget", type=int, default=None, help="tokens per engine step (default 256)")
-    p.add_argument("--max-num-seqs", type=int, default=None, help="requests running at once (default 128)")
-    p.add_argument("--no-chunked-prefill", action="store_true")
-
-
 def _add_profile_args(p: argparse.ArgumentParser) -> None:
-    _add_model_args(p, model_option=True)
+    add_model_flags(p, model_option=True)
     p.add_argument("--prefill-tokens", type=_ints, default=None,
                    help="prefill points, tokens per step (default 128,256,512,1024,2048,4096,8192,16384)")
     p.add_argument("--decode-batches", type=_ints, default=None,
@@ -101,22 +70,7 @@ def engine_config_from_args(args: argparse.Namespace):
     """The model and cache flags as an `EngineConfig` (scheduler settings left at their defaults)."""
     from tidal.deploy.engine_knobs import engine_config
 
-    return engine_config(_model_knobs(args), model=args.model, tokenizer=args.tokenizer, device=args.device)
-
-
-def _model_knobs(args: argparse.Namespace) -> dict:
-    """The engine knobs (`tidal.config.ENGINE_KNOBS`) `_add_model_args`' flags set; None: not given."""
-    return {"dtype": args.dtype, "max_model_len": args.max_model_len, "seed": args.seed,
-            "block_size": args.block_size, "num_kv_blocks": args.num_kv_blocks,
-            "kv_cache_memory_gib": args.kv_cache_memory, "attention_backend": args.attention_backend,
-            "enable_cuda_graphs": False if args.no_cuda_graphs else None}
-
-
-def engine_knobs_from_args(args: argparse.Namespace) -> dict:
-    """The engine knobs `_add_engine_args`' flags set; None: not given (the config's default)."""
-    return {**_model_knobs(args), "token_budget": args.token_budget, "max_num_seqs": args.max_num_seqs,
-            "enable_prefix_caching": False if args.no_prefix_caching else None,
-            "enable_chunked_prefill": False if args.no_chunked_prefill else None}
+    return engine_config(model_knobs(args), model=args.model, tokenizer=args.tokenizer, device=args.device)
 
 
 def deployment_from_args(args: argparse.Namespace):
@@ -152,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve a model over the OpenAI API (one worker, or a deployment "
                                          "config with -f)")
-    _add_engine_args(serve)
+    add_engine_flags(serve)
     serve.add_argument("-f", "--config", default=None,
                        help="deployment YAML (frontend, router, workers); the engine flags are then ignored")
     serve.add_argument("--host", default=None, help="frontend address (overrides the config's)")
@@ -198,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile_args(profile)
     from tidal.cluster.commands import add_commands
 
-    add_commands(sub, _add_engine_args)
+    add_commands(sub)
     return parser
 
 
@@ -406,7 +360,8 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     from tidal.bench.metrics import parse_slo
-    from tidal.bench.runner import BenchConfig, run_bench, sweep
+    from tidal.bench.runner import BenchConfig
+    from tidal.bench.sweep import run_bench, sweep
 
     if args.compare:
         from tidal.bench.plots import compare

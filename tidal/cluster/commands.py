@@ -10,9 +10,9 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Callable
 
 from tidal.deploy.config import DeploymentError
+from tidal.deploy.engine_knobs import add_engine_flags, engine_knobs_from_args
 from tidal.protocol import ROLES
 from tidal.runtime.loop import run as run_loop
 
@@ -33,9 +33,9 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info")
 
 
-def add_commands(sub, add_engine_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_commands(sub) -> None:
     worker = sub.add_parser("worker", help="one worker that registers in etcd (cluster mode)")
-    add_engine_args(worker)
+    add_engine_flags(worker)
     worker.set_defaults(**{name: None for name in _WORKER_FLAG_DEFAULTS})
     _add_cluster_args(worker)
     worker.add_argument("--role", default=None, choices=ROLES)
@@ -78,8 +78,6 @@ def _cluster_overrides(args: argparse.Namespace) -> dict:
 
 
 def _worker_overrides(args: argparse.Namespace) -> dict:
-    from tidal.cli import engine_knobs_from_args
-
     engine = engine_knobs_from_args(args)
     worker = {"role": args.role, "worker_id": args.worker_id, "host": args.host, "port": args.port,
               "advertise_host": args.advertise_host, "kv_port": args.kv_port, "device": args.device,

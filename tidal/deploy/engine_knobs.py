@@ -1,5 +1,7 @@
-"""An engine's settings from the flat knobs a user writes: `engine_config(knobs, role)`, with a
-prefill or decode worker's scheduler limits derived from a profile (`resolve_role_limits`).
+"""An engine's settings from the flat knobs a user writes (the YAML's `engine:` sections, or the
+flags `add_model_flags`/`add_engine_flags` define and `model_knobs`/`engine_knobs_from_args` read):
+`engine_config(knobs, role)`, with a prefill or decode worker's scheduler limits derived from a
+profile (`resolve_role_limits`).
 
 Used by every door a worker's settings come in by (the deployment YAML, `tidal serve` flags, the
 cluster commands, the planner's flips), so a knob resolves the same way everywhere.
@@ -7,12 +9,13 @@ cluster commands, the planner's flips), so a knob resolves the same way everywhe
 
 from __future__ import annotations
 
+import argparse
 import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from tidal.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig, RoleTuning, RunnerConfig,
+from tidal.config import (GIB, CacheConfig, EngineConfig, ModelConfig, ParallelConfig, RoleTuning, RunnerConfig,
                           SchedulerConfig, knob_fields)
 from tidal.perf.profile import load_profile
 
@@ -71,3 +74,51 @@ def engine_config(knobs: Mapping[str, object], role: str = "both", parallel: Par
 @functools.cache
 def _log_once(message: str) -> None:
     logger.info(message)
+
+
+# ---- the command-line flags of the same knobs -------------------------------------------------
+def add_model_flags(p: argparse.ArgumentParser, model_option: bool = False) -> None:
+    """The model, its device and its KV cache: what `serve` and `profile` share."""
+    model_help = "GGUF file, Hugging Face folder or dummy:ARCH (default: embedded SmolLM2-135M-Instruct)"
+    if model_option:
+        p.add_argument("--model", default=None, help=model_help)
+    else:
+        p.add_argument("model", nargs="?", default=None, help=model_help)
+    p.add_argument("--tokenizer", default=None, help="folder with tokenizer.json, or a .gguf file")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (with -tp: the first of consecutive devices)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over this many devices (cuda:N, cuda:N+1, ...), one process each")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--kv-cache-memory", type=float, default=None, help=f"GiB for the KV cache (default {CacheConfig.kv_cache_memory_bytes / GIB:g})")
+    p.add_argument("--num-threads", type=int, default=None, help="torch threads (CPU)")
+    p.add_argument("--attention-backend", default=None, choices=["auto", "torch", "triton"],
+                   help="auto: the Triton kernels on CUDA, plain torch elsewhere")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on CUDA")
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    add_model_flags(p)
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--token-budget", type=int, default=None, help=f"tokens per engine step (default {SchedulerConfig.token_budget})")
+    p.add_argument("--max-num-seqs", type=int, default=None, help=f"requests running at once (default {SchedulerConfig.max_num_seqs})")
+    p.add_argument("--no-chunked-prefill", action="store_true")
+
+
+def model_knobs(args: argparse.Namespace) -> dict:
+    """The engine knobs (`tidal.config.ENGINE_KNOBS`) `add_model_flags`' flags set; None: not given."""
+    return {"dtype": args.dtype, "max_model_len": args.max_model_len, "seed": args.seed,
+            "block_size": args.block_size, "num_kv_blocks": args.num_kv_blocks,
+            "kv_cache_memory_gib": args.kv_cache_memory, "attention_backend": args.attention_backend,
+            "enable_cuda_graphs": False if args.no_cuda_graphs else None}
+
+
+def engine_knobs_from_args(args: argparse.Namespace) -> dict:
+    """The engine knobs `add_engine_flags`' flags set; None: not given (the config's default)."""
+    return {**model_knobs(args), "token_budget": args.token_budget, "max_num_seqs": args.max_num_seqs,
+            "enable_prefix_caching": False if args.no_prefix_caching else None,
+            "enable_chunked_prefill": False if args.no_chunked_prefill else None}

@@ -186,7 +186,7 @@ class _WorkerLoop:
             while not self.stop.requested:
                 if self.stop.leave_requested:
                     # Take what clients already sent before judging whether the worker holds nothing.
-                    if self.requests.poll(0) and not self._drain():
+                    if self.requests.poll(0) and not self._read_requests():
                         return
                     if self._left():
                         reason = "left (SIGTERM)"
@@ -197,7 +197,7 @@ class _WorkerLoop:
                     timeout = PULL_POLL_MS
                 else:
                     timeout = IDLE_POLL_MS
-                if self.requests.poll(timeout) and not self._drain():
+                if self.requests.poll(timeout) and not self._read_requests():
                     reason = "shutdown requested"
                     return
                 deltas = engine.step() if engine.has_work() or engine.has_pulls() else []
@@ -253,7 +253,7 @@ class _WorkerLoop:
             except zmq.ZMQError:
                 self.clients.discard(client)
 
-    def _drain(self) -> bool:
+    def _read_requests(self) -> bool:
         """Handle every queued message; False when asked to shut down."""
         while True:
             try:
