@@ -142,7 +142,7 @@ def test_bench_run_against_a_server_writes_records_and_summary(tmp_path):
                             time_scale=0.2, max_input_len=300, max_output_len=4, vocab_size=49152,
                             output=str(tmp_path / "trace"))
         summaries = [asyncio.run(Bench(config).run()) for config in (synthetic, chat, trace)]
-        from tidal.bench.sweep import sweep
+        from tidal.bench.rate_sweep import sweep
 
         runs, capacity = sweep(BenchConfig(url=url, workload="synthetic", arrival="sine", period_s=1.0, requests=3,
                                            input_len=20, output_len=3, vocab_size=49152,

@@ -361,7 +361,7 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
 def _bench(args: argparse.Namespace) -> int:
     from tidal.bench.metrics import parse_slo
     from tidal.bench.runner import BenchConfig
-    from tidal.bench.sweep import run_bench, sweep
+    from tidal.bench.rate_sweep import run_bench, sweep
 
     if args.compare:
         from tidal.bench.plots import compare
