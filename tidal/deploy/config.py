@@ -75,9 +75,8 @@ class _Section(_Strict):
     def build(self, cls: type | None = None, **given):
         """The dataclass `cls` (default: the one this section derives from) from this section's
         fields that came from it (a nested section building its own), `given` over them."""
-        origins = {source for source, _ in self.sources.values()}
         if cls is None:
-            (cls,) = origins
+            (cls,) = {source for source, _ in self.sources.values()}
         values = {}
         for name, (source, field_name) in self.sources.items():
             if source is cls:
