@@ -9,9 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from tidal.config import ServerConfig
 from tidal.deploy.config import DeploymentError, load_deployment, parse_deployment
+from tidal.planner.types import PlannerConfig
 from tidal.protocol import WorkerInfo
+from tidal.router.config import RouterConfig
+from tidal.router.policy import DisaggPolicy, KVWeights
 from tidal.runtime.discovery import LocalDiscovery
+from tidal.transfer import KVTransferConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO_ROOT / "examples").rglob("*.yaml"))
@@ -56,6 +61,34 @@ def test_bad_configs_name_the_field(data, field):
     with pytest.raises(DeploymentError) as err:
         parse_deployment(data, "my.yaml")
     assert str(err.value).startswith("my.yaml: ") and field in str(err.value)
+
+
+@pytest.mark.parametrize("section, key, field, value, build", [
+    ("frontend", "port", "port", 70000, lambda v: ServerConfig(port=v)),
+    ("frontend", "api_servers", "api_servers", 0, lambda v: ServerConfig(api_servers=v)),
+    ("frontend", "queue_timeout_s", "queue_timeout_s", 0, lambda v: RouterConfig(queue_timeout_s=v)),
+    ("frontend", "router", "policy", "kv_aware", lambda v: RouterConfig(policy=v)),
+    ("frontend", "kv_overlap_weight", "overlap_weight", -1, lambda v: KVWeights(overlap_weight=v)),
+    ("disaggregation", "max_prefill_queue_tokens", "max_prefill_queue_tokens", 0,
+     lambda v: DisaggPolicy(max_prefill_queue_tokens=v)),
+    ("kv_transfer", "timeout_s", "timeout_s", 0, lambda v: KVTransferConfig(timeout_s=v)),
+    ("planner", "decode_prefill_share", "decode_prefill_share", 1.5, lambda v: PlannerConfig(decode_prefill_share=v)),
+])
+def test_a_dataclass_bound_holds_in_yaml_and_in_python_alike(section, key, field, value, build):
+    """The bound is written once, on the dataclass: the YAML section derived from it refuses the
+    value (naming the section's key), and so does the dataclass built directly (naming its field)."""
+    with pytest.raises(DeploymentError, match=f"{section}.{key}"):
+        parse_deployment({"workers": [{"role": "both"}], section: {key: value}}, "my.yaml")
+    with pytest.raises(ValueError, match=field):
+        build(value)
+
+
+def test_sections_default_to_their_dataclasses_defaults():
+    d = parse_deployment({"workers": [{"role": "both"}], "planner": {}})
+    assert d.server_config() == ServerConfig()
+    assert d.router_config() == RouterConfig()
+    assert d.transfer_config("/x") == KVTransferConfig(scratch_dir="/x")
+    assert d.planner.planner_config() == PlannerConfig()
 
 
 def test_cli_refuses_a_bad_config_with_exit_2(tmp_path):

@@ -27,6 +27,7 @@ import sys
 
 from tidal.config import SIMULATED_WORKER
 from tidal.deploy.engine_knobs import add_engine_flags, add_model_flags, engine_knobs_from_args, model_knobs
+from tidal.router.policy import POLICIES
 from tidal.runtime.loop import run as run_loop
 
 logger = logging.getLogger("tidal")
@@ -81,10 +82,11 @@ def deployment_from_args(args: argparse.Namespace):
     tp = args.tensor_parallel_size
     devices = list(rank_devices(args.device, tp)) if tp > 1 else [args.device]
     engine = engine_knobs_from_args(args)
+    frontend = {"host": args.host or None, "port": args.port, "max_request_body_bytes": args.max_request_body_bytes,
+                "log_level": args.log_level}
     return parse_deployment({
         "model": args.model, "tokenizer": args.tokenizer, "served_model_name": args.served_model_name,
-        "frontend": {"host": args.host or "127.0.0.1", "port": 8000 if args.port is None else args.port,
-                     "max_request_body_bytes": args.max_request_body_bytes, "log_level": args.log_level},
+        "frontend": {k: v for k, v in frontend.items() if v is not None},
         "engine": {k: v for k, v in engine.items() if v is not None},
         "workers": [{"role": "both", "devices": devices, "tensor_parallel_size": tp, "num_threads": args.num_threads,
                      **({"stop_grace_s": args.stop_grace_s} if args.stop_grace_s is not None else {})}],
@@ -115,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-servers", type=int, default=None,
                        help="frontend processes on the one port, each with its own router replica "
                             "(default: the config's frontend.api_servers, else one per four cores)")
-    serve.add_argument("--max-request-body-bytes", type=int, default=8 << 20)
+    serve.add_argument("--max-request-body-bytes", type=int, default=None,
+                       help="larger bodies get a 413 (default: the config's frontend.max_request_body_bytes, 8 MiB)")
     serve.add_argument("--max-migrations", type=int, default=None,
                        help="times a request may move to another worker when its worker dies or leaves "
                             "mid-stream (default: the config's frontend.max_migrations, 3)")
@@ -129,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     timing.add_argument("--timing", default=None,
                         help="e.g. base_s=0.008,prefill_s_per_token=5e-05 (see tidal/sim/timing.py)")
     timing.add_argument("--profile", default=None, help="step times from a `tidal profile` file instead")
-    sim.add_argument("--router", default="kv", choices=["round_robin", "random", "least_loaded", "kv"])
+    sim.add_argument("--router", default="kv", choices=POLICIES)
     sim.add_argument("--num-kv-blocks", type=int, default=SIMULATED_WORKER.cache.num_blocks,
                      help="per simulated worker")
     sim.add_argument("--token-budget", type=int, default=SIMULATED_WORKER.scheduler.token_budget)

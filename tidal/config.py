@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from annotated_types import Ge, Gt
+from annotated_types import Ge, Gt, Le
 
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -30,8 +30,11 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 Positive = Gt(0)
 NonNegative = Ge(0)
+Port = Annotated[int, Ge(0), Le(65535)]
+"""A TCP port; 0: any free one."""
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 AttentionBackend = Literal["auto", "torch", "triton"]
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 
 @functools.cache
@@ -49,6 +52,8 @@ def _check(where: str, hint: object, value: object) -> None:
                 raise ValueError(f"{where} must be greater than {bound.gt}, got {value!r}")
             if isinstance(bound, Ge) and not value >= bound.ge:
                 raise ValueError(f"{where} must be at least {bound.ge}, got {value!r}")
+            if isinstance(bound, Le) and not value <= bound.le:
+                raise ValueError(f"{where} must be at most {bound.le}, got {value!r}")
         _check(where, base, value)
     elif typing.get_origin(hint) in (typing.Union, types.UnionType):
         for arm in typing.get_args(hint):
@@ -162,13 +167,22 @@ def rank_devices(device: str, tensor_parallel_size: int) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ServerConfig:
+    """The HTTP serving tier: where it listens, how many processes share the port, what it accepts."""
+
     host: str = "127.0.0.1"
-    port: int = 8000
-    max_request_body_bytes: int = 8 << 20
+    port: Port = 8000
+    api_servers: Annotated[int, Ge(1), Le(64)] | None = None
+    """Frontend processes sharing the port, each with its own router replica; None: one per four
+    cores (`tidal.deploy.api_servers.default_api_servers`). With 1 the frontend runs in the
+    launcher's process."""
+    max_request_body_bytes: Annotated[int, Positive] = 8 << 20
     """Bodies larger than this get a 413."""
-    log_level: str = "info"
+    log_level: LogLevel = "info"
     response_headers: tuple[tuple[str, str], ...] = ()
     """Sent with every response (an API server names itself: `x-tidal-api-server: INDEX`)."""
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
 
 
 @dataclass(frozen=True)

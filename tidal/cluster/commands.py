@@ -14,6 +14,7 @@ import sys
 from tidal.deploy.config import DeploymentError
 from tidal.deploy.engine_knobs import add_engine_flags, engine_knobs_from_args
 from tidal.protocol import ROLES
+from tidal.router.policy import POLICIES
 from tidal.runtime.loop import run as run_loop
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def add_commands(sub) -> None:
                           help="the API's model name (default: what the first worker reports)")
     frontend.add_argument("--host", default=None)
     frontend.add_argument("--port", type=int, default=None)
-    frontend.add_argument("--router", default=None, choices=["round_robin", "random", "least_loaded", "kv"])
+    frontend.add_argument("--router", default=None, choices=POLICIES)
     frontend.add_argument("--observation-interval-s", type=float, default=None,
                           help="publish a planner observation this often (default planner.reactive_interval_s)")
 

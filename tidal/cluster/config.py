@@ -28,45 +28,39 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError
 
-from tidal.deploy.config import (Deployment, DeploymentError, EngineSection, PlannerSection, ServingSections,
-                                 WorkerSection, _Strict, format_validation_error, section_from)
-from tidal.config import STOP_GRACE_S, PlaneConfig
+from tidal.deploy.config import (Deployment, DeploymentError, PlannerSection, ServingSections, WorkerCommon,
+                                 WorkerSection, format_validation_error, section_from)
+from tidal.config import PlaneConfig, Port
 from tidal.protocol import Role
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "*", "::", "[::]")
 
 
-class ClusterSection(section_from(PlaneConfig, "PlaneSection", rename={"etcd_endpoints": "etcd", "nats_url": "nats"})):
+class ClusterSection(section_from("PlaneSection", PlaneConfig, rename={"etcd_endpoints": "etcd", "nats_url": "nats"})):
     """The `cluster:` section: `tidal.config.PlaneConfig`'s fields, with `etcd` (client URLs,
     `http://HOST:2379`) and `nats` (URL(s), comma-separated) for its endpoints."""
 
     def plane_config(self) -> PlaneConfig:
-        return PlaneConfig(etcd_endpoints=tuple(self.etcd), nats_url=self.nats, namespace=self.namespace,
-                           lease_ttl_s=self.lease_ttl_s)
+        return self.build()
 
 
-class WorkerCommandSection(_Strict):
+class WorkerCommandSection(WorkerCommon):
     role: Role = "both"
     worker_id: str | None = None
     """Its name in discovery; default HOSTNAME-PID (on Kubernetes pass the pod name: the
     Kubernetes actuator marks that pod for deletion)."""
     host: str = "0.0.0.0"
     """Where the request socket and the KV server bind."""
-    port: int = Field(0, ge=0, le=65535)
+    port: Port = 0
     """The request socket's port; 0: a free one."""
     advertise_host: str | None = None
     """The host peers dial; default `host`, or for a wildcard `host` this machine's address on the
     route to etcd."""
-    kv_port: int = Field(0, ge=0, le=65535)
+    kv_port: Port = 0
     """The zmq KV server's port; 0: a free one."""
-    health_port: int | None = Field(None, ge=0, le=65535)
+    health_port: Port | None = None
     """Serve /live and /health (503 while loading or leaving) here, for Kubernetes probes; None: none."""
-    stop_grace_s: float = Field(STOP_GRACE_S, ge=0)
-    """After SIGTERM: how long in-flight requests may take to finish before the worker exits."""
     device: str = "cpu"
-    tensor_parallel_size: int = Field(1, ge=1)
-    num_threads: int | None = Field(None, gt=0)
-    engine: EngineSection | None = None
 
 
 class PlannerCommandSection(PlannerSection):
@@ -75,7 +69,7 @@ class PlannerCommandSection(PlannerSection):
     has no launcher to act on in a cluster): log and count them only. Flips always go to the frontend."""
     host: str = "127.0.0.1"
     """The planner's /metrics and /health endpoint."""
-    port: int = Field(9091, ge=0, le=65535)
+    port: Port = 9091
 
 
 class ClusterFile(ServingSections):
@@ -92,9 +86,7 @@ class ClusterFile(ServingSections):
         return Deployment(**shared, workers=[WorkerSection(role="both")])
 
     def worker_section(self) -> WorkerSection:
-        w = self.worker
-        return WorkerSection(role=w.role, devices=None, tensor_parallel_size=w.tensor_parallel_size,
-                             num_threads=w.num_threads, engine=w.engine)
+        return WorkerSection(**{name: getattr(self.worker, name) for name in WorkerCommon.model_fields})
 
 
 def resolve(path: str | None, overrides: dict, need: tuple[str, ...] = ("etcd", "nats")) -> ClusterFile:

@@ -102,8 +102,7 @@ def _transfer_config(settings: ClusterFile, advertise: str, device: str) -> KVTr
     """The zmq backend over TCP unless another one is named (those reach only this host)."""
     if settings.worker.tensor_parallel_size > 1:
         return None  # tensor-parallel workers run aggregated
-    t = settings.kv_transfer
-    backend = t.backend
+    backend = settings.kv_transfer.backend
     if backend == "auto":
         backend = "zmq" if device == "cpu" else "cuda_ipc"
     if backend not in CROSS_HOST_BACKENDS:
@@ -111,9 +110,8 @@ def _transfer_config(settings: ClusterFile, advertise: str, device: str) -> KVTr
                        "other hosts will fail", backend)
     host = settings.worker.host
     bind = "*" if host in ("0.0.0.0", "", "*") else host
-    return KVTransferConfig(backend=backend, timeout_s=t.timeout_s, debug_delay_s=t.debug_delay_s,
-                            zmq_address=f"tcp://{bind}:{settings.worker.kv_port or '*'}",
-                            zmq_advertise_host=advertise)
+    return settings.kv_transfer.build(backend=backend, zmq_address=f"tcp://{bind}:{settings.worker.kv_port or '*'}",
+                                      zmq_advertise_host=advertise)
 
 
 def _url_host(host: str) -> str:

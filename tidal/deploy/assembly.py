@@ -31,12 +31,9 @@ def worker_spec(deployment: Deployment, section: WorkerSection, worker_id: str, 
 
 def kubernetes_actuator(section: PlannerSection, router=None):
     """The actuator that scales the section's Kubernetes Deployments."""
-    from tidal.planner.actuators import KubernetesActuator, KubernetesConfig
+    from tidal.planner.actuators import KubernetesActuator
 
-    k = section.kubernetes
-    return KubernetesActuator(KubernetesConfig(namespace=k.namespace, prefill_deployment=k.prefill_deployment,
-                                               decode_deployment=k.decode_deployment, base_url=k.base_url,
-                                               token=k.token), fleet=router)
+    return KubernetesActuator(section.kubernetes.build(), fleet=router)
 
 
 async def start_planner(section: PlannerSection, router, actuator, registry=None):

@@ -6,8 +6,13 @@ with a message naming the field (`workers.1.role: Input should be 'both', 'prefi
 resolves one worker's engine settings (the shared `engine` section, then that worker's
 overrides) into the engine's frozen `EngineConfig`; with a `profile` (a `tidal profile` file), a
 prefill worker's token budget and a decode worker's sequence cap default to what the profile
-says suits the role (`tidal.deploy.engine_knobs.resolve_role_limits`). The `engine` section is derived from
-`tidal.config.ENGINE_KNOBS`: its fields, types and bounds are the config dataclasses' own.
+says suits the role (`tidal.deploy.engine_knobs.resolve_role_limits`).
+
+The sections are derived from the config dataclasses they set, so every default, bound and choice
+is written once, on the dataclass (`section_from`: `frontend` from `ServerConfig`, `RouterConfig`
+and `KVWeights`; `disaggregation` from `DisaggPolicy`; `kv_transfer` from `KVTransferConfig`;
+`planner` from `PlannerConfig`; `engine` from `tidal.config.ENGINE_KNOBS`), and build them back
+field by field without naming a field (`_Section.build`).
 
     model: null                     # GGUF file, HF folder, dummy:ARCH; null: embedded SmolLM2
     frontend: {host: 127.0.0.1, port: 8000, api_servers: 4, router: kv, max_queue: 1024, queue_timeout_s: 30,
@@ -34,8 +39,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import typing
+from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
@@ -43,7 +49,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from tidal.config import ENGINE_KNOBS, STOP_GRACE_S, EngineConfig, ParallelConfig, ServerConfig, knob_type
 from tidal.deploy.engine_knobs import engine_config, resolve_role_limits
 from tidal.perf.profile import load_profile
-from tidal.planner.types import SLO, PlannerConfig
+from tidal.planner.actuators import KubernetesConfig
+from tidal.planner.types import PlannerConfig
 from tidal.protocol import Role
 from tidal.router.policy import DisaggPolicy, KVWeights
 from tidal.router.config import RouterConfig
@@ -59,60 +66,63 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class FrontendSection(_Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    api_servers: int | None = Field(None, ge=1, le=64)
-    """Frontend processes sharing the port, each with its own router replica; None: one per four
-    cores (1 on a 2-core box). With 1 the frontend runs in the launcher's process."""
-    router: Literal["round_robin", "random", "least_loaded", "kv"] = "round_robin"
-    kv_overlap_weight: float = Field(1.0, ge=0)
-    """kv router: weight of a worker's prefill work (this prompt's uncached blocks plus its
-    pending prefill) against its decode load (active blocks)."""
-    kv_temperature: float = Field(0.0, ge=0)
-    """kv router: 0 picks the cheapest worker; above 0 samples (softmax over normalized costs)."""
-    max_pending_prefill_tokens: int = Field(32768, gt=0)
-    """Per worker: with this many prompt tokens waiting for their first token it takes no more;
-    when every worker is there, requests queue in the router."""
-    max_queue: int = Field(1024, ge=0)
-    """Requests that may wait in the router; beyond it they get 503 with Retry-After."""
-    queue_timeout_s: float = Field(30.0, gt=0)
-    """A request that waited this long gets 503 with Retry-After."""
-    max_migrations: int = Field(3, ge=0)
-    """Times a request may move to another worker when its worker dies or leaves mid-stream (the
-    prompt plus the tokens streamed so far go to the new one); past that the client gets the error."""
-    max_request_body_bytes: int = Field(8 << 20, gt=0)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+class _Section(_Strict):
+    """A section derived from config dataclasses by `section_from`; `build` makes them back."""
+
+    sources: ClassVar[dict[str, tuple[type, str]]] = {}
+    """Each derived field's origin: section field -> (dataclass, its field)."""
+
+    def build(self, cls: type | None = None, **given):
+        """The dataclass `cls` (default: the one this section derives from) from this section's
+        fields that came from it (a nested section building its own), `given` over them."""
+        if cls is None:
+            (cls,) = {source for source, _ in self.sources.values()}
+        values = {}
+        for name, (source, field_name) in self.sources.items():
+            if source is cls:
+                value = getattr(self, name)
+                values[field_name] = value.build() if isinstance(value, _Section) else value
+        return cls(**{**values, **given})
 
 
-class DisaggSection(_Strict):
-    local_prefill_threshold: int = Field(512, ge=0)
-    """Prompts with fewer uncached tokens prefill on their decode worker."""
-    max_prefill_queue_tokens: int = Field(16384, gt=0)
-    """When every prefill worker has this many prompt tokens pending, prefill locally."""
+def section_from(name: str, *classes: type, rename: Mapping[str, str] | None = None, exclude: Collection[str] = (),
+                 only: Collection[str] | None = None, base: type[_Section] = _Section,
+                 doc: str | None = None) -> type[_Section]:
+    """A YAML section derived from the config dataclasses `classes`: a field per dataclass field
+    (all, or `only` those, less `exclude`; named as `rename` says), with its type, bounds, choices
+    and default, so each is written once, on the dataclass. A field holding a config dataclass
+    becomes a nested section derived from it. `base` brings section-only fields, validators and
+    methods."""
+    fields, sources = {}, {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls, include_extras=True)
+        for f in dataclasses.fields(cls):
+            if f.name in exclude or (only is not None and f.name not in only):
+                continue
+            key = (rename or {}).get(f.name, f.name)
+            if key in fields:
+                raise TypeError(f"{name}: two fields named {key!r}")
+            kind = hints[f.name]
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            if dataclasses.is_dataclass(kind):
+                kind = section_from(f"{kind.__name__}Section", kind)
+                default = kind()
+            fields[key] = (kind, default)
+            sources[key] = (cls, f.name)
+    model = create_model(name, __base__=base, __module__=__name__, __doc__=doc, **fields)
+    model.sources = {**base.sources, **sources}
+    return model
 
 
-class KVTransferSection(_Strict):
-    backend: Literal["auto", "shm", "zmq", "cuda_ipc", "fake"] = "auto"
-    timeout_s: float = Field(30.0, gt=0)
-    debug_delay_s: float = Field(0.0, ge=0)
-    """Fault testing: every pull waits this long."""
-
-
-def section_from(cls: type, name: str, *, optional: bool = False, rename: dict[str, str] | None = None,
-                 exclude: tuple[str, ...] = (), base: type[BaseModel] = _Strict) -> type[BaseModel]:
-    """A YAML section derived from the config dataclass `cls`: a field per dataclass field (named as
-    `rename` says), with its type, bounds and choices; its default too, unless `optional`, where
-    every field defaults to None: "not set here, keep the dataclass's default"."""
-    hints = typing.get_type_hints(cls, include_extras=True)
-    fields = {}
-    for f in dataclasses.fields(cls):
-        if f.name in exclude:
-            continue
-        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-        fields[(rename or {}).get(f.name, f.name)] = (
-            (typing.Optional[hints[f.name]], None) if optional else (hints[f.name], default))
-    return create_model(name, __base__=base, __module__=__name__, **fields)
+FrontendSection = section_from(
+    "FrontendSection", ServerConfig, RouterConfig, KVWeights, exclude=("response_headers", "weights", "disagg", "seed"),
+    rename={"policy": "router", "overlap_weight": "kv_overlap_weight", "temperature": "kv_temperature"},
+    doc="""The HTTP serving tier (`tidal.config.ServerConfig`) and the router (`RouterConfig`; its
+    policy as `router`, the kv policy's weights as `kv_overlap_weight` and `kv_temperature`).""")
+DisaggSection = section_from("DisaggSection", DisaggPolicy, doc="Conditional disaggregation (`DisaggPolicy`).")
+KVTransferSection = section_from(
+    "KVTransferSection", KVTransferConfig, only=("backend", "timeout_s", "debug_delay_s"),
+    doc="The KV transfer settings a user chooses (`KVTransferConfig`; the rest is the process's own).")
 
 
 class _EngineKnobs(_Strict):
@@ -132,23 +142,29 @@ EngineSection = create_model("EngineSection", __base__=_EngineKnobs, __module__=
                              **{name: (typing.Optional[knob_type(name)], None) for name in ENGINE_KNOBS})
 
 
-class WorkerSection(_Strict):
+class WorkerCommon(_Strict):
+    """What a worker section of a deployment and the `worker:` section of the cluster commands share."""
+
     role: Role
+    tensor_parallel_size: int = Field(1, ge=1)
+    """Devices (processes) each worker spans; its rank 0 runs the engine."""
+    num_threads: int | None = Field(None, gt=0)
+    """Torch threads per worker; default: the machine's cores shared among CPU workers (a GPU
+    worker's own default in cluster mode)."""
+    stop_grace_s: float = Field(STOP_GRACE_S, ge=0)
+    """After SIGTERM a worker takes no new requests and exits once its own are done, or after this
+    long (requests still running then move to other workers)."""
+    engine: EngineSection | None = None
+
+
+class WorkerSection(WorkerCommon):
     count: int = Field(1, ge=1, le=64)
     devices: list[str] | None = None
     """One device per replica (`cpu`, `cuda:0`, ...), or `tensor_parallel_size` consecutive devices
     per replica; default: cpu for all."""
-    tensor_parallel_size: int = Field(1, ge=1)
-    """Devices (processes) each worker of this group spans; its rank 0 runs the engine."""
-    num_threads: int | None = Field(None, gt=0)
-    """Torch threads per worker; default: the machine's cores shared among CPU workers."""
-    stop_grace_s: float = Field(STOP_GRACE_S, ge=0)
-    """After SIGTERM a worker takes no new requests and exits once its own are done, or after this
-    long (requests still running then move to other workers)."""
     health_port: int | None = Field(None, ge=1, le=65535)
     """Each worker of this group serves /live and /health over HTTP (Kubernetes probes), replica i
     on health_port + i; default: no health endpoint (the frontend's /health covers a local deployment)."""
-    engine: EngineSection | None = None
 
     @model_validator(mode="after")
     def _devices_match_count(self) -> WorkerSection:
@@ -165,37 +181,12 @@ class WorkerSection(_Strict):
         return self
 
 
-class SLOSection(_Strict):
-    ttft_ms: float = Field(1000.0, gt=0)
-    itl_ms: float = Field(50.0, gt=0)
+KubernetesSection = section_from("KubernetesSection", KubernetesConfig, exclude=("timeout_s",))
 
 
-class KubernetesSection(_Strict):
-    namespace: str = "default"
-    prefill_deployment: str = "tidal-prefill"
-    decode_deployment: str = "tidal-decode"
-    base_url: str | None = None
-    """The API server; default: the in-cluster one (KUBERNETES_SERVICE_HOST/PORT), with the pod's
-    service-account token and CA."""
-    token: str | None = None
+class _PlannerSectionBase(_Section):
+    """What a planner section has beyond `PlannerConfig`: how it acts and what it knows."""
 
-
-class PlannerSection(_Strict):
-    slo: SLOSection = SLOSection()
-    max_workers: int = Field(8, ge=1)
-    min_prefill: int = Field(0, ge=0)
-    min_decode: int = Field(1, ge=1)
-    reactive_interval_s: float = Field(2.0, gt=0)
-    predictive_interval_s: float = Field(30.0, gt=0)
-    predictor: Literal["moving_average", "holt", "seasonal", "arima"] = "seasonal"
-    headroom: float = Field(0.15, ge=0)
-    worker_startup_s: float = Field(30.0, gt=0)
-    backlog_clear_s: float = Field(20.0, gt=0)
-    scale_down_cooldown_s: float = Field(30.0, ge=0)
-    allow_flips: bool = True
-    decode_prefill_share: float = Field(0.25, ge=0, le=1)
-    """With min_prefill 0 and the budget short: the last prefill worker may become a decode worker
-    when its prefill need is at most this share of the decode workers (they prefill locally)."""
     devices: list[str] = []
     """Free devices for workers the planner adds (one each); empty: CPU workers."""
     actuator: Literal["local", "kubernetes"] = "local"
@@ -216,20 +207,18 @@ class PlannerSection(_Strict):
         return Planner(self.planner_config(), perf)
 
     @model_validator(mode="after")
-    def _fits_budget(self) -> PlannerSection:
+    def _fits_budget(self):
         if self.min_prefill + self.min_decode > self.max_workers:
             raise ValueError(f"min_prefill + min_decode = {self.min_prefill + self.min_decode} exceeds "
                              f"max_workers = {self.max_workers}")
         return self
 
     def planner_config(self) -> PlannerConfig:
-        return PlannerConfig(slo=SLO(ttft_ms=self.slo.ttft_ms, itl_ms=self.slo.itl_ms), max_workers=self.max_workers,
-                             min_prefill=self.min_prefill, min_decode=self.min_decode,
-                             reactive_interval_s=self.reactive_interval_s,
-                             predictive_interval_s=self.predictive_interval_s, predictor=self.predictor,
-                             headroom=self.headroom, scale_down_cooldown_s=self.scale_down_cooldown_s,
-                             worker_startup_s=self.worker_startup_s, backlog_clear_s=self.backlog_clear_s,
-                             allow_flips=self.allow_flips, decode_prefill_share=self.decode_prefill_share)
+        return self.build(PlannerConfig)
+
+
+PlannerSection = section_from("PlannerSection", PlannerConfig, base=_PlannerSectionBase,
+                              doc="The SLA planner: `PlannerConfig` (its `slo` nested) and how it acts.")
 
 
 class ServingSections(_Strict):
@@ -297,23 +286,15 @@ class Deployment(ServingSections):
 
     def server_config(self, host: str | None = None, port: int | None = None) -> ServerConfig:
         f = self.frontend
-        return ServerConfig(host=host or f.host, port=f.port if port is None else port,
-                            max_request_body_bytes=f.max_request_body_bytes, log_level=f.log_level)
+        return f.build(ServerConfig, host=host or f.host, port=f.port if port is None else port)
 
     def router_config(self) -> RouterConfig:
-        d = self.disaggregation
         f = self.frontend
-        return RouterConfig(policy=f.router, seed=self.engine.seed or 0,
-                            weights=KVWeights(overlap_weight=f.kv_overlap_weight, temperature=f.kv_temperature),
-                            max_pending_prefill_tokens=f.max_pending_prefill_tokens, max_queue=f.max_queue,
-                            queue_timeout_s=f.queue_timeout_s, max_migrations=f.max_migrations,
-                            disagg=DisaggPolicy(local_prefill_threshold=d.local_prefill_threshold,
-                                                max_prefill_queue_tokens=d.max_prefill_queue_tokens))
+        return f.build(RouterConfig, seed=self.engine.seed or 0, weights=f.build(KVWeights),
+                       disagg=self.disaggregation.build())
 
     def transfer_config(self, scratch_dir: str) -> KVTransferConfig:
-        t = self.kv_transfer
-        return KVTransferConfig(backend=t.backend, timeout_s=t.timeout_s, debug_delay_s=t.debug_delay_s,
-                                scratch_dir=scratch_dir)
+        return self.kv_transfer.build(scratch_dir=scratch_dir)
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
+from annotated_types import Ge, Le
+
+from tidal.config import NonNegative, Positive, validate_fields
 from tidal.protocol import Role
 
 WorkerState = Literal["starting", "active", "draining", "flipping", "stopping"]
@@ -105,42 +108,48 @@ def merge_observations(observations: list[Observation]) -> Observation:
 
 @dataclass(frozen=True)
 class SLO:
-    ttft_ms: float = 1000.0  # P90 target
-    itl_ms: float = 50.0  # P90 target
+    ttft_ms: Annotated[float, Positive] = 1000.0  # P90 target
+    itl_ms: Annotated[float, Positive] = 50.0  # P90 target
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
 
 
 @dataclass(frozen=True)
 class PlannerConfig:
     slo: SLO = field(default_factory=SLO)
-    max_workers: int = 8
+    max_workers: Annotated[int, Ge(1)] = 8
     """The GPU budget, in workers: prefill + decode never exceed it."""
-    min_prefill: int = 0
+    min_prefill: Annotated[int, NonNegative] = 0
     """Prefill workers to keep (0: decode workers may prefill everything themselves)."""
-    min_decode: int = 1
-    reactive_interval_s: float = 2.0
+    min_decode: Annotated[int, Ge(1)] = 1
+    reactive_interval_s: Annotated[float, Positive] = 2.0
     """The fast loop: acts when queues or estimated TTFT/ITL cross their targets."""
-    predictive_interval_s: float = 30.0
+    predictive_interval_s: Annotated[float, Positive] = 30.0
     """The slow loop: forecasts rate and lengths, sizes each pool from the performance model."""
     predictor: Literal["moving_average", "holt", "seasonal", "arima"] = "seasonal"
     """Forecasts the request rate, ISL and OSL one predictive interval per step; `seasonal` finds a
     period when there is one (Holt otherwise)."""
-    headroom: float = 0.15
+    headroom: Annotated[float, NonNegative] = 0.15
     """Size pools for (1 + headroom) x the forecast load."""
-    worker_startup_s: float = 30.0
+    worker_startup_s: Annotated[float, Positive] = 30.0
     """How long an added worker takes to serve, before the planner has seen one start (then it uses
     what it saw). The predictive loop sizes for the highest rate forecast over the next start-up
     time + predictive interval: the soonest capacity it orders now can help."""
-    backlog_clear_s: float = 20.0
+    backlog_clear_s: Annotated[float, Positive] = 20.0
     """The reactive loop sizes a pool in trouble to serve the current rate plus its queue within this."""
-    scale_down_cooldown_s: float = 30.0
+    scale_down_cooldown_s: Annotated[float, NonNegative] = 30.0
     """No removal or flip away from a pool within this long of adding to it (no flapping)."""
     allow_flips: bool = True
     """Move capacity by flipping a worker's role (fast, no weight reload) before adding/removing."""
-    decode_prefill_share: float = 0.25
+    decode_prefill_share: Annotated[float, Ge(0), Le(1)] = 0.25
     """With `min_prefill` 0, when the budget is short the last prefill worker may become a decode
     worker if the decode workers can absorb its prefill load (conditional disaggregation: they
     prefill locally): the prefill need, in workers, at most this share of the decode workers. 0:
     always keep a prefill worker while any prefill is needed."""
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
 
 
 @dataclass(frozen=True)

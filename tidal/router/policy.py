@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import math
 import random
+import typing
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
+from tidal.config import NonNegative, Positive, validate_fields
 from tidal.protocol import Role
 
-POLICIES = ("round_robin", "random", "least_loaded", "kv")
+RoutingPolicy = Literal["round_robin", "random", "least_loaded", "kv"]
+POLICIES: tuple[str, ...] = typing.get_args(RoutingPolicy)
 
 
 @dataclass
@@ -38,18 +42,24 @@ class WorkerView:
 
 @dataclass(frozen=True)
 class KVWeights:
-    overlap_weight: float = 1.0
+    overlap_weight: Annotated[float, NonNegative] = 1.0
     """Weight of the prefill work (in blocks) against the decode load (in blocks)."""
-    temperature: float = 0.0
+    temperature: Annotated[float, NonNegative] = 0.0
     """0: the cheapest worker (ties: fewest open requests, then at random); > 0: softmax sampling."""
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
 
 
 @dataclass(frozen=True)
 class DisaggPolicy:
-    local_prefill_threshold: int = 512
+    local_prefill_threshold: Annotated[int, NonNegative] = 512
     """Uncached prompt tokens below which the decode worker prefills locally."""
-    max_prefill_queue_tokens: int = 16384
+    max_prefill_queue_tokens: Annotated[int, Positive] = 16384
     """A prefill worker with this many pending prefill tokens is full; all full -> local."""
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
 
 
 def kv_cost(w: WorkerView, num_prompt_tokens: int, block_size: int, overlap_weight: float) -> float:

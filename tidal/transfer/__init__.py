@@ -30,9 +30,6 @@ def create_kv_transfer(layout: KVLayout, device: torch.device, worker_id: str,
     name = config.backend
     if name == "auto":
         name = "cuda_ipc" if torch.device(device).type == "cuda" else "shm"
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown KV transfer backend {config.backend!r}; "
-                         f"valid: auto, {', '.join(_BACKENDS)}")
     module_name, class_name = _BACKENDS[name]
     backend_cls = getattr(importlib.import_module(module_name), class_name)
     return backend_cls(layout, device, worker_id, config)

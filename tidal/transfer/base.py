@@ -22,9 +22,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 
+from tidal.config import NonNegative, Positive, validate_fields
 from tidal.protocol import KVLayout, KVSourceInfo
 
 logger = logging.getLogger(__name__)
@@ -36,11 +38,11 @@ class KVTransferError(RuntimeError):
 
 @dataclass(frozen=True)
 class KVTransferConfig:
-    backend: str = "auto"
+    backend: Literal["auto", "shm", "zmq", "cuda_ipc", "fake"] = "auto"
     """`auto` (shm on CPU, cuda_ipc on CUDA), `shm`, `zmq`, `cuda_ipc` or `fake`."""
-    timeout_s: float = 30.0
+    timeout_s: Annotated[float, Positive] = 30.0
     """A pull not finished by then fails; a prefill worker's hold on blocks lasts this long twice."""
-    debug_delay_s: float = 0.0
+    debug_delay_s: Annotated[float, NonNegative] = 0.0
     """Fault testing only: every pull waits this long before it finishes."""
     scratch_dir: str | None = None
     """Where the shm backend creates its cache file (a /dev/shm folder the launcher owns)."""
@@ -53,6 +55,9 @@ class KVTransferConfig:
     """cuda_ipc: layers per pipelined chunk (the gather, peer copy and scatter of one chunk overlap
     those of its neighbours; each of the two staging buffers per GPU holds one chunk). 0 sizes
     chunks per pull to about 32 MiB: few launches for a small pull, a short pipeline fill for a big one."""
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
