@@ -105,7 +105,8 @@ def breakdown(llm: LLM, batches=(1, 64)) -> list[dict]:
 
 
 def serve_throughput(preset: str, tokenizer: str, concurrencies, kv_gib: float) -> list[dict]:
-    from tidal.bench.runner import BenchConfig, run_bench
+    from tidal.bench.rate_sweep import run_bench
+    from tidal.bench.runner import BenchConfig
 
     port = free_port()
     serve = ["serve", f"dummy:{preset}", "--device", "cuda", "--dtype", "bfloat16", "--port", str(port),

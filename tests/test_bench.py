@@ -210,7 +210,8 @@ def test_client_cpu_is_reported_and_a_busy_client_warned_about(caplog):
 @pytest.mark.slow
 def test_bench_from_two_client_processes_merges_their_records(tmp_path):
     from _server import running_server
-    from tidal.bench.runner import BenchConfig, run_bench
+    from tidal.bench.rate_sweep import run_bench
+    from tidal.bench.runner import BenchConfig
 
     with running_server(["--workers", "2", "--timing", "base_s=0.002"], tmp_path / "sim.log", command="sim") as url:
         config = BenchConfig(url=url, workload="synthetic", arrival="constant", rate=40.0, requests=11, input_len=20,
@@ -226,7 +227,8 @@ def test_bench_from_two_client_processes_merges_their_records(tmp_path):
 @pytest.mark.slow
 def test_a_closed_loop_starts_nothing_after_its_duration(tmp_path):
     from _server import running_server
-    from tidal.bench.runner import BenchConfig, run_bench
+    from tidal.bench.rate_sweep import run_bench
+    from tidal.bench.runner import BenchConfig
 
     with running_server(["--workers", "1", "--timing", "base_s=0.01"], tmp_path / "sim.log", command="sim") as url:
         config = BenchConfig(url=url, workload="synthetic", arrival="constant", rate=1e5, requests=10_000,
