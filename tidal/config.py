@@ -259,6 +259,13 @@ def knob_fields(cls: type, knobs: Mapping[str, object]) -> dict[str, object]:
     return out
 
 
+DRAIN_TIMEOUT_S = 300.0
+"""A drain (stop routing to a worker, wait until it holds nothing) that takes longer fails."""
+WORKER_READY_TIMEOUT_S = 600.0
+"""A started or flipped worker that is not routable by then has failed to come up."""
+FLEET_READY_TIMEOUT_S = 900.0
+"""A router waits this long for its first routable worker (model loads, CUDA graph captures)."""
+
 STOP_GRACE_S = 30.0
 """After SIGTERM a worker takes no new requests and exits once its own are done, or after this long."""
 

@@ -17,8 +17,26 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 ARRIVALS = ("constant", "poisson", "gamma", "square", "sine", "ramp")
+
+
+@dataclass(frozen=True)
+class ArrivalShape:
+    """The shape parameters of the arrival processes, with their one default each."""
+
+    burstiness: float = 1.0
+    """gamma: 1 is Poisson; below 1 burstier (the inter-arrival times' shape parameter)."""
+    burst_factor: float = 4.0
+    """square: the burst's rate over the calm one."""
+    burst_s: float = 10.0
+    calm_s: float = 30.0
+    amplitude: float = 0.8
+    """sine: the swing as a share of the mean rate."""
+    period_s: float = 60.0
+    duration_s: float = 60.0
+    """ramp: the time from the start rate to the end rate."""
 
 
 def constant(rate: float, rng: random.Random | None = None) -> Iterator[float]:
@@ -68,10 +86,11 @@ def ramp_rate(start_rate: float, end_rate: float, duration_s: float) -> Callable
     return lambda t: start_rate + (end_rate - start_rate) * min(t / duration_s, 1.0)
 
 
-def make_arrivals(kind: str, rate: float, rng: random.Random, *, burstiness: float = 1.0,
-                  burst_factor: float = 4.0, burst_s: float = 10.0, calm_s: float = 30.0,
-                  amplitude: float = 0.8, period_s: float = 60.0, end_rate: float | None = None,
-                  duration_s: float = 60.0) -> Iterator[float]:
+def make_arrivals(kind: str, rate: float, rng: random.Random, *, burstiness: float = ArrivalShape.burstiness,
+                  burst_factor: float = ArrivalShape.burst_factor, burst_s: float = ArrivalShape.burst_s,
+                  calm_s: float = ArrivalShape.calm_s, amplitude: float = ArrivalShape.amplitude,
+                  period_s: float = ArrivalShape.period_s, end_rate: float | None = None,
+                  duration_s: float = ArrivalShape.duration_s) -> Iterator[float]:
     """The named process at `rate` (its base rate for square, its mean for sine, its start for ramp)."""
     if rate <= 0:
         raise ValueError("the arrival rate must be positive")

@@ -78,6 +78,8 @@ class Arm:
 PLANNER_PROFILE = CHECKOUT / "benchmarks/results/profile-llama-3.1-8b-NVIDIA-H200.json"
 """tidal on GPUs: the planner's performance model (corrected online by the step times it sees)."""
 DECODE_TOKEN_BUDGET = 512
+PREFILL_QUEUE_TOKENS = 32768
+"""Every arm's `disaggregation.max_prefill_queue_tokens`: past it a prompt prefills on its decode worker."""
 """Decode workers (disagg, tidal): a step carries the decodes plus local prefill chunks of this size."""
 
 
@@ -107,7 +109,7 @@ def deployment(arm: Arm, hw: Hardware, port: int) -> dict:
         "frontend": {"host": "127.0.0.1", "port": port, "router": "kv", "max_queue": 8192, "queue_timeout_s": 120,
                      "log_level": "warning", **({"api_servers": hw.api_servers} if hw.api_servers else {})},
         "disaggregation": {"local_prefill_threshold": arm.local_prefill_threshold if arm.kind == "tidal" else 0,
-                           "max_prefill_queue_tokens": 32768},
+                           "max_prefill_queue_tokens": PREFILL_QUEUE_TOKENS},
         "kv_transfer": {"backend": "auto" if hw.smoke else "cuda_ipc"},
         "engine": engine,
         "workers": workers,

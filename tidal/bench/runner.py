@@ -37,7 +37,7 @@ from pathlib import Path
 import aiohttp
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tidal.bench.arrivals import make_arrivals
+from tidal.bench.arrivals import ArrivalShape, make_arrivals
 from tidal.bench.client import stream_request
 from tidal.bench.metrics import RequestRecord, summarize
 from tidal.bench.traces import TraceRequest, load_trace, synthesize_prompt
@@ -57,14 +57,14 @@ class BenchConfig:
     model: str | None = None  # None: the server's first model
     arrival: str = "poisson"
     rate: float = 1.0  # requests (synthetic) or sessions (chat) per second
-    burstiness: float = 1.0
-    burst_factor: float = 4.0
-    burst_s: float = 10.0
-    calm_s: float = 30.0
-    amplitude: float = 0.8  # sine
-    period_s: float = 60.0  # sine
+    burstiness: float = ArrivalShape.burstiness  # the arrival shapes: `tidal.bench.arrivals.ArrivalShape`
+    burst_factor: float = ArrivalShape.burst_factor
+    burst_s: float = ArrivalShape.burst_s
+    calm_s: float = ArrivalShape.calm_s
+    amplitude: float = ArrivalShape.amplitude
+    period_s: float = ArrivalShape.period_s
     end_rate: float | None = None  # ramp: from `rate` to this over `ramp_s`
-    ramp_s: float = 60.0
+    ramp_s: float = ArrivalShape.duration_s
     requests: int = 100  # synthetic
     sessions: int = 10  # chat
     turns: int = 3

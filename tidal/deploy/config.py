@@ -46,7 +46,7 @@ from typing import ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from tidal.config import ENGINE_KNOBS, STOP_GRACE_S, EngineConfig, ParallelConfig, ServerConfig, knob_type
+from tidal.config import DRAIN_TIMEOUT_S, ENGINE_KNOBS, STOP_GRACE_S, EngineConfig, ParallelConfig, ServerConfig, knob_type
 from tidal.deploy.engine_knobs import engine_config, resolve_role_limits
 from tidal.perf.profile import load_profile
 from tidal.planner.actuators import KubernetesConfig
@@ -191,7 +191,7 @@ class _PlannerSectionBase(_Section):
     """Free devices for workers the planner adds (one each); empty: CPU workers."""
     actuator: Literal["local", "kubernetes"] = "local"
     kubernetes: KubernetesSection = KubernetesSection()
-    drain_timeout_s: float = Field(300.0, gt=0)
+    drain_timeout_s: float = Field(DRAIN_TIMEOUT_S, gt=0)
     """A drain (before a removal or flip) that takes longer fails the action; the worker rejoins."""
     profile: str | None = None
     """A `tidal profile` JSON of the workers' model and card: the planner's performance model

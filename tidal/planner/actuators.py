@@ -37,7 +37,7 @@ from typing import Protocol
 
 import httpx
 
-from tidal.config import env_str
+from tidal.config import DRAIN_TIMEOUT_S, WORKER_READY_TIMEOUT_S, env_str
 from tidal.protocol import Role
 
 logger = logging.getLogger(__name__)
@@ -74,10 +74,10 @@ class FleetControl(Protocol):
     """What the actuators need of the router: take a worker out of routing and back, flip its role,
     wait for a new one (`tidal.router.service.Router` is one)."""
 
-    async def wait_worker(self, worker_id: str, timeout_s: float = 600.0) -> None:
+    async def wait_worker(self, worker_id: str, timeout_s: float = WORKER_READY_TIMEOUT_S) -> None:
         """Until a newly registered worker can take requests."""
 
-    async def drain(self, worker_id: str, timeout_s: float = 300.0) -> float:
+    async def drain(self, worker_id: str, timeout_s: float = DRAIN_TIMEOUT_S) -> float:
         """Route nothing new to the worker; wait until it holds nothing. Returns the seconds it took."""
 
     def undrain(self, worker_id: str) -> None:
@@ -116,7 +116,7 @@ class WorkerLauncher(Protocol):
 
 class LocalActuator:
     def __init__(self, launcher: WorkerLauncher, fleet: FleetControl, devices: tuple[str, ...] = (),
-                 drain_timeout_s: float = 300.0, ready_timeout_s: float = 600.0):
+                 drain_timeout_s: float = DRAIN_TIMEOUT_S, ready_timeout_s: float = WORKER_READY_TIMEOUT_S):
         self.launcher = launcher
         self.fleet = fleet
         self.devices = tuple(devices)  # free devices for added workers; empty: CPU

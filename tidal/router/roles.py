@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from tidal.config import DRAIN_TIMEOUT_S, WORKER_READY_TIMEOUT_S
 from tidal.errors import RoleChangeError
 from tidal.protocol import Role
 from tidal.router.workers import WorkerSet
@@ -30,7 +31,7 @@ class RoleControl:
         self.fleet = fleet
         self.on_change = on_change  # queued requests may route elsewhere now
 
-    async def wait_worker(self, worker_id: str, timeout_s: float = 600.0) -> None:
+    async def wait_worker(self, worker_id: str, timeout_s: float = WORKER_READY_TIMEOUT_S) -> None:
         """Until a newly registered worker is connected and routable."""
         deadline = time.monotonic() + timeout_s
         while worker_id not in self.fleet.workers:
@@ -41,7 +42,7 @@ class RoleControl:
                 raise RuntimeError(f"worker {worker_id} went away before it was ready")
             await asyncio.sleep(DRAIN_POLL_S)
 
-    async def drain(self, worker_id: str, timeout_s: float = 300.0) -> float:
+    async def drain(self, worker_id: str, timeout_s: float = DRAIN_TIMEOUT_S) -> float:
         """Route nothing new to the worker and wait until it has finished everything it has:
         its admitted requests, KV it holds for a decode worker, KV it is pulling. Returns the
         seconds it took."""

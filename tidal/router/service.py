@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 
+from tidal.config import DRAIN_TIMEOUT_S, FLEET_READY_TIMEOUT_S, WORKER_READY_TIMEOUT_S
 from tidal.fleet_snapshot import FleetSnapshot
 from tidal.protocol import AddRequest, EngineStats, Role, TokenDelta
 from tidal.router.admission import AdmissionQueue
@@ -72,7 +73,7 @@ class Router:
     async def start(self) -> None:
         await self.fleet.start()
 
-    async def wait_ready(self, timeout_s: float = 900.0) -> None:
+    async def wait_ready(self, timeout_s: float = FLEET_READY_TIMEOUT_S) -> None:
         """Until every listed worker is connected (or gone); then at least one must decode."""
         await self.fleet.wait_ready(timeout_s)
 
@@ -160,10 +161,10 @@ class Router:
         self.dispatcher.on_session_pinned = callback
 
     # ---- fleet control (`tidal.planner.actuators.FleetControl`) --------------------------------
-    async def wait_worker(self, worker_id: str, timeout_s: float = 600.0) -> None:
+    async def wait_worker(self, worker_id: str, timeout_s: float = WORKER_READY_TIMEOUT_S) -> None:
         await self.roles.wait_worker(worker_id, timeout_s)
 
-    async def drain(self, worker_id: str, timeout_s: float = 300.0) -> float:
+    async def drain(self, worker_id: str, timeout_s: float = DRAIN_TIMEOUT_S) -> float:
         return await self.roles.drain(worker_id, timeout_s)
 
     def undrain(self, worker_id: str) -> None:

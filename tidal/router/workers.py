@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from tidal.config import FLEET_READY_TIMEOUT_S
 from tidal.fleet_snapshot import WorkerSnapshot
 from tidal.protocol import EngineStats, KVDump, KVEventBatch, LoadReport, WorkerInfo, WorkerLeaving
 from tidal.router.index import KVIndex, WorkerEvents
@@ -100,7 +101,7 @@ class WorkerSet:
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._follow_discovery()), asyncio.create_task(self._follow_events())]
 
-    async def wait_ready(self, timeout_s: float = 900.0) -> None:
+    async def wait_ready(self, timeout_s: float = FLEET_READY_TIMEOUT_S) -> None:
         """Until every listed worker is connected (or gone); then at least one must decode."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s

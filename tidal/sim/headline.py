@@ -7,7 +7,8 @@ Simulated time only, step times from a `tidal profile` file. What the simulator 
   worker, but WHOLE, in one stall of the batch: the fleet simulator has no chunked prefill. Its
   throughput (and so the capacity) is about right; its stalls are longer than a chunked-prefill
   engine's, so AGG's ITL here is pessimistic. The token budget (2k/4k/8k) is not modelled.
-- DISAGG: P prefill and D decode workers, every prompt prefilled remotely.
+- DISAGG: P prefill and D decode workers, every prompt prefilled remotely while a prefill worker has
+  room (`PREFILL_QUEUE_TOKENS`, as the live arms).
 - TIDAL: the same start split, prompts under 512 uncached tokens prefill locally, and the planner
   core in the loop (flips only: the budget is the G GPUs; min_prefill 0 as served), with the
   profile's performance model (the served planner uses its default linear model: no profile field).
@@ -27,6 +28,7 @@ import os
 import random
 
 from tidal.bench.arrivals import make_arrivals
+from tidal.bench.headline import PREFILL_QUEUE_TOKENS
 from tidal.bench.metrics import SLO_REGIMES
 from tidal.bench.traces import MOONCAKE_BLOCK_TOKENS, load_trace
 from tidal.perf.profile import load_profile
@@ -114,7 +116,7 @@ def run_arm(kind: str, gpus: int, split: tuple[int, int], requests: list[SimRequ
     """One arm on a workload: attainment per regime (TTFT and mean ITL), and the planner's flips."""
     fleet = FleetConfig(token_budget=profile.prefill_knee_tokens(), kv_capacity_tokens=int(KV_GIB * 2**30)
                         // KV_BYTES_PER_TOKEN, local_prefill_tokens=512 if kind == "tidal" else 0,
-                        drain_timeout_s=120.0)
+                        max_prefill_queue_tokens=PREFILL_QUEUE_TOKENS, drain_timeout_s=120.0)
     prefill, decode = (0, gpus) if kind == "agg" else split
     planner = None
     if kind == "tidal":
