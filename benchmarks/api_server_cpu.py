@@ -40,7 +40,8 @@ from benchmarks import cpu_serving as cs
 from tidal.bench import serving_compare as sc
 from tidal.bench import vllm_peer
 from tidal.bench.procs import cmdline, cpu_seconds, descendants, machine_info, wait_host_idle
-from tidal.bench.server import CHECKOUT, ServerProcess, free_port
+from tidal.bench.server import CHECKOUT, ServerProcess
+from tidal.runtime.ports import free_port
 
 
 def roles(server_name: str, root: int, base_url: str) -> dict[str, list[int]]:

@@ -42,7 +42,8 @@ from tidal.bench.clients import run_shares, start_time
 from tidal.bench.metrics import streamed_window
 from tidal.bench.procs import cpu_by_role, cpu_seconds, descendants, sim_process_roles
 from tidal.bench.runner import BenchConfig
-from tidal.bench.server import CHECKOUT, ServerProcess, free_port, tidal_command
+from tidal.bench.server import CHECKOUT, ServerProcess, tidal_command
+from tidal.runtime.ports import free_port
 
 CORES = os.cpu_count() or 1
 

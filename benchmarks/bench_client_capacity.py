@@ -18,7 +18,7 @@ import multiprocessing
 import time
 
 from tidal.bench.runner import Bench, BenchConfig
-from tidal.bench.server import free_port
+from tidal.runtime.ports import free_port
 
 MODELS = json.dumps({"object": "list", "data": [{"id": "stub", "object": "model"}]}).encode()
 

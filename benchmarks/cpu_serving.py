@@ -33,7 +33,7 @@ from tidal.bench import vllm_peer
 from tidal.bench.procs import machine_info
 from tidal.bench.serving_compare import (Launch, LevelPlan, log, make_prompts, markdown, package_versions, run_server,
                                          tidal_server, vllm_server, vocab_range)
-from tidal.bench.server import free_port
+from tidal.runtime.ports import free_port
 
 CACHE_DIR = Path("/tmp/tidal-bench")
 

@@ -33,7 +33,8 @@ from tidal.bench.headline import GPU_FAMILIES
 from tidal.bench.metrics import point_metrics
 from tidal.bench.procs import cpu_by_role, cpu_seconds, sim_process_roles
 from tidal.bench.runner import Bench, BenchConfig
-from tidal.bench.server import ServerProcess, free_port, tidal_command
+from tidal.bench.server import ServerProcess, tidal_command
+from tidal.runtime.ports import free_port
 
 PROFILE = Path(__file__).resolve().parents[1] / "benchmarks/results/profile-llama-3.1-8b-NVIDIA-H200.json"
 

@@ -29,7 +29,8 @@ from pathlib import Path
 import aiohttp
 
 from tidal.bench.procs import cpu_times
-from tidal.bench.server import ServerProcess, free_port, tidal_command
+from tidal.bench.server import ServerProcess, tidal_command
+from tidal.runtime.ports import free_port
 
 _TOKENS_RE = re.compile(rb"^tidal_generation_tokens_total (\S+)$", re.M)
 _USAGE_RE = re.compile(rb'"completion_tokens":(\d+)')

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from tidal import LLM
-from tidal.bench.server import ServerProcess, free_port, tidal_command
+from tidal.bench.server import ServerProcess, tidal_command
+from tidal.runtime.ports import free_port
 from tidal.models.arch import get_preset, param_count
 from tidal.perf.ceilings import device_ceilings
 from tidal.perf.step_timing import decode_batch, step_points, timed_steps

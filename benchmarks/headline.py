@@ -74,7 +74,8 @@ import yaml
 from tidal.bench.headline import (GPU_FAMILIES, GPU_VOCAB, SMOKE_FAMILIES, Arm, Hardware, Schedule, deployment,
                                   done_keys, padded_tokenizer, parse_capacity, parse_split, point_estimate_s,
                                   point_line, run_point, select_points)
-from tidal.bench.server import ServerProcess, checkout_env, free_port, tidal_command
+from tidal.bench.server import ServerProcess, checkout_env, tidal_command
+from tidal.runtime.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "mooncake_conversation_trace.jsonl"

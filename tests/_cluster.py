@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tidal.bench.server import free_port
+from tidal.runtime.ports import free_port
 
 # Debian puts nats-server in /usr/sbin, which a non-root PATH often lacks.
 EXTRA_BIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/usr/local/bin")

@@ -13,7 +13,8 @@ import httpx
 import pytest
 import yaml
 
-from tidal.bench.server import ServerProcess, ServerStartError, free_port, tidal_command
+from tidal.bench.server import ServerProcess, ServerStartError, tidal_command
+from tidal.runtime.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 300

@@ -32,7 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "frontend": BASE | {"router", "runtime", "tokenizer"},
     "perf": BASE | {"engine", "models", "kernels", "parallel", "transfer", "tokenizer"},
     "planner": BASE | {"perf"},
-    "bench": BASE | {"tokenizer"},
+    "bench": BASE | {"tokenizer", "runtime"},
 }
 
 

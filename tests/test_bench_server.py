@@ -19,7 +19,8 @@ from tidal.bench import procs, vllm_peer
 from tidal.bench.client import closed_loop
 from tidal.bench.fleet_poller import engine_summary
 from tidal.bench.metrics import SLO_REGIMES, RequestRecord, point_metrics, windows
-from tidal.bench.server import CHECKOUT, ServerProcess, ServerStartError, checkout_env, free_port
+from tidal.bench.server import CHECKOUT, ServerProcess, ServerStartError, checkout_env
+from tidal.runtime.ports import free_port
 
 # A stand-in server: /health, /v1/models, and a streamed completion of `max_tokens` chunks; it starts a
 # child process (a worker) so that stopping it must take the whole process group.

@@ -37,7 +37,7 @@ import pytest
 import torch
 import yaml
 
-from tidal.bench.server import free_port
+from tidal.runtime.ports import free_port
 
 pytest_plugins = ("_cluster",)  # the etcd_server and nats_server fixtures
 pytestmark = pytest.mark.slow

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from _fleet import Fleet
-from tidal.bench.server import free_port
+from tidal.runtime.ports import free_port
 from tidal.deploy.config import parse_deployment
 from tidal.errors import EngineDeadError
 from tidal.protocol import AddRequest, SamplingParams

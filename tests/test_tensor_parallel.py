@@ -18,7 +18,6 @@ import multiprocessing
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 
 from tests._models_fixtures import PagedSequences
 from tidal import LLM, SamplingParams
+from tidal.runtime.ports import free_port
 from tidal.config import EngineConfig, ModelConfig, ParallelConfig, RunnerConfig
 from tidal.deploy.config import DeploymentError, parse_deployment
 
@@ -85,11 +85,6 @@ def write_hf_folder(folder: Path, kind: str, seed: int = 0, **overrides) -> Path
     save_file(tensors, str(folder / "model.safetensors"))
     return folder
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _alive(pid: int) -> bool:
@@ -166,7 +161,7 @@ def test_sharded_layers_and_models_equal_unsharded(tmp_path):
     folders = {kind: str(write_hf_folder(tmp_path / kind, kind)) for kind in SHAPES}
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(rank, port, folders, results)) for rank in range(2)]
     for p in procs:
         p.start()

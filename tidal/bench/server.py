@@ -11,7 +11,7 @@
 - `wait_idle()`: until no worker of a tidal server has open requests (cut streams are aborted
   server-side before the next measurement).
 `tidal_command(args)` is `python -m tidal.cli ARGS`, and `checkout_env()` the environment that makes
-the child import this checkout's `tidal`. `free_port()` picks the port.
+the child import this checkout's `tidal`. `tidal.runtime.ports.free_port()` picks the port.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,12 +29,6 @@ import httpx
 CHECKOUT = Path(__file__).resolve().parents[2]
 """The folder that holds this `tidal` package (the repository in a checkout)."""
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def checkout_env(env: dict[str, str] | None = None) -> dict[str, str]:

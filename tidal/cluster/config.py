@@ -28,12 +28,12 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError
 
+from tidal.runtime.ports import WILDCARD_HOSTS
 from tidal.deploy.config import (Deployment, DeploymentError, PlannerSection, ServingSections, WorkerCommon,
                                  WorkerSection, format_validation_error, section_from)
 from tidal.config import PlaneConfig, Port
 from tidal.protocol import Role
 
-WILDCARD_HOSTS = ("", "0.0.0.0", "*", "::", "[::]")
 
 
 class ClusterSection(section_from("PlaneSection", PlaneConfig, rename={"etcd_endpoints": "etcd", "nats_url": "nats"})):
@@ -144,10 +144,3 @@ def advertised_host(host: str, etcd_endpoints: tuple[str, ...]) -> str:
     except OSError:
         return socket.gethostname()
 
-
-def free_port(host: str) -> int:
-    """A port free on `host` now (the worker binds it right after)."""
-    bind_host = "0.0.0.0" if host in WILDCARD_HOSTS else host
-    with socket.socket() as sock:
-        sock.bind((bind_host, 0))
-        return sock.getsockname()[1]

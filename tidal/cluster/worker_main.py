@@ -26,7 +26,8 @@ import threading
 
 import torch
 
-from tidal.cluster.config import ClusterFile, advertised_host, free_port
+from tidal.cluster.config import ClusterFile, advertised_host
+from tidal.runtime.ports import free_port
 from tidal.config import rank_devices
 from tidal.deploy import assembly
 from tidal.protocol import WorkerInfo
