@@ -212,6 +212,7 @@ def main() -> None:
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     card = torch.cuda.get_device_name(0).replace(" ", "-")
+    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"gpu_engine-{card}.json")
     results = json.load(open(path)) if os.path.exists(path) else {"card": card, "models": {}}
     results["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
