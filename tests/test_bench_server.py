@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from _server import group_is_gone
+
 from tidal.bench import procs, vllm_peer
 from tidal.bench.client import closed_loop
 from tidal.bench.fleet_poller import engine_summary
@@ -55,16 +57,6 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 '''
 
 
-def _group_gone(pgid: int, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    return False
-
 
 @pytest.fixture
 def stub_server(tmp_path):
@@ -92,7 +84,7 @@ def test_a_server_starts_streams_and_stops_with_its_workers(stub_server):
     assert [r.input_tokens for r in records] == [2, 3, 4, 5, 6]
     assert all(r.ttft_s > 0 and len(r.itl_s) == r.output_tokens - 1 for r in records)
     stub_server.stop()
-    assert _group_gone(pgid), "the server's worker outlived it"
+    assert group_is_gone(pgid), "the server's worker outlived it"
     stub_server.stop()  # twice is fine
 
 
