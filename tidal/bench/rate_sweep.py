@@ -35,7 +35,8 @@ def sweep(config: BenchConfig, rates: list[float], min_attainment_pct: float = 9
     print("| rate | achieved req/s | goodput | SLO attainment % | TTFT p99 ms | ITL p99 ms |")
     print("|---|---|---|---|---|---|")
     for rate, s in zip(rates, summaries):
-        print(f"| {rate:g} | {s['achieved_rate']:.2f} | {s['goodput_rps']:.2f} | {s['slo_attainment_pct']:.1f} | "
+        print(f"| {rate:g} | {s['achieved_rate']:.2f} | {s['goodput_rps']:.2f} | "
+              f"{s['slo_attainment_pct']:.1f} | "
               f"{s['ttft_ms']['p99'] or 0:.1f} | {s['itl_ms']['p99'] or 0:.1f} |")
     print(f"capacity (>= {min_attainment_pct:g}% SLO attainment): "
           + (f"{capacity:g} arrivals/s" if capacity is not None else "none of the rates"))

@@ -15,8 +15,8 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from tidal.config import (GIB, CacheConfig, EngineConfig, ModelConfig, ParallelConfig, RoleTuning, RunnerConfig,
-                          SchedulerConfig, knob_fields)
+from tidal.config import (GIB, CacheConfig, EngineConfig, ModelConfig, ParallelConfig, RoleTuning,
+                          RunnerConfig, SchedulerConfig, knob_fields)
 from tidal.perf.profile import load_profile
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,8 @@ def resolve_role_limits(role: str, knobs: Mapping[str, object]) -> RoleLimits:
         derived = f"token_budget={token_budget}, the prefill knee of {tuning.profile}"
     elif tuning.profile is not None and role == "decode" and knobs.get("max_num_seqs") is None:
         if tuning.itl_target_ms is None:
-            raise ValueError(f"a decode worker tuned from a profile ({tuning.profile}) needs engine.itl_target_ms")
+            raise ValueError(f"a decode worker tuned from a profile ({tuning.profile}) "
+                             "needs engine.itl_target_ms")
         context_len = tuning.tuning_context_len
         max_num_seqs = load_profile(tuning.profile).max_decode_batch(tuning.itl_target_ms, context_len)
         derived = (f"max_num_seqs={max_num_seqs}, the largest batch of {tuning.profile} within "
@@ -57,7 +58,8 @@ def resolve_role_limits(role: str, knobs: Mapping[str, object]) -> RoleLimits:
     return RoleLimits(token_budget, max_num_seqs, derived)
 
 
-def engine_config(knobs: Mapping[str, object], role: str = "both", parallel: ParallelConfig = ParallelConfig(),
+def engine_config(knobs: Mapping[str, object], role: str = "both",
+                  parallel: ParallelConfig = ParallelConfig(),
                   **model: object) -> EngineConfig:
     """The `EngineConfig` of a worker of `role` from its engine knobs (`ENGINE_KNOBS`; None: the
     default) and its `ModelConfig` fields other than the knobs' (model, tokenizer, device, ...)."""
@@ -85,7 +87,8 @@ def add_model_flags(p: argparse.ArgumentParser, model_option: bool = False) -> N
     else:
         p.add_argument("model", nargs="?", default=None, help=model_help)
     p.add_argument("--tokenizer", default=None, help="folder with tokenizer.json, or a .gguf file")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (with -tp: the first of consecutive devices)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda[:N] (with -tp: the first of consecutive devices)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over this many devices (cuda:N, cuda:N+1, ...), one process each")
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
@@ -93,7 +96,8 @@ def add_model_flags(p: argparse.ArgumentParser, model_option: bool = False) -> N
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--kv-cache-memory", type=float, default=None, help=f"GiB for the KV cache (default {CacheConfig.kv_cache_memory_bytes / GIB:g})")
+    p.add_argument("--kv-cache-memory", type=float, default=None,
+                   help=f"GiB for the KV cache (default {CacheConfig.kv_cache_memory_bytes / GIB:g})")
     p.add_argument("--num-threads", type=int, default=None, help="torch threads (CPU)")
     p.add_argument("--attention-backend", default=None, choices=["auto", "torch", "triton"],
                    help="auto: the Triton kernels on CUDA, plain torch elsewhere")
@@ -104,8 +108,10 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     add_model_flags(p)
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--token-budget", type=int, default=None, help=f"tokens per engine step (default {SchedulerConfig.token_budget})")
-    p.add_argument("--max-num-seqs", type=int, default=None, help=f"requests running at once (default {SchedulerConfig.max_num_seqs})")
+    p.add_argument("--token-budget", type=int, default=None,
+                   help=f"tokens per engine step (default {SchedulerConfig.token_budget})")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help=f"requests running at once (default {SchedulerConfig.max_num_seqs})")
     p.add_argument("--no-chunked-prefill", action="store_true")
 
 
