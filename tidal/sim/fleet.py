@@ -80,7 +80,7 @@ class Fleet:
         handlers = {"arrive": self._on_arrive, "prefill_done": self._on_prefill_done, "kv_ready": self._on_kv_ready,
                     "local_first_token": self._on_local_first_token, "started": self._on_started,
                     "flipped": self._on_flipped}
-        deadline = last_arrival + self.config.drain_timeout_s
+        deadline = last_arrival + self.config.run_on_s
         while self.events and self.events.peek_time() <= deadline:
             time_s, kind, payload, version = self.events.pop()
             if kind == "decode":

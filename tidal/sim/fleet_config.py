@@ -47,7 +47,7 @@ class FleetConfig:
     """A decode worker recomputes its step time at least this often (its contexts grow)."""
     context_quantum: int = 32
     """Decode step times are looked up with the mean context rounded to this many tokens (1: exact)."""
-    drain_timeout_s: float = 600.0
+    run_on_s: float = 600.0
     """After the last arrival, the run goes on at most this long for requests in flight."""
 
     def disagg_policy(self) -> DisaggPolicy:

@@ -116,7 +116,7 @@ def run_arm(kind: str, gpus: int, split: tuple[int, int], requests: list[SimRequ
     """One arm on a workload: attainment per regime (TTFT and mean ITL), and the planner's flips."""
     fleet = FleetConfig(token_budget=profile.prefill_knee_tokens(), kv_capacity_tokens=int(KV_GIB * 2**30)
                         // KV_BYTES_PER_TOKEN, local_prefill_tokens=512 if kind == "tidal" else 0,
-                        max_prefill_queue_tokens=PREFILL_QUEUE_TOKENS, drain_timeout_s=120.0)
+                        max_prefill_queue_tokens=PREFILL_QUEUE_TOKENS, run_on_s=120.0)
     prefill, decode = (0, gpus) if kind == "agg" else split
     planner = None
     if kind == "tidal":

@@ -9,7 +9,7 @@ Sockets (all bound here; clients and peers connect):
   router that sees a gap sends `KVDumpRequest` and gets the whole cache as a `KVDump`).
 
 Lifecycle: started by the launcher (or `tidal worker`) -> binds -> loads the engine -> answers
-each `Connect` with `WorkerReady` -> loops {drain messages; run one engine step; send outputs,
+each `Connect` with `WorkerReady` -> loops {read messages; run one engine step; send outputs,
 KV releases and load reports} -> (a planner may flip an idle worker's role with `SetRole`: the
 engine, its weights and its caches stay; only the role it reports changes) -> exits.
 
