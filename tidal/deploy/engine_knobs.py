@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from tidal.config import (GIB, CacheConfig, EngineConfig, ModelConfig, ParallelConfig, RoleTuning,
                           RunnerConfig, SchedulerConfig, knob_fields)
 from tidal.perf.profile import load_profile
+from tidal.protocol import Role
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class RoleLimits:
     """What came from a profile, and why, for the log; None when nothing did."""
 
 
-def resolve_role_limits(role: str, knobs: Mapping[str, object]) -> RoleLimits:
+def resolve_role_limits(role: Role, knobs: Mapping[str, object]) -> RoleLimits:
     """A worker's token_budget and max_num_seqs from its engine knobs. Explicit settings win; else,
     with a profile (`RoleTuning`):
     - prefill: token_budget = the profile's prefill knee, the smallest batch that saturates the
@@ -58,7 +59,7 @@ def resolve_role_limits(role: str, knobs: Mapping[str, object]) -> RoleLimits:
     return RoleLimits(token_budget, max_num_seqs, derived)
 
 
-def engine_config(knobs: Mapping[str, object], role: str = "both",
+def engine_config(knobs: Mapping[str, object], role: Role = "both",
                   parallel: ParallelConfig = ParallelConfig(),
                   **model: object) -> EngineConfig:
     """The `EngineConfig` of a worker of `role` from its engine knobs (`ENGINE_KNOBS`; None: the

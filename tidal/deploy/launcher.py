@@ -37,7 +37,7 @@ import msgspec
 
 from tidal.deploy.assembly import worker_spec
 from tidal.deploy.config import Deployment, WorkerSection
-from tidal.protocol import WorkerInfo
+from tidal.protocol import Role, WorkerInfo
 from tidal.runtime.discovery import Discovery, LocalDiscovery
 from tidal.runtime.events import cancel_and_wait
 from tidal.worker.worker import GPU_WORKER_THREADS, WorkerSpec, run_worker
@@ -102,18 +102,18 @@ class Launcher:
         return info
 
     # ---- the planner's local actuator --------------------------------------------------------
-    def _role_section(self, role: str):
+    def _role_section(self, role: Role):
         """The settings a worker of `role` gets: the first worker section of that role in the config,
         else the first section, with that role."""
         template = next((w for w in self.deployment.workers if w.role == role), self.deployment.workers[0])
         return template.model_copy(update={"role": role, "count": 1, "devices": None, "tensor_parallel_size": 1})
 
-    def role_limits(self, role: str):
+    def role_limits(self, role: Role):
         """The scheduler limits (token_budget, max_num_seqs) a worker of `role` runs with, profile
         tuning included: what a flipped worker takes on."""
         return self.deployment.engine_config(self._role_section(role), "cpu").scheduler
 
-    async def add_worker(self, role: str, device: str = "cpu") -> str:
+    async def add_worker(self, role: Role, device: str = "cpu") -> str:
         """Start one more worker of `role` on `device` (engine settings: `_role_section`; no health
         endpoint); returns its id once it is registered."""
         section = self._role_section(role)
@@ -139,7 +139,7 @@ class Launcher:
         del self.procs[worker_id]
         logger.info("stopped worker %s (role=%s)", worker_id, proc.info.role)
 
-    async def set_role(self, worker_id: str, role: str) -> None:
+    async def set_role(self, worker_id: str, role: Role) -> None:
         """Record a flipped worker's new role (the worker and the router already switched)."""
         proc = self.procs[worker_id]
         proc.info = msgspec.structs.replace(proc.info, role=role)

@@ -31,6 +31,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+from tidal.protocol import Role
 from tidal.router.policy import WorkerView, choose_prefill_worker, choose_worker, decide_prefill, session_worker
 from tidal.sim.fleet_config import FleetConfig
 from tidal.sim.fleet_worker import SimRequest, SimWorker
@@ -123,7 +124,7 @@ class SimRouter:
         view.active_blocks = max(book.active_blocks, book.reported_blocks)
         view.kv_usage = book.kv_usage
 
-    def _views_of(self, role: str, request: SimRequest) -> list[WorkerView]:
+    def _views_of(self, role: Role, request: SimRequest) -> list[WorkerView]:
         """The active workers of `role` as views, with this request's prefix overlap on each."""
         workers = self.active(role)
         cached = self._candidates.get(role)

@@ -43,7 +43,7 @@ import zmq
 from tidal.config import STOP_GRACE_S, EngineConfig
 from tidal.engine.engine import EngineCore
 from tidal.engine.factory import build_engine
-from tidal.protocol import (ROLES, AbortRequest, AddRequest, Connect, EngineStats, KVDump, KVDumpRequest, KVEventBatch,
+from tidal.protocol import (ROLES, AbortRequest, Role, AddRequest, Connect, EngineStats, KVDump, KVDumpRequest, KVEventBatch,
                             ForgetClient, LoadReport, ReleaseKV, RequestPlaneMessage, RoleRefused, SetDraining, SetRole,
                             Shutdown, StepOutputs,
                             TokenDelta, WorkerDraining, WorkerGone, WorkerLeaving, WorkerReady)
@@ -69,7 +69,7 @@ class WorkerSpec:
     """Everything a worker process needs, passed to it at spawn."""
 
     worker_id: str
-    role: str
+    role: Role
     engine: EngineConfig
     request_addr: str
     event_addr: str
@@ -301,7 +301,7 @@ class _WorkerLoop:
         if gone:
             logger.info("aborted %d requests of a frontend process that is gone", len(gone))
 
-    def _set_role(self, role: str) -> WorkerReady | RoleRefused:
+    def _set_role(self, role: Role) -> WorkerReady | RoleRefused:
         """Switch roles if nothing is in flight here (the router drains the worker first)."""
         busy = self.engine.idle_for_role_change()
         reason = f"unknown role {role!r}" if role not in ROLES else (f"still has {busy}" if busy else None)
