@@ -12,12 +12,13 @@ from pathlib import Path
 
 TIDAL = Path(__file__).resolve().parents[1] / "tidal"
 
-BASE = {"config", "protocol", "hashing", "errors", "fleet_snapshot"}
+BASE = {"config", "protocol", "hashing", "errors", "fleet_snapshot", "curve"}
 ASSEMBLY = {"deploy", "cluster", "sim", "entrypoints", "cli", "__init__"}  # may import anything
 ALLOWED: dict[str, set[str]] = {
     "config": set(),
     "errors": set(),
     "hashing": set(),
+    "curve": set(),
     "protocol": {"config"},
     "fleet_snapshot": {"protocol"},
     "kernels": BASE,

@@ -274,6 +274,54 @@ NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 @dataclass(frozen=True)
+class EtcdAuth:
+    """How a process proves itself to etcd (and checks etcd): a user with a password, read from a
+    file (a mounted Kubernetes secret), so the password never sits in a config or a log."""
+
+    user: str | None = None
+    """The etcd user (etcd's `auth enable`); None: no authentication."""
+    password_file: str | None = None
+    """A file holding that user's password (its first line)."""
+
+    def __post_init__(self) -> None:
+        if (self.user is None) != (self.password_file is None):
+            raise ValueError("etcd_auth: give user and password_file together")
+
+
+@dataclass(frozen=True)
+class NatsAuth:
+    """How a process proves itself to NATS and checks it: one of a user with a password, a token, or
+    a creds file (JWT and NKey seed), each secret read from a file; TLS files for a `tls://` server."""
+
+    user: str | None = None
+    """A NATS user (the server's `authorization { user, password }`)."""
+    password_file: str | None = None
+    """A file holding that user's password."""
+    token_file: str | None = None
+    """A file holding the server's authorization token."""
+    creds_file: str | None = None
+    """A NATS creds file (decentralized JWT auth)."""
+    ca_file: str | None = None
+    """The CA that signed the NATS server's certificate; given: the connection uses TLS."""
+    cert_file: str | None = None
+    """This process's client certificate (the server's `verify: true`), with `key_file`."""
+    key_file: str | None = None
+    """The client certificate's private key."""
+
+    def __post_init__(self) -> None:
+        if (self.user is None) != (self.password_file is None):
+            raise ValueError("nats_auth: give user and password_file together")
+        if sum(x is not None for x in (self.user, self.token_file, self.creds_file)) > 1:
+            raise ValueError("nats_auth: choose one of user/password_file, token_file, creds_file")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("nats_auth: give cert_file and key_file together")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.ca_file is not None or self.cert_file is not None
+
+
+@dataclass(frozen=True)
 class PlaneConfig:
     """Which discovery and event planes a process uses: embedded (nothing configured) or etcd and
     NATS (`tidal.runtime.planes` builds them)."""
@@ -289,6 +337,15 @@ class PlaneConfig:
     lease_ttl_s: int = 10
     """A worker's etcd lease: a worker that stops renewing it (dead, cut off) disappears from
     discovery this long after its last renewal."""
+    curve_key_dir: str | None = None
+    """A folder with the cluster's ZMQ CURVE keys (a mounted Kubernetes secret; `python -m
+    tidal.cluster.keys DIR` writes one): the request plane, the zmq KV transfer and the ZMQ event
+    plane then encrypt every connection and accept only clients whose public key is in it
+    (`tidal.curve`); None: plain TCP."""
+    etcd_auth: EtcdAuth = field(default_factory=EtcdAuth)
+    """etcd credentials."""
+    nats_auth: NatsAuth = field(default_factory=NatsAuth)
+    """NATS credentials and TLS files."""
 
     def __post_init__(self) -> None:
         if not NAMESPACE_PATTERN.match(self.namespace):

@@ -31,6 +31,8 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nats", default=None, help="NATS URL(s), comma-separated (nats://HOST:4222)")
     p.add_argument("--namespace", default=None, help="keeps deployments sharing etcd and NATS apart")
     p.add_argument("--lease-ttl-s", type=int, default=None, help="a dead worker leaves etcd this long after")
+    p.add_argument("--curve-key-dir", default=None, help="folder with the cluster's ZMQ CURVE keys (a mounted "
+                                                         "secret; python -m tidal.cluster.keys DIR writes one)")
     p.add_argument("--log-level", default="info")
 
 
@@ -41,8 +43,9 @@ def add_commands(sub) -> None:
     _add_cluster_args(worker)
     worker.add_argument("--role", default=None, choices=ROLES)
     worker.add_argument("--worker-id", default=None, help="its name in discovery (default HOSTNAME-PID)")
-    worker.add_argument("--host", default=None, help="bind address of the request socket and KV server "
-                                                     "(default 0.0.0.0)")
+    worker.add_argument("--host", default=None, help="bind address of the request socket, KV server and "
+                                                     "health endpoint (default: $POD_IP, else the address "
+                                                     "towards etcd; 0.0.0.0 with a warning)")
     worker.add_argument("--port", type=int, default=None, help="request socket port (default 0: a free one)")
     worker.add_argument("--advertise-host", default=None, help="the host peers dial (default --host, or for a "
                                                                "wildcard this machine's address towards etcd)")
@@ -75,7 +78,8 @@ def add_commands(sub) -> None:
 
 def _cluster_overrides(args: argparse.Namespace) -> dict:
     return {"cluster": {"etcd": [u.strip() for u in args.etcd.split(",") if u.strip()] if args.etcd else None,
-                        "nats": args.nats, "namespace": args.namespace, "lease_ttl_s": args.lease_ttl_s}}
+                        "nats": args.nats, "namespace": args.namespace, "lease_ttl_s": args.lease_ttl_s,
+                        "curve_key_dir": args.curve_key_dir}}
 
 
 def _worker_overrides(args: argparse.Namespace) -> dict:

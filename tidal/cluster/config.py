@@ -6,17 +6,22 @@ kv_transfer, engine, planner) with a `cluster:` section instead of a `workers:` 
 manager's business). Each command reads the sections it needs and ignores the others, so one
 file can serve all three:
 
-    cluster: {etcd: [http://10.0.0.5:2379], nats: nats://10.0.0.5:4222, namespace: prod, lease_ttl_s: 10}
+    cluster: {etcd: [http://10.0.0.5:2379], nats: nats://10.0.0.5:4222, namespace: prod, lease_ttl_s: 10,
+              curve_key_dir: /etc/tidal/curve, nats_auth: {token_file: /etc/tidal/nats/token}}
     model: /models/llama.gguf
     frontend: {host: 0.0.0.0, port: 8000, router: kv}
     disaggregation: {local_prefill_threshold: 512}
     engine: {dtype: bfloat16, token_budget: 512}
-    worker: {role: decode, host: 0.0.0.0, port: 0, device: cpu, num_threads: 4}
+    worker: {role: decode, port: 0, device: cpu, num_threads: 4}
     planner: {slo: {ttft_ms: 800, itl_ms: 40}, max_workers: 8, actuator: log}
 
 Flags win over the file: `resolve(path, overrides)` merges the flags given (a nested dict, None
 meaning "not given") into the file's data, then validates the whole, so a bad flag is refused
 with the same `field: message` lines as a bad file. Everything resolves once, at start.
+
+Where a worker listens (`listen_host`): the host the `worker:` section names, else this pod's
+address (`POD_IP`, from the Kubernetes downward API), else this machine's address on the route to
+etcd. Every interface (`0.0.0.0`) only when named, and then with a warning.
 """
 
 from __future__ import annotations
@@ -31,14 +36,15 @@ from pydantic import Field, ValidationError
 from tidal.runtime.ports import WILDCARD_HOSTS
 from tidal.deploy.config import (Deployment, DeploymentError, PlannerSection, ServingSections, WorkerCommon,
                                  WorkerSection, format_validation_error, section_from)
-from tidal.config import PlaneConfig, Port
+from tidal.config import PlaneConfig, Port, env_str
 from tidal.protocol import Role
 
 
 
 class ClusterSection(section_from("PlaneSection", PlaneConfig, rename={"etcd_endpoints": "etcd", "nats_url": "nats"})):
     """The `cluster:` section: `tidal.config.PlaneConfig`'s fields, with `etcd` (client URLs,
-    `http://HOST:2379`) and `nats` (URL(s), comma-separated) for its endpoints."""
+    `http://HOST:2379`) and `nats` (URL(s), comma-separated) for its endpoints, `curve_key_dir`,
+    `etcd_auth` and `nats_auth` for the planes' security."""
 
     def plane_config(self) -> PlaneConfig:
         return self.build()
@@ -49,8 +55,10 @@ class WorkerCommandSection(WorkerCommon):
     worker_id: str | None = None
     """Its name in discovery; default HOSTNAME-PID (on Kubernetes pass the pod name: the
     Kubernetes actuator marks that pod for deletion)."""
-    host: str = "0.0.0.0"
-    """Where the request socket and the KV server bind."""
+    host: str | None = None
+    """Where the request socket, the KV server and the health endpoint bind; None: this pod's
+    address (`POD_IP`), else this machine's address towards etcd. `0.0.0.0` (every interface)
+    is logged as a warning."""
     port: Port = 0
     """The request socket's port; 0: a free one."""
     advertise_host: str | None = None
@@ -129,11 +137,23 @@ def _merge(data: dict, overrides: dict) -> dict:
     return out
 
 
+def listen_host(host: str | None, etcd_endpoints: tuple[str, ...]) -> str:
+    """Where a worker's listeners bind: `host` when named, else `POD_IP`, else this machine's
+    address towards etcd (never every interface unless named)."""
+    if host:
+        return host
+    return env_str("POD_IP") or route_address(etcd_endpoints)
+
+
 def advertised_host(host: str, etcd_endpoints: tuple[str, ...]) -> str:
     """The host peers dial for a socket bound at `host`: itself, or for a wildcard the address this
-    machine uses to reach etcd (a UDP connect sends nothing; it only picks the route)."""
-    if host not in WILDCARD_HOSTS:
-        return host
+    machine uses to reach etcd."""
+    return host if host not in WILDCARD_HOSTS else route_address(etcd_endpoints)
+
+
+def route_address(etcd_endpoints: tuple[str, ...]) -> str:
+    """This machine's address on the route to etcd (a UDP connect sends nothing; it only picks
+    the route)."""
     from tidal.runtime.etcd_cache import parse_endpoint
 
     etcd_host, etcd_port = parse_endpoint(etcd_endpoints[0]) if etcd_endpoints else ("8.8.8.8", 53)
@@ -142,5 +162,5 @@ def advertised_host(host: str, etcd_endpoints: tuple[str, ...]) -> str:
             sock.connect((etcd_host, etcd_port))
             return sock.getsockname()[0]
     except OSError:
-        return socket.gethostname()
+        return socket.gethostbyname(socket.gethostname())
 

@@ -31,7 +31,7 @@ from tidal.cluster.config import ClusterFile
 from tidal.cluster.control import ControlPlane
 from tidal.protocol import FlipCommand, FlipReply
 from tidal.runtime.events import cancel_and_wait
-from tidal.runtime.planes import make_discovery, make_event_subscriber
+from tidal.runtime.planes import curve_keys, make_discovery, make_event_subscriber
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ async def serve_frontend(settings: ClusterFile) -> None:
         await discovery.start()
         await control.connect()
         frontend = Frontend(spec, discovery, events=make_event_subscriber(planes, ("load", "kv")),
-                            client_tag=f"{frontend_id}/")
+                            client_tag=f"{frontend_id}/", keys=curve_keys(planes))
         await frontend.start(wait_ready=False)  # workers come and go: serve once the model name is known
         await control.share_session_pins(frontend.router)
         collector = ObservationCollector(frontend.router.snapshot)

@@ -5,7 +5,10 @@ workers run) and a registration thread (an asyncio loop holding an `EtcdDiscover
 and keepalive). Addresses: the request socket binds `tcp://HOST:PORT` (a free port for 0) and
 is advertised as `tcp://ADVERTISE_HOST:PORT`; events go to NATS subjects named after the worker;
 KV moves over the zmq backend's TCP server (the shm and cuda_ipc backends reach only this host,
-so they are used only when asked for, with a warning).
+so they are used only when asked for, with a warning). Every listener (requests, KV, health) binds
+the worker's listen host (`tidal.cluster.config.listen_host`: the pod's address by default); with
+`cluster.curve_key_dir` the request socket and the KV server take only CURVE clients holding the
+cluster's keys (`tidal.curve`).
 
 Lifecycle: bind -> load the engine -> register a `WorkerInfo` (role, model, addresses, KV
 endpoint) under the lease: frontends watching etcd connect now -> serve -> SIGTERM or SIGINT ->
@@ -18,6 +21,7 @@ this worker's lease); the worker's discovery adopts it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -26,12 +30,12 @@ import threading
 
 import torch
 
-from tidal.cluster.config import ClusterFile, advertised_host
-from tidal.runtime.ports import free_port
+from tidal.cluster.config import ClusterFile, advertised_host, listen_host
 from tidal.config import rank_devices
 from tidal.deploy import assembly
 from tidal.protocol import WorkerInfo
-from tidal.runtime.planes import make_discovery, make_event_publisher
+from tidal.runtime.planes import curve_keys, make_discovery, make_event_publisher
+from tidal.runtime.ports import WILDCARD_HOSTS, free_port
 from tidal.transfer import KVTransferConfig
 from tidal.worker.worker import GPU_WORKER_THREADS, StopFlag, WorkerSpec, serve_engine
 
@@ -81,25 +85,30 @@ class Registration:
 
 
 def worker_spec(settings: ClusterFile) -> tuple[WorkerSpec, str]:
-    """The worker's spec (request socket bound on `worker.host`, advertised on its advertised host)
-    and that host."""
+    """The worker's spec (its listeners bound on its listen host, the request socket advertised on
+    its advertised host) and that host."""
     w = settings.worker
     cluster = settings.cluster
-    advertise = w.advertise_host or advertised_host(w.host, tuple(cluster.etcd))
-    port = w.port or free_port(w.host)
-    bind_host = "*" if w.host in ("0.0.0.0", "", "*") else w.host
+    host = listen_host(w.host, tuple(cluster.etcd))
+    advertise = w.advertise_host or advertised_host(host, tuple(cluster.etcd))
+    port = w.port or free_port(host)
+    bind_host = "*" if host in WILDCARD_HOSTS else host
+    keys = curve_keys(cluster.plane_config())
     worker_id = w.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     devices = rank_devices(w.device, w.tensor_parallel_size) if w.tensor_parallel_size > 1 else (w.device,)
     spec = assembly.worker_spec(
         settings.deployment(), settings.worker_section(), worker_id, devices, request_addr=f"tcp://{bind_host}:{port}",
-        event_addr="", transfer=_transfer_config(settings, advertise, devices[0]),
+        event_addr="", transfer=_transfer_config(settings, advertise, devices[0], host),
         num_threads=w.num_threads or (None if devices[0] == "cpu" else GPU_WORKER_THREADS),
         advertise_addr=f"tcp://{_url_host(advertise)}:{port}", health_port=w.health_port,
         stop_grace_s=w.stop_grace_s)
+    transfer = spec.transfer and dataclasses.replace(spec.transfer, zmq_curve=keys)
+    spec = dataclasses.replace(spec, health_host="0.0.0.0" if bind_host == "*" else host, curve=keys,
+                               transfer=transfer)
     return spec, advertise
 
 
-def _transfer_config(settings: ClusterFile, advertise: str, device: str) -> KVTransferConfig | None:
+def _transfer_config(settings: ClusterFile, advertise: str, device: str, host: str) -> KVTransferConfig | None:
     """The zmq backend over TCP unless another one is named (those reach only this host)."""
     if settings.worker.tensor_parallel_size > 1:
         return None  # tensor-parallel workers run aggregated
@@ -109,8 +118,7 @@ def _transfer_config(settings: ClusterFile, advertise: str, device: str) -> KVTr
     if backend not in CROSS_HOST_BACKENDS:
         logger.warning("KV transfer backend %s reaches workers on this host only; remote prefills from "
                        "other hosts will fail", backend)
-    host = settings.worker.host
-    bind = "*" if host in ("0.0.0.0", "", "*") else host
+    bind = "*" if host in WILDCARD_HOSTS else host
     return settings.kv_transfer.build(backend=backend, zmq_address=f"tcp://{bind}:{settings.worker.kv_port or '*'}",
                                       zmq_advertise_host=advertise)
 
@@ -149,8 +157,12 @@ def run(settings: ClusterFile, log_level: str = "info") -> int:
             kv_addr=kv_addr))
         return engine
 
-    logger.info("worker %s (%s) on %s: binding %s, advertised as %s", spec.worker_id, spec.role,
-                spec.engine.model.device, spec.request_addr, spec.advertise_addr)
+    logger.info("worker %s (%s) on %s: binding %s, advertised as %s; %s", spec.worker_id, spec.role,
+                spec.engine.model.device, spec.request_addr, spec.advertise_addr,
+                "CURVE on requests and KV" if spec.curve else "no CURVE keys: plain TCP")
+    if spec.health_host == "0.0.0.0":
+        logger.warning("listening on every interface (worker.host %s): requests, KV and health are reachable "
+                       "from any network this machine is on", settings.worker.host)
     code = 0
     try:
         serve_engine(spec, make_engine, stop, parent_pid=0, events=events)

@@ -42,14 +42,16 @@ class FrontendSpec:
 
 
 class Frontend:
-    def __init__(self, spec: FrontendSpec, discovery, events=None, client_tag: str = "", tokenizer=None) -> None:
-        """`tokenizer`: one the caller already loaded (else the spec's is loaded here)."""
+    def __init__(self, spec: FrontendSpec, discovery, events=None, client_tag: str = "", tokenizer=None,
+                 keys=None) -> None:
+        """`tokenizer`: one the caller already loaded (else the spec's is loaded here); `keys`: the
+        router dials the workers with these CURVE keys (`tidal.curve.CurveKeys`)."""
         from tidal.tokenizer import load_tokenizer
 
         self.spec = spec
         self.discovery = discovery
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec.model, spec.tokenizer)
-        self.router = Router(discovery, spec.router, events=events, client_tag=client_tag)
+        self.router = Router(discovery, spec.router, events=events, client_tag=client_tag, keys=keys)
         self.app = None
 
     @property

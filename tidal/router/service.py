@@ -39,16 +39,18 @@ from tidal.router.request_log import RequestLog
 from tidal.router.roles import RoleControl
 from tidal.router.sessions import SessionTable
 from tidal.router.workers import Worker, WorkerSet
+from tidal.curve import CurveKeys
 from tidal.runtime.discovery import Discovery
 from tidal.runtime.events import EventSubscriber, ZmqEventSubscriber
 
 
 class Router:
     def __init__(self, discovery: Discovery, config: RouterConfig = RouterConfig(),
-                 events: EventSubscriber | None = None, client_tag: str = ""):
+                 events: EventSubscriber | None = None, client_tag: str = "", keys: CurveKeys | None = None):
         """`events`: the event plane's subscriber (`tidal.runtime.planes.make_event_subscriber`, with
         topics `load` and `kv`); None: ZMQ, connecting to each worker's `event_addr`. `client_tag`
-        starts this replica's socket ids at every worker (`WorkerClient`)."""
+        starts this replica's socket ids at every worker (`WorkerClient`); `keys`: they dial the
+        workers with CURVE (cluster mode with `curve_key_dir`)."""
         if config.policy not in POLICIES:
             raise ValueError(f"unknown routing policy {config.policy!r}; choose one of {', '.join(POLICIES)}")
         self.config = config
@@ -59,7 +61,7 @@ class Router:
         self.sessions = SessionTable()
         events = events if events is not None else ZmqEventSubscriber(("load", "kv"))
         self.fleet = WorkerSet(discovery, events, self.index, client_tag, on_resync=self.metrics.resyncs.inc,
-                               on_change=self._wake)
+                               on_change=self._wake, keys=keys)
         self.metrics.watch_workers(self.fleet.workers)
         self.roles = RoleControl(self.fleet, on_change=self._wake)
         self.dispatcher = Dispatcher(config, self.fleet, self.sessions, self.metrics, self.request_log,

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from tidal.config import FLEET_READY_TIMEOUT_S
+from tidal.curve import CurveKeys
 from tidal.fleet_snapshot import WorkerSnapshot
 from tidal.protocol import EngineStats, KVDump, KVEventBatch, LoadReport, WorkerInfo, WorkerLeaving
 from tidal.router.index import KVIndex, WorkerEvents
@@ -81,13 +82,14 @@ class Worker:
 
 class WorkerSet:
     def __init__(self, discovery: Discovery, events: EventSubscriber, index: KVIndex, client_tag: str,
-                 on_resync: Callable[[], None], on_change: Callable[[], None]) -> None:
+                 on_resync: Callable[[], None], on_change: Callable[[], None], keys: CurveKeys | None = None) -> None:
         """`client_tag` starts this router's socket ids at every worker (`WorkerClient`);
-        `on_resync` counts a KV-index rebuild."""
+        `on_resync` counts a KV-index rebuild; `keys`: the clients dial with CURVE."""
         self.discovery = discovery
         self.events = events
         self.index = index
         self.client_tag = client_tag
+        self.keys = keys
         self.on_resync = on_resync
         self.on_change = on_change
         self.workers: dict[str, Worker] = {}
@@ -151,7 +153,7 @@ class WorkerSet:
             self.on_change()
 
     async def _connect(self, info: WorkerInfo) -> None:
-        client = WorkerClient(info, client_tag=self.client_tag)
+        client = WorkerClient(info, client_tag=self.client_tag, keys=self.keys)
         try:
             await client.start()
         except Exception as exc:  # noqa: BLE001 - a worker that never came up is just not used

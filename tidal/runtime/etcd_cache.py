@@ -9,7 +9,9 @@ process owns) writes through it.
 etcd outages are ridden out without a restart. While etcd is unreachable the cache keeps its last
 view (a worker is not dropped because etcd is down). The watch loop retries: on reconnect it lists
 the prefix again, emits `removed`/`added`/`updated` for every difference, and watches on from the
-listing's revision. With several endpoints, each failure moves to the next (`EtcdConnection`).
+listing's revision. With several endpoints, each failure moves to the next (`EtcdConnection`). With
+`PlaneConfig.etcd_auth` the client authenticates as that user (the password read from its file,
+`tidal.runtime.credentials`).
 
 Invariant: the cache holds, per worker, the record with the highest etcd revision seen (local
 writes are applied at once with their revision, so `register` then `list()` includes the worker;
@@ -26,7 +28,9 @@ from urllib.parse import urlsplit
 import aetcd
 import msgspec
 
+from tidal.config import EtcdAuth
 from tidal.protocol import WorkerInfo
+from tidal.runtime.credentials import etcd_credentials
 from tidal.runtime.discovery import DiscoveryEvent, Watchers
 
 logger = logging.getLogger(__name__)
@@ -56,14 +60,16 @@ def parse_endpoint(url: str) -> tuple[str, int]:
 class EtcdConnection:
     """An etcd client over one of several endpoints; `client` changes when `next_endpoint()` moves on."""
 
-    def __init__(self, endpoints: tuple[str, ...]) -> None:
+    def __init__(self, endpoints: tuple[str, ...], auth: EtcdAuth = EtcdAuth()) -> None:
         self._endpoints = [parse_endpoint(url) for url in endpoints]
         self._endpoint = 0
+        self._auth = auth
         self.client = self._new_client()
 
     def _new_client(self) -> aetcd.Client:
         host, port = self._endpoints[self._endpoint]
-        return aetcd.Client(host=host, port=port, timeout=RPC_TIMEOUT_S, options=GRPC_OPTIONS)
+        return aetcd.Client(host=host, port=port, timeout=RPC_TIMEOUT_S, options=GRPC_OPTIONS,
+                            **etcd_credentials(self._auth))
 
     def next_endpoint(self) -> None:
         """With several endpoints, move to the next one after a failure (gRPC retries a single one

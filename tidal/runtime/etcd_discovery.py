@@ -49,7 +49,7 @@ class EtcdDiscovery:
         self.prefix = f"/tidal/{planes.namespace}/workers/"
         self.retry_s = retry_s
         self.start_timeout_s = start_timeout_s
-        self.etcd = EtcdConnection(planes.etcd_endpoints)
+        self.etcd = EtcdConnection(planes.etcd_endpoints, planes.etcd_auth)
         self._owned: dict[str, WorkerInfo] = {}  # registered by this process: put again after an outage
         self.cache = EtcdWorkerCache(self.etcd, self.prefix, self._owned, retry_s)
         self._lease_id: int | None = None

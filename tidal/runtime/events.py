@@ -5,6 +5,8 @@ each worker binding its own PUB socket and subscribers connecting to every worke
 from discovery. `tidal.runtime.nats_events` has the NATS implementation of the same two
 interfaces; `tidal.runtime.planes` picks one.
 Events are msgspec-encoded `tidal.protocol.EventMessage` values, one topic frame before each.
+With CURVE keys (`tidal.curve`, cluster mode with `curve_key_dir`) a publisher serves with the
+cluster's keys and admits only the subscribers they allow; subscribers dial with them.
 Delivery is best effort (a subscriber that connects late misses what came before); consumers
 that need a complete picture ask for a resync (KV events, issue 4).
 """
@@ -20,6 +22,8 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from tidal import curve
+from tidal.curve import CurveKeys
 from tidal.protocol import EventMessage
 
 
@@ -42,14 +46,17 @@ class EventSubscriber(Protocol):
 
 
 class ZmqEventPublisher:
-    """A bound PUB socket (synchronous: used from the worker's loop)."""
+    """A bound PUB socket (synchronous: used from the worker's loop). With `keys` and a `ctx` of
+    the caller's, the caller runs that context's `curve.Authenticator`."""
 
-    def __init__(self, address: str, ctx: zmq.Context | None = None) -> None:
+    def __init__(self, address: str, ctx: zmq.Context | None = None, keys: CurveKeys | None = None) -> None:
         self._own_ctx = ctx is None
         self._ctx = ctx or zmq.Context()
+        self._auth = curve.Authenticator(self._ctx, keys if self._own_ctx else None)
         self._sock = self._ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, 10_000)
+        curve.serve(keys, self._sock)
         self._sock.bind(address)
         self.address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._encoder = msgspec.msgpack.Encoder()
@@ -60,6 +67,7 @@ class ZmqEventPublisher:
 
     def close(self) -> None:
         self._sock.close(linger=0)
+        self._auth.stop()
         if self._own_ctx:
             self._ctx.term()
 
@@ -67,10 +75,11 @@ class ZmqEventPublisher:
 class ZmqEventSubscriber:
     """One SUB socket connected to many publishers (asyncio)."""
 
-    def __init__(self, topics: tuple[str, ...] = ("",)) -> None:
+    def __init__(self, topics: tuple[str, ...] = ("",), keys: CurveKeys | None = None) -> None:
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.LINGER, 0)
+        curve.dial(keys, self._sock)
         for topic in topics:
             self._sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self._addresses: dict[str, str] = {}

@@ -9,6 +9,10 @@ Reconnects: nats-py reconnects forever, every `RECONNECT_WAIT_S`, and re-sends s
 itself; the first connection is retried the same way, so a component may start before NATS does.
 While disconnected, publishes go into nats-py's pending buffer (sent on reconnect) until it is full.
 
+Credentials (`PlaneConfig.nats_auth`: a user and password, a token or a creds file; TLS files)
+are read from their files when connecting (`tidal.runtime.credentials`). A server that refuses
+them is logged as an error and retried like an unreachable one.
+
 Subjects: `tidal.<namespace>.<token>...`; a token's `.`, `*`, `>` and whitespace become `_`.
 """
 
@@ -23,8 +27,10 @@ import threading
 from collections.abc import Coroutine
 
 import nats
+import nats.errors
 
 from tidal.config import PlaneConfig
+from tidal.runtime.credentials import nats_options
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +71,8 @@ class NatsConnection:
             servers=self.planes.nats_servers, name=self.name, allow_reconnect=True, max_reconnect_attempts=-1,
             reconnect_time_wait=RECONNECT_WAIT_S, connect_timeout=CONNECT_TIMEOUT_S,
             ping_interval=PING_INTERVAL_S, max_outstanding_pings=2, error_cb=self._on_error,
-            disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected)
+            disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected,
+            **nats_options(self.planes.nats_auth))
         try:
             await asyncio.wait_for(connecting, timeout_s)
         except TimeoutError:
@@ -79,6 +86,9 @@ class NatsConnection:
                 await asyncio.wait_for(self.client.close(), CLOSE_TIMEOUT_S)
 
     async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.AuthorizationError):
+            logger.error("%s: NATS refused this process's credentials (cluster.nats_auth); retrying", self.name)
+            return
         logger.debug("%s: NATS error: %s", self.name, exc)
 
     async def _on_disconnected(self) -> None:

@@ -6,6 +6,8 @@ routes each `TokenDelta` to its request's queue. It does not own the worker proc
 started the worker (the launcher) watches it and calls `mark_dead` when it exits.
 Lifecycle: `start()` (Connect, wait for WorkerReady) -> `generate()` many times -> `close()`.
 Once dead, every open request ends with `EngineDeadError` and `is_healthy()` is False.
+With CURVE keys (`tidal.curve`) the socket dials the worker as a CURVE client; a worker that
+does not accept them never answers `Connect` (`start()` times out).
 `set_role()` flips an idle worker's role (the planner's actuator drains it first); `role` follows.
 A worker that got SIGTERM says `WorkerLeaving` (`leaving` turns True, `on_leaving` is called: the
 router routes nothing new to it) and, when it exits, `WorkerGone`, which marks it dead at once.
@@ -23,6 +25,8 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from tidal import curve
+from tidal.curve import CurveKeys
 from tidal.errors import EngineDeadError, RoleChangeError
 from tidal.protocol import (AbortRequest, AddRequest, Connect, EngineStats, ForgetClient, KVDump, KVDumpRequest,
                             ReleaseKV, Role, RoleRefused, SetDraining, SetRole, Shutdown, StepOutputs, TokenDelta,
@@ -98,15 +102,18 @@ def _can_merge(prev, item) -> bool:
 
 
 class WorkerClient:
-    def __init__(self, info: WorkerInfo, ctx: zmq.asyncio.Context | None = None, client_tag: str = ""):
+    def __init__(self, info: WorkerInfo, ctx: zmq.asyncio.Context | None = None, client_tag: str = "",
+                 keys: CurveKeys | None = None):
         """`client_tag`: the start of this socket's id at the worker (a frontend process's tag), so the
-        launcher can have the worker forget every request of a frontend process that died."""
+        launcher can have the worker forget every request of a frontend process that died. `keys`:
+        dial with CURVE (cluster mode with `curve_key_dir`)."""
         self.info = info
         self._own_ctx = ctx is None
         self._ctx = ctx or zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.IDENTITY, f"{client_tag}{info.worker_id}:{uuid.uuid4().hex[:12]}".encode())
+        curve.dial(keys, self._sock)
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(WorkerMessage)
         self._queues: dict[str, _Mailbox] = {}

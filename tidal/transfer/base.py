@@ -27,6 +27,7 @@ from typing import Annotated, Literal
 import torch
 
 from tidal.config import NonNegative, Positive, validate_fields
+from tidal.curve import CurveKeys
 from tidal.protocol import KVLayout, KVSourceInfo
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ class KVTransferConfig:
     zmq_advertise_host: str | None = None
     """The host peers dial for the zmq backend's KV server (it binds a wildcard, say); None: the
     bound host, a wildcard replaced by this host's name."""
+    zmq_curve: CurveKeys | None = None
+    """The zmq backend's CURVE keys (cluster mode with `curve_key_dir`): its KV server serves with
+    them and admits only the clients they allow; its pulls dial with them. None: plain TCP."""
     chunk_layers: int = 0
     """cuda_ipc: layers per pipelined chunk (the gather, peer copy and scatter of one chunk overlap
     those of its neighbours; each of the two staging buffers per GPU holds one chunk). 0 sizes

@@ -17,6 +17,10 @@ A source that died, hangs or is unreachable shows as no reply: the pull fails at
 its DEALER is closed (linger 0), so a late reply can't reach a later pull. Only msgspec structs
 and raw tensor bytes cross the wire. `close()` stops both threads (they poll in short ticks and
 watch a stop flag), closes every socket and terminates the context.
+
+With `config.zmq_curve` the KV server is a CURVE server whose context runs a ZAP handler
+(`tidal.curve.Authenticator`): a puller without the cluster's keys gets no reply (its pull times
+out); the server keeps serving the others. Pulls dial with the same keys.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import msgspec
 import torch
 import zmq
 
+from tidal import curve
 from tidal.protocol import KVLayout, KVSourceInfo
 from tidal.transfer.base import (KVTransferBackend, KVTransferConfig, KVTransferError, ThreadTransfer,
                                  as_words, block_rows, layout_bytes_per_block, torch_dtype)
@@ -84,12 +89,15 @@ class ZmqKVTransfer(KVTransferBackend):
         self._closing = threading.Event()
         self._transfer_ids = itertools.count()
         self._dealers: dict[tuple[str, str], zmq.Socket] = {}  # pull thread only
+        self._auth = curve.Authenticator(self._context, config.zmq_curve)
         router = self._context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
+        curve.serve(config.zmq_curve, router)
         try:
             router.bind(config.zmq_address or "tcp://127.0.0.1:*")
         except zmq.ZMQError:
             router.close()
+            self._auth.stop()
             self._context.term()
             raise
         self.endpoint = _advertised(router.getsockopt_string(zmq.LAST_ENDPOINT), config.zmq_advertise_host)
@@ -206,6 +214,7 @@ class ZmqKVTransfer(KVTransferBackend):
         if key not in self._dealers:
             dealer = self._context.socket(zmq.DEALER)
             dealer.setsockopt(zmq.LINGER, 0)
+            curve.dial(self.config.zmq_curve, dealer)
             dealer.connect(key[1])
             self._dealers[key] = dealer
         return self._dealers[key]
@@ -230,4 +239,5 @@ class ZmqKVTransfer(KVTransferBackend):
         self._server.join()
         self._executor.submit(self._drop_dealers)
         self._executor.shutdown(wait=True)
+        self._auth.stop()
         self._context.term()

@@ -22,6 +22,11 @@ stops its workers in order. Requests a worker still held when it exits end on th
 where a router moves them to another worker (request migration).
 
 With `spec.health_port`, a small HTTP server (`health.py`) answers /live and /health.
+
+With `spec.curve` (cluster mode with `curve_key_dir`) the request socket and the ZMQ event
+publisher are CURVE servers and the worker's context runs a ZAP handler (`tidal.curve`): a client
+without the cluster's keys gets no connection, and the worker serves the others as before. The
+worker's own ReleaseKV sockets to prefill peers dial with the same keys.
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ import msgspec
 import torch
 import zmq
 
+from tidal import curve
 from tidal.config import STOP_GRACE_S, EngineConfig
+from tidal.curve import CurveKeys
 from tidal.engine.engine import EngineCore
 from tidal.engine.factory import build_engine
 from tidal.protocol import (ROLES, AbortRequest, Role, AddRequest, Connect, EngineStats, KVDump, KVDumpRequest, KVEventBatch,
@@ -81,6 +88,9 @@ class WorkerSpec:
     health_port: int | None = None
     """Serve /live and /health on this port (0: any free one); None: no health endpoint."""
     health_host: str = "0.0.0.0"
+    """Where the health endpoint binds (cluster mode: the worker's own address)."""
+    curve: CurveKeys | None = None
+    """CURVE keys of the request plane and the ZMQ event plane; None: plain sockets."""
     advertise_addr: str | None = None
     """The request address peers dial (`tcp://HOST:PORT`), when `request_addr` binds a wildcard
     host; None: `request_addr` itself."""
@@ -128,10 +138,12 @@ def serve_engine(spec: WorkerSpec, make_engine: Callable[[], EngineCore], stop: 
     don't exit when the parent goes (`tidal worker`). `events`: the event publisher to use (closed
     here); None: a ZMQ PUB socket bound at `spec.event_addr`."""
     ctx = zmq.Context()
+    auth = curve.Authenticator(ctx, spec.curve)  # before any server socket of ctx binds
     requests = ctx.socket(zmq.ROUTER)
     requests.setsockopt(zmq.LINGER, 0)
+    curve.serve(spec.curve, requests)
     requests.bind(spec.request_addr)
-    events = events if events is not None else ZmqEventPublisher(spec.event_addr, ctx)
+    events = events if events is not None else ZmqEventPublisher(spec.event_addr, ctx, spec.curve)
     health = None
     engine = None
     try:
@@ -148,6 +160,7 @@ def serve_engine(spec: WorkerSpec, make_engine: Callable[[], EngineCore], stop: 
             health.close()
         events.close()
         requests.close(linger=EXIT_LINGER_MS)
+        auth.stop()
         ctx.term()
 
 
@@ -347,6 +360,7 @@ class _WorkerLoop:
                 sock = self.peers[addr] = self.ctx.socket(zmq.DEALER)
                 sock.setsockopt(zmq.LINGER, 100)
                 sock.setsockopt(zmq.SNDHWM, 100_000)
+                curve.dial(self.spec.curve, sock)
                 sock.connect(addr)
             try:
                 sock.send(self.encoder.encode(ReleaseKV(request_id=request_id)), zmq.NOBLOCK)
