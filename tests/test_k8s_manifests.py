@@ -31,7 +31,7 @@ def _by_kind(kind: str) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory) -> Path:
-    [config_map] = [d for d in _documents() if d["kind"] == "ConfigMap"]
+    config_map = _by_kind("ConfigMap")["tidal-config"]
     path = tmp_path_factory.mktemp("k8s") / "tidal.yaml"
     path.write_text(config_map["data"]["tidal.yaml"])
     return path
@@ -101,3 +101,24 @@ def test_planner_rbac_covers_its_actuator():
     [binding] = _by_kind("RoleBinding").values()
     planner = _by_kind("Deployment")["tidal-planner"]["spec"]["template"]["spec"]
     assert binding["subjects"][0]["name"] == planner["serviceAccountName"] == "tidal-planner"
+
+
+def test_planes_bind_the_pod_ip_and_take_their_keys_from_secrets(config_file):
+    settings = resolve(str(config_file), {})
+    planes = settings.cluster.plane_config()
+    assert settings.worker.host is None  # binds $POD_IP, not every interface
+    secret_files = {"tidal-curve": planes.curve_key_dir, "tidal-nats": planes.nats_auth.token_file.rsplit("/", 1)[0]}
+    for name, c in _containers():
+        if c["image"].split(":")[0] != "tidal":
+            continue
+        spec = _by_kind("Deployment")[name]["spec"]["template"]["spec"]
+        volumes = {v["name"]: v.get("secret", {}).get("secretName") for v in spec["volumes"]}
+        mounted = {volumes[m["name"]]: m["mountPath"] for m in c["volumeMounts"] if volumes[m["name"]]}
+        needed = {"tidal-nats"} if c["args"][0] == "planner" else {"tidal-curve", "tidal-nats"}
+        assert mounted == {secret: secret_files[secret] for secret in needed}, name
+        if c["args"][0] == "worker":
+            env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in c["env"]}
+            assert env["POD_IP"] == "status.podIP"  # the downward API
+    nats = _by_kind("Deployment")["tidal-nats"]["spec"]["template"]["spec"]["containers"][0]
+    assert nats["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "tidal-nats", "key": "token"}
+    assert "$NATS_TOKEN" in _by_kind("ConfigMap")["tidal-nats-config"]["data"]["nats.conf"]
