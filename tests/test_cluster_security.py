@@ -6,22 +6,24 @@ carry paths, never secrets."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import subprocess
 import time
+import urllib.request
 
+import aetcd
 import pytest
 import torch
-import zmq
 
-from tests._cluster import Service, _port_open, find_binary
+from tests._cluster import Service, _port_open, find_binary, make_etcd
 from tidal.cluster.config import listen_host, resolve
 from tidal.cluster.keys import write_keys
 from tidal.cluster.worker_main import worker_spec
-from tidal.config import EngineConfig, CacheConfig, NatsAuth, PlaneConfig
+from tidal.config import CacheConfig, EngineConfig, EtcdAuth, NatsAuth, PlaneConfig
 from tidal.curve import CurveKeys
 from tidal.protocol import AddRequest, EngineStats, KVLayout, LoadReport, SamplingParams, WorkerInfo
 from tidal.runtime.credentials import nats_options, read_secret
+from tidal.runtime.etcd_cache import EtcdConnection
 from tidal.runtime.events import ZmqEventPublisher, ZmqEventSubscriber
 from tidal.runtime.nats_client import NatsConnection
 from tidal.runtime.ports import free_port
@@ -228,3 +230,37 @@ async def test_nats_connects_with_the_token_from_its_file_only(nats_with_token, 
             await refused.connect(timeout_s=REFUSED_WAIT_S)
         await refused.close()
     assert "not-the-token" not in caplog.text and "tidal-test-token" not in caplog.text
+
+
+# ---- etcd credentials ------------------------------------------------------------------------
+def _etcd_post(url: str, path: str, body: dict) -> None:
+    request = urllib.request.Request(f"{url}/v3/{path}", data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.status == 200, path
+
+
+@pytest.fixture(scope="module")
+def etcd_with_auth(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("etcd-auth")
+    service = make_etcd(tmp)
+    service.start()
+    _etcd_post(service.url, "auth/user/add", {"name": "root", "password": "etcd-test-password"})
+    _etcd_post(service.url, "auth/user/grant", {"user": "root", "role": "root"})
+    _etcd_post(service.url, "auth/enable", {})
+    (tmp / "password").write_text("etcd-test-password\n")
+    (tmp / "wrong").write_text("not-the-password\n")
+    yield service, tmp
+    service.stop()
+
+
+async def test_etcd_accepts_the_user_with_the_password_from_its_file_only(etcd_with_auth):
+    service, tmp = etcd_with_auth
+    good = EtcdConnection((service.url,), EtcdAuth(user="root", password_file=str(tmp / "password")))
+    await good.client.put(b"/tidal/test/key", b"1")
+    assert (await good.client.get(b"/tidal/test/key")).value == b"1"
+    await good.client.close()
+    for auth in (EtcdAuth(), EtcdAuth(user="root", password_file=str(tmp / "wrong"))):
+        refused = EtcdConnection((service.url,), auth)
+        with pytest.raises(aetcd.ClientError):
+            await refused.client.put(b"/tidal/test/key", b"2")
+        await refused.client.close()

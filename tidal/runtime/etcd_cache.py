@@ -60,10 +60,10 @@ def parse_endpoint(url: str) -> tuple[str, int]:
 class EtcdConnection:
     """An etcd client over one of several endpoints; `client` changes when `next_endpoint()` moves on."""
 
-    def __init__(self, endpoints: tuple[str, ...], auth: EtcdAuth = EtcdAuth()) -> None:
+    def __init__(self, endpoints: tuple[str, ...], auth: EtcdAuth | None = None) -> None:
         self._endpoints = [parse_endpoint(url) for url in endpoints]
         self._endpoint = 0
-        self._auth = auth
+        self._auth = auth or EtcdAuth()
         self.client = self._new_client()
 
     def _new_client(self) -> aetcd.Client:
