@@ -185,7 +185,7 @@ class ServerConfig:
     default_max_tokens: Annotated[int, Positive] | None = 4096
     """A chat request that names no `max_tokens` generates at most this many tokens (and never more
     than the context leaves), as SGLang and TGI cap it; None: to the end of the context. Text
-    completions keep OpenAI's default of 16."""
+    completions default to OpenAI's 16, within this cap."""
     request_deadline_s: Annotated[float, Positive] | None = 600.0
     """A request still generating this long after it arrived is ended: a 408 (`request_timeout`), or
     that error as the last event of a stream, and the engine frees its KV. None: no deadline."""

@@ -59,8 +59,10 @@ class CompletionServing:
         ctx = self._ctx
         check_request(ctx, req)
         prompt_token_ids = await self._prompt_token_ids(req)
-        max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(prompt_token_ids),
-                                        req.max_tokens, DEFAULT_MAX_TOKENS, param="prompt")
+        cap = ctx.server.default_max_tokens
+        max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(prompt_token_ids), req.max_tokens,
+                                        DEFAULT_MAX_TOKENS if cap is None else min(cap, DEFAULT_MAX_TOKENS),
+                                        param="prompt")
         add_request = AddRequest(
             request_id=f"cmpl-{uuid.uuid4().hex}", prompt_token_ids=prompt_token_ids,
             sampling_params=build_sampling_params(req, max_tokens, req.logprobs),
