@@ -53,6 +53,8 @@ class ChatServing:
         (`SpecialTokenMask`) unless the server parses it."""
         tokenizer, mask = self._ctx.tokenizer, self._ctx.special_token_mask
         messages = [m.template_dict() for m in req.messages]
+        check_prompt_chars(self._ctx, sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str)),
+                           param="messages")  # before masking and rendering megabytes
         template_kwargs = req.chat_template_kwargs or {}
         tools = req.tools
         if mask is not None:
