@@ -75,6 +75,9 @@ class _PieceDependentTokenizer:
     def encode(self, text, add_special_tokens=False):
         return [len(text)]
 
+    def encode_batch(self, texts, add_special_tokens=False):
+        return [e.ids for e in self.backend.encode_batch(texts)]
+
 
 async def test_a_tokenizer_that_does_not_split_cleanly_is_tokenized_whole():
     cache = ChatTokenCache(_PieceDependentTokenizer())

@@ -177,6 +177,22 @@ class ServerConfig:
     launcher's process."""
     max_request_body_bytes: Annotated[int, Positive] = 8 << 20
     """Bodies larger than this get a 413."""
+    prompt_chars_per_token: Annotated[int, Ge(4), Le(1024)] = 32
+    """A prompt longer than `max_model_len` x this many characters gets a 400 (context length) before
+    it is tokenized: tokenizing megabytes only to refuse them stalls the frontend and grows its
+    memory. Ordinary text runs about 4 characters a token, so only a prompt whose tokens average
+    more than this (long runs of `#` or spaces) could fit the context and still be refused."""
+    default_max_tokens: Annotated[int, Positive] | None = 4096
+    """A chat request that names no `max_tokens` generates at most this many tokens (and never more
+    than the context leaves), as SGLang and TGI cap it; None: to the end of the context. Text
+    completions default to OpenAI's 16, within this cap."""
+    request_deadline_s: Annotated[float, Positive] | None = 600.0
+    """A request still generating this long after it arrived is ended: a 408 (`request_timeout`), or
+    that error as the last event of a stream, and the engine frees its KV. None: no deadline."""
+    parse_special_tokens_in_content: bool = False
+    """Off: special-token text in chat message content, tool definitions and template arguments
+    (`<|im_end|>` typed by a user) is tokenized as plain text, so only the chat template writes
+    control tokens. On: it becomes the control token, as the whole rendered prompt is tokenized."""
     log_level: LogLevel = "info"
     response_headers: tuple[tuple[str, str], ...] = ()
     """Sent with every response (an API server names itself: `x-tidal-api-server: INDEX`)."""

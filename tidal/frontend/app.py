@@ -36,6 +36,7 @@ from tidal.frontend.openai_types import ModelCard, ModelList
 from tidal.frontend.serving import ClientDisconnected, ServingContext, error_for, json_response
 from tidal.frontend.serving_chat import ChatServing
 from tidal.frontend.serving_completion import CompletionServing
+from tidal.frontend.special_token_mask import SpecialTokenMask
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def build_app(engine: EngineClient, tokenizer: Any, served_model_name: str,
     """The HTTP app for one engine; `tokenizer` follows `tidal.tokenizer`'s interface."""
     app = FastAPI(title="Tidal", version=_version())
     metrics = FrontendMetrics(engine)
-    ctx = _serving_context(engine, tokenizer, served_model_name, metrics)
+    ctx = _serving_context(engine, tokenizer, served_model_name, metrics, server_config)
     chat = ChatServing(ctx)
     completion = CompletionServing(ctx)
     app.state.serving_context = ctx
@@ -190,10 +191,11 @@ def build_app(engine: EngineClient, tokenizer: Any, served_model_name: str,
 
 
 def _serving_context(engine: EngineClient, tokenizer: Any, served_model_name: str,
-                     metrics: FrontendMetrics) -> ServingContext:
+                     metrics: FrontendMetrics, server_config: ServerConfig) -> ServingContext:
+    mask = None if server_config.parse_special_tokens_in_content else SpecialTokenMask.for_tokenizer(tokenizer)
     return ServingContext(engine=engine, tokenizer=tokenizer, served_model_name=served_model_name, metrics=metrics,
-                          token_table=TokenTextTable(tokenizer),
-                          chat_tokens=ChatTokenCache(tokenizer) if hasattr(tokenizer, "backend") else None)
+                          token_table=TokenTextTable(tokenizer), server=server_config, special_token_mask=mask,
+                          chat_tokens=ChatTokenCache(tokenizer, mask) if hasattr(tokenizer, "backend") else None)
 
 
 def _health_response(engine: EngineClient) -> Response:

@@ -22,10 +22,17 @@ import logging
 import re
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import TypeVar
+
+from tidal.frontend.special_token_mask import SpecialTokenMask
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
-MAX_CACHED_TOKENS = 4_000_000  # about 16 MB of ids
+MAX_CACHED_TOKENS = 4_000_000  # about 32 MB of ids
+MAX_CACHED_PIECE_CHARS = 65_536
+"""Longer pieces are tokenized every time, not kept (`ChatTokenCache._store`)."""
 TOKENIZE_IN_THREAD_CHARS = 2048
 """New text at least this long is tokenized on a worker thread (`encode_batch` lets go of the GIL), so
 the event loop keeps streaming other requests' tokens; shorter stays inline (a thread hop costs ~50 us)."""
@@ -40,8 +47,10 @@ _PROBES = (
 
 
 class ChatTokenCache:
-    def __init__(self, tokenizer, max_cached_tokens: int = MAX_CACHED_TOKENS) -> None:
+    def __init__(self, tokenizer, mask: SpecialTokenMask | None = None,
+                 max_cached_tokens: int = MAX_CACHED_TOKENS) -> None:
         self.tokenizer = tokenizer
+        self.mask = mask
         self.max_cached_tokens = max_cached_tokens
         self._pieces: OrderedDict[str, array] = OrderedDict()
         self._cached_tokens = 0
@@ -52,36 +61,50 @@ class ChatTokenCache:
             logger.info("chat prompts are tokenized whole (the per-turn cache does not fit this tokenizer)")
 
     async def encode(self, text: str) -> list[int]:
-        """The ids of a templated chat prompt (no special tokens added: the template wrote them)."""
+        """The ids of a templated chat prompt (no special tokens added: the template wrote them).
+        Pieces holding `mask`'s markers (client text whose special-token strings it hid) are
+        tokenized as plain text, and not cached."""
         if not self.enabled:
+            if self.mask is not None and self.mask.holds_markers(text):
+                return await _off_loop(len(text), lambda: masked_ids(self.tokenizer, self.mask, text))
             return await encode_text(self.tokenizer, text, add_special_tokens=False)
         pieces = [p for p in self._split.split(text) if p]
         missing = [p for p in dict.fromkeys(pieces) if p not in self._pieces]
-        if missing:
-            self._store(missing, await self._encode_pieces(missing))
+        fresh = dict(zip(missing, await self._encode_pieces(missing))) if missing else {}
         ids: list[int] = []
         for piece in pieces:
-            ids.extend(self._pieces[piece])
-            self._pieces.move_to_end(piece)
+            cached = self._pieces.get(piece)
+            if cached is None:
+                ids.extend(fresh[piece])
+            else:
+                ids.extend(cached)
+                self._pieces.move_to_end(piece)
         self.hits += len(pieces) - len(missing)
         self.misses += len(missing)
+        self._store(fresh)
         return ids
 
     async def _encode_pieces(self, pieces: list[str]) -> list[list[int]]:
-        backend = self.tokenizer.backend
+        tokenizer, mask = self.tokenizer, self.mask
 
         def run() -> list[list[int]]:
-            return [e.ids for e in backend.encode_batch(pieces, add_special_tokens=False)]
+            if mask is None or not any(mask.holds_markers(p) for p in pieces):
+                return tokenizer.encode_batch(pieces, add_special_tokens=False)
+            return [masked_ids(tokenizer, mask, p) if mask.holds_markers(p)
+                    else tokenizer.encode_batch([p], add_special_tokens=False)[0] for p in pieces]
 
-        if sum(map(len, pieces)) < TOKENIZE_IN_THREAD_CHARS:
-            return run()
-        return await asyncio.to_thread(run)
+        return await _off_loop(sum(map(len, pieces)), run)
 
-    def _store(self, pieces: list[str], encoded: list[list[int]]) -> None:
-        for piece, ids in zip(pieces, encoded):
+    def _store(self, fresh: dict[str, list[int]]) -> None:
+        """Keeps the new pieces worth keeping: not client text with hidden markers (rare, and their
+        ids are not the plain tokenization of their key), not one longer than MAX_CACHED_PIECE_CHARS
+        (a long piece seldom comes again; keeping it would hold megabytes)."""
+        for piece, ids in fresh.items():
+            if len(piece) > MAX_CACHED_PIECE_CHARS or (self.mask is not None and self.mask.holds_markers(piece)):
+                continue
             self._pieces[piece] = array("l", ids)
             self._cached_tokens += len(ids)
-        while self._cached_tokens > self.max_cached_tokens and len(self._pieces) > len(pieces):
+        while self._cached_tokens > self.max_cached_tokens and self._pieces:
             _, old = self._pieces.popitem(last=False)
             self._cached_tokens -= len(old)
 
@@ -94,10 +117,32 @@ class ChatTokenCache:
                 text = "".join(m["content"] for m in messages)
             whole = tokenizer.encode(text, add_special_tokens=False)
             pieces = [p for p in self._split.split(text) if p]
-            split = [i for e in tokenizer.backend.encode_batch(pieces, add_special_tokens=False) for i in e.ids]
+            split = [i for ids in tokenizer.encode_batch(pieces, add_special_tokens=False) for i in ids]
             if split != whole:
                 return False
         return True
+
+
+def masked_ids(tokenizer, mask: SpecialTokenMask, text: str) -> list[int]:
+    """The ids of rendered text whose client strings `mask` hid: the special tokens left in it (the
+    template's) as themselves, every other piece restored and tokenized as plain text. Runs inline."""
+    parts = mask.special_pattern.split(text) if mask.special_pattern is not None else [text]
+    plain = tokenizer.encode_plain([mask.restore(part) for part in parts[0::2]])
+    ids: list[int] = []
+    for index, part in enumerate(parts):
+        if index % 2:
+            ids.append(tokenizer.backend.token_to_id(part))
+        else:
+            ids.extend(plain[index // 2])
+    return ids
+
+
+async def _off_loop(num_chars: int, run: Callable[[], T]) -> T:
+    """`run()` on a worker thread when it tokenizes at least TOKENIZE_IN_THREAD_CHARS (it must let go
+    of the GIL: `encode_batch`), inline otherwise (a thread hop costs ~50 us)."""
+    if num_chars < TOKENIZE_IN_THREAD_CHARS:
+        return run()
+    return await asyncio.to_thread(run)
 
 
 def _special_token_pattern(tokenizer) -> re.Pattern | None:
@@ -116,9 +161,6 @@ def _special_token_pattern(tokenizer) -> re.Pattern | None:
 async def encode_text(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
     """One text's ids; a long one on a worker thread, through `encode_batch`, which (unlike `encode`
     in tokenizers 0.23) lets go of the GIL while it works."""
-    if len(text) < TOKENIZE_IN_THREAD_CHARS:
-        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
-    backend = getattr(tokenizer, "backend", None)
-    if backend is None:
-        return await asyncio.to_thread(lambda: list(tokenizer.encode(text, add_special_tokens=add_special_tokens)))
-    return await asyncio.to_thread(lambda: backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
+    if not hasattr(tokenizer, "encode_batch"):  # a tokenizer without it (a test double)
+        return await _off_loop(len(text), lambda: list(tokenizer.encode(text, add_special_tokens=add_special_tokens)))
+    return await _off_loop(len(text), lambda: tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0])

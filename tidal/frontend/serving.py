@@ -29,12 +29,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from tidal.config import ServerConfig
 from tidal.frontend.chat_tokens import ChatTokenCache
+from tidal.frontend.deadline import DeadlineExceeded, RequestDeadline
 from tidal.frontend.detokenizer import OutputAssembler, TokenTextTable
 from tidal.errors import EngineDeadError, OverloadedError
 from tidal.frontend.engine_client import EngineClient
 from tidal.frontend.errors import (OpenAIError, bad_request, engine_unavailable,
                                    from_validation_error, internal_error, model_not_found, overloaded)
+from tidal.frontend.special_token_mask import SpecialTokenMask
 from tidal.frontend.metrics import FrontendMetrics
 from tidal.frontend.openai_types import PromptTokensDetails, SamplingRequest, UsageInfo
 from tidal.protocol import AddRequest, RoutingHints, SamplingParams, TokenDelta, TokenLogprob
@@ -68,6 +71,8 @@ class ServingContext:
     metrics: FrontendMetrics
     token_table: TokenTextTable
     chat_tokens: ChatTokenCache | None = None  # chat prompts a turn at a time (None: whole texts)
+    server: ServerConfig = field(default_factory=ServerConfig)  # the request limits
+    special_token_mask: SpecialTokenMask | None = None  # None: client text may hold control tokens
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -94,6 +99,18 @@ def check_request(ctx: ServingContext, req: SamplingRequest) -> None:
         if any(t >= vocab_size for t in req.stop_token_ids):
             raise bad_request(f"stop_token_ids must be below the vocabulary size {vocab_size}",
                               param="stop_token_ids")
+
+
+def check_prompt_chars(ctx: ServingContext, num_chars: int, param: str) -> None:
+    """400 for a prompt text too long to fit the context whatever its tokens (checked before
+    tokenizing it: `ServerConfig.prompt_chars_per_token`)."""
+    max_model_len = ctx.engine.max_model_len
+    limit = max_model_len * ctx.server.prompt_chars_per_token
+    if max_model_len and num_chars > limit:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
+            f"has {num_chars} characters, more than the {limit} that {max_model_len} tokens can hold. "
+            f"Please reduce the length of the prompt.", param=param)
 
 
 def check_token_ids(ctx: ServingContext, token_ids: list[int], param: str) -> None:
@@ -215,6 +232,7 @@ class GenerationRun:
         self.num_generated_tokens = 0
         self.num_cached_tokens = 0
         self._last_output_time: float | None = None
+        self._deadline = RequestDeadline(ctx.server.request_deadline_s, request.arrival_time)
 
     def usage(self) -> UsageInfo:
         return UsageInfo(
@@ -229,13 +247,20 @@ class GenerationRun:
         status = "abort"
         stream = self._ctx.engine.generate(self.request)
         finished = False
+        deadline = self._deadline
+        deadline.arm()
         try:
-            async for delta in stream:
+            while True:
+                try:
+                    delta = await deadline.next_delta(stream)
+                except StopAsyncIteration:
+                    break
                 if finished:
                     continue  # nothing may follow the last step; let the engine stream end
                 step = self._on_delta(delta)
                 if step.finish_reason is not None:
                     finished = True
+                    deadline.disarm()
                     status = "abort" if step.finish_reason == "abort" else "success"
                     if status == "success":
                         metrics.e2e_s.observe(time.monotonic() - self.request.arrival_time)
@@ -250,6 +275,7 @@ class GenerationRun:
             status = "error"
             raise
         finally:
+            deadline.disarm()
             # Aborts the request in the engine unless it finished; shielded so that a
             # cancelled caller (client disconnect) still frees the engine's KV blocks.
             with anyio.CancelScope(shield=True):
@@ -297,6 +323,8 @@ def error_for(exc: Exception) -> OpenAIError:
                                   "The engine stopped.")
     if isinstance(exc, EngineRequestError):
         return internal_error(f"The engine failed this request: {exc}")
+    if isinstance(exc, DeadlineExceeded):
+        return OpenAIError(408, str(exc), error_type="TimeoutError", code="request_timeout")
     logger.exception("request failed", exc_info=exc)
     return internal_error(f"Internal server error: {type(exc).__name__}")
 

@@ -17,8 +17,8 @@ from tidal.frontend.openai_types import (ChatChoiceLogprobs, ChatChunkEncoder,
                                          ChatCompletionRequest, ChatCompletionResponse,
                                          ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob)
 from tidal.frontend.serving import (SSE_DONE, GenerationRun, ServingContext, SSEResponse, admit,
-                                    build_sampling_params, check_request, clamp_logprob,
-                                    json_response, parse_body, resolve_max_tokens,
+                                    build_sampling_params, check_prompt_chars, check_request,
+                                    clamp_logprob, json_response, parse_body, resolve_max_tokens,
                                     routing_hints, run_until_disconnect, sse_error, sse_event)
 from tidal.protocol import AddRequest, TokenLogprob
 
@@ -34,7 +34,8 @@ class ChatServing:
         check_request(ctx, req)
         prompt_token_ids = await self._prompt_token_ids(req)
         max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(prompt_token_ids),
-                                        req.requested_max_tokens(), None, param="messages")
+                                        req.requested_max_tokens(), ctx.server.default_max_tokens,
+                                        param="messages")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         add_request = AddRequest(
             request_id=request_id, prompt_token_ids=prompt_token_ids,
@@ -47,20 +48,30 @@ class ChatServing:
         return await run_until_disconnect(request, lambda: self._complete(run, req))
 
     async def _prompt_token_ids(self, req: ChatCompletionRequest) -> list[int]:
-        tokenizer = self._ctx.tokenizer
+        """The templated prompt's ids; its text checked against the context before tokenizing.
+        The client's strings have their special-token text hidden from the tokenizer
+        (`SpecialTokenMask`) unless the server parses it."""
+        tokenizer, mask = self._ctx.tokenizer, self._ctx.special_token_mask
         messages = [m.template_dict() for m in req.messages]
+        check_prompt_chars(self._ctx, sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str)),
+                           param="messages")  # before masking and rendering megabytes
         template_kwargs = req.chat_template_kwargs or {}
+        tools = req.tools
+        if mask is not None:
+            messages, tools = mask.hide(messages), mask.hide(tools)
+            template_kwargs = mask.hide(template_kwargs)
         if "chat_template" in template_kwargs:
             # A client-supplied template is code the server would run; not accepted.
             raise bad_request("chat_template cannot be set per request",
                               param="chat_template_kwargs")
         try:
             prompt = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=req.add_generation_prompt, tools=req.tools,
+                messages, add_generation_prompt=req.add_generation_prompt, tools=tools,
                 **template_kwargs)
         except Exception as exc:  # jinja2 errors, raise_exception() in templates, bad kwargs
             raise bad_request(f"Could not apply the chat template: {exc}",
                               param="messages") from None
+        check_prompt_chars(self._ctx, len(prompt), param="messages")
         if self._ctx.chat_tokens is not None:
             return await self._ctx.chat_tokens.encode(prompt)
         return await encode_text(tokenizer, prompt, add_special_tokens=False)

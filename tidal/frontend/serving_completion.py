@@ -16,7 +16,8 @@ from tidal.frontend.openai_types import (CompletionChoice, CompletionChunkEncode
                                          CompletionResponse)
 from tidal.frontend.chat_tokens import encode_text
 from tidal.frontend.serving import (SSE_DONE, GenerationRun, ServingContext, SSEResponse, admit,
-                                    build_sampling_params, check_request, check_token_ids,
+                                    build_sampling_params, check_prompt_chars, check_request,
+                                    check_token_ids,
                                     clamp_logprob, json_response, parse_body,
                                     resolve_max_tokens, routing_hints, run_until_disconnect,
                                     sse_error, sse_event)
@@ -58,8 +59,10 @@ class CompletionServing:
         ctx = self._ctx
         check_request(ctx, req)
         prompt_token_ids = await self._prompt_token_ids(req)
-        max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(prompt_token_ids),
-                                        req.max_tokens, DEFAULT_MAX_TOKENS, param="prompt")
+        cap = ctx.server.default_max_tokens
+        max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(prompt_token_ids), req.max_tokens,
+                                        DEFAULT_MAX_TOKENS if cap is None else min(cap, DEFAULT_MAX_TOKENS),
+                                        param="prompt")
         add_request = AddRequest(
             request_id=f"cmpl-{uuid.uuid4().hex}", prompt_token_ids=prompt_token_ids,
             sampling_params=build_sampling_params(req, max_tokens, req.logprobs),
@@ -73,6 +76,7 @@ class CompletionServing:
     async def _prompt_token_ids(self, req: CompletionRequest) -> list[int]:
         prompt = req.text_or_token_ids()
         if isinstance(prompt, str):
+            check_prompt_chars(self._ctx, len(prompt), param="prompt")
             token_ids = await encode_text(self._ctx.tokenizer, prompt, add_special_tokens=True)
         else:
             token_ids = list(prompt)
