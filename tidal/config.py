@@ -165,6 +165,10 @@ def rank_devices(device: str, tensor_parallel_size: int) -> tuple[str, ...]:
     return tuple(f"cuda:{first + rank}" for rank in range(tensor_parallel_size))
 
 
+MAX_PRIORITY = 1000
+"""The largest |priority| a request can carry at all; `ServerConfig.max_request_priority` allows less."""
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """The HTTP serving tier: where it listens, how many processes share the port, what it accepts."""
@@ -177,6 +181,11 @@ class ServerConfig:
     launcher's process."""
     max_request_body_bytes: Annotated[int, Positive] = 8 << 20
     """Bodies larger than this get a 413."""
+    max_request_header_bytes: Annotated[int, Ge(1024), Le(16 << 20)] = 64 << 10
+    """A request line plus headers larger than this gets a 431 (the connection is then closed)."""
+    max_request_priority: Annotated[int, NonNegative, Le(MAX_PRIORITY)] = 0
+    """Clients may set `priority` within [-N, N] (higher is admitted first when requests queue);
+    outside it: 400. The default 0 lets no client jump the queue (per-API-key limits come with keys)."""
     log_level: LogLevel = "info"
     response_headers: tuple[tuple[str, str], ...] = ()
     """Sent with every response (an API server names itself: `x-tidal-api-server: INDEX`)."""

@@ -68,6 +68,7 @@ class ServingContext:
     metrics: FrontendMetrics
     token_table: TokenTextTable
     chat_tokens: ChatTokenCache | None = None  # chat prompts a turn at a time (None: whole texts)
+    max_request_priority: int = 0  # clients may set `priority` within [-this, this]
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -87,6 +88,10 @@ def check_request(ctx: ServingContext, req: SamplingRequest) -> None:
     """Checks that need the server's state; raises `OpenAIError`."""
     if req.model != ctx.served_model_name:
         raise model_not_found(req.model)
+    if abs(req.priority) > ctx.max_request_priority:
+        limit = ctx.max_request_priority
+        raise bad_request(f"priority must be between {-limit} and {limit} on this server "
+                          f"(frontend.max_request_priority), got {req.priority}", param="priority")
     if not ctx.engine.is_healthy():
         raise engine_unavailable()
     vocab_size = getattr(ctx.tokenizer, "vocab_size", None)
@@ -298,7 +303,7 @@ def error_for(exc: Exception) -> OpenAIError:
     if isinstance(exc, EngineRequestError):
         return internal_error(f"The engine failed this request: {exc}")
     logger.exception("request failed", exc_info=exc)
-    return internal_error(f"Internal server error: {type(exc).__name__}")
+    return internal_error()  # the log has the traceback; the client gets no internals
 
 
 # ---------------------------------------------------------------------------------------------
