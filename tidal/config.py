@@ -165,6 +165,10 @@ def rank_devices(device: str, tensor_parallel_size: int) -> tuple[str, ...]:
     return tuple(f"cuda:{first + rank}" for rank in range(tensor_parallel_size))
 
 
+MAX_PRIORITY = 1000
+"""The largest |priority| a request can carry at all; `ServerConfig.max_request_priority` allows less."""
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """The HTTP serving tier: where it listens, how many processes share the port, what it accepts."""
@@ -193,6 +197,11 @@ class ServerConfig:
     """Off: special-token text in chat message content, tool definitions and template arguments
     (`<|im_end|>` typed by a user) is tokenized as plain text, so only the chat template writes
     control tokens. On: it becomes the control token, as the whole rendered prompt is tokenized."""
+    max_request_header_bytes: Annotated[int, Ge(1024), Le(16 << 20)] = 64 << 10
+    """A request line plus headers larger than this gets a 431 (the connection is then closed)."""
+    max_request_priority: Annotated[int, NonNegative, Le(MAX_PRIORITY)] = 0
+    """Clients may set `priority` within [-N, N] (higher is admitted first when requests queue);
+    outside it: 400. The default 0 lets no client jump the queue (per-API-key limits come with keys)."""
     log_level: LogLevel = "info"
     response_headers: tuple[tuple[str, str], ...] = ()
     """Sent with every response (an API server names itself: `x-tidal-api-server: INDEX`)."""

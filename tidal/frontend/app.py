@@ -10,11 +10,13 @@ serving, shut it down after `serve_http` returns). Endpoints:
     GET /admin/workers          (each worker's role and load, when the engine is a router)
 
 Every error is answered in OpenAI's JSON shape (see `errors.py`); request bodies above
-`ServerConfig.max_request_body_bytes` are refused with 413 before any handler runs.
+`ServerConfig.max_request_body_bytes` are refused with 413 before any handler runs, request heads
+above `max_request_header_bytes` with 431 before any parsing (`http_protocol.py`).
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 from typing import Any
@@ -41,10 +43,10 @@ from tidal.frontend.special_token_mask import SpecialTokenMask
 logger = logging.getLogger(__name__)
 
 try:
-    import httptools  # noqa: F401  (the C HTTP parser; h11 costs ~10 us more CPU per streamed chunk)
-    _HTTP_PROTOCOL = "httptools"
-except ImportError:
-    _HTTP_PROTOCOL = "h11"
+    # The C HTTP parser (h11 costs ~10 us more CPU per streamed chunk), with a limit on request heads.
+    from tidal.frontend.http_protocol import HeadLimitedHttpToolsProtocol
+except ImportError:  # no httptools: h11, whose own head limit answers 400
+    HeadLimitedHttpToolsProtocol = None
 
 GRACEFUL_SHUTDOWN_TIMEOUT_S = 10
 """How long shutdown waits for open responses before cancelling them (which aborts them)."""
@@ -195,7 +197,8 @@ def _serving_context(engine: EngineClient, tokenizer: Any, served_model_name: st
     mask = None if server_config.parse_special_tokens_in_content else SpecialTokenMask.for_tokenizer(tokenizer)
     return ServingContext(engine=engine, tokenizer=tokenizer, served_model_name=served_model_name, metrics=metrics,
                           token_table=TokenTextTable(tokenizer), server=server_config, special_token_mask=mask,
-                          chat_tokens=ChatTokenCache(tokenizer, mask) if hasattr(tokenizer, "backend") else None)
+                          chat_tokens=ChatTokenCache(tokenizer, mask) if hasattr(tokenizer, "backend") else None,
+                          max_request_priority=server_config.max_request_priority)
 
 
 def _health_response(engine: EngineClient) -> Response:
@@ -238,10 +241,13 @@ class _Server(uvicorn.Server):
 
 def make_http_server(app: FastAPI, server_config: ServerConfig) -> uvicorn.Server:
     """A uvicorn server for `app`: no access log; graceful shutdown on SIGINT/SIGTERM."""
+    head_limit = server_config.max_request_header_bytes
+    http = "h11" if HeadLimitedHttpToolsProtocol is None else functools.partial(
+        HeadLimitedHttpToolsProtocol, max_head_bytes=head_limit)
     config = uvicorn.Config(
         app, host=server_config.host, port=server_config.port,
         log_level=server_config.log_level.lower(), access_log=False, lifespan="off",
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_TIMEOUT_S, http=_HTTP_PROTOCOL,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_TIMEOUT_S, http=http, h11_max_incomplete_event_size=head_limit,
         headers=[list(header) for header in server_config.response_headers])
     return _Server(config)
 

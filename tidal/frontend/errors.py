@@ -24,6 +24,7 @@ _TYPE_BY_STATUS = {
     404: "NotFoundError",
     405: "MethodNotAllowedError",
     413: "RequestTooLargeError",
+    431: "RequestHeaderFieldsTooLargeError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
 }
@@ -80,6 +81,10 @@ def request_too_large(limit_bytes: int) -> OpenAIError:
     return OpenAIError(413, f"Request body is larger than the limit of {limit_bytes} bytes.")
 
 
+def request_header_too_large(limit_bytes: int) -> OpenAIError:
+    return OpenAIError(431, f"The request line and headers are larger than the limit of {limit_bytes} bytes.")
+
+
 def from_validation_error(exc: ValidationError | RequestValidationError) -> OpenAIError:
     """One 400 naming every invalid field; `param` is the first one."""
     errors = exc.errors()
@@ -118,4 +123,4 @@ def install_exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error in %s %s", request.method, request.url.path)
-        return internal_error(f"Internal server error: {type(exc).__name__}").response()
+        return internal_error().response()  # the log has the traceback; the client gets no internals

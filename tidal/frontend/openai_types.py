@@ -5,7 +5,10 @@ Requests accept the fields of OpenAI's API plus vLLM's common extensions (`top_k
 `skip_special_tokens`, `chat_template_kwargs`) and Tidal's routing fields (`user` as the
 session, `priority`, `routing`). Unknown fields are ignored, as vLLM does, so that clients
 sending options Tidal doesn't implement (penalties, `tool_choice`, ...) still work. Value checks
-that fail here become 400s before anything reaches the engine.
+that fail here become 400s naming the field before anything reaches the engine: every number a
+client sends has bounds here (the routing weights those of `KVWeights`, `priority` the widest any
+server allows), and the checks that need the server's state (the context length, the vocabulary,
+the server's own priority limit) follow in `serving.check_request`.
 
 Responses mirror OpenAI's shapes field for field. Streamed chunks are not built as models:
 `ChatChunkEncoder` and `CompletionChunkEncoder` write the same bytes from a prefix and suffix
@@ -20,7 +23,15 @@ from typing import Any, Literal
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tidal.config import MAX_PRIORITY
+from tidal.router.policy import MAX_KV_TEMPERATURE, MAX_OVERLAP_WEIGHT
+
 MAX_TOP_LOGPROBS = 20
+MAX_TEMPERATURE = 100.0
+"""Sampling temperature at which the next token is already as good as uniform."""
+TEMPLATE_ARGUMENTS = ("messages", "tools", "add_generation_prompt", "chat_template")
+"""What the chat template gets from the request itself: not settable through `chat_template_kwargs`
+(a template of the client's own would be code the server runs)."""
 # Integers cross the request plane as msgpack ints; keep them in range there.
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -74,8 +85,8 @@ class ChatMessage(BaseModel):
 class RoutingOptions(OpenAIBaseModel):
     """Tidal extension: per-request weights of the kv routing policy."""
 
-    overlap_weight: float | None = Field(default=None, ge=0.0)
-    temperature: float | None = Field(default=None, ge=0.0)
+    overlap_weight: float | None = Field(default=None, ge=0.0, le=MAX_OVERLAP_WEIGHT)
+    temperature: float | None = Field(default=None, ge=0.0, le=MAX_KV_TEMPERATURE)
 
 
 class SamplingRequest(OpenAIBaseModel):
@@ -83,7 +94,7 @@ class SamplingRequest(OpenAIBaseModel):
 
     model: str
     n: int = 1
-    temperature: float | None = Field(default=None, ge=0.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -97,7 +108,7 @@ class SamplingRequest(OpenAIBaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # also the routing session when no x-session-id header is sent
-    priority: int = Field(default=0, ge=-1000, le=1000)  # admission order when the router queues
+    priority: int = Field(default=0, ge=-MAX_PRIORITY, le=MAX_PRIORITY)  # admission order when the router queues
     routing: RoutingOptions | None = None
 
     @field_validator("n")
@@ -110,8 +121,8 @@ class SamplingRequest(OpenAIBaseModel):
     @field_validator("stop_token_ids")
     @classmethod
     def _non_negative_ids(cls, ids: list[int] | None) -> list[int] | None:
-        if ids is not None and any(i < 0 for i in ids):
-            raise ValueError("token ids must be non-negative")
+        if ids is not None and any(not 0 <= i <= INT32_MAX for i in ids):
+            raise ValueError(f"token ids must be between 0 and {INT32_MAX}")
         return ids
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -127,13 +138,22 @@ class SamplingRequest(OpenAIBaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables_only(cls, kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+        for name in TEMPLATE_ARGUMENTS:
+            if kwargs is not None and name in kwargs:
+                raise ValueError(f"{name!r} cannot be set here (the server's chat template takes it from the "
+                                 "request itself)")
+        return kwargs
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
@@ -158,7 +178,7 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 
 class CompletionRequest(SamplingRequest):
     prompt: Prompt
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     best_of: int | None = None

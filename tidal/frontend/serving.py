@@ -73,6 +73,7 @@ class ServingContext:
     chat_tokens: ChatTokenCache | None = None  # chat prompts a turn at a time (None: whole texts)
     server: ServerConfig = field(default_factory=ServerConfig)  # the request limits
     special_token_mask: SpecialTokenMask | None = None  # None: client text may hold control tokens
+    max_request_priority: int = 0  # clients may set `priority` within [-this, this]
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -92,6 +93,10 @@ def check_request(ctx: ServingContext, req: SamplingRequest) -> None:
     """Checks that need the server's state; raises `OpenAIError`."""
     if req.model != ctx.served_model_name:
         raise model_not_found(req.model)
+    if abs(req.priority) > ctx.max_request_priority:
+        limit = ctx.max_request_priority
+        raise bad_request(f"priority must be between {-limit} and {limit} on this server "
+                          f"(frontend.max_request_priority), got {req.priority}", param="priority")
     if not ctx.engine.is_healthy():
         raise engine_unavailable()
     vocab_size = getattr(ctx.tokenizer, "vocab_size", None)
@@ -326,7 +331,7 @@ def error_for(exc: Exception) -> OpenAIError:
     if isinstance(exc, DeadlineExceeded):
         return OpenAIError(408, str(exc), error_type="TimeoutError", code="request_timeout")
     logger.exception("request failed", exc_info=exc)
-    return internal_error(f"Internal server error: {type(exc).__name__}")
+    return internal_error()  # the log has the traceback; the client gets no internals
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
+import jinja2
 from starlette.requests import Request
 from starlette.responses import Response
 
 from tidal.frontend.chat_tokens import encode_text
-from tidal.frontend.errors import bad_request
+from tidal.frontend.errors import OpenAIError, bad_request
 from tidal.frontend.openai_types import (ChatChoiceLogprobs, ChatChunkEncoder,
                                          ChatCompletionChoice, ChatCompletionChunk,
                                          ChatCompletionRequest, ChatCompletionResponse,
@@ -21,6 +23,23 @@ from tidal.frontend.serving import (SSE_DONE, GenerationRun, ServingContext, SSE
                                     clamp_logprob, json_response, parse_body, resolve_max_tokens,
                                     routing_hints, run_until_disconnect, sse_error, sse_event)
 from tidal.protocol import AddRequest, TokenLogprob
+
+logger = logging.getLogger(__name__)
+
+
+def chat_template_error(exc: Exception, req: ChatCompletionRequest) -> OpenAIError:
+    """The 400 for a chat template that failed on a request. The template's own refusals
+    (`raise_exception(...)`, a missing variable) and `ValueError`s are the client's to read; any
+    other error (a value of the wrong type in a message or in `chat_template_kwargs`) is named by
+    field only, since its text would name the server's own functions."""
+    if isinstance(exc, (jinja2.TemplateError, ValueError)):
+        return bad_request(f"The chat template refused this request: {exc}", param="messages")
+    logger.info("chat template failed: %r", exc)
+    if req.chat_template_kwargs:
+        return bad_request("The chat template could not be applied to these messages with these "
+                           "chat_template_kwargs (a value of the wrong type?).", param="chat_template_kwargs")
+    return bad_request("The chat template could not be applied to these messages (a value of the wrong "
+                       "type?).", param="messages")
 
 
 class ChatServing:
@@ -60,17 +79,12 @@ class ChatServing:
         if mask is not None:
             messages, tools = mask.hide(messages), mask.hide(tools)
             template_kwargs = mask.hide(template_kwargs)
-        if "chat_template" in template_kwargs:
-            # A client-supplied template is code the server would run; not accepted.
-            raise bad_request("chat_template cannot be set per request",
-                              param="chat_template_kwargs")
         try:
             prompt = tokenizer.apply_chat_template(
                 messages, add_generation_prompt=req.add_generation_prompt, tools=tools,
                 **template_kwargs)
-        except Exception as exc:  # jinja2 errors, raise_exception() in templates, bad kwargs
-            raise bad_request(f"Could not apply the chat template: {exc}",
-                              param="messages") from None
+        except Exception as exc:
+            raise chat_template_error(exc, req) from None
         check_prompt_chars(self._ctx, len(prompt), param="messages")
         if self._ctx.chat_tokens is not None:
             return await self._ctx.chat_tokens.encode(prompt)

@@ -22,6 +22,8 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
+from annotated_types import Le
+
 from tidal.config import NonNegative, Positive, validate_fields
 from tidal.protocol import Role
 
@@ -40,11 +42,17 @@ class WorkerView:
     kv_usage: float = 0.0  # used / total blocks, from its last load report
 
 
+MAX_OVERLAP_WEIGHT = 1000.0
+"""Past this the decode load no longer counts against the prefill work at all."""
+MAX_KV_TEMPERATURE = 100.0
+"""Costs are sampled normalised to [0, 1]: at this temperature the choice is already uniform."""
+
+
 @dataclass(frozen=True)
 class KVWeights:
-    overlap_weight: Annotated[float, NonNegative] = 1.0
+    overlap_weight: Annotated[float, NonNegative, Le(MAX_OVERLAP_WEIGHT)] = 1.0
     """Weight of the prefill work (in blocks) against the decode load (in blocks)."""
-    temperature: Annotated[float, NonNegative] = 0.0
+    temperature: Annotated[float, NonNegative, Le(MAX_KV_TEMPERATURE)] = 0.0
     """0: the cheapest worker (ties: fewest open requests, then at random); > 0: softmax sampling."""
 
     def __post_init__(self) -> None:
@@ -93,15 +101,27 @@ def choose_worker(candidates: list[WorkerView], policy: str, num_prompt_tokens: 
         return _argmin(candidates, lambda w: (w.open_requests, w.active_blocks), rng)
     if policy == "kv":
         def cost(w: WorkerView) -> float:
-            return kv_cost(w, num_prompt_tokens, block_size, weights.overlap_weight)
-        if weights.temperature <= 0:
+            c = kv_cost(w, num_prompt_tokens, block_size, weights.overlap_weight)
+            return math.inf if math.isnan(c) else c  # NaN would compare as neither more nor less
+        if not weights.temperature > 0:
             return _argmin(candidates, cost, rng)
-        costs = [cost(w) for w in candidates]
-        scale = max(costs) or 1.0  # costs normalized to [0, 1], so the temperature is unitless
-        logits = [-c / scale / weights.temperature for c in costs]
-        top = max(logits)
-        return rng.choices(candidates, weights=[math.exp(x - top) for x in logits])[0]
+        return _sample_by_cost(candidates, [cost(w) for w in candidates], weights.temperature, rng)
     raise ValueError(f"unknown routing policy {policy!r}; choose one of {', '.join(POLICIES)}")
+
+
+def _sample_by_cost(candidates: list[WorkerView], costs: list[float], temperature: float,
+                    rng: random.Random) -> WorkerView:
+    """Softmax sampling over the costs normalised to [0, 1] (so the temperature is unitless), each
+    weight taken relative to the cheapest: the cheapest weighs 1, the others exp(-(c - best) / scale / T)
+    in [0, 1], so no temperature or cost overflows (a tiny T leaves the cheapest alone). Costs or a
+    temperature that are not finite fall back to the cheapest worker."""
+    if not math.isfinite(temperature) or not all(math.isfinite(c) for c in costs):
+        cost_of = {id(w): c for w, c in zip(candidates, costs)}
+        return _argmin(candidates, lambda w: cost_of[id(w)], rng)
+    best = min(costs)
+    scale = max(abs(c) for c in costs) or 1.0
+    weights = [math.exp((best - c) / scale / temperature) for c in costs]
+    return rng.choices(candidates, weights=weights)[0]
 
 
 def choose_prefill_worker(candidates: list[WorkerView], num_prompt_tokens: int, block_size: int,
