@@ -7,7 +7,7 @@
   the service answers again once the restart is in, not 503 for good; the restart is on /metrics and
   in the log with the signal.
 - Chaos, `examples/disagg_router.yaml` (two prefill, two decode workers): greedy streams run while a
-  random worker gets SIGKILL every few seconds for most of a minute: no request fails, every text
+  random worker gets SIGKILL every few seconds (one per role down at a time) for 40 s: no request fails, every text
   equals the uninterrupted run's, no KV block is left used, and every killed worker is back.
 """
 
@@ -134,7 +134,7 @@ def test_one_decode_worker_killed_the_service_answers_again_after_its_restart(tm
         assert "restarted worker decode-0 (role=decode" in text
 
 
-CHAOS_S = 45.0
+CHAOS_S = 40.0
 KILL_EVERY_S = 3.0
 CLIENTS = 6
 
@@ -158,26 +158,29 @@ async def _client_loop(client: openai.AsyncOpenAI, first: int, stop: asyncio.Eve
         i += 1
 
 
-async def _killer(url: str, ids: set[str], stop: asyncio.Event, kills: list[str]) -> None:
-    """Every KILL_EVERY_S, once all workers are routable (the last victim is back), SIGKILL a random one."""
+async def _killer(url: str, stop: asyncio.Event, kills: list[str]) -> None:
+    """Every KILL_EVERY_S, SIGKILL a random routable worker whose role keeps another routable one
+    (victims restart meanwhile, so at most one per role is down at a time)."""
     rng = random.Random(17)
     async with httpx.AsyncClient(base_url=url, timeout=10) as http:
         while not stop.is_set():
             await asyncio.sleep(KILL_EVERY_S)
             workers = (await http.get("/admin/workers")).json()["workers"]
-            ready = sorted((w["worker_id"], w["pid"]) for w in workers if w["healthy"] and not w["draining"])
-            if {worker_id for worker_id, _ in ready} != ids or stop.is_set():
+            ready = sorted((w["role"], w["worker_id"], w["pid"]) for w in workers if w["healthy"] and not w["draining"])
+            roles = [role for role, _, _ in ready]
+            candidates = [(worker_id, pid) for role, worker_id, pid in ready if roles.count(role) > 1]
+            if not candidates or stop.is_set():
                 continue
-            worker_id, pid = rng.choice(ready)
+            worker_id, pid = rng.choice(candidates)
             os.kill(pid, signal.SIGKILL)
             kills.append(worker_id)
 
 
-async def _chaos(url: str, ids: set[str]) -> tuple[list, list[str]]:
+async def _chaos(url: str) -> tuple[list, list[str]]:
     stop, results, kills = asyncio.Event(), [], []
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
         tasks = [asyncio.create_task(_client_loop(client, i * 2, stop, results)) for i in range(CLIENTS)]
-        killer = asyncio.create_task(_killer(url, ids, stop, kills))
+        killer = asyncio.create_task(_killer(url, stop, kills))
         await asyncio.sleep(CHAOS_S)
         stop.set()
         await asyncio.gather(*tasks, killer)
@@ -200,10 +203,10 @@ def test_chaos_random_workers_killed_under_streaming_load(tmp_path):
             return dict(zip(TOPICS, texts))
 
         baseline = asyncio.run(uninterrupted())
-        results, kills = asyncio.run(_chaos(url, ids))
+        results, kills = asyncio.run(_chaos(url))
         failed = [(topic, r) for topic, r in results if isinstance(r, BaseException)]
         assert not failed, failed
-        assert len(kills) >= 4, kills
+        assert len(kills) >= 3, kills  # a CPU worker takes 10-30 s to come back on a 2-core box
         different = [(topic, text) for topic, text in results if text != baseline[topic]]
         assert not different, different
         workers = _wait_workers(url, ids, 120)  # every killed worker back, no block used anywhere
