@@ -183,3 +183,4 @@ def test_killed_api_server_stops_its_requests_and_comes_back(agg_router):
         time.sleep(0.2)
     answers_from_both(url, PROMPTS[0])
     assert metrics(url)["tidal_frontend_processes"] == 2
+    assert metrics(url)['tidal_api_server_restarts_total{api_server="0"}'] == 1

@@ -40,6 +40,7 @@ def _deployment(prefill: int, decode: int, health_port: int | None = None, **fro
         "frontend": frontend,
         "engine": {"dtype": "float32", "num_kv_blocks": 512, "token_budget": 256, "seed": 1},
         "disaggregation": {"local_prefill_threshold": 64},
+        "restarts": {"max_restarts": 0},  # a killed worker stays down: these tests follow its requests
         "workers": [{"role": role, "count": n, "num_threads": 1, "stop_grace_s": GRACE_S,
                      **({"health_port": health_port} if role == "decode" and health_port else {})}
                     for role, n in (("prefill", prefill), ("decode", decode)) if n],

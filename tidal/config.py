@@ -390,3 +390,27 @@ def resolve_dtype(dtype: str, device: str):
         return torch.float32 if device == "cpu" else torch.bfloat16
     return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+
+
+@dataclass(frozen=True)
+class RestartConfig:
+    """How `tidal serve` restarts a worker or API server process that exits unexpectedly (a crash,
+    a kill; not a stop the launcher or the planner asked for): `tidal.deploy.supervisor.RestartPolicy`."""
+
+    max_restarts: Annotated[int, NonNegative] = 5
+    """Restarts of one process within `window_s`; one more exit in the window and it stays down
+    (the log says so). 0: never restart."""
+    window_s: Annotated[float, Positive] = 300.0
+    """The sliding window `max_restarts` counts over; restarts older than this are forgotten."""
+    backoff_s: Annotated[float, Positive] = 1.0
+    """Delay before the first restart in a window; it doubles with each further one."""
+    max_backoff_s: Annotated[float, Positive] = 30.0
+    """The longest delay before a restart."""
+    jitter: Annotated[float, Ge(0), Le(1)] = 0.5
+    """Each delay is shortened by a random fraction up to this (0: exact delays), so processes that
+    died together do not restart in lockstep."""
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        if self.max_backoff_s < self.backoff_s:
+            raise ValueError(f"max_backoff_s ({self.max_backoff_s}) is less than backoff_s ({self.backoff_s})")

@@ -7,8 +7,10 @@ metrics files of prometheus_client's multiprocess mode, and the processes themse
 
 Lifecycle: `start()` (relay, bus, N processes; returns once every one listens) -> supervision:
 a process that exits while the pool runs is reported, every worker is told to abort what it sent
-(`ForgetClient`), its live metrics are marked dead, and it is started again (after a back-off when
-it keeps dying young) -> `stop()`: SIGTERM to each (it finishes open responses for up to the
+(`ForgetClient`), its live metrics are marked dead, and it is started again after the
+`RestartPolicy` backoff (`tidal.deploy.supervisor`, the launcher's policy for workers too),
+counted on `tidal_api_server_restarts_total{api_server}`; past the policy's limit it stays down
+(the others serve on) -> `stop()`: SIGTERM to each (it finishes open responses for up to the
 frontend's graceful-shutdown time), SIGKILL to what lingers, then the relay and the bus close.
 
 What stays global and what is per process: docs/serving-tier.md.
@@ -30,6 +32,8 @@ from dataclasses import dataclass
 import msgspec
 import zmq
 
+from tidal.config import RestartConfig
+from tidal.deploy.supervisor import RestartPolicy, api_server_restart_counter, exit_reason
 from tidal.frontend.api_server import ApiServerSpec, api_server_tag, run_api_server, shared_port_socket
 from tidal.frontend.assembly import FrontendSpec
 from tidal.protocol import ForgetClient
@@ -41,8 +45,6 @@ API_SERVER_HEADER = "x-tidal-api-server"
 SUPERVISE_INTERVAL_S = 0.25
 START_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 15.0
-RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
-YOUNG_S = 10.0  # a process that dies younger than this restarts after a longer back-off
 
 
 def default_api_servers(cpu_count: int | None = None) -> int:
@@ -55,16 +57,16 @@ def default_api_servers(cpu_count: int | None = None) -> int:
 class _ApiServer:
     index: int
     process: multiprocessing.process.BaseProcess
-    started: float
     restarts: int = 0
-    quick_deaths: int = 0  # deaths in a row within YOUNG_S of a start
     restart_at: float | None = None
+    down: bool = False  # past the restart policy's limit: not started again
     ready: object = None  # the Event the process sets once it listens
     back: bool = True  # a restarted process was reported listening again
 
 
 class ApiServerPool:
-    def __init__(self, spec: FrontendSpec, count: int, discovery, log_level: str = "info") -> None:
+    def __init__(self, spec: FrontendSpec, count: int, discovery, log_level: str = "info",
+                 restarts: RestartConfig | None = None) -> None:
         self.spec = spec
         self.count = count
         self.discovery = discovery
@@ -80,6 +82,8 @@ class ApiServerPool:
         self._supervisor: asyncio.Task | None = None
         self._ctx = multiprocessing.get_context("spawn")
         self._stopping = False
+        self.restart_policy = RestartPolicy(restarts or RestartConfig())
+        self.restart_count = None  # the counter, created once the metrics are file-backed (`start`)
 
     @property
     def metrics_dir(self) -> str:
@@ -91,6 +95,7 @@ class ApiServerPool:
         from tidal.runtime.discovery_relay import DiscoveryRelay
 
         server = self.spec.server
+        self.restart_count = api_server_restart_counter(None)  # multiprocess mode: the files render it
         self._reserve = shared_port_socket(server.host, server.port)
         self.port = self._reserve.getsockname()[1]
         self.relay = DiscoveryRelay(self.discovery, f"ipc://{self.dir}/relay")
@@ -112,9 +117,8 @@ class ApiServerPool:
                                     daemon=True)
         process.start()
         old = self.servers.get(index)
-        self.servers[index] = _ApiServer(index, process, time.monotonic(),
-                                         restarts=old.restarts if old else 0,
-                                         quick_deaths=old.quick_deaths if old else 0, ready=ready, back=old is None)
+        self.servers[index] = _ApiServer(index, process, restarts=old.restarts if old else 0, ready=ready,
+                                         back=old is None)
         return ready
 
     async def _wait_ready(self, index: int, ready) -> None:
@@ -152,6 +156,8 @@ class ApiServerPool:
                 return
             now = time.monotonic()
             for server in list(self.servers.values()):
+                if server.down:
+                    continue
                 if server.restart_at is not None:
                     if now >= server.restart_at:
                         self._restart(server)
@@ -165,20 +171,27 @@ class ApiServerPool:
 
     def _on_exit(self, server: _ApiServer, now: float) -> None:
         process = server.process
-        logger.error("API server %d (pid %d) exited with code %s; its open streams are lost, the others serve; "
-                     "restarting it", server.index, process.pid, process.exitcode)
         self.forget(api_server_tag(server.index, process.pid))
         from tidal.frontend.metrics_multiprocess import process_exited
 
         process_exited(self.metrics_dir, process.pid)
-        server.quick_deaths = server.quick_deaths + 1 if now - server.started < YOUNG_S else 0
-        backoff = RESTART_BACKOFF_S[min(server.quick_deaths, len(RESTART_BACKOFF_S) - 1)]
-        server.restart_at = now + backoff
+        delay_s = self.restart_policy.on_exit(str(server.index), now)
+        if delay_s is None:
+            server.down = True
+            c = self.restart_policy.config
+            logger.error("API server %d (pid %d) %s; its open streams are lost, the others serve; it stays down: "
+                         "it was restarted %d times in the last %.0fs (restarts.max_restarts)", server.index,
+                         process.pid, exit_reason(process.exitcode), c.max_restarts, c.window_s)
+            return
+        server.restart_at = now + delay_s
+        logger.error("API server %d (pid %d) %s; its open streams are lost, the others serve; restarting it in "
+                     "%.1fs", server.index, process.pid, exit_reason(process.exitcode), delay_s)
 
     def _restart(self, server: _ApiServer) -> None:
         server.restarts += 1
         self._spawn(server.index)
         self.servers[server.index].restarts = server.restarts
+        self.restart_count.labels(api_server=str(server.index)).inc()
         logger.info("API server %d restarted (pid %d, restart %d)", server.index,
                     self.servers[server.index].process.pid, server.restarts)
 

@@ -11,7 +11,7 @@ says suits the role (`tidal.deploy.engine_knobs.resolve_role_limits`).
 The sections are derived from the config dataclasses they set, so every default, bound and choice
 is written once, on the dataclass (`section_from`: `frontend` from `ServerConfig`, `RouterConfig`
 and `KVWeights`; `disaggregation` from `DisaggPolicy`; `kv_transfer` from `KVTransferConfig`;
-`planner` from `PlannerConfig`; `engine` from `tidal.config.ENGINE_KNOBS`), and build them back
+`planner` from `PlannerConfig`; `restarts` from `RestartConfig`; `engine` from `tidal.config.ENGINE_KNOBS`), and build them back
 field by field without naming a field (`_Section.build`).
 
     model: null                     # GGUF file, HF folder, dummy:ARCH; null: embedded SmolLM2
@@ -32,6 +32,12 @@ field by field without naming a field (`_Section.build`).
       min_decode: 1
       devices: [cuda:2, cuda:3]     # free devices for added workers (CPU workers need none)
       actuator: local               # or kubernetes (+ kubernetes: {namespace, prefill_deployment, ...})
+    restarts:                       # a worker or API server that dies is started again (docs/deploy.md)
+      max_restarts: 5               # per process within window_s; past it, it stays down; 0: never restart
+      window_s: 300
+      backoff_s: 1                  # doubles with each restart in the window, up to max_backoff_s
+      max_backoff_s: 30
+      jitter: 0.5                   # each delay shortened by a random fraction up to this
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ from typing import ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from tidal.config import DRAIN_TIMEOUT_S, ENGINE_KNOBS, STOP_GRACE_S, EngineConfig, ParallelConfig, ServerConfig, knob_type
+from tidal.config import (DRAIN_TIMEOUT_S, ENGINE_KNOBS, STOP_GRACE_S, EngineConfig, ParallelConfig, RestartConfig,
+                          ServerConfig, knob_type)
 from tidal.deploy.engine_knobs import engine_config, resolve_role_limits
 from tidal.perf.profile import load_profile
 from tidal.planner.actuators import KubernetesConfig
@@ -120,6 +127,16 @@ FrontendSection = section_from(
     doc="""The HTTP serving tier (`tidal.config.ServerConfig`) and the router (`RouterConfig`; its
     policy as `router`, the kv policy's weights as `kv_overlap_weight` and `kv_temperature`).""")
 DisaggSection = section_from("DisaggSection", DisaggPolicy, doc="Conditional disaggregation (`DisaggPolicy`).")
+class _RestartsSectionBase(_Section):
+    @model_validator(mode="after")
+    def _consistent(self):
+        self.build()  # `RestartConfig`'s own checks (max_backoff_s >= backoff_s) at load time
+        return self
+
+
+RestartsSection = section_from(
+    "RestartsSection", RestartConfig, base=_RestartsSectionBase,
+    doc="""How `tidal serve` restarts a worker or API server process that died (`RestartConfig`).""")
 KVTransferSection = section_from(
     "KVTransferSection", KVTransferConfig, only=("backend", "timeout_s", "debug_delay_s"),
     doc="The KV transfer settings a user chooses (`KVTransferConfig`; the rest is the process's own).")
@@ -238,6 +255,7 @@ class ServingSections(_Strict):
 class Deployment(ServingSections):
     workers: list[WorkerSection] = Field(min_length=1)
     planner: PlannerSection | None = None
+    restarts: RestartsSection = RestartsSection()
 
     @model_validator(mode="after")
     def _roles_make_sense(self) -> Deployment:

@@ -2,18 +2,24 @@
 
 Owns the worker processes and a scratch folder (in /dev/shm when there is one) that holds their
 socket files and shared-memory KV caches. Each worker is registered in discovery as soon as it
-is spawned (clients connect and wait for its `WorkerReady`); a worker that exits on its own is
+is spawned (clients connect and wait for its `WorkerReady`). A worker that exits on its own is
 reported, unregistered (so routing stops choosing it and its open requests move to other workers,
-or fail with a clear error when none can take them) and its files are removed. `stop()` (the
-whole deployment going down) sends SIGUSR1 to every worker: stop after the current step, no
-grace period; waits, kills what is left, and removes the folder. `terminate_worker` sends one
-worker SIGTERM: it leaves gracefully (see `tidal.worker.worker`).
+or fail with a clear error when none can take them) and its files are removed; then, when its exit
+was unexpected (a nonzero code or a signal, not a stop the launcher asked for), it is started again
+with the same id, role, devices and health port after the `RestartPolicy` backoff
+(`tidal.deploy.supervisor`), counted on `tidal_worker_restarts_total{worker,role}`; past the
+policy's limit it stays down, and the log says so. A worker that exits with code 0 left on purpose
+(SIGTERM) and is not restarted.
+
+`stop()` (the whole deployment going down) sends SIGUSR1 to every worker: stop after the current
+step, no grace period; waits, kills what is left, and removes the folder. `terminate_worker` sends
+one worker SIGTERM: it leaves gracefully (see `tidal.worker.worker`) and is not restarted.
 
 The planner's local actuator changes the fleet while it runs: `add_worker(role, device)` spawns and
 registers one more worker (named `ROLE-N`, N one past the highest used), `remove_worker` stops one
 (the caller drains it first; SIGTERM, so anything left gets the worker's grace period) and
-unregisters it, `set_role` records a flipped worker's new role
-(its id keeps the old name: ids are names, roles are what discovery says).
+unregisters it (a restart pending for it is dropped), `set_role` records a flipped worker's new role
+(its id keeps the old name: ids are names, roles are what discovery says; a restart keeps the new role).
 
 `tidal.deploy.serve.serve_deployment` (`tidal serve`) puts a launcher together with the frontend(s)
 and the planner.
@@ -31,12 +37,14 @@ import shutil
 import signal
 import socket
 import tempfile
+import time
 from dataclasses import dataclass
 
 import msgspec
 
 from tidal.deploy.assembly import worker_spec
 from tidal.deploy.config import Deployment, WorkerSection
+from tidal.deploy.supervisor import RestartPolicy, exit_reason, worker_restart_counter
 from tidal.protocol import Role, WorkerInfo
 from tidal.runtime.discovery import Discovery, LocalDiscovery
 from tidal.runtime.events import cancel_and_wait
@@ -54,14 +62,21 @@ class _Proc:
     info: WorkerInfo
     process: multiprocessing.process.BaseProcess
     reported: bool = False  # its exit was handled (or expected: stopped on purpose)
+    asked_to_stop: bool = False  # the launcher sent it SIGTERM: its exit is no crash
+    restart_at: float | None = None  # when a dead worker starts again (time.monotonic())
 
 
 class Launcher:
-    def __init__(self, deployment: Deployment, discovery: Discovery | None = None, log_level: str = "INFO"):
+    def __init__(self, deployment: Deployment, discovery: Discovery | None = None, log_level: str = "INFO",
+                 registry=None):
+        """`registry`: where `tidal_worker_restarts_total` goes (the router's, so /metrics shows it;
+        None in multiprocess mode, where the metric files carry it)."""
         self.deployment = deployment
         self.discovery = discovery or LocalDiscovery()
         self.log_level = log_level
         self.procs: dict[str, _Proc] = {}
+        self.restart_policy = RestartPolicy(deployment.restarts.build())
+        self.restarts = worker_restart_counter(registry)
         self.dir: str | None = None
         self._supervisor: asyncio.Task | None = None
         self._stopping = False
@@ -89,17 +104,22 @@ class Launcher:
             transfer=self.deployment.transfer_config(self.dir) if tp == 1 else None,  # TP workers run aggregated
             num_threads=section.num_threads or (self._default_threads if device == "cpu" else GPU_WORKER_THREADS),
             log_level=self.log_level, stop_grace_s=section.stop_grace_s, health_port=health_port)
+        proc = self.procs[worker_id] = await self._start_process(spec, device)
+        logger.info("started worker %s (role=%s, device=%s, pid=%d)", worker_id, section.role, ",".join(devices),
+                    proc.process.pid)
+        return proc.info
+
+    async def _start_process(self, spec: WorkerSpec, device: str) -> _Proc:
+        """Start the process of `spec` and register it in discovery."""
+        tp = spec.engine.parallel.tensor_parallel_size
         # A daemonic process may not start processes, and a tensor-parallel worker starts its other ranks.
         process = multiprocessing.get_context("spawn").Process(target=run_worker, args=(spec,),
-                                                               name=f"tidal-{worker_id}", daemon=tp == 1)
+                                                               name=f"tidal-{spec.worker_id}", daemon=tp == 1)
         process.start()
-        info = WorkerInfo(worker_id=worker_id, role=section.role, request_addr=spec.request_addr,
+        info = WorkerInfo(worker_id=spec.worker_id, role=spec.role, request_addr=spec.request_addr,
                           event_addr=spec.event_addr, pid=process.pid, host=socket.gethostname(), device=device)
-        self.procs[worker_id] = _Proc(spec, info, process)
         await self.discovery.register(info)
-        logger.info("started worker %s (role=%s, device=%s, pid=%d)", worker_id, section.role, ",".join(devices),
-                    process.pid)
-        return info
+        return _Proc(spec, info, process)
 
     # ---- the planner's local actuator --------------------------------------------------------
     def _role_section(self, role: Role):
@@ -126,6 +146,8 @@ class Launcher:
         """Stop one (drained) worker: SIGTERM, wait, kill if it lingers; unregister it; remove its files."""
         proc = self.procs[worker_id]
         proc.reported = True  # an exit on purpose: supervision stays quiet
+        proc.restart_at = None
+        self.restart_policy.forget(worker_id)
         if proc.process.is_alive():
             proc.process.terminate()
         timeout_s = proc.spec.stop_grace_s + STOP_TIMEOUT_S
@@ -152,27 +174,55 @@ class Launcher:
     async def _supervise(self) -> None:
         while True:
             await asyncio.sleep(SUPERVISE_INTERVAL_S)
+            now = time.monotonic()
             for worker_id, proc in list(self.procs.items()):
-                if proc.reported or proc.process.is_alive():
-                    continue
-                proc.reported = True
-                reason = f"exited with code {proc.process.exitcode}"
-                if proc.process.exitcode == 0:
-                    logger.info("worker %s (role=%s) left", worker_id, proc.spec.role)
-                else:
-                    logger.error("worker %s (role=%s) %s; it gets no new requests and its open ones move",
-                                 worker_id, proc.spec.role, reason)
-                await self.discovery.unregister(worker_id, reason)
-                self._remove_files(worker_id)
+                if proc.restart_at is not None and now >= proc.restart_at:
+                    await self._restart(worker_id, proc)
+                elif not (proc.reported or proc.process.is_alive()):
+                    await self._on_exit(worker_id, proc, now)
+
+    async def _on_exit(self, worker_id: str, proc: _Proc, now: float) -> None:
+        """A worker exited on its own: out of discovery (its open requests move), its files removed;
+        restarted later when the exit was unexpected and the policy allows."""
+        proc.reported = True
+        exitcode = proc.process.exitcode
+        reason = exit_reason(exitcode)
+        await self.discovery.unregister(worker_id, reason)
+        self._remove_files(worker_id)
+        role = proc.spec.role
+        if exitcode == 0 or proc.asked_to_stop:
+            logger.info("worker %s (role=%s) left (%s)", worker_id, role, reason)
+            return
+        delay_s = self.restart_policy.on_exit(worker_id, now)
+        if delay_s is None:
+            c = self.restart_policy.config
+            logger.error("worker %s (role=%s, pid %d) %s; it stays down: it was restarted %d times in the "
+                         "last %.0fs (restarts.max_restarts)", worker_id, role, proc.process.pid, reason,
+                         c.max_restarts, c.window_s)
+            return
+        proc.restart_at = now + delay_s
+        logger.error("worker %s (role=%s, pid %d) %s; its open requests move; restarting it in %.1fs",
+                     worker_id, role, proc.process.pid, reason, delay_s)
+
+    async def _restart(self, worker_id: str, proc: _Proc) -> None:
+        """Start a dead worker again: the same spec (id, role, devices, addresses, health port)."""
+        proc.restart_at = None
+        new = self.procs[worker_id] = await self._start_process(proc.spec, proc.info.device)
+        self.restarts.labels(worker=worker_id, role=proc.spec.role).inc()
+        logger.warning("restarted worker %s (role=%s, pid %d; restart %d in the last %.0fs)", worker_id,
+                       proc.spec.role, new.process.pid, self.restart_policy.restarts(worker_id, time.monotonic()),
+                       self.restart_policy.config.window_s)
 
     def kill_worker(self, worker_id: str) -> None:
-        """SIGKILL one worker (fault tests); supervision reports it like any other death."""
+        """SIGKILL one worker (fault tests); supervision handles it like any other death (a restart)."""
         self.procs[worker_id].process.kill()
 
     def terminate_worker(self, worker_id: str) -> None:
         """SIGTERM one worker: it leaves gracefully (drained at once, exits within its grace period);
-        supervision then unregisters it."""
-        self.procs[worker_id].process.terminate()
+        supervision then unregisters it and does not restart it."""
+        proc = self.procs[worker_id]
+        proc.asked_to_stop = True
+        proc.process.terminate()
 
     async def stop(self) -> None:
         self._stopping = True

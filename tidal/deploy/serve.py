@@ -21,6 +21,7 @@ from tidal.deploy.api_servers import ApiServerPool, default_api_servers
 from tidal.deploy.config import Deployment
 from tidal.deploy.launcher import Launcher
 from tidal.frontend.assembly import Frontend, FrontendSpec
+from tidal.runtime.discovery import LocalDiscovery
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +44,18 @@ async def serve_deployment(deployment: Deployment, host: str | None = None, port
     """Workers + serving tier (+ planner) until SIGINT/SIGTERM; then everything stops."""
     spec = frontend_spec(deployment, host, port)
     count = api_server_count(deployment, api_servers)
-    launcher = Launcher(deployment, log_level=spec.server.log_level.upper())
     if count == 1:
-        await _serve_in_process(deployment, spec, launcher)
+        await _serve_in_process(deployment, spec)
     else:
-        await _serve_api_servers(deployment, spec, launcher, count)
+        await _serve_api_servers(deployment, spec, count)
 
 
-async def _serve_in_process(deployment: Deployment, spec: FrontendSpec, launcher: Launcher) -> None:
-    frontend = Frontend(spec, launcher.discovery)
+async def _serve_in_process(deployment: Deployment, spec: FrontendSpec) -> None:
+    discovery = LocalDiscovery()
+    frontend = Frontend(spec, discovery)
+    # The launcher's restart counter joins the router's metrics on /metrics.
+    launcher = Launcher(deployment, discovery, log_level=spec.server.log_level.upper(),
+                        registry=frontend.router.registry)
     planner = None
     try:
         await launcher.start()
@@ -68,18 +72,22 @@ async def _serve_in_process(deployment: Deployment, spec: FrontendSpec, launcher
         await launcher.stop()
 
 
-async def _serve_api_servers(deployment: Deployment, spec: FrontendSpec, launcher: Launcher, count: int) -> None:
+async def _serve_api_servers(deployment: Deployment, spec: FrontendSpec, count: int) -> None:
     from tidal.frontend.metrics_multiprocess import enable_multiprocess_metrics
     from tidal.router.replicas import RequestLogFeed
     from tidal.router.service import Router
 
-    pool = ApiServerPool(spec, count, launcher.discovery, log_level=spec.server.log_level)
+    discovery = LocalDiscovery()
+    pool = ApiServerPool(spec, count, discovery, log_level=spec.server.log_level,
+                         restarts=deployment.restarts.build())
+    # The launcher's metrics (restarts, the planner's) join the API servers' in the metric files.
+    enable_multiprocess_metrics(pool.metrics_dir)
+    launcher = Launcher(deployment, discovery, log_level=spec.server.log_level.upper())
     stop = pool.stop_on_signals()
     control = feed = planner = None
     try:
         await launcher.start()
         if deployment.planner is not None:
-            enable_multiprocess_metrics(pool.metrics_dir)  # the planner's metrics join the API servers'
             control = Router(launcher.discovery, spec.router, client_tag=CONTROL_CLIENT_TAG)
             await control.start()
             await control.wait_ready()
