@@ -244,27 +244,44 @@ def small_sim(tmp_path):
 
 
 def test_a_burst_far_over_capacity_is_shed_within_the_deadline_then_the_server_recovers(small_sim):
+    """A first wave queues on the worker and is refused at the deadline; a second wave, once the
+    worker's rate is measured, is refused at once on its estimated wait; then the server serves again."""
     async def one(client: httpx.AsyncClient, i: int) -> tuple[int, str | None, float]:
         body = {"model": "sim", "prompt": f"request {i}: " + "tell me about the sea " * 8, "max_tokens": 64}
         started = time.monotonic()
         reply = await client.post("/v1/completions", json=body)
         return reply.status_code, reply.headers.get("retry-after"), time.monotonic() - started
 
-    async def burst(n: int):
+    async def waves(first: int, second: int, gap_s: float):
         async with httpx.AsyncClient(base_url=small_sim, timeout=60) as client:
-            return await asyncio.gather(*(one(client, i) for i in range(n)))
+            wave1 = asyncio.gather(*(one(client, i) for i in range(first)))
+            await asyncio.sleep(gap_s)
+            wave2 = await asyncio.gather(*(one(client, first + i) for i in range(second)))
+            return await wave1, wave2
 
-    results = asyncio.run(burst(60))
+    before = metrics(small_sim)
+    wave1, wave2 = asyncio.run(waves(30, 30, gap_s=1.5))
+    results = wave1 + wave2
     ok = [r for r in results if r[0] == 200]
     refused = [r for r in results if r[0] == 503]
     assert len(ok) + len(refused) == 60, results
     assert ok and len(refused) >= 40, results
     assert all(retry is not None and int(retry) >= 1 for _, retry, _ in refused)
-    # no refused request waited much past the deadline (the 2-core box's frontend adds its share)
+    # no refused request waited much past the deadline (the 2-core box's frontend adds its share),
+    # and the second wave's were refused at admission, long before it
     assert max(elapsed for _, _, elapsed in refused) < QUEUE_TIMEOUT_S + 3.0, sorted(r[2] for r in refused)
+    assert sorted(elapsed for status, _, elapsed in wave2 if status == 503)[len(wave2) // 2] < QUEUE_TIMEOUT_S / 2
     after = metrics(small_sim)
-    reasons = {k: v for k, v in after.items() if k.startswith("tidal_router_rejected_total")}
-    assert sum(reasons.values()) == len(refused), reasons
+
+    def refusals(reason: str) -> float:
+        key = f'tidal_router_rejected_total{{reason="{reason}"}}'
+        return after.get(key, 0.0) - before.get(key, 0.0)
+    assert refusals("first_token_timeout") > 0 and refusals("wait_estimate") + refusals("worker_queue_full") > 0
+    assert sum(refusals(r) for r in ("first_token_timeout", "wait_estimate", "worker_queue_full", "queue_full",
+                                     "queue_timeout")) == len(refused)
     # full recovery: once the burst is over, requests within capacity all succeed
-    recovered = asyncio.run(burst(3))
-    assert [r[0] for r in recovered] == [200, 200, 200], recovered
+    async def calm():
+        async with httpx.AsyncClient(base_url=small_sim, timeout=60) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(3)))
+    assert [r[0] for r in asyncio.run(calm())] == [200, 200, 200]
+    assert metrics(small_sim)["tidal_router_queue_depth"] == 0
