@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from _server import metrics, running_server
+from tidal.deploy.config import DeploymentError, parse_deployment
 from tidal.errors import OverloadedError
 from tidal.fleet_snapshot import FinishedRequest
 from tidal.protocol import AddRequest, EngineStats, SamplingParams, TokenDelta
@@ -193,6 +194,14 @@ def test_a_queued_request_is_refused_when_its_deadline_is_out_of_reach(router):
         assert len(router.admission) == 0 and router.metrics.queue_depth._value.get() == 0
 
     asyncio.run(scenario())
+
+
+def test_the_shedding_knobs_are_in_the_frontend_section_with_their_bounds():
+    deployment = parse_deployment({"workers": [{"role": "both"}],
+                                   "frontend": {"max_waiting_per_worker": 0, "shed_on_wait_estimate": False}})
+    assert deployment.router_config() == RouterConfig(max_waiting_per_worker=0, shed_on_wait_estimate=False)
+    with pytest.raises(DeploymentError, match="frontend.max_waiting_per_worker"):
+        parse_deployment({"workers": [{"role": "both"}], "frontend": {"max_waiting_per_worker": -1}}, "my.yaml")
 
 
 # ---- the deadline on a worker --------------------------------------------------------------------
