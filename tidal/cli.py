@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--num-kv-blocks", type=int, default=SIMULATED_WORKER.cache.num_blocks,
                      help="per simulated worker")
     sim.add_argument("--token-budget", type=int, default=SIMULATED_WORKER.scheduler.token_budget)
+    sim.add_argument("--queue-timeout-s", type=float, default=None,
+                     help="the router's queue_timeout_s (default: RouterConfig's)")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8000)
     sim.add_argument("--api-servers", type=int, default=1,
@@ -214,7 +216,8 @@ def _sim(args: argparse.Namespace) -> int:
         print(f"tidal sim: {exc}", file=sys.stderr)
         return 2
     try:
-        run_loop(serve_sim(args.workers, timing, args.speedup, RouterConfig(policy=args.router),
+        deadline = {} if args.queue_timeout_s is None else {"queue_timeout_s": args.queue_timeout_s}
+        run_loop(serve_sim(args.workers, timing, args.speedup, RouterConfig(policy=args.router, **deadline),
                               ServerConfig(host=args.host, port=args.port, log_level=args.log_level),
                               api_servers=args.api_servers, tokenizer=args.tokenizer,
                               worker_processes=_sim_worker_processes(args),

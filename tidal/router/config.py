@@ -22,7 +22,16 @@ class RouterConfig:
     max_queue: Annotated[int, NonNegative] = 1024
     """Requests allowed to wait; more are refused (503, Retry-After)."""
     queue_timeout_s: Annotated[float, Positive] = 30.0
-    """A request that waits longer is refused (503, Retry-After)."""
+    """The longest a request may wait for its first token while workers are overloaded: refused
+    (503, Retry-After) at admission when its estimated wait is longer (`shed_on_wait_estimate`),
+    when still in the router's queue at this deadline, or when still without a token at it on a
+    worker that has a queue (the worker then aborts it)."""
+    max_waiting_per_worker: Annotated[int, NonNegative] = 128
+    """A request is refused (503, Retry-After) when every worker that can serve it has this many
+    requests queued (its load report's count plus what this router sent it since); 0: no limit."""
+    shed_on_wait_estimate: bool = True
+    """Refuse a request (503, Retry-After) whose estimated wait (the queue ahead of it over the
+    measured service rate, `tidal.router.wait_estimate`) exceeds `queue_timeout_s`."""
     max_migrations: Annotated[int, NonNegative] = 3
     """Times one request may move to another worker when its worker goes away mid-stream; past
     that the client gets the error."""

@@ -8,7 +8,8 @@ off again):
 2. if prefill workers are alive, local or remote prefill (conditional disaggregation,
    `policy.decide_prefill`) from the prompt's uncached length on that worker and the prefill queues.
 
-`generate` streams it. Local: the request runs on its decode worker whole. Remote (`remote.py`):
+`generate` streams it; until its first token comes, within `queue_timeout_s` of its arrival while
+its worker has a queue (`admission.first_delta_within`), else 503. Local: the request runs on its decode worker whole. Remote (`remote.py`):
 the prefill worker runs it with max_tokens=1 and `hold_kv`, then the decode worker pulls the KV and
 streams the rest. Migration (`migration.py`): when the worker streaming the request dies or
 leaves, or the decode worker's KV pull fails (its prefill worker died), the request is planned
@@ -28,9 +29,10 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from tidal.errors import EngineDeadError
+from tidal.errors import EngineDeadError, OverloadedError
 from tidal.hashing import ROOT_PARENT_HASH, block_hashes
 from tidal.protocol import AddRequest, RoutingHints, TokenDelta
+from tidal.router.admission import first_delta_within, retry_after_s
 from tidal.router.config import RouterConfig
 from tidal.router.metrics import RouterMetrics
 from tidal.router.migration import WorkerLost, resume_request
@@ -98,7 +100,7 @@ class Dispatcher:
         plan = Plan(decode, prefill, hashes, uncached, blocks=-(-len(prompt) // block_size),
                     created=time.monotonic(), arrived=arrived, pending_on=prefill or decode,
                     pending_tokens=uncached, prefill_held=prefill is not None)
-        plan.pending_on.pending_prefill_tokens += uncached
+        plan.pending_on.sent(uncached)
         decode.inflight += 1
         if prefill is not None:
             prefill.inflight += 1
@@ -156,6 +158,9 @@ class Dispatcher:
             while True:
                 try:
                     stream = self._attempt(run.plan, run.attempt)
+                    if run.first_at is None:
+                        stream = first_delta_within(stream, run.arrived + self.config.queue_timeout_s,
+                                                    run.plan.pending_on, self._too_late)
                     async with contextlib.aclosing(stream):
                         async for delta in stream:
                             yield self._track(run, delta)
@@ -171,6 +176,11 @@ class Dispatcher:
             if run.plan is not None:
                 run.plan.release()
             self.wake()
+
+    def _too_late(self) -> OverloadedError:
+        self.metrics.rejected.labels("first_token_timeout").inc()
+        return OverloadedError(f"the request waited {self.config.queue_timeout_s:g} s in an overloaded worker's "
+                               "queue", retry_after_s=retry_after_s(self.config.queue_timeout_s))
 
     def _track(self, run: _Run, delta: TokenDelta) -> TokenDelta:
         """Note a delta's tokens (the first one frees its worker's pending prefill); after a move, the

@@ -4,7 +4,7 @@ A plan is made when the request is admitted (`Dispatcher.plan`) and lives until 
 if the stream never starts, until the admission queue expires it). While it lives, its decode
 worker counts one more open request and in-flight request and its prompt's blocks, its prefill
 worker (remote prefill) one more in-flight request until the decode side has the KV, and the worker
-that prefills counts the uncached prompt tokens as pending until the first token. `release` takes
+that prefills counts the request and its uncached prompt tokens as pending until the first token. `release` takes
 all of it off again; every step is idempotent except `release` itself, called exactly once.
 """
 
@@ -38,7 +38,7 @@ class Plan:
 
     def first_token(self) -> None:
         if self.pending_on is not None:
-            self.pending_on.pending_prefill_tokens -= self.pending_tokens
+            self.pending_on.first_token(self.pending_tokens)
             self.pending_on = None
 
     def release(self) -> None:

@@ -4,7 +4,9 @@
 - `workers.WorkerSet`: the workers (following discovery, their load reports and KV events, the KV
   index and its resyncs) and the router's bookkeeping of what it sent where;
 - `roles.RoleControl`: drain, undrain and role flips (what the planner's actuators drive);
-- `admission.AdmissionQueue`: requests waiting for a worker with room (503 when full or too late);
+- `admission.AdmissionQueue`: requests waiting for a worker with room, and load shedding (503 when
+  the router's queue or every worker's queue is full, or the estimated wait, `wait_estimate.py`, is
+  past the deadline);
 - `dispatch.Dispatcher`: where a request runs (session, policy, local or remote prefill) and its
   stream from there, moving it when its worker goes away (`remote.py`, `migration.py`);
 - `metrics.RouterMetrics`: the Prometheus collectors; `sessions.SessionTable`: session pins;
@@ -12,7 +14,8 @@
 The routing decisions themselves are pure functions (`policy.py`).
 
 One request: `admit` (queue while every worker is over its pending-prefill limit; 503 with
-Retry-After when the queue is full or the wait passes its deadline), then `generate`. A worker that
+Retry-After when a queue is full or the wait would pass its deadline), then `generate` (503 too
+when its deadline passes with the request still queued on a worker). A worker that
 leaves (SIGTERM: `WorkerLeaving`) is drained at once: nothing new goes to it; what it has finishes
 there within its grace period or moves when it exits.
 
@@ -66,9 +69,7 @@ class Router:
         self.roles = RoleControl(self.fleet, on_change=self._wake)
         self.dispatcher = Dispatcher(config, self.fleet, self.sessions, self.metrics, self.request_log,
                                      admitted=self._admitted, wake=self._wake)
-        self.admission = AdmissionQueue(config.max_queue, config.queue_timeout_s, self.metrics,
-                                        has_room=self._has_room, can_serve=lambda: bool(self.fleet.decoders()),
-                                        plan=self.dispatcher.plan)
+        self.admission = AdmissionQueue(config, self.fleet, self.request_log, self.metrics, plan=self.dispatcher.plan)
         self.replica_queue_depth: Callable[[], int] | None = None  # what the API servers' routers queue
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -141,9 +142,6 @@ class Router:
     @property
     def workers(self) -> dict[str, Worker]:
         return self.fleet.workers
-
-    def _has_room(self) -> bool:
-        return self.fleet.has_room(self.config.max_pending_prefill_tokens)
 
     def _wake(self) -> None:
         self.admission.wake()

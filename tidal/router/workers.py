@@ -10,10 +10,11 @@ Lifecycle: `start()` (follow discovery and events) -> `wait_ready()` -> ... -> `
 change that may give a queued request a worker (a worker connected, reported load, left, changed
 role or drain state) calls `on_change`.
 
-The bookkeeping (open requests, prefill tokens without a token back yet, blocks of open requests,
-admitted requests in flight) is updated by the dispatcher's plans at route, first token and
-finish, and corrected upwards by load reports, so bursts that arrive between reports spread out
-instead of all picking one worker. `draining` takes a worker out of routing (`roles.RoleControl`,
+The bookkeeping (open requests, prefill tokens and requests without a token back yet, blocks of
+open requests, admitted requests in flight) is updated by the dispatcher's plans at route, first
+token and finish, and corrected upwards by load reports, so bursts that arrive between reports
+spread out instead of all picking one worker. Each worker's queue length (`Worker.waiting`) and
+decode rate (`wait_estimate.DecodeRate`, from its load reports) feed admission's wait estimate. `draining` takes a worker out of routing (`roles.RoleControl`,
 or the worker's own `WorkerLeaving`).
 """
 
@@ -32,6 +33,7 @@ from tidal.fleet_snapshot import WorkerSnapshot
 from tidal.protocol import EngineStats, KVDump, KVEventBatch, LoadReport, WorkerInfo, WorkerLeaving
 from tidal.router.index import KVIndex, WorkerEvents
 from tidal.router.policy import WorkerView
+from tidal.router.wait_estimate import DecodeRate, WorkerQueue
 from tidal.runtime.discovery import Discovery
 from tidal.runtime.events import EventSubscriber, cancel_and_wait
 from tidal.runtime.worker_client import WorkerClient
@@ -45,9 +47,13 @@ class Worker:
     events: WorkerEvents = field(default_factory=WorkerEvents)
     open_requests: int = 0
     pending_prefill_tokens: int = 0
+    pending_requests: int = 0  # requests it prefills for this router that have no token back yet
     active_blocks: int = 0  # blocks of the prompts of its open requests (the router's estimate)
     inflight: int = 0  # admitted requests that use it (as decode or as prefill worker)
     draining: bool = False  # routing skips it; a drain waits for inflight == 0
+    decode_rate: DecodeRate = field(default_factory=DecodeRate)
+    _sent_since_stats: int = 0  # requests this router sent it since `_stats_seen` came
+    _stats_seen: EngineStats | None = None
 
     @property
     def routable(self) -> bool:
@@ -64,6 +70,37 @@ class Worker:
         (other routers send work there too)."""
         stats = self.client.stats()
         return max(self.pending_prefill_tokens, stats.num_pending_prefill_tokens if stats else 0)
+
+    def sent(self, prompt_tokens: int) -> None:
+        """A request it prefills (`prompt_tokens` to compute) until its first token comes back."""
+        self._follow_stats()
+        self._sent_since_stats += 1
+        self.pending_requests += 1
+        self.pending_prefill_tokens += prompt_tokens
+
+    def first_token(self, prompt_tokens: int) -> None:
+        self.pending_requests -= 1
+        self.pending_prefill_tokens -= prompt_tokens
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued on the worker (not started): its last report's count plus what this router
+        sent since that report and is still without a token; only when the report showed a queue,
+        since a worker with free slots starts new requests at once."""
+        stats = self._follow_stats()
+        if stats is None or stats.num_waiting == 0:
+            return 0
+        return stats.num_waiting + min(self._sent_since_stats, self.pending_requests)
+
+    def queue(self) -> WorkerQueue:
+        return WorkerQueue(self.waiting, self.decode_rate.tokens_per_s)
+
+    def _follow_stats(self) -> EngineStats | None:
+        """The latest stats; a new one counts every request sent before it."""
+        stats = self.client.stats()
+        if stats is not self._stats_seen:
+            self._stats_seen, self._sent_since_stats = stats, 0
+        return stats
 
     def view(self, overlap_blocks: int) -> WorkerView:
         stats = self.client.stats()
@@ -190,6 +227,7 @@ class WorkerSet:
                 continue
             if isinstance(event, LoadReport):
                 worker.client.update_stats(event.stats)
+                worker.decode_rate.observe(event.stats, event.time)
                 self.on_change()
             elif isinstance(event, KVEventBatch):
                 self.on_kv_events(worker, event)
@@ -236,6 +274,10 @@ class WorkerSet:
     def has_room(self, max_pending_prefill_tokens: int) -> bool:
         """Some routable worker has fewer than `max_pending_prefill_tokens` waiting."""
         return any(w.pending < max_pending_prefill_tokens for w in self.decoders() + self.prefillers())
+
+    def queues(self) -> list[WorkerQueue]:
+        """Each routable decode-capable worker's queue and decode rate (admission's wait estimate)."""
+        return [w.queue() for w in self.decoders()]
 
     def routable_by_role(self) -> dict[str, int]:
         roles: dict[str, int] = {"both": 0, "prefill": 0, "decode": 0}
