@@ -137,8 +137,13 @@ def _api_server_pids(log: Path) -> list[int]:
     return [int(pid) for pid in found[-1].split(", ")]
 
 
-def _running_on_workers(url: str) -> int:
-    return sum(w["stats"]["num_running"] for w in httpx.get(url + "/admin/workers", timeout=10).json()["workers"])
+def _running_on_workers(url: str) -> int | None:
+    """Requests running on the workers, as the answering API server's router last heard; None
+    before it has every worker's first load report (a just-restarted API server)."""
+    workers = httpx.get(url + "/admin/workers", timeout=10).json()["workers"]
+    if any(w["stats"] is None for w in workers):
+        return None
+    return sum(w["stats"]["num_running"] for w in workers)
 
 
 def _gone(pid: int) -> bool:
@@ -173,7 +178,7 @@ def test_killed_api_server_stops_its_requests_and_comes_back(agg_router):
     for i in range(4):  # the other process serves at once
         assert chat(url, f"Still there {i}?", max_tokens=4)[1] == "1"
     deadline = time.monotonic() + 10  # the workers dropped the dead process's stream
-    while _running_on_workers(url) > 0:
+    while (running := _running_on_workers(url)) is None or running > 0:
         assert time.monotonic() < deadline, "the killed API server's request still runs on a worker"
         time.sleep(0.2)
     client.close()
