@@ -5,7 +5,8 @@ run), drives mixed traffic from this process (`tidal.bench.mixed_traffic`: chat 
 long completions, streams cut mid-way, bad requests) for `--duration-s`, samples the RSS of the
 server and every process under it every `--sample-s` (`tidal.bench.rss`), and prints per process:
 RSS at the end of the warm-up, at the end, the maximum and the growth in between (the goal: none
-after warm-up). Writes everything (samples included) as JSON. Not a CI test: an hour by default.
+after warm-up). Writes everything (samples included) as JSON, the server's log to the temp folder.
+Not a CI test: an hour by default.
 
     python -m benchmarks.soak [--server serve|sim] [--config examples/agg_router.yaml]
         [--duration-s 3600] [--warmup-s 600] [--sample-s 10] [--concurrency 4] [--out FILE]
@@ -17,6 +18,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -87,7 +89,8 @@ def main() -> None:
     out = Path(args.out or f"benchmarks/results/soak-{args.server}-{date}.json")
     port = free_port()
     command = server_command(args, port)
-    with ServerProcess(command, out.with_suffix(".log"), port) as server:
+    log_path = Path(tempfile.gettempdir()) / f"{out.stem}.log"  # the server's log: read it, don't commit it
+    with ServerProcess(command, log_path, port) as server:
         server.start()
         model = server.wait_ready(need_model=True)
         print(f"soak: {' '.join(command[1:])} ready in {server.start_s:.1f} s; model {model}; "
@@ -114,7 +117,7 @@ def main() -> None:
                                                                       s.rss_bytes.items()}} for s in sampler.samples]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    print(f"wrote {out}; the server's log is {log_path}")
 
 
 if __name__ == "__main__":
