@@ -72,6 +72,10 @@ class SamplerThread(threading.Thread):
             busy0, t0 = busy1, t1
 
 
+def _mib(by_label: dict[str, int]) -> dict[str, float]:
+    return {label: round(value / 2**20, 1) for label, value in by_label.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", choices=("serve", "sim"), default="serve")
@@ -112,9 +116,9 @@ def main() -> None:
                                                                    vars(args).items() if v is not None]]),
               "server_command": command[1:], "date": date, "machine": machine_info(), "ran_s": round(ran_s, 1),
               "warmup_s": warmup_s, "rows": rows, "tallies": tallies, "busy_cores": sampler.busy_cores,
-              "idle_after_mib": {k: round(v / 2**20, 1) for k, v in idle.rss_bytes.items()},
-              "samples": [{"time_s": round(s.time_s, 1), "rss_mib": {k: round(v / 2**20, 1) for k, v in
-                                                                      s.rss_bytes.items()}} for s in sampler.samples]}
+              "idle_after_mib": _mib(idle.rss_bytes),
+              "samples": [{"time_s": round(s.time_s, 1), "rss_mib": _mib(s.rss_bytes), "anon_mib": _mib(s.anon_bytes)}
+                          for s in sampler.samples]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}; the server's log is {log_path}")

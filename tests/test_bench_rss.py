@@ -17,6 +17,7 @@ def test_rss_of_a_live_tree_with_stable_labels():
         sampler = RssSampler(os.getpid())
         first = sampler.sample(0.0)
         assert first.rss_bytes["frontend"] > 10 * MIB and first.rss_bytes["child-0"] > 0
+        assert 0 < first.anon_bytes["frontend"] <= first.rss_bytes["frontend"]
         # Told later that the child is a worker: its label becomes the worker's id, and stays.
         second = sampler.sample(1.0, {child.pid: "decode-0"})
         assert set(second.rss_bytes) == {"frontend", "decode-0"}
@@ -29,12 +30,12 @@ def test_rss_of_a_live_tree_with_stable_labels():
 
 def test_growth_rows_measure_from_the_end_of_the_warm_up():
     samples = [RssSample(0.0, {"frontend": 100 * MIB}),
-               RssSample(10.0, {"frontend": 300 * MIB, "decode-0": 200 * MIB}),  # warm-up ends at 10 s
+               RssSample(10.0, {"frontend": 300 * MIB, "decode-0": 200 * MIB}, {"frontend": 250 * MIB}),  # warm-up end
                RssSample(20.0, {"frontend": 350 * MIB, "decode-0": 200 * MIB, "child-0": 50 * MIB}),
-               RssSample(30.0, {"frontend": 330 * MIB, "decode-0": 210 * MIB})]
+               RssSample(30.0, {"frontend": 330 * MIB, "decode-0": 210 * MIB}, {"frontend": 255 * MIB})]
     rows = {r["process"]: r for r in growth_rows(samples, warmup_s=10.0)}
     assert rows["frontend"] == {"process": "frontend", "warmup_end_mib": 300.0, "end_mib": 330.0, "max_mib": 350.0,
-                                "growth_mib": 30.0, "growth_pct": 10.0, "present_at_end": True}
+                                "growth_mib": 30.0, "growth_pct": 10.0, "anon_growth_mib": 5.0, "present_at_end": True}
     assert (rows["decode-0"]["growth_mib"], rows["decode-0"]["growth_pct"]) == (10.0, 5.0)
     # Started after the warm-up and gone before the end: from its first sample to its last.
     assert (rows["child-0"]["growth_mib"], rows["child-0"]["present_at_end"]) == (0.0, False)

@@ -7,7 +7,9 @@ restarted worker keeps its label under a new pid), `sim-worker-N` (`tidal sim`'s
 `resource-tracker` (multiprocessing's), `child-N` for any other (an API server of `--api-servers`).
 A label, once given to a pid, stays; numbers are given in the order processes are first seen.
 `growth_rows(samples, warmup_s)` is pure: per label, RSS at the end of the warm-up, at the end, the
-maximum and the growth in between (the figure a soak run is judged by: no growth after warm-up).
+maximum and the growth in between (the figure a soak run is judged by: no growth after warm-up), and
+how much of that growth is anonymous memory (`RssAnon`: heap; a leak shows there, where a KV cache
+mapped from /dev/shm grows `RssShmem` as its blocks are first written, up to its size).
 """
 
 from __future__ import annotations
@@ -20,15 +22,17 @@ from tidal.bench.procs import SIM_WORKER_NAME, descendants
 MIB = 2**20
 
 
-def rss_bytes(pid: int) -> int | None:
-    """A live process's resident set size (VmRSS), None once it is gone."""
+def rss_bytes(pid: int, part: str = "VmRSS") -> int | None:
+    """A live process's resident set size (`VmRSS`), or one part of it (`RssAnon`: its heap and other
+    private memory; `RssShmem`: shared memory it has touched, such as a KV cache mapped from /dev/shm),
+    None once it is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(part + ":"):
                 return int(line.split()[1]) * 1024  # kB
     except (OSError, ValueError, IndexError):
         return None
-    return None  # a zombie has no VmRSS line
+    return None  # a zombie has no such line
 
 
 def _comm(pid: int) -> str:
@@ -42,6 +46,7 @@ def _comm(pid: int) -> str:
 class RssSample:
     time_s: float  # since the run began
     rss_bytes: dict[str, int]  # label -> RSS
+    anon_bytes: dict[str, int] = field(default_factory=dict)  # label -> its RssAnon part (a leak grows here)
 
 
 @dataclass
@@ -69,12 +74,14 @@ class RssSampler:
         """RSS of the root and every live process under it; `worker_pids`: pid -> worker id."""
         procs = {self.root_pid: "", **descendants(self.root_pid)}
         rss: dict[str, int] = {}
+        anon: dict[str, int] = {}
         for pid, command in sorted(procs.items()):
             value = rss_bytes(pid)
             if value is not None:
                 label = self.label(pid, command, worker_pids or {})
                 rss[label] = rss.get(label, 0) + value  # a label's processes add up (a worker's TP ranks)
-        return RssSample(time_s, rss)
+                anon[label] = anon.get(label, 0) + (rss_bytes(pid, "RssAnon") or 0)
+        return RssSample(time_s, rss, anon)
 
 
 def growth_rows(samples: list[RssSample], warmup_s: float) -> list[dict]:
@@ -90,20 +97,22 @@ def growth_rows(samples: list[RssSample], warmup_s: float) -> list[dict]:
             continue
         start, end = seen[0].rss_bytes[label], seen[-1].rss_bytes[label]
         peak = max(s.rss_bytes[label] for s in samples if label in s.rss_bytes)
+        anon_growth = seen[-1].anon_bytes.get(label, 0) - seen[0].anon_bytes.get(label, 0)
         rows.append({"process": label, "warmup_end_mib": round(start / MIB, 1), "end_mib": round(end / MIB, 1),
                      "max_mib": round(peak / MIB, 1), "growth_mib": round((end - start) / MIB, 1),
                      "growth_pct": round(100 * (end - start) / start, 1) if start else None,
-                     "present_at_end": label in samples[-1].rss_bytes})
+                     "anon_growth_mib": round(anon_growth / MIB, 1), "present_at_end": label in samples[-1].rss_bytes})
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
     """The growth table as aligned text."""
-    head = f"{'process':<18} {'warm-up end MiB':>15} {'end MiB':>9} {'max MiB':>9} {'growth MiB':>11} {'growth %':>9}"
+    head = (f"{'process':<18} {'warm-up end MiB':>15} {'end MiB':>9} {'max MiB':>9} {'growth MiB':>11} {'growth %':>9}"
+            f" {'of it anon MiB':>15}")
     lines = [head, "-" * len(head)]
     for r in rows:
         pct = "-" if r["growth_pct"] is None else f"{r['growth_pct']:+.1f}"
         gone = "" if r["present_at_end"] else "  (gone)"
         lines.append(f"{r['process']:<18} {r['warmup_end_mib']:>15.1f} {r['end_mib']:>9.1f} {r['max_mib']:>9.1f} "
-                     f"{r['growth_mib']:>+11.1f} {pct:>9}{gone}")
+                     f"{r['growth_mib']:>+11.1f} {pct:>9} {r['anon_growth_mib']:>+15.1f}{gone}")
     return "\n".join(lines)
