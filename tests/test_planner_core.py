@@ -134,11 +134,13 @@ def test_itl_over_flips_a_prefill_worker_with_slack():
 
 
 def test_decode_step_time_over_itl_adds_a_decode_worker():
-    # ITL P90 is fine, but decode steps take 60 ms > 50 ms; prefill is at its minimum (1), so add.
+    # ITL P90 is fine, but decode steps take 60 ms > 50 ms; prefill is at its minimum (1), so add. The
+    # reason names the signal: step time, not the (measured, fine) ITL.
     planner = make_planner()
     workers = [prefill(0), decode(0, step_s_mean=0.06), decode(1, step_s_mean=0.06)]
     decision = planner.step(observe(0, workers))
-    assert decision.actions == (Action("add", "decode", None, "itl_over_slo"),)
+    assert decision.actions == (Action("add", "decode", None, "step_over_itl"),)
+    assert "decode itl 0.40, step 1.20" in decision.explanation
 
 
 def test_kv_pressure_adds_a_decode_worker():
@@ -154,6 +156,71 @@ def test_flips_disallowed_adds_instead():
     workers = [prefill(0), decode(0), decode(1), decode(2)]
     decision = planner.step(observe(0, workers, ttft_ms_p90=1500.0))
     assert decision.actions == (Action("add", "prefill", None, "ttft_over_slo"),)
+
+
+# ---- no data, no decision ------------------------------------------------------------------------
+def _quiet(time_s: float, workers) -> Observation:
+    """An interval in which no request arrived or finished."""
+    return Observation(time_s=time_s, interval_s=2.0, frontend=FrontendObservation(), workers=tuple(workers))
+
+
+def test_no_observations_no_decision():
+    # The planner example's shape (min_prefill 0, budget 3). Both workers are listed but neither has
+    # reported its load, and no request arrived or finished: nothing is measured. Over two predictive
+    # windows nothing moves (before, every missing ratio read 0: the prefill pool was "idle" and went).
+    planner = make_planner(min_prefill=0, max_workers=3, trouble_calls=2)
+    workers = [WorkerObservation("p0", "prefill", reported=False), WorkerObservation("d0", "decode", reported=False)]
+    for time_s in range(0, 72, 2):
+        decision = planner.step(_quiet(time_s, workers))
+        assert decision.actions == (), (time_s, decision)
+    assert "signals (x target) prefill ttft -, queue -; decode itl -, step -, kv -, queue -" in decision.explanation
+
+
+def test_measured_idle_still_scales_down():
+    # The same fleet, but both workers report nothing running, queued or pending, and the frontend
+    # counted zero arrivals: that is data. The first predictive loop (t=30) removes the idle prefill
+    # worker (min_prefill 0); the decode worker is at its minimum.
+    planner = make_planner(min_prefill=0, max_workers=3, trouble_calls=2)
+    workers = [WorkerObservation("p0", "prefill"), WorkerObservation("d0", "decode")]
+    decisions = [planner.step(_quiet(time_s, workers)) for time_s in range(0, 32, 2)]
+    assert [d.actions for d in decisions[:-1]] == [()] * 15
+    assert decisions[-1].loop == "predictive"
+    assert decisions[-1].actions == (Action("remove", "prefill", "p0", "idle"),)
+
+
+def test_partial_observation_decides_only_on_what_is_measured():
+    # The example's log line: no request finished (TTFT and ITL "-"), none arrived in the interval, and
+    # the decode steps take 150 ms against the 50-ms ITL target. Decode is in trouble on its step time
+    # (reason step_over_itl: ITL itself is not measured). The prefill worker is busy (one prompt
+    # running) and its TTFT unknown: that is no slack, so it is not flipped (before: flipped, with the
+    # reason itl_over_slo); a decode worker is added instead.
+    planner = make_planner(min_prefill=0, max_workers=3)
+    workers = [prefill(0, num_running=1), decode(0, step_s_mean=0.15)]
+    decision = planner.step(observe(0, workers, request_rate=0.0, ttft_ms_p90=None, itl_ms_p90=None,
+                                    isl_mean=None, osl_mean=None))
+    assert decision.actions == (Action("add", "decode", None, "step_over_itl"),)
+    assert "prefill ttft -, queue 0.00; decode itl -, step 3.00" in decision.explanation
+
+
+def test_a_worker_without_a_report_counts_as_nothing():
+    # d0 reports KV use 95% (over 0.9); d1 has not reported yet: its default 0 is no measurement, so the
+    # pool's mean is 0.95, not 0.475: KV pressure.
+    planner = make_planner()
+    workers = [prefill(0), decode(0, kv_used_fraction=0.95), WorkerObservation("d1", "decode", reported=False)]
+    decision = planner.step(observe(0, workers))
+    assert decision.actions == (Action("add", "decode", None, "kv_pressure"),)
+
+
+def test_a_pool_with_nothing_measured_gives_nothing_to_a_forecast():
+    # The forecast wants 2 prefill workers (rate 10 x ISL 2000 x 0.75 / 10,000 = 1.5 -> 2) and 1 decode
+    # (10 x OSL 20 x 0.05 / 40 = 0.25 -> 1); of the 3 decode workers none has reported: no flip from a
+    # pool that says nothing (before: d0 flipped). Prefill gets an add.
+    planner = make_planner(max_workers=8)
+    unreported = [WorkerObservation(f"d{i}", "decode", reported=False) for i in range(3)]
+    start(planner, [prefill(0)] + unreported)
+    decision = planner.step(observe(30, [prefill(0)] + unreported, request_rate=10.0, osl_mean=20.0, itl_ms_p90=None))
+    assert decision.loop == "predictive" and (decision.target_prefill, decision.target_decode) == (2, 1)
+    assert decision.actions == (Action("add", "prefill", None, "forecast"),)
 
 
 # ---- workers in transition -----------------------------------------------------------------------

@@ -17,11 +17,12 @@ import time
 import httpx
 import pytest
 import yaml
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from _fleet import Fleet, deployment
 from _server import REPO_ROOT, metrics, running_server
 from tidal.fleet_snapshot import FinishedRequest, FleetSnapshot, WorkerSnapshot
+from tidal.planner.core import Planner
 from tidal.planner.service import ObservationCollector, PlannerService
 from tidal.protocol import EngineStats
 from tidal.planner.types import percentile as _percentile
@@ -62,6 +63,68 @@ def test_collector_reads_only_the_published_snapshot():
     assert (d0.state, d0.steps, d0.step_s_mean, d0.prefill_tokens, d0.decode_tokens) == ("draining", 20, 0.02, 200, 40)
     assert (d0.pending_prefill_tokens, d0.kv_used_fraction, d0.kv_capacity_tokens) == (64, 0.25, 1600)
     assert (p0.worker_id, p0.role, p0.state) == ("p0", "prefill", "starting")
+
+
+class _RecordingActuator:
+    """Records the adds, removes and flips it is asked for; carries none out."""
+
+    def __init__(self):
+        self.calls = []
+
+    async def add_worker(self, role):
+        self.calls.append(("add", role))
+
+    async def remove_worker(self, worker_id):
+        self.calls.append(("remove", worker_id))
+
+    async def flip_worker(self, worker_id, role):
+        self.calls.append(("flip", worker_id, role))
+
+
+async def test_no_finished_requests_and_no_reports_no_decision():
+    """The planner example's fleet (1 prefill, 1 decode, min_prefill 0, budget 3) as the router publishes
+    it before any load report and with no request arrived or finished: 25 s of 1-s steps (two
+    predictive windows) decide nothing. Once both workers report an idle engine (zero arrivals counted:
+    data), the next predictive window removes the idle prefill worker, as designed."""
+    config = PlannerConfig(slo=SLO(ttft_ms=500, itl_ms=100), max_workers=3, min_prefill=0, min_decode=1,
+                           reactive_interval_s=1.0, predictive_interval_s=10.0, predictor="holt",
+                           scale_down_cooldown_s=10.0)
+    idle = EngineStats(num_running=0, num_waiting=0, kv_blocks_used=0, kv_blocks_total=100, prefix_cache_hit_tokens=0,
+                       prompt_tokens=0, generation_tokens=0)
+    stats = [None]
+
+    def snapshot():
+        workers = tuple(WorkerSnapshot(worker_id, role, block_size=16, stats=stats[0])
+                        for worker_id, role in (("prefill-0", "prefill"), ("decode-0", "decode")))
+        return FleetSnapshot(clock[0], workers, queue_depth=0, arrivals_total=0, finished=())
+
+    clock = [0.0]
+    actuator = _RecordingActuator()
+    planner, seen = Planner(config), []
+
+    class Recording:
+        def step(self, obs):
+            seen.append(obs)
+            return planner.step(obs)
+
+    service = PlannerService(config, snapshot, actuator, CollectorRegistry(), Recording())
+    service.collector = ObservationCollector(snapshot, clock=lambda: clock[0])
+    for _ in range(25):
+        clock[0] += 1.0
+        decision = service.step_once()
+        assert decision.actions == (), decision
+        assert [w.reported for w in seen[-1].workers] == [False, False]
+    assert "ttft p90 -/500 ms, itl p90 -/100 ms" in decision.explanation
+    stats[0] = idle
+    for _ in range(10):
+        clock[0] += 1.0
+        decision = service.step_once()
+        if decision.actions:
+            break
+    assert decision.loop == "predictive"
+    assert decision.actions == (Action("remove", "prefill", "prefill-0", "idle"),)
+    await service._executor
+    assert actuator.calls == [("remove", "prefill-0")]
 
 
 class _Scripted:

@@ -13,7 +13,7 @@ planner loop, or the simulator). Each call runs one of two loops:
 - reactive (every other call): a pool is in trouble when its signals cross their targets (prefill:
   TTFT P90 over the SLO, or the prefill queue would take more than `queue_wait_fraction` of the TTFT
   target to drain; decode: ITL P90 or decode step time over the target, or KV use over
-  `kv_pressure`). A pool in trouble is sized at once for the rate seen in the last few calls plus
+  `kv_pressure`), each judged only where measured (`health.py`). A pool in trouble is sized at once for the rate seen in the last few calls plus
   its queue drained within `backlog_clear_s` (one worker when that model finds none missing and
   none is on its way); one worker of it may come by a flip from the other pool when that pool has
   slack and more workers than the current rate needs, the rest are added within the budget
@@ -31,6 +31,10 @@ Invariants:
 - A worker in transition (starting, draining, flipping, stopping, or acted on and not yet seen
   finished) counts toward the pool it is becoming and is never picked for another action.
 - No removal from, and no flip away from, a pool within `scale_down_cooldown_s` of its growing.
+- No data, no decision: a signal that is not measured is neither trouble nor slack. A pool gives a
+  worker away only on measured slack (its latency measured and low, or measured idle: reported
+  workers with nothing to do and no arrivals counted); an observation whose workers have not
+  reported and whose frontend saw nothing moves nothing (minimums aside).
 
 Contract with the adapters: after a decision, the next observation shows an added worker as
 `starting`; a worker in state `flipping` reports the role it is becoming (the planner also
@@ -99,14 +103,14 @@ class Planner:
         return self.load.startup_s + self.config.predictive_interval_s
 
     # ---- what a pool may give ------------------------------------------------------------------
-    def _has_slack(self, health: Health) -> bool:
-        return health.trouble is None and health.worst_ratio < self.thresholds.slack_fraction
-
     def _may_give(self, pool: Pool, health: Health, time_s: float, need_slack: bool) -> bool:
         """Whether `pool` may lose a worker now: above its minimum, one to pick, not grown within the
         cooldown, and idle enough (slack, or at least not in trouble)."""
         cooled = time_s - self.book.last_grew_s[pool.role] >= self.config.scale_down_cooldown_s
-        calm = self._has_slack(health) if need_slack else health.trouble is None
+        if need_slack:
+            calm = health.has_slack(self.thresholds.slack_fraction)
+        else:  # not in trouble on what is measured; a pool with nothing measured gives nothing
+            calm = health.trouble is None and health.worst_ratio is not None
         return pool.count > self._minimum(pool.role) and bool(pool.active) and cooled and calm
 
     def _minimum(self, role: Role) -> int:
@@ -297,6 +301,7 @@ def _explain(obs: Observation, health: dict[Role, Health], config: PlannerConfig
                  f"(budget {config.max_workers})")
     parts.append(f"ttft p90 {_ms(front.ttft_ms_p90)}/{slo.ttft_ms:g} ms, itl p90 {_ms(front.itl_ms_p90)}/"
                  f"{slo.itl_ms:g} ms")
+    parts.append("signals (x target) " + "; ".join(f"{role} {health[role].describe()}" for role in POOLS))
     troubles = [f"{role} {health[role].trouble}" for role in POOLS if health[role].trouble]
     if troubles:
         parts.append("trouble: " + ", ".join(troubles))

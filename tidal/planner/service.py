@@ -76,11 +76,11 @@ class ObservationCollector:
 
     def _worker(self, worker: WorkerSnapshot) -> WorkerObservation:
         if not worker.connected:  # registered, not yet connected
-            return WorkerObservation(worker_id=worker.worker_id, role=worker.role, state="starting")
+            return WorkerObservation(worker_id=worker.worker_id, role=worker.role, state="starting", reported=False)
         worker_id, stats = worker.worker_id, worker.stats
         state = self.states.get(worker_id) or ("draining" if worker.draining else "active")
         if stats is None:
-            return WorkerObservation(worker_id=worker_id, role=worker.role, state=state)
+            return WorkerObservation(worker_id=worker_id, role=worker.role, state=state, reported=False)
         last = self.last_stats.get(worker_id, stats)  # first look: nothing to diff yet
         if stats.steps_total < last.steps_total:  # a restarted worker counts from zero
             last = _ZERO_STATS

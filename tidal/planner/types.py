@@ -39,6 +39,9 @@ class WorkerObservation:
     decode_batch_mean: float = 0.0  # mean decode sequences per step
     context_tokens_mean: float = 0.0  # mean context length of those sequences
     kv_capacity_tokens: int = 0  # tokens its KV cache holds (0: not reported)
+    reported: bool = True
+    """False: no load report from it yet (starting, or connected before its first report): its load
+    fields above are defaults, not measurements, and the planner reads none of them."""
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,7 @@ class Action:
     kind: ActionKind
     role: Role  # add: the new worker's role; flip: the role it takes; remove: the role it had
     worker_id: str | None = None  # remove / flip: which worker (None for add)
-    reason: str = ""  # a metric label: e.g. "ttft_over_slo", "itl_over_slo", "forecast", "idle"
+    reason: str = ""  # a metric label: e.g. "ttft_over_slo", "itl_over_slo", "step_over_itl", "forecast", "idle"
 
 
 @dataclass(frozen=True)
