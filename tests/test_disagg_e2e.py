@@ -153,12 +153,15 @@ def test_abort_at_every_stage_frees_every_worker(fault_server):
     for t in threads:
         t.join()
     _wait_all_free(url)
-    # While the KV moves (pulls take 3 s here): leave right after the first token.
-    _stream_until(url, medium, 1)
-    deadline = time.monotonic() + 2.7  # within the pull, with room for a busy box
-    while not any(w["stats"]["num_waiting_for_kv"] for w in _workers(url)):
-        assert time.monotonic() < deadline, "the decode worker never reported the pull"
-        time.sleep(0.05)
+    # While the KV moves (pulls take 3 s here): leave once the decode worker reports the pull.
+    with _client(url) as c:
+        stream = c.chat.completions.create(model=MODEL, messages=medium, temperature=0, max_tokens=16, stream=True)
+        next(chunk for chunk in stream if chunk.choices and chunk.choices[0].delta.content)
+        deadline = time.monotonic() + 2.7  # within the pull, with room for a busy box
+        while not any(w["stats"]["num_waiting_for_kv"] for w in _workers(url)):
+            assert time.monotonic() < deadline, "the decode worker never reported the pull"
+            time.sleep(0.05)
+        stream.close()
     _wait_all_free(url)
     # While decoding.
     _stream_until(url, medium, 5)
