@@ -8,6 +8,7 @@ report the test sets; it runs nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import httpx
@@ -18,7 +19,7 @@ from tidal.deploy.config import DeploymentError, parse_deployment
 from tidal.errors import OverloadedError
 from tidal.fleet_snapshot import FinishedRequest
 from tidal.protocol import AddRequest, EngineStats, SamplingParams, TokenDelta
-from tidal.router.admission import first_delta_within
+from tidal.router.admission import first_delta
 from tidal.router.config import RouterConfig
 from tidal.router.service import Router
 from tidal.router.wait_estimate import DecodeRate, WorkerQueue, estimate_wait_s, output_tokens_per_request
@@ -214,24 +215,24 @@ async def _slow_stream(delay_s: float, aborted: list[bool]):
         aborted.append(True)
 
 
-def test_first_delta_within_refuses_a_request_still_queued_on_its_worker():
+def test_first_delta_refuses_a_request_still_queued_on_its_worker():
     worker = Worker(_Client("w"))
     worker.client.report = _stats(waiting=3)
 
-    async def take(stream):
-        return [d async for d in stream]
+    async def take(stream, deadline, refuse):
+        async with contextlib.aclosing(stream):
+            first = await first_delta(stream, deadline, worker, refuse)
+            return [first] + [d async for d in stream] if first is not None else []
 
     async def scenario():
         aborted: list[bool] = []
         started = time.monotonic()
         with pytest.raises(OverloadedError):
-            await take(first_delta_within(_slow_stream(5.0, aborted), started + 0.1, worker,
-                                          lambda: OverloadedError("late", retry_after_s=2)))
+            await take(_slow_stream(5.0, aborted), started + 0.1, lambda: OverloadedError("late", retry_after_s=2))
         assert time.monotonic() - started < 1.0 and aborted == [True]  # the worker's stream was closed
         # no queue on the worker: a slow first token (a long prompt) waits on past the deadline
         worker.client.report = _stats(waiting=0)
-        deltas = await take(first_delta_within(_slow_stream(0.2, []), time.monotonic() + 0.05, worker,
-                                               lambda: OverloadedError("late")))
+        deltas = await take(_slow_stream(0.2, []), time.monotonic() + 0.05, lambda: OverloadedError("late"))
         assert [d.new_token_ids for d in deltas] == [[7]]
 
     asyncio.run(scenario())

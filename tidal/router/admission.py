@@ -14,7 +14,7 @@ It sheds load by default (`OverloadedError`: 503 with Retry-After), each with it
   request is about to be planned);
 - `queue_full`: `max_queue` requests wait in the router already;
 - `queue_timeout`: it waited in the router until its deadline (`queue_timeout_s` after arrival);
-- `first_token_timeout` (`first_delta_within`): the deadline passed with the request still without
+- `first_token_timeout` (`first_delta`): the deadline passed with the request still without
   a token on a worker that has a queue; the worker aborts it.
 `EngineDeadError` when no worker can serve. An admitted plan whose stream never starts gives its
 place back after `PLAN_TTL_S`.
@@ -23,7 +23,6 @@ place back after `PLAN_TTL_S`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 import time
@@ -153,24 +152,21 @@ class AdmissionQueue:
             self.plans.pop(request_id).release()
 
 
-async def first_delta_within(stream: AsyncIterator[TokenDelta], deadline: float, worker: Worker | None,
-                             refuse: Callable[[], OverloadedError]) -> AsyncIterator[TokenDelta]:
-    """`stream`, refused with `refuse()` when its first delta has not come by `deadline`
-    (`time.monotonic()`) while `worker` (the one computing its prompt) has a queue: the request is
-    most likely still in it. Without a queue there (a long prompt, a slow step) it waits on."""
-    async with contextlib.aclosing(stream):
-        first = asyncio.ensure_future(anext(stream))
-        try:
-            done, _ = await asyncio.wait({first}, timeout=max(deadline - time.monotonic(), 0.0))
-            if not done and worker is not None and worker.waiting > 0:
-                raise refuse()
-            delta = await first
-        except StopAsyncIteration:
-            return
-        finally:
-            if not first.done():  # refused (or cancelled): the stream's own cleanup aborts the request
-                first.cancel()
-                await asyncio.gather(first, return_exceptions=True)
-        yield delta
-        async for delta in stream:
-            yield delta
+async def first_delta(stream: AsyncIterator[TokenDelta], deadline: float, worker: Worker | None,
+                      refuse: Callable[[], OverloadedError]) -> TokenDelta | None:
+    """`stream`'s first delta (None: it ended without one), or `refuse()` raised when it has not come
+    by `deadline` (`time.monotonic()`) while `worker` (the one computing its prompt) has a queue: the
+    request is most likely still in it. Without a queue there (a long prompt, a slow step) it waits
+    on. The caller iterates the rest of `stream` itself and closes it (which aborts the request)."""
+    first = asyncio.ensure_future(anext(stream))
+    try:
+        done, _ = await asyncio.wait({first}, timeout=max(deadline - time.monotonic(), 0.0))
+        if not done and worker is not None and worker.waiting > 0:
+            raise refuse()
+        return await first
+    except StopAsyncIteration:
+        return None
+    finally:
+        if not first.done():  # refused (or cancelled): the caller's close of the stream aborts the request
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)

@@ -9,7 +9,7 @@ off again):
    `policy.decide_prefill`) from the prompt's uncached length on that worker and the prefill queues.
 
 `generate` streams it; until its first token comes, within `queue_timeout_s` of its arrival while
-its worker has a queue (`admission.first_delta_within`), else 503. Local: the request runs on its decode worker whole. Remote (`remote.py`):
+its worker has a queue (`admission.first_delta`), else 503. Local: the request runs on its decode worker whole. Remote (`remote.py`):
 the prefill worker runs it with max_tokens=1 and `hold_kv`, then the decode worker pulls the KV and
 streams the rest. Migration (`migration.py`): when the worker streaming the request dies or
 leaves, or the decode worker's KV pull fails (its prefill worker died), the request is planned
@@ -32,7 +32,7 @@ import msgspec
 from tidal.errors import EngineDeadError, OverloadedError
 from tidal.hashing import ROOT_PARENT_HASH, block_hashes
 from tidal.protocol import AddRequest, RoutingHints, TokenDelta
-from tidal.router.admission import first_delta_within, retry_after_s
+from tidal.router.admission import first_delta, retry_after_s
 from tidal.router.config import RouterConfig
 from tidal.router.metrics import RouterMetrics
 from tidal.router.migration import WorkerLost, resume_request
@@ -158,10 +158,12 @@ class Dispatcher:
             while True:
                 try:
                     stream = self._attempt(run.plan, run.attempt)
-                    if run.first_at is None:
-                        stream = first_delta_within(stream, run.arrived + self.config.queue_timeout_s,
-                                                    run.plan.pending_on, self._too_late)
                     async with contextlib.aclosing(stream):
+                        if run.first_at is None:  # the first token is due within the queue timeout
+                            first = await first_delta(stream, run.arrived + self.config.queue_timeout_s,
+                                                      run.plan.pending_on, self._too_late)
+                            if first is not None:
+                                yield self._track(run, first)
                         async for delta in stream:
                             yield self._track(run, delta)
                     break

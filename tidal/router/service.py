@@ -37,7 +37,6 @@ from tidal.router.dispatch import Dispatcher
 from tidal.router.index import KVIndex
 from tidal.router.metrics import RouterMetrics
 from tidal.router.plan import Plan
-from tidal.router.policy import POLICIES
 from tidal.router.request_log import RequestLog
 from tidal.router.roles import RoleControl
 from tidal.router.sessions import SessionTable
@@ -54,8 +53,6 @@ class Router:
         topics `load` and `kv`); None: ZMQ, connecting to each worker's `event_addr`. `client_tag`
         starts this replica's socket ids at every worker (`WorkerClient`); `keys`: they dial the
         workers with CURVE (cluster mode with `curve_key_dir`)."""
-        if config.policy not in POLICIES:
-            raise ValueError(f"unknown routing policy {config.policy!r}; choose one of {', '.join(POLICIES)}")
         self.config = config
         self.discovery = discovery
         self.metrics = RouterMetrics()

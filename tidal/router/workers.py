@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from tidal.config import FLEET_READY_TIMEOUT_S
+from tidal.config import FLEET_READY_TIMEOUT_S, CacheConfig
 from tidal.curve import CurveKeys
 from tidal.fleet_snapshot import WorkerSnapshot
 from tidal.protocol import EngineStats, KVDump, KVEventBatch, LoadReport, WorkerInfo, WorkerLeaving
@@ -132,7 +132,7 @@ class WorkerSet:
         self.workers: dict[str, Worker] = {}
         self.starting: dict[str, asyncio.Task] = {}  # worker id -> its connection under way
         self._tasks: list[asyncio.Task] = []
-        self.block_size = 16
+        self.block_size = CacheConfig.block_size  # until the first worker says its own
         self.max_model_len: int | None = None
         self.model_name: str | None = None
 
