@@ -95,8 +95,9 @@ def check_request(ctx: ServingContext, req: SamplingRequest) -> None:
         raise model_not_found(req.model)
     if abs(req.priority) > ctx.max_request_priority:
         limit = ctx.max_request_priority
-        raise bad_request(f"priority must be between {-limit} and {limit} on this server "
-                          f"(frontend.max_request_priority), got {req.priority}", param="priority")
+        allowed = f"must be between {-limit} and {limit}" if limit else "can't be set by clients"
+        raise bad_request(f"priority {allowed} on this server (frontend.max_request_priority), "
+                          f"got {req.priority}", param="priority")
     if not ctx.engine.is_healthy():
         raise engine_unavailable()
     vocab_size = getattr(ctx.tokenizer, "vocab_size", None)
