@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from tidal.bench.procs import machine_info
+from tidal.bench.rss import MIB, rss_bytes
 from tidal.bench.server import ServerProcess, tidal_command
 from tidal.runtime.ports import free_port
 
@@ -38,10 +39,7 @@ def large_prompt(chars: int, seed: int) -> str:
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return (rss_bytes(pid) or 0) / MIB
 
 
 class Sampler:
