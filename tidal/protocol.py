@@ -17,6 +17,20 @@ their KV for a decode worker; `decode` pulls that KV and generates the rest."""
 ROLES: tuple[Role, ...] = ("both", "prefill", "decode")
 
 
+StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+
+
+class StructuredOutput(msgspec.Struct, frozen=True, kw_only=True):
+    """A constraint on a request's output, enforced token by token in the sampler by a grammar.
+
+    `kind` says what `spec` holds: "json" a JSON schema (its text), "json_object" nothing (any
+    JSON object), "regex" a regular expression, "choice" a JSON list of the allowed strings,
+    "grammar" a grammar text (the grammar library's syntax)."""
+
+    kind: StructuredKind
+    spec: str = ""
+
+
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     """How to pick tokens for one request. Stop strings are matched by the detokenizing side."""
 
@@ -32,6 +46,11 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # None: none; k: the chosen token's logprob plus top-k
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already in the output
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # vLLM's: logits of prompt and output tokens divided (> 0) or multiplied (< 0)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    structured: StructuredOutput | None = None  # the output must match this (None: free text)
 
     @property
     def greedy(self) -> bool:
