@@ -217,10 +217,10 @@ class TextStep:
 class GenerationRun:
     """One request's engine stream turned into text steps.
 
-    Lifecycle: `steps()` is iterated once; it ends after the step that carries a
-    finish_reason. Closing it early (client gone) closes the engine iterator, which aborts
-    the request. Counters (`num_generated_tokens`, `num_cached_tokens`) are final once
-    `steps()` has ended.
+    Lifecycle: `start()` (streams only) waits for the first step; `steps()` is iterated once
+    and ends after the step that carries a finish_reason. Closing it early (client gone), or
+    `aclose()`, closes the engine iterator, which aborts the request. Counters
+    (`num_generated_tokens`, `num_cached_tokens`) are final once `steps()` has ended.
     """
 
     def __init__(self, ctx: ServingContext, request: AddRequest, *,
@@ -239,6 +239,8 @@ class GenerationRun:
         self.num_cached_tokens = 0
         self._last_output_time: float | None = None
         self._deadline = RequestDeadline(ctx.server.request_deadline_s, request.arrival_time)
+        self._steps: AsyncIterator[TextStep] | None = None
+        self._first: TextStep | None = None  # the step `start()` waited for, not yet handed out
 
     def usage(self) -> UsageInfo:
         return UsageInfo(
@@ -247,7 +249,40 @@ class GenerationRun:
             total_tokens=self.num_prompt_tokens + self.num_generated_tokens,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=self.num_cached_tokens))
 
+    async def start(self) -> None:
+        """Waits for the request's first step, so that a refusal before any output (a first-token
+        deadline in an overloaded worker's queue, a dead engine) becomes the response's own status
+        (503 with Retry-After, ...) and not an error event inside a stream that already said 200.
+        A streaming response starts after this: its headers leave with its first token, which is
+        when they would be read anyway."""
+        self._steps = self._run()
+        try:
+            self._first = await anext(self._steps)
+        except StopAsyncIteration:
+            pass
+        except BaseException:
+            await self._steps.aclose()
+            raise
+
     async def steps(self) -> AsyncIterator[TextStep]:
+        """The request's text steps; they follow the one `start()` waited for, if it was called."""
+        if self._steps is None:
+            self._steps = self._run()
+        try:
+            if self._first is not None:
+                first, self._first = self._first, None
+                yield first
+            async for step in self._steps:
+                yield step
+        finally:
+            await self._steps.aclose()  # aborts the engine request unless it finished
+
+    async def aclose(self) -> None:
+        """Aborts the engine request unless it finished (a no-op once `steps()` has ended)."""
+        if self._steps is not None:
+            await self._steps.aclose()
+
+    async def _run(self) -> AsyncIterator[TextStep]:
         metrics = self._ctx.metrics
         metrics.prompt_tokens.inc(self.num_prompt_tokens)
         status = "abort"
@@ -277,6 +312,9 @@ class GenerationRun:
                 yield step
             if not finished:
                 raise EngineRequestError("the engine ended the request's stream unfinished")
+        except OverloadedError:
+            status = "rejected"  # shed before its first token (`admission.first_delta`)
+            raise
         except Exception:
             status = "error"
             raise
@@ -360,8 +398,9 @@ class SSEResponse(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[bytes]) -> None:
+    def __init__(self, content: AsyncIterator[bytes], run: GenerationRun | None = None) -> None:
         self.body_iterator = content
+        self._run = run  # closed with the body: a started run whose body never ran is aborted too
         self.status_code = 200
         self.background = None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -375,6 +414,8 @@ class SSEResponse(Response):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
+                if self._run is not None:
+                    await self._run.aclose()
 
     async def _stream(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code,
