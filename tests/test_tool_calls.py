@@ -19,7 +19,14 @@ import openai
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_frontend_unit import MODEL, ScriptedEngine, byte_level_bpe, embedded_tokenizer, live_server, make_app
+from test_frontend_unit import (
+    MODEL,
+    ScriptedEngine,
+    byte_level_bpe,
+    embedded_tokenizer,
+    live_server,
+    make_app,
+)
 
 from tidal.config import DEFAULT_MODEL_NAME
 from tidal.frontend.chat_template_features import TemplateFeatures

@@ -111,8 +111,7 @@ class ToolPlan:
             return StructuredOutput(kind="json", spec=json.dumps(calls, ensure_ascii=False))
         if self.choice == "function":
             (tool,) = [t for t in self.tools if t["function"]["name"] == self.function]
-            return StructuredOutput(kind="json", spec=json.dumps(
-                tool["function"].get("parameters") or EMPTY_PARAMETERS, ensure_ascii=False))
+            return StructuredOutput(kind="json", spec=json.dumps(_parameters(tool["function"]), ensure_ascii=False))
         return None
 
     def parser_factory(self) -> Callable[[], ToolCallParser] | None:
@@ -152,8 +151,13 @@ def _choice(tool_choice, have_tools: bool, names: list[str]) -> tuple[str, str |
 def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object",
             "properties": {"name": {"type": "string", "enum": [function["name"]]},
-                           "parameters": function.get("parameters") or EMPTY_PARAMETERS},
+                           "parameters": _parameters(function)},
             "required": ["name", "parameters"], "additionalProperties": False}
+
+
+def _parameters(function: dict[str, Any]) -> dict[str, Any]:
+    """The schema of a function's arguments: always an object (a schema may leave its type out)."""
+    return {"type": "object", **(function.get("parameters") or EMPTY_PARAMETERS)}
 
 
 def with_tool_prompt(messages: list[dict[str, Any]], tools: list[dict[str, Any]], *,
