@@ -24,8 +24,9 @@ import argparse
 import logging
 import os
 import sys
+import typing
 
-from tidal.config import SIMULATED_WORKER
+from tidal.config import SIMULATED_WORKER, ReasoningParserName, ToolCallParserName
 from tidal.deploy.engine_knobs import add_engine_flags, add_model_flags, engine_knobs_from_args, model_knobs
 from tidal.router.policy import POLICIES
 from tidal.runtime.loop import run as run_loop
@@ -83,7 +84,8 @@ def deployment_from_args(args: argparse.Namespace):
     devices = list(rank_devices(args.device, tp)) if tp > 1 else [args.device]
     engine = engine_knobs_from_args(args)
     frontend = {"host": args.host or None, "port": args.port, "max_request_body_bytes": args.max_request_body_bytes,
-                "log_level": args.log_level}
+                "log_level": args.log_level, "tool_call_parser": args.tool_call_parser,
+                "reasoning_parser": args.reasoning_parser}
     return parse_deployment({
         "model": args.model, "tokenizer": args.tokenizer, "served_model_name": args.served_model_name,
         "frontend": {k: v for k, v in frontend.items() if v is not None},
@@ -119,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: the config's frontend.api_servers, else one per four cores)")
     serve.add_argument("--max-request-body-bytes", type=int, default=None,
                        help="larger bodies get a 413 (default: the config's frontend.max_request_body_bytes, 8 MiB)")
+    serve.add_argument("--tool-call-parser", default=None, choices=typing.get_args(ToolCallParserName),
+                       help="the format tool calls are read in with tool_choice auto (default auto: the one the "
+                            "chat template writes; without -f; with -f: frontend.tool_call_parser)")
+    serve.add_argument("--reasoning-parser", default=None, choices=typing.get_args(ReasoningParserName),
+                       help="qwen3 or deepseek_r1: <think>...</think> goes to reasoning_content (default none; "
+                            "without -f; with -f: frontend.reasoning_parser)")
     serve.add_argument("--max-migrations", type=int, default=None,
                        help="times a request may move to another worker when its worker dies or leaves "
                             "mid-stream (default: the config's frontend.max_migrations, 3)")

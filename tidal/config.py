@@ -35,6 +35,8 @@ Port = Annotated[int, Ge(0), Le(65535)]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 AttentionBackend = Literal["auto", "torch", "triton"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+ToolCallParserName = Literal["auto", "hermes", "llama3_json"]
+ReasoningParserName = Literal["none", "qwen3", "deepseek_r1"]
 
 
 @functools.cache
@@ -202,6 +204,13 @@ class ServerConfig:
     max_request_priority: Annotated[int, NonNegative, Le(MAX_PRIORITY)] = 0
     """Clients may set `priority` within [-N, N] (higher is admitted first when requests queue);
     outside it: 400. The default 0 lets no client jump the queue (per-API-key limits come with keys)."""
+    tool_call_parser: ToolCallParserName = "auto"
+    """The format tool calls are read in when `tool_choice` is "auto": `hermes` (<tool_call> JSON
+    </tool_call>: Qwen, Hermes, and the tool prompt Tidal writes for templates that ignore tools),
+    `llama3_json` (Llama 3.x's bare JSON calls), `auto` (the one the chat template writes)."""
+    reasoning_parser: ReasoningParserName = "none"
+    """`qwen3` or `deepseek_r1`: a reply's <think>...</think> goes to `reasoning_content` (see
+    `tidal.frontend.reasoning`); `none`: the reply is content as written."""
     log_level: LogLevel = "info"
     response_headers: tuple[tuple[str, str], ...] = ()
     """Sent with every response (an API server names itself: `x-tidal-api-server: INDEX`)."""

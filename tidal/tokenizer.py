@@ -178,14 +178,25 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-@lru_cache(maxsize=16)
-def _compile_template(template: str) -> jinja2.Template:
+@lru_cache(maxsize=1)
+def _template_environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template)
+    return env
+
+
+@lru_cache(maxsize=16)
+def _compile_template(template: str) -> jinja2.Template:
+    return _template_environment().from_string(template)
+
+
+def parse_template(template: str) -> jinja2.nodes.Template:
+    """A chat template's syntax tree (parsed as `apply_chat_template` parses it), for callers that
+    ask what a template reads (`tools`, `tool_calls`, ...) rather than render it."""
+    return _template_environment().parse(template)
 
 
 # ---- loading ----
