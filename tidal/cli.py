@@ -28,6 +28,7 @@ import typing
 
 from tidal.config import SIMULATED_WORKER, ReasoningParserName, ToolCallParserName
 from tidal.deploy.engine_knobs import add_engine_flags, add_model_flags, engine_knobs_from_args, model_knobs
+from tidal.deploy.server_flags import add_server_flags
 from tidal.router.policy import POLICIES
 from tidal.runtime.loop import run as run_loop
 
@@ -95,13 +96,36 @@ def deployment_from_args(args: argparse.Namespace):
     }, "command line")
 
 
-def with_max_migrations(deployment, max_migrations: int):
-    """The deployment with `frontend.max_migrations` set from the command line (validated)."""
+def serve_deployment_from_args(args: argparse.Namespace):
+    """`tidal serve`'s deployment: the -f file, or one worker from the engine flags; the frontend
+    flags over either. Raises DeploymentError."""
+    from tidal.deploy.config import load_deployment
+
+    deployment = load_deployment(args.config) if args.config is not None else deployment_from_args(args)
+    return with_frontend(deployment, frontend_flags(args))
+
+
+def with_frontend(deployment, values: dict):
+    """The deployment with these `frontend` fields set from the command line (validated)."""
     from tidal.deploy.config import parse_deployment
 
+    if not values:
+        return deployment
     data = deployment.model_dump(exclude_unset=True)
-    data.setdefault("frontend", {})["max_migrations"] = max_migrations
+    data.setdefault("frontend", {}).update(values)
     return parse_deployment(data, "command line")
+
+
+def frontend_flags(args: argparse.Namespace) -> dict:
+    """The `frontend` fields `tidal serve`'s flags set, with -f or without (None: not given)."""
+    from tidal.deploy.server_flags import server_overrides
+
+    given = server_overrides(args)
+    if args.host:
+        given["host"] = args.host  # in the deployment too: the workers' health endpoints bind there
+    if args.max_migrations is not None:
+        given["max_migrations"] = args.max_migrations
+    return given
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve a model over the OpenAI API (one worker, or a deployment "
                                          "config with -f)")
     add_engine_flags(serve)
+    add_server_flags(serve)
     serve.add_argument("-f", "--config", default=None,
                        help="deployment YAML (frontend, router, workers); the engine flags are then ignored")
     serve.add_argument("--host", default=None, help="frontend address (overrides the config's)")
@@ -177,22 +202,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
-        from tidal.deploy.config import DeploymentError, load_deployment
+        from tidal.deploy.config import DeploymentError, redacted
         from tidal.deploy.serve import serve_deployment
+        from tidal.deploy.vllm_flags import notes
 
+        if args.config is not None and args.model is not None:
+            parser.error("give a MODEL or -f CONFIG, not both")
         try:
-            if args.config is not None:
-                if args.model is not None:
-                    parser.error("give a MODEL or -f CONFIG, not both")
-                deployment = load_deployment(args.config)
-            else:
-                deployment = deployment_from_args(args)
-            if args.max_migrations is not None:
-                deployment = with_max_migrations(deployment, args.max_migrations)
+            deployment = serve_deployment_from_args(args)
         except DeploymentError as exc:
             print(f"tidal serve: {exc}", file=sys.stderr)
             return 2
-        logger.info("deployment: %s", deployment.model_dump(exclude_defaults=True))
+        for note in notes(args):
+            logger.warning(note)
+        logger.info("deployment: %s", redacted(deployment.model_dump(exclude_defaults=True)))
         try:
             run_loop(serve_deployment(deployment, args.host, args.port, args.api_servers))
         except KeyboardInterrupt:

@@ -8,6 +8,7 @@ them with `add_special_tokens=False`.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from datetime import datetime
@@ -126,6 +127,31 @@ class Tokenizer:
         variables = {**self._template_vars, **kwargs}
         return _compile_template(template).render(messages=messages, tools=tools,
                                                   add_generation_prompt=add_generation_prompt, **variables)
+
+
+def load_chat_template(value: str) -> str:
+    """A chat template given as a file or as the Jinja text itself (vLLM's `--chat-template`),
+    compiled once to check it; ValueError when it is neither or does not compile."""
+    path = os.path.expanduser(value)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            template = f.read()
+    elif "{{" in value or "{%" in value:
+        template = value
+    else:
+        raise ValueError(f"chat template {value!r} is neither a file nor a Jinja template")
+    try:
+        _compile_template(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"chat template {value[:80]!r} does not compile: {exc}") from None
+    return template
+
+
+def with_chat_template(tokenizer, value: str):
+    """A copy of `tokenizer` that renders chats with the template `value` (`load_chat_template`)."""
+    templated = copy.copy(tokenizer)
+    templated.chat_template = load_chat_template(value)
+    return templated
 
 
 def _vocab_list(backend: BackendTokenizer, size: int) -> list[str]:

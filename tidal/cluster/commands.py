@@ -11,8 +11,9 @@ import asyncio
 import logging
 import sys
 
-from tidal.deploy.config import DeploymentError
+from tidal.deploy.config import DeploymentError, redacted
 from tidal.deploy.engine_knobs import add_engine_flags, engine_knobs_from_args
+from tidal.deploy.server_flags import add_server_flags, server_overrides
 from tidal.protocol import ROLES
 from tidal.router.policy import POLICIES
 from tidal.runtime.loop import run as run_loop
@@ -68,6 +69,7 @@ def add_commands(sub) -> None:
     frontend.add_argument("--router", default=None, choices=POLICIES)
     frontend.add_argument("--observation-interval-s", type=float, default=None,
                           help="publish a planner observation this often (default planner.reactive_interval_s)")
+    add_server_flags(frontend)
 
     planner = sub.add_parser("planner", help="the SLA planner on a frontend's observations (NATS)")
     _add_cluster_args(planner)
@@ -97,7 +99,8 @@ def _frontend_overrides(args: argparse.Namespace) -> dict:
     return {**_cluster_overrides(args), "model": args.model, "tokenizer": args.tokenizer,
             "served_model_name": args.served_model_name, "observation_interval_s": args.observation_interval_s,
             "frontend": {"host": args.host, "port": args.port, "router": args.router,
-                         "log_level": args.log_level if args.log_level != "info" else None}}
+                         "log_level": args.log_level if args.log_level != "info" else None,
+                         **server_overrides(args)}}
 
 
 def _planner_overrides(args: argparse.Namespace) -> dict:
@@ -115,7 +118,7 @@ def run_command(args: argparse.Namespace) -> int:
     except DeploymentError as exc:
         print(f"tidal {args.command}: {exc}", file=sys.stderr)
         return 2
-    logger.info("%s settings: %s", args.command, settings.model_dump(exclude_defaults=True))
+    logger.info("%s settings: %s", args.command, redacted(settings.model_dump(exclude_defaults=True)))
     if args.command == "worker":
         from tidal.cluster.worker_main import run
         return run(settings, args.log_level)

@@ -8,6 +8,10 @@ serving, shut it down after `serve_http` returns). Endpoints:
     GET /health (ready to serve: 200, else 503)   GET /live (the process runs)
     GET /metrics                GET /version
     GET /admin/workers          (each worker's role and load, when the engine is a router)
+    POST /tokenize              POST /detokenize   (vLLM's shapes: `serving_tokenize.py`)
+
+API keys, the admin routes' loopback rule, per-key limits and CORS: `access.py`; TLS: uvicorn's,
+from `ServerConfig.ssl_*`; `ServerConfig.chat_template` replaces the model's chat template.
 
 Every error is answered in OpenAI's JSON shape (see `errors.py`); request bodies above
 `ServerConfig.max_request_body_bytes` are refused with 413 before any handler runs, request heads
@@ -28,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tidal.config import ServerConfig
+from tidal.frontend.access import install_access_control
 from tidal.frontend.chat_tokens import ChatTokenCache
 from tidal.frontend.detokenizer import TokenTextTable
 from tidal.frontend.engine_client import EngineClient
@@ -38,7 +43,9 @@ from tidal.frontend.openai_types import ModelCard, ModelList
 from tidal.frontend.serving import ClientDisconnected, ServingContext, error_for, json_response
 from tidal.frontend.serving_chat import ChatServing
 from tidal.frontend.serving_completion import CompletionServing
+from tidal.frontend.serving_tokenize import TokenizeServing
 from tidal.frontend.special_token_mask import SpecialTokenMask
+from tidal.tokenizer import with_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -141,13 +148,17 @@ def build_app(engine: EngineClient, tokenizer: Any, served_model_name: str,
     """The HTTP app for one engine; `tokenizer` follows `tidal.tokenizer`'s interface."""
     app = FastAPI(title="Tidal", version=_version())
     metrics = FrontendMetrics(engine)
+    if server_config.chat_template is not None:
+        tokenizer = with_chat_template(tokenizer, server_config.chat_template)
     ctx = _serving_context(engine, tokenizer, served_model_name, metrics, server_config)
     chat = ChatServing(ctx)
     completion = CompletionServing(ctx)
+    tokenize = TokenizeServing(ctx, chat)
     app.state.serving_context = ctx
     install_exception_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware,
                        max_body_bytes=server_config.max_request_body_bytes)
+    install_access_control(app, server_config)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -156,6 +167,14 @@ def build_app(engine: EngineClient, tokenizer: Any, served_model_name: str,
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await _answer(completion.create, request)
+
+    @app.post("/tokenize")
+    async def tokenize_prompt(request: Request) -> Response:
+        return await _answer(tokenize.tokenize, request)
+
+    @app.post("/detokenize")
+    async def detokenize_tokens(request: Request) -> Response:
+        return await _answer(tokenize.detokenize, request)
 
     @app.get("/v1/models")
     async def list_models() -> Response:
@@ -248,7 +267,9 @@ def make_http_server(app: FastAPI, server_config: ServerConfig) -> uvicorn.Serve
         app, host=server_config.host, port=server_config.port,
         log_level=server_config.log_level.lower(), access_log=False, lifespan="off",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_TIMEOUT_S, http=http, h11_max_incomplete_event_size=head_limit,
-        headers=[list(header) for header in server_config.response_headers])
+        headers=[list(header) for header in server_config.response_headers],
+        ssl_keyfile=server_config.ssl_keyfile, ssl_certfile=server_config.ssl_certfile,
+        ssl_ca_certs=server_config.ssl_ca_certs, ssl_cert_reqs=server_config.ssl_cert_reqs)
     return _Server(config)
 
 
