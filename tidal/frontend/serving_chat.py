@@ -101,6 +101,11 @@ class ChatServing:
             kwargs = {**kwargs, "reasoning_effort": req.reasoning_effort}
         return kwargs
 
+    async def prompt_token_ids(self, req: ChatCompletionRequest) -> list[int]:
+        """The prompt ids `create` would send to the engine for `req` (`/tokenize`)."""
+        plan = ToolPlan.for_request(req, self._features, self._ctx.server.tool_call_parser)
+        return (await self._prompt(req, plan))[1]
+
     async def _prompt(self, req: ChatCompletionRequest, plan: ToolPlan) -> tuple[str, list[int]]:
         """The templated prompt and its ids; its text checked against the context before tokenizing.
         The client's strings have their special-token text hidden from the tokenizer

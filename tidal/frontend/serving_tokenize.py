@@ -118,7 +118,7 @@ class TokenizeServing:
         chat = _validate(ChatCompletionRequest, {
             "model": self._ctx.served_model_name, "messages": req.messages, "tools": req.tools,
             "add_generation_prompt": req.add_generation_prompt, "chat_template_kwargs": req.chat_template_kwargs})
-        return await self._chat._prompt_token_ids(chat)
+        return await self._chat.prompt_token_ids(chat)
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
