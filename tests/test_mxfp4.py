@@ -141,8 +141,8 @@ def _gpt_oss_folder(tmp_path, weight_up: torch.Tensor, weight_down: torch.Tensor
     (tmp_path / "config.json").write_text(json.dumps({
         "model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"],
         "quantization_config": {"quant_method": "mxfp4",
-                                "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
-                                                           "model.embed_tokens", "lm_head"]}}))
+                                "modules_to_not_convert": ["model.layers.*.self_attn", "model.embed_tokens",
+                                                           "model.layers.*.mlp.router", "lm_head"]}}))
     return str(tmp_path)
 
 
@@ -171,8 +171,8 @@ def test_a_saved_checkpoint_loads_through_the_hook_as_transformers_dequantizes_i
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
     paths = [str(tmp_path / file) for file in sorted(set(index.values()))]
     tensors = dict(mxfp4_checkpoint_tensors(paths))
-    assert sorted(tensors) == sorted([PREFIX + "gate_up_proj", PREFIX + "down_proj", PREFIX + "gate_up_proj_bias",
-                                      "model.norm.weight"])
+    assert sorted(tensors) == sorted([PREFIX + "gate_up_proj", PREFIX + "down_proj",
+                                      PREFIX + "gate_up_proj_bias", "model.norm.weight"])
     for name, weight in ((PREFIX + "gate_up_proj", weight_up), (PREFIX + "down_proj", weight_down)):
         blocks, scales = quantize_mxfp4(weight)
         assert torch.equal(_bits(tensors[name]), _bits(convert_moe_packed_tensors(blocks, scales)))
@@ -193,7 +193,8 @@ def test_the_hook_pairs_names():
               "y_scales": torch.ones(1)}  # a name ending in _scales without blocks is a plain tensor
     get, has = stored.__getitem__, stored.__contains__
     name, tensor = mxfp4_expert_tensors("x.gate_up_proj_blocks", get, has)
-    assert name == "x.gate_up_proj" and torch.equal(_bits(tensor), _bits(convert_moe_packed_tensors(blocks, scales)))
+    assert name == "x.gate_up_proj"
+    assert torch.equal(_bits(tensor), _bits(convert_moe_packed_tensors(blocks, scales)))
     assert mxfp4_expert_tensors("x.gate_up_proj_scales", get, has) is None
     assert mxfp4_expert_tensors("x.bias", get, has)[0] == "x.bias"
     assert mxfp4_expert_tensors("y_scales", get, has)[0] == "y_scales"

@@ -151,7 +151,8 @@ def mxfp4_to_fp8(blocks: torch.Tensor, scales: torch.Tensor, granularity: FP8Gra
     return weight, scale
 
 
-def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
+                   ) -> torch.Tensor:
     """W8 [..., R, K] and its scale [..., R, K / n] (n columns per scale) -> W [..., R, K]."""
     repeat = weight.shape[-1] // scale.shape[-1]
     return (weight.to(torch.float32) * scale.repeat_interleave(repeat, dim=-1)).to(dtype)
@@ -176,9 +177,9 @@ def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks.contiguous(), (exponent + E8M0_BIAS).to(torch.uint8)
 
 
-def mxfp4_expert_tensors(name: str, get_tensor: Callable[[str], torch.Tensor], has_tensor: Callable[[str], bool],
-                         dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
-                         ) -> tuple[str, torch.Tensor] | None:
+def mxfp4_expert_tensors(name: str, get_tensor: Callable[[str], torch.Tensor],
+                         has_tensor: Callable[[str], bool], dtype: torch.dtype = torch.bfloat16,
+                         device: torch.device | str = "cpu") -> tuple[str, torch.Tensor] | None:
     """The loader's hook, per checkpoint tensor name: `X_blocks` (with `X_scales` beside it) gives
     ("X", the dequantized tensor in bf16 checkpoint layout, `experts_from_mxfp4`); `X_scales` gives
     None (read with its blocks); any other name gives (name, the tensor as stored). `get_tensor`
@@ -208,8 +209,10 @@ def mxfp4_checkpoint_tensors(paths: Iterable[str], wanted: Callable[[str], bool]
         for file in files:
             for name in file.keys():  # noqa: SIM118
                 base = name.removesuffix(BLOCKS_SUFFIX).removesuffix(SCALES_SUFFIX)
-                if not wanted(base if base + SCALES_SUFFIX in where and base + BLOCKS_SUFFIX in where else name):
+                paired = base + SCALES_SUFFIX in where and base + BLOCKS_SUFFIX in where
+                if not wanted(base if paired else name):
                     continue
-                pair = mxfp4_expert_tensors(name, lambda n: where[n].get_tensor(n), where.__contains__, dtype, device)
+                pair = mxfp4_expert_tensors(name, lambda n: where[n].get_tensor(n), where.__contains__,
+                                            dtype, device)
                 if pair is not None:
                     yield pair
