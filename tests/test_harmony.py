@@ -15,10 +15,17 @@ from __future__ import annotations
 import json
 
 import pytest
+from _harmony_tokenizer import (
+    ANSWER,
+    CALL,
+    HARMONY_SPECIALS,
+    HARMONY_TEMPLATE,
+    THINK,
+    THOUGHT,
+    harmony_backend,
+)
 from test_frontend_unit import MODEL, ScriptedEngine
 from test_tool_calls import ASK, TOOLS, WEATHER, ask, calls_of, openai_client, rendered_prompt
-from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from tidal.frontend.chat_output import ChatOutputFormat
 from tidal.frontend.chat_template_features import TemplateFeatures
@@ -27,53 +34,12 @@ from tidal.frontend.openai_types import ChatCompletionRequest
 from tidal.frontend.tool_calls import ToolPlan
 from tidal.tokenizer import Tokenizer
 
-HARMONY_SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>", "<|channel|>",
-                    "<|start|>", "<|end|>", "<|message|>", "<|call|>"]
-HARMONY_TEMPLATE = """\
-{%- set ns = namespace(last_call="") -%}
-<|start|>system<|message|>Reasoning: {{ reasoning_effort | default("medium") }}
-# Valid channels: analysis, commentary, final.<|end|>
-{%- if tools %}<|start|>developer<|message|># Tools
-namespace functions {
-{%- for tool in tools %}
-// {{ tool.function.description | default("") }}
-type {{ tool.function.name }} = (_: {{ tool.function.parameters | tojson }}) => any;
-{%- endfor %}
-} // namespace functions<|end|>{% endif -%}
-{%- for m in messages -%}
-{%- if m.role == "assistant" and m.tool_calls -%}
-{%- set call = m.tool_calls[0].function -%}
-{%- set ns.last_call = call.name -%}
-{%- if m.thinking %}<|start|>assistant<|channel|>analysis<|message|>{{ m.thinking }}<|end|>{% endif -%}
-<|start|>assistant to=functions.{{ call.name }}<|channel|>commentary json<|message|>
-{{- call.arguments | tojson }}<|call|>
-{%- elif m.role == "assistant" -%}
-<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|end|>
-{%- elif m.role == "tool" -%}
-<|start|>functions.{{ ns.last_call }} to=assistant<|channel|>commentary<|message|>{{ m.content }}<|end|>
-{%- else -%}
-<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>
-{%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt %}<|start|>assistant{% endif -%}"""
-
-THINK = "<|channel|>analysis<|message|>The user asks about Paris. Weather needs a tool.<|end|>"
-CALL = ('<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>'
-        '{"city": "Paris", "unit": "C"}<|call|>')
-ANSWER = "<|start|>assistant<|channel|>final<|message|>It is 18C in Paris <sunny>.<|return|>"
-THOUGHT = "The user asks about Paris. Weather needs a tool."
-
 
 @pytest.fixture(scope="module")
 def harmony_tokenizer() -> Tokenizer:
     """A byte-level BPE trained on a few harmony replies, with harmony's special tokens, as Tidal's
     `Tokenizer` (eos: <|return|>, and <|call|> from the generation config)."""
-    backend = BackendTokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False, special_tokens=HARMONY_SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator([THINK + CALL + ANSWER, THOUGHT] * 5, trainer)
+    backend = harmony_backend()
     return Tokenizer(backend, eos_token="<|return|>", eos_token_ids={backend.token_to_id("<|call|>")},
                      chat_template=HARMONY_TEMPLATE)
 
