@@ -26,15 +26,8 @@ from typing import Protocol
 
 import torch
 
+from tidal.config import MAX_ABS_LOGIT_BIAS, MAX_ABS_PENALTY, MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
 from tidal.protocol import SamplingParams
-
-MAX_ABS_PENALTY = 2.0
-"""presence_penalty and frequency_penalty lie in [-2, 2] (OpenAI's range)."""
-MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
-"""repetition_penalty's range: wide enough for any real use, narrow enough that no finite logit becomes
-infinite (a logit divided by a vanishing penalty would)."""
-MAX_ABS_LOGIT_BIAS = 100.0
-"""A logit_bias value lies in [-100, 100] (OpenAI's range: -100 bans a token, 100 all but forces it)."""
 
 
 @dataclass(frozen=True, slots=True)

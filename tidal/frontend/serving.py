@@ -105,6 +105,16 @@ def check_request(ctx: ServingContext, req: SamplingRequest) -> None:
         if any(t >= vocab_size for t in req.stop_token_ids):
             raise bad_request(f"stop_token_ids must be below the vocabulary size {vocab_size}",
                               param="stop_token_ids")
+    if req.logit_bias and vocab_size is not None:
+        outside = [k for k in req.logit_bias if int(k) >= vocab_size]
+        if outside:
+            raise bad_request(f"logit_bias token id {outside[0]} is outside the vocabulary (size {vocab_size})",
+                              param="logit_bias")
+    num_samples = getattr(req, "num_samples", req.num_choices)  # best_of, for text completions
+    if num_samples > ctx.server.max_n:
+        param = "n" if num_samples == req.num_choices else "best_of"
+        raise bad_request(f"{param} must be at most {ctx.server.max_n} on this server (frontend.max_n), "
+                          f"got {num_samples}", param=param)
 
 
 def check_prompt_chars(ctx: ServingContext, num_chars: int, param: str) -> None:
@@ -167,12 +177,17 @@ def build_sampling_params(req: SamplingRequest, max_tokens: int,
         ignore_eos=req.ignore_eos,
         min_tokens=req.min_tokens,
         logprobs=logprobs,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        logit_bias=req.logit_bias_pairs(),
     )
 
 
 def routing_hints(request: Request, req: SamplingRequest) -> RoutingHints | None:
-    """Session (`x-session-id` header, else the `user` field), priority and kv-routing options."""
-    session_id = request.headers.get("x-session-id") or req.user
+    """Session (`x-session-id` header, else `prompt_cache_key`, else `user`), priority and kv-routing
+    options."""
+    session_id = request.headers.get("x-session-id") or req.prompt_cache_key or req.user
     options = req.routing
     if not session_id and not req.priority and options is None:
         return None

@@ -13,15 +13,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tidal.frontend.chat_tokens import encode_text
+from tidal.frontend.choices import ChoiceOutput, Choices
 from tidal.frontend.errors import OpenAIError, bad_request
 from tidal.frontend.openai_types import (ChatChoiceLogprobs, ChatChunkEncoder,
                                          ChatCompletionChoice, ChatCompletionChunk,
                                          ChatCompletionRequest, ChatCompletionResponse,
                                          ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob)
-from tidal.frontend.serving import (SSE_DONE, GenerationRun, ServingContext, SSEResponse, admit,
-                                    build_sampling_params, check_prompt_chars, check_request,
-                                    clamp_logprob, json_response, parse_body, resolve_max_tokens,
-                                    routing_hints, run_until_disconnect, sse_error, sse_event)
+from tidal.frontend.serving import (SSE_DONE, ServingContext, SSEResponse, build_sampling_params,
+                                    check_prompt_chars, check_request, clamp_logprob, json_response,
+                                    parse_body, resolve_max_tokens, routing_hints, run_until_disconnect,
+                                    sse_error, sse_event)
 from tidal.protocol import AddRequest, TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -60,11 +61,10 @@ class ChatServing:
             request_id=request_id, prompt_token_ids=prompt_token_ids,
             sampling_params=build_sampling_params(req, max_tokens, req.num_logprobs()),
             arrival_time=arrival_time, routing=routing_hints(request, req))
-        await admit(ctx, add_request)
-        run = GenerationRun(ctx, add_request, skip_special_tokens=req.skip_special_tokens)
+        choices = await Choices.admit(ctx, add_request, req.num_choices, skip_special_tokens=req.skip_special_tokens)
         if req.stream:
-            return SSEResponse(self._stream(run, req))
-        return await run_until_disconnect(request, lambda: self._complete(run, req))
+            return SSEResponse(self._stream(choices, req))
+        return await run_until_disconnect(request, lambda: self._complete(choices, req))
 
     async def _prompt_token_ids(self, req: ChatCompletionRequest) -> list[int]:
         """The templated prompt's ids; its text checked against the context before tokenizing.
@@ -107,40 +107,35 @@ class ChatServing:
                                             bytes=raw, top_logprobs=top))
         return ChatChoiceLogprobs(content=content)
 
-    async def _complete(self, run: GenerationRun, req: ChatCompletionRequest) -> Response:
-        texts: list[str] = []
-        logprobs: list[TokenLogprob] | None = [] if req.logprobs else None
-        finish_reason = None
-        async with aclosing(run.steps()) as steps:
-            async for step in steps:
-                texts.append(step.text)
-                if logprobs is not None and step.logprobs:
-                    logprobs.extend(step.logprobs)
-                finish_reason = step.finish_reason
-        choice = ChatCompletionChoice(
-            message=ChatResponseMessage(content="".join(texts)),
-            logprobs=self._logprobs(logprobs, req.top_logprobs or 0),
-            finish_reason=finish_reason)
+    async def _complete(self, choices: Choices, req: ChatCompletionRequest) -> Response:
+        outputs = [ChoiceOutput(i) for i in range(len(choices.runs))]
+        async with aclosing(choices.steps()) as steps:
+            async for index, step in steps:
+                outputs[index].add(step)
+        response_choices = [ChatCompletionChoice(
+            index=out.index, message=ChatResponseMessage(content=out.text),
+            logprobs=self._logprobs(out.logprobs, req.top_logprobs or 0) if req.logprobs else None,
+            finish_reason=out.finish_reason) for out in outputs]
         return json_response(ChatCompletionResponse(
-            id=run.request.request_id, created=int(time.time()),
-            model=self._ctx.served_model_name, choices=[choice], usage=run.usage()))
+            id=choices.request_id, created=int(time.time()),
+            model=self._ctx.served_model_name, choices=response_choices, usage=choices.usage()))
 
-    async def _stream(self, run: GenerationRun, req: ChatCompletionRequest
-                      ) -> AsyncIterator[bytes]:
+    async def _stream(self, choices: Choices, req: ChatCompletionRequest) -> AsyncIterator[bytes]:
         created = int(time.time())
         model = self._ctx.served_model_name
         include_usage = req.include_usage
-        encoder = ChatChunkEncoder(run.request.request_id, created, model, include_usage)
+        encoders = [ChatChunkEncoder(choices.request_id, created, model, include_usage, index=i)
+                    for i in range(len(choices.runs))]
         want_logprobs, num_top = req.logprobs, req.top_logprobs or 0
-        first = True
+        first = [True] * len(encoders)  # per choice: its first chunk is still to come
         try:
-            async with aclosing(run.steps()) as steps:
-                async for step in steps:
+            async with aclosing(choices.steps()) as steps:
+                async for index, step in steps:
                     text = step.text
-                    if first:
+                    if first[index]:
                         # The role rides on the first chunk that follows engine output, so a
                         # client timing its first chunk measures a real first token.
-                        first = False
+                        first[index] = False
                         role = True
                     elif text:
                         role = False
@@ -149,11 +144,11 @@ class ChatServing:
                     else:
                         role, text = False, None
                     logprobs = self._logprobs(step.logprobs, num_top) if want_logprobs else None
-                    yield encoder.chunk(text, role=role, logprobs=logprobs,
-                                        finish_reason=step.finish_reason)
+                    yield encoders[index].chunk(text, role=role, logprobs=logprobs,
+                                                finish_reason=step.finish_reason)
             if include_usage:
-                chunk = ChatCompletionChunk(id=run.request.request_id, created=created,
-                                            model=model, choices=[], usage=run.usage())
+                chunk = ChatCompletionChunk(id=choices.request_id, created=created,
+                                            model=model, choices=[], usage=choices.usage())
                 yield sse_event(chunk.model_dump_json())
         except Exception as exc:
             yield sse_error(exc)
