@@ -5,7 +5,7 @@ and an O-token output; the median over `--repeats` of `adjust_logits` (the rows'
 `ModelRunner.execute` builds it) when no row, one row or every row uses penalties and a logit_bias.
 The first line is the common case: the figure it must keep near zero.
 
-    python -m benchmarks.logits_processors [--batch 64] [--vocab 49152] [--prompt 512] [--output 256]
+    python -m benchmarks.logits_processors [--batch 64] [--vocab 49152] [--prompt 512] [--output 256] [--device cuda]
 """
 
 from __future__ import annotations
@@ -41,11 +41,17 @@ def scheduled(batch: int, used: int, prompt: int, output: int, vocab: int) -> li
 
 
 def median_us(samplers: list[ScheduledRequest], logits: torch.Tensor, repeats: int) -> float:
+    """Wall time to the results (on a GPU: the device's work finished too)."""
     times = []
+    cuda = logits.device.type == "cuda"
     for _ in range(repeats):
         work = logits.clone() if samplers[0].request.logits_adjustment else logits
+        if cuda:
+            torch.cuda.synchronize()
         started = time.perf_counter()
         adjust_logits(work, [s.request for s in samplers])
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     return statistics.median(times) * 1e6
 
@@ -57,12 +63,13 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--output", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default="/tmp/tidal-bench/logits_processors.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    logits = torch.randn(args.batch, args.vocab)
+    logits = torch.randn(args.batch, args.vocab, device=args.device)
     results = []
-    print(f"| rows using them (of {args.batch}) | adjust_logits median (us) |\n|---|---|")
+    print(f"| rows using them (of {args.batch}, {args.device}) | adjust_logits median (us) |\n|---|---|")
     for used in (0, 1, args.batch):
         samplers = scheduled(args.batch, used, args.prompt, args.output, args.vocab)
         us = median_us(samplers, logits, args.repeats if used < args.batch else max(10, args.repeats // 10))

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from tidal.config import MAX_ABS_LOGIT_BIAS, MAX_ABS_PENALTY, MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
@@ -100,44 +101,55 @@ def _add_bias(logits: torch.Tensor, rows: list[int], adjustments: list[LogitsAdj
                for token_id, bias in a.logit_bias if token_id < vocab]
     if not entries:
         return
-    row_ids, token_ids, biases = zip(*entries)
-    device = logits.device
-    logits.index_put_((_to_device(row_ids, torch.int64, device), _to_device(token_ids, torch.int64, device)),
-                      _to_device(biases, logits.dtype, device), accumulate=True)
+    packed = _to_host_device(torch.tensor(entries, dtype=torch.float64), logits.device)  # [B, 3]: ids exact
+    logits.index_put_((packed[:, 0].long(), packed[:, 1].long()), packed[:, 2].to(logits.dtype), accumulate=True)
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[int], requests: list[AdjustedRow], vocab: int) -> None:
     """Repetition, then frequency and presence, on the entries (row, token) of every token each row has
-    seen: its output's (counted), and its prompt's when it penalizes repetition."""
-    device = logits.device
-    tokens, row_of, from_output = [], [], []  # flat over the rows' seen tokens
+    seen: its output's (counted), and its prompt's when it penalizes repetition.
+
+    The entries and their counts are found on the host (where the token lists are), then go to the
+    device in one copy, so the device queue is never waited on."""
+    output_keys, prompt_keys = [], []  # row * vocab + token id
+    params = np.zeros((len(logits), 3))  # per row: repetition, frequency, presence
     for row, request in zip(rows, requests):
+        a = request.logits_adjustment
+        params[row] = (a.repetition_penalty, a.frequency_penalty, a.presence_penalty)
         cut = request.num_prompt_tokens - request.num_resumed_tokens
-        parts = [(request.all_token_ids[cut:], 1.0)]
-        if request.logits_adjustment.repetition_penalty != 1.0:
-            parts.append((request.all_token_ids[:cut], 0.0))
-        for ids, is_output in parts:
-            tokens.append(torch.tensor(ids, dtype=torch.int64))
-            row_of.append(torch.full((len(ids),), row, dtype=torch.int64))
-            from_output.append(torch.full((len(ids),), is_output))
-    flat_tokens, flat_rows, flat_output = torch.cat(tokens), torch.cat(row_of), torch.cat(from_output)
-    if flat_tokens.numel() and int(flat_tokens.max()) >= vocab:
-        inside = flat_tokens < vocab
-        flat_tokens, flat_rows, flat_output = flat_tokens[inside], flat_rows[inside], flat_output[inside]
-    keys = _to_host_device(flat_rows * vocab + flat_tokens, device)
-    seen, inverse = torch.unique(keys, return_inverse=True)  # [E] distinct (row, token) entries
-    counts = torch.zeros(seen.shape[0], device=device).index_add_(
-        0, inverse, _to_host_device(flat_output, device))  # [E] occurrences in the output
-    entry_rows, entry_tokens = seen // vocab, seen % vocab
-    per_row = torch.zeros(logits.shape[0], 3)  # [N, 3]: repetition, frequency, presence
-    per_row[rows] = torch.tensor([[r.logits_adjustment.repetition_penalty, r.logits_adjustment.frequency_penalty,
-                                   r.logits_adjustment.presence_penalty] for r in requests])
-    per_entry = _to_host_device(per_row, device)[entry_rows]  # [E, 3]
+        output_keys.append(_keys(request.all_token_ids[cut:], row, vocab))
+        if a.repetition_penalty != 1.0:
+            prompt_keys.append(_keys(request.all_token_ids[:cut], row, vocab))
+    seen, counts = np.unique(np.concatenate(output_keys), return_counts=True)  # [E] entries, output occurrences
+    if prompt_keys:
+        in_output = seen
+        seen = np.union1d(in_output, np.concatenate(prompt_keys))
+        counts_by_entry = np.zeros(len(seen))
+        counts_by_entry[np.searchsorted(seen, in_output)] = counts
+        counts = counts_by_entry
+    if not len(seen):
+        return
+    # [E, 5]: key (exact in float64), count, the row's repetition, frequency and presence penalties
+    packed = np.concatenate([seen[:, None], np.asarray(counts, dtype=np.float64)[:, None], params[seen // vocab]],
+                            axis=1)
+    packed = _to_host_device(torch.from_numpy(packed), logits.device)
+    keys, counts_t = packed[:, 0].long(), packed[:, 1].float()
+    entry_rows, entry_tokens = keys // vocab, keys % vocab
+    repetition, frequency, presence = packed[:, 2].float(), packed[:, 3].float(), packed[:, 4].float()
     values = logits[entry_rows, entry_tokens].float()
-    repetition = per_entry[:, 0]  # 1 on rows that leave repetition alone: dividing by it changes nothing
+    # a row that leaves repetition alone has 1 here: dividing or multiplying by it changes nothing
     values = torch.where(values > 0, values / repetition, values * repetition)
-    values -= per_entry[:, 1] * counts + per_entry[:, 2] * (counts > 0)
+    values -= frequency * counts_t + presence * (counts_t > 0)
     logits[entry_rows, entry_tokens] = values.to(logits.dtype)
+
+
+def _keys(token_ids: list[int], row: int, vocab: int) -> np.ndarray:
+    """row * vocab + token id for each token below `vocab` (a dummy model's logits are narrowed to its
+    tokenizer's size: ids past it are never sampled)."""
+    ids = np.asarray(token_ids, dtype=np.int64)
+    if ids.size and ids.max() >= vocab:
+        ids = ids[ids < vocab]
+    return ids + row * vocab
 
 
 def _to_host_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
