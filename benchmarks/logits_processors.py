@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
+from tidal.engine.logits_processors import adjust_logits
 from tidal.engine.request import Request
 from tidal.engine.scheduler import ScheduledRequest
 from tidal.protocol import SamplingParams
-from tidal.engine.logits_processors import adjust_logits
 
 USED = SamplingParams(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.2,
                       logit_bias=((11, -100.0), (12, 5.0)))

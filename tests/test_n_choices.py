@@ -11,7 +11,15 @@ import asyncio
 import openai
 import pytest
 from _routed_engine import RoutedEngine
-from test_frontend_unit import BYTE_LEVEL, MODEL, ScriptedEngine, endless_script, live_server, make_app, wait_until
+from test_frontend_unit import (
+    BYTE_LEVEL,
+    MODEL,
+    ScriptedEngine,
+    endless_script,
+    live_server,
+    make_app,
+    wait_until,
+)
 
 from tidal.protocol import AddRequest, TokenDelta, TokenLogprob
 
@@ -50,9 +58,9 @@ def expected_text(seed: int, max_tokens: int = 100) -> str:
 
 
 async def _with_client(engine, body, **server_kwargs):
-    async with live_server(make_app(engine, **server_kwargs)) as url:
-        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0) as client:
-            return await body(client)
+    async with live_server(make_app(engine, **server_kwargs)) as url, \
+            openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0) as client:
+        return await body(client)
 
 
 async def test_chat_n_choices_not_streamed():

@@ -12,7 +12,6 @@ import uuid
 
 import openai
 import pytest
-
 from _server import example_config, metrics, running_server
 
 pytestmark = pytest.mark.slow
@@ -60,7 +59,7 @@ def _complete(client, stream: bool, **kwargs) -> list[str]:
     ("one two one two one two", "presence_penalty", 2.0),  # greedy: " two two two three two-"
 ])
 def test_penalties_break_a_repetitive_greedy_output(client, stream, prompt, field, value):
-    greedy = dict(prompt=prompt, max_tokens=6, temperature=0)
+    greedy = {"prompt": prompt, "max_tokens": 6, "temperature": 0}
     (plain,) = _complete(client, stream, extra_body={"ignore_eos": True}, **greedy)
     (penalized,) = _complete(client, stream, extra_body={"ignore_eos": True, field: value}, **greedy)
     assert len(set(penalized.split())) > len(set(plain.split())), (plain, penalized)
@@ -69,7 +68,7 @@ def test_penalties_break_a_repetitive_greedy_output(client, stream, prompt, fiel
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_logit_bias_bans_and_forces_tokens(client, tokenizer, stream):
-    greedy = dict(prompt="The capital of France is", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    greedy = {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0, "extra_body": {"ignore_eos": True}}
     (plain,) = _complete(client, stream, **greedy)
     first = tokenizer.encode(plain, add_special_tokens=False)[0]
     (banned,) = _complete(client, stream, logit_bias={str(first): -100}, **greedy)
@@ -82,7 +81,7 @@ def test_logit_bias_bans_and_forces_tokens(client, tokenizer, stream):
 def test_n_choices_share_the_prompts_kv_and_reproduce(server_url, client):
     # a prompt no earlier request had: only the template's opening can be cached before choice 0 runs
     messages = [{"role": "user", "content": f"Tell me about the number {uuid.uuid4().int % 10**12}."}]
-    sampled = dict(messages=messages, max_tokens=4, temperature=1.0, seed=11, extra_body={"ignore_eos": True})
+    sampled = {"messages": messages, "max_tokens": 4, "temperature": 1.0, "seed": 11, "extra_body": {"ignore_eos": True}}
     hits_before = metrics(server_url).get("tidal_prefix_cache_hit_tokens_total", 0.0)
     reply = client.chat.completions.create(model=MODEL, n=4, **sampled)
     hits = metrics(server_url)["tidal_prefix_cache_hit_tokens_total"] - hits_before
@@ -105,8 +104,8 @@ def test_n_choices_share_the_prompts_kv_and_reproduce(server_url, client):
 
 
 def test_best_of_returns_the_most_likely_sample(client):
-    sampled = dict(prompt="My favourite animal is the", max_tokens=4, temperature=1.0, seed=5,
-                   extra_body={"ignore_eos": True})
+    sampled = {"prompt": "My favourite animal is the", "max_tokens": 4, "temperature": 1.0, "seed": 5,
+                   "extra_body": {"ignore_eos": True}}
     samples = client.completions.create(model=MODEL, n=3, logprobs=0, **sampled)
     likelihood = {c.text: sum(c.logprobs.token_logprobs) for c in samples.choices}
     best = client.completions.create(model=MODEL, best_of=3, **sampled)  # seeds 5, 6, 7 as the samples'
@@ -118,7 +117,7 @@ def test_best_of_returns_the_most_likely_sample(client):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_echo_prepends_the_prompt(client, tokenizer, stream):
-    kwargs = dict(max_tokens=3, temperature=0, echo=True, extra_body={"ignore_eos": True})
+    kwargs = {"max_tokens": 3, "temperature": 0, "echo": True, "extra_body": {"ignore_eos": True}}
     (text,) = _complete(client, stream, prompt="The capital of France is", **kwargs)
     (plain,) = _complete(client, stream, prompt="The capital of France is", max_tokens=3, temperature=0,
                          extra_body={"ignore_eos": True})

@@ -22,9 +22,9 @@ def engine():
 
 @pytest.fixture
 async def client(engine):
-    async with live_server(make_app(engine)) as url:
-        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0) as c:
-            yield c
+    async with live_server(make_app(engine)) as url, \
+            openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0) as c:
+        yield c
 
 
 async def _both(client, endpoint: str, stream: bool, **kwargs):

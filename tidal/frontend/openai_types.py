@@ -26,8 +26,14 @@ from typing import Any, Literal
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from tidal.config import (MAX_ABS_LOGIT_BIAS, MAX_ABS_PENALTY, MAX_N, MAX_PRIORITY, MAX_REPETITION_PENALTY,
-                          MIN_REPETITION_PENALTY)
+from tidal.config import (
+    MAX_ABS_LOGIT_BIAS,
+    MAX_ABS_PENALTY,
+    MAX_N,
+    MAX_PRIORITY,
+    MAX_REPETITION_PENALTY,
+    MIN_REPETITION_PENALTY,
+)
 from tidal.router.policy import MAX_KV_TEMPERATURE, MAX_OVERLAP_WEIGHT
 
 MAX_TOP_LOGPROBS = 20
