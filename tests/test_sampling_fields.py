@@ -93,9 +93,9 @@ async def test_stop_strings_with_and_without_the_stop_text(client, engine, endpo
     assert engine.requests[-1].sampling_params.stop == (" of",)
 
 
-@pytest.mark.parametrize("endpoint", ["chat", "completions"])
-async def test_min_tokens_and_ignore_eos_reach_the_engine(client, engine, endpoint):
-    await _both(client, endpoint, False, max_tokens=20, extra_body={"min_tokens": 4, "ignore_eos": True})
+@pytest.mark.parametrize("endpoint, stream", BOTH)
+async def test_min_tokens_and_ignore_eos_reach_the_engine(client, engine, endpoint, stream):
+    await _both(client, endpoint, stream, max_tokens=20, extra_body={"min_tokens": 4, "ignore_eos": True})
     p = engine.requests[-1].sampling_params
     assert (p.min_tokens, p.ignore_eos, p.max_tokens) == (4, True, 20)
 
