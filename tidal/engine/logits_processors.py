@@ -12,9 +12,9 @@ in vLLM's order:
 Only rows that use one of them pay anything: the common case (no row does) costs one pass over the
 rows' `logits_adjustment` (computed once per request; None when unused), no tensor work. The rows
 that do are adjusted together and sparsely: only the (row, token) entries a bias names or a penalty
-reaches (the tokens each row has seen) are gathered, changed and scattered back, with one
-host-to-device copy of their token ids, so a step costs what those rows' token lists cost, not
-rows x vocabulary. Stateless: the counts are rebuilt each step from the requests' token lists, so
+reaches (the tokens each row has seen) are gathered, changed and scattered back. The entries and
+their counts are found on the host, where the token lists are, and reach the device in one pinned
+copy (no device sync), so a step costs what those rows' token lists cost, not rows x vocabulary. Stateless: the counts are rebuilt each step from the requests' token lists, so
 preemption, recompute and migration need no bookkeeping here.
 """
 
