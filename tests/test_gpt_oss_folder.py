@@ -148,10 +148,10 @@ def test_the_folder_is_in_the_release_format(release):
     assert blocks.dtype == scales.dtype == torch.uint8
     assert blocks.shape == (6, 2 * 96, 64 // 32, 16) and scales.shape == (6, 2 * 96, 64 // 32)  # [E, 2I, H/32, 16]
     # transformers dequantized them as Tidal does, and they really are quantized: off the bf16 originals
-    theirs = reference.model.layers[2].mlp.experts.gate_up_proj
+    theirs = reference.model.layers[2].mlp.experts.gate_up_proj.detach()
     assert torch.equal(experts_from_mxfp4(blocks, scales).float(), theirs)
-    original_weight = original.model.layers[2].mlp.experts.gate_up_proj
-    assert 0.02 < float((theirs - original_weight.detach()).norm() / original_weight.norm()) < 0.2
+    original_weight = original.model.layers[2].mlp.experts.gate_up_proj.detach()
+    assert 0.02 < float((theirs - original_weight).norm() / original_weight.norm()) < 0.2
 
 
 def test_the_folder_tokenizer_stops_at_return_and_call_not_end(release):
@@ -253,7 +253,6 @@ def test_serve_answers_with_the_folders_template(release, client):
 
 @pytest.mark.parametrize("token, stops", [("<|return|>", True), ("<|call|>", True), ("<|end|>", False)])
 def test_serve_stops_at_return_and_call_not_at_end(release, client, token, stops):
-    pytest.importorskip("tidal.engine.logits_processors", reason="logit_bias lands with i18-sampling")
     token_id = load_tokenizer(str(release[0])).backend.token_to_id(token)
     reply = client.chat.completions.create(model=SERVED, messages=ASK, max_tokens=4, temperature=0,
                                            logit_bias={str(token_id): 100})
