@@ -27,15 +27,24 @@ from tests._models_fixtures import PagedSequences
 from tidal import LLM, SamplingParams
 from tidal.config import ModelConfig
 from tidal.models.arch import get_preset, param_count, quantized_param_count, weight_bytes
-from tidal.models.fp8 import (BLOCK, E4M3_MAX, FP8_DTYPE, Fp8Linear, dequantize, quantize_blocks, quantize_rows,
-                              reference_linear)
+from tidal.models.fp8 import (
+    BLOCK,
+    E4M3_MAX,
+    FP8_DTYPE,
+    Fp8Linear,
+    dequantize,
+    quantize_blocks,
+    quantize_rows,
+    reference_linear,
+)
 from tidal.models.loader import load_model
 from tidal.runtime.ports import free_port
 
-TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=256, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=128, intermediate_size=256, vocab_size=384, num_hidden_layers=2,
-            max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
-            tie_word_embeddings=False, torch_dtype="float32")
+TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 256,
+        "vocab_size": 384, "num_hidden_layers": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+        "torch_dtype": "float32"}
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROMPT = [1, 17, 300, 42, 8, 99, 250, 3, 77]
 

@@ -60,6 +60,9 @@ def _method_name(declared: object) -> str:
     return str(declared.get("format") or "unknown method")
 
 
+MOE_MODEL_TYPES = frozenset({"gpt_oss", "mixtral", "qwen3_moe"})
+
+
 def fp8_layout(config: dict) -> str:
     """The `ModelArch.quantization` of an FP8 checkpoint ("fp8": per-tensor scales, held per row;
     "fp8-block": 128x128 block scales), or ValueError for an FP8 variant Tidal does not load."""
@@ -74,10 +77,12 @@ def fp8_layout(config: dict) -> str:
             if "lm_head" not in m and "embed" not in m]
     if kept:
         problems.append(f"unquantized decoder modules {kept[:3]}")
-    if config.get("num_local_experts") or config.get("num_experts"):
+    if config.get("num_local_experts") or config.get("num_experts") or config.get("model_type") in MOE_MODEL_TYPES:
         problems.append("mixture-of-experts layers (FP8 experts are not supported yet)")
     if problems:
-        raise ValueError(f"FP8 checkpoint not supported: {'; '.join(problems)}")
+        raise ValueError(f"quantized checkpoints (fp8) are not supported yet with {'; '.join(problems)}; Tidal "
+                         "loads FP8 checkpoints of dense models with dynamic activations and per-tensor or "
+                         f"{FP8_BLOCK}x{FP8_BLOCK} block weight scales")
     return "fp8" if block is None else "fp8-block"
 
 

@@ -42,8 +42,14 @@ from tidal.models.layers import add_rms_norm, apply_rope, rms_norm, rope_cos_sin
 from tidal.models.moe import SparseMoE
 from tidal.models.weight_slot import WeightSlot
 from tidal.models.weight_slot import empty_parameter as _empty
-from tidal.parallel.sharding import (TPShard, row_parallel_linear, shard_rows, vocab_parallel_embedding,
-                                     vocab_parallel_logits, vocab_per_rank)
+from tidal.parallel.sharding import (
+    TPShard,
+    row_parallel_linear,
+    shard_rows,
+    vocab_parallel_embedding,
+    vocab_parallel_logits,
+    vocab_per_rank,
+)
 
 _VOCAB_WEIGHTS = ("model.embed_tokens.weight", "lm_head.weight")
 
