@@ -23,7 +23,6 @@ LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_l
          "max_position_embeddings": 512, "torch_dtype": "bfloat16"}
 
 CASES = {
-    "fp8": ({"quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic"}}, {}),
     "awq": ({"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128}}, {}),
     "gptq": ({"quantization_config": {"quant_method": "gptq", "bits": 4, "desc_act": False}}, {}),
     "compressed-tensors": ({"quantization_config": {"quant_method": "compressed-tensors", "format": "float-quantized"}},
@@ -65,8 +64,8 @@ def test_an_unquantized_folder_passes(tmp_path):
 
 
 def test_tidal_serve_exits_with_the_message(tmp_path):
-    folder = _folder(tmp_path, "fp8", *CASES["fp8"])
+    folder = _folder(tmp_path, "awq", *CASES["awq"])
     done = subprocess.run([sys.executable, "-m", "tidal.cli", "serve", folder], capture_output=True, text=True,
                           env=checkout_env(), timeout=120, check=False)
     assert done.returncode == 2
-    assert "quantized checkpoints (fp8) are not supported yet" in done.stderr
+    assert "quantized checkpoints (awq) are not supported yet" in done.stderr

@@ -68,6 +68,8 @@ def test_a_typical_vllm_serve_command_line(tmp_path, monkeypatch):
     ("--dtype float", "dtype", "float32"),
     ("--dtype bfloat16", "dtype", "bfloat16"),
     ("--no-cuda-graphs", "enable_cuda_graphs", False),
+    ("--quantization fp8", "quantization", "fp8"),
+    ("-q FP8", "quantization", "fp8"),
 ])
 def test_spellings_map_to_the_same_knob(flags, knob, value):
     _, d = _serve(f"dummy:llama-3.1-8b {flags}")
@@ -79,8 +81,8 @@ def test_spellings_map_to_the_same_knob(flags, knob, value):
 
 
 @pytest.mark.parametrize("flags, message", [
-    ("--quantization awq", "quantized serving is not supported yet"),
-    ("-q fp8", "quantized serving is not supported yet"),
+    ("--quantization awq", "invalid choice: 'awq'"),
+    ("-q gptq", "invalid choice: 'gptq'"),
     ("--kv-cache-dtype fp8", "fp8 KV caches are not supported yet"),
     ("--download-dir /models", "Tidal serves local files only"),
     ("--pipeline-parallel-size 2", "tensor parallelism only (--tensor-parallel-size)"),

@@ -33,6 +33,7 @@ NonNegative = Ge(0)
 Port = Annotated[int, Ge(0), Le(65535)]
 """A TCP port; 0: any free one."""
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Quantization = Literal["fp8"]
 AttentionBackend = Literal["auto", "torch", "triton"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 ToolCallParserName = Literal["auto", "hermes", "llama3_json", "harmony"]
@@ -100,6 +101,9 @@ class ModelConfig:
     """Longest prompt + output in tokens; defaults to the model's context length."""
     seed: int = 0
     """Seed for dummy weights and for requests that don't carry one."""
+    quantization: Quantization | None = None
+    """`fp8`: the decoder's dense linears in FP8 e4m3 with a scale per output row, quantized at load
+    from a float checkpoint or drawn so by `dummy:` (an FP8 checkpoint is served in FP8 without it)."""
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -335,6 +339,7 @@ class RoleTuning:
 GIB = 1 << 30
 ENGINE_KNOBS: dict[str, tuple[type, str]] = {
     "dtype": (ModelConfig, "dtype"), "max_model_len": (ModelConfig, "max_model_len"), "seed": (ModelConfig, "seed"),
+    "quantization": (ModelConfig, "quantization"),
     "block_size": (CacheConfig, "block_size"), "num_kv_blocks": (CacheConfig, "num_blocks"),
     "kv_cache_memory_gib": (CacheConfig, "kv_cache_memory_bytes"),  # in GiB (`knob_type`)
     "enable_prefix_caching": (CacheConfig, "enable_prefix_caching"),

@@ -99,6 +99,9 @@ def add_model_flags(p: argparse.ArgumentParser, model_option: bool = False) -> N
                    help="split the model over this many devices (cuda:N, cuda:N+1, ...), one process each")
     p.add_argument("--dtype", default=None, type=vllm_dtype, choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and KV cache (vLLM's half and float mean float16 and float32)")
+    p.add_argument("--quantization", "-q", default=None, type=str.lower, choices=["fp8"],
+                   help="fp8: the decoder's linear weights in FP8 e4m3 (a scale per output row), quantized at "
+                        "load (an FP8 checkpoint is served in FP8 without it); other vLLM methods are refused")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--block-size", type=int, default=None)
@@ -136,7 +139,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
 
 def model_knobs(args: argparse.Namespace) -> dict:
     """The engine knobs (`tidal.config.ENGINE_KNOBS`) `add_model_flags`' flags set; None: not given."""
-    return {"dtype": args.dtype, "max_model_len": args.max_model_len, "seed": args.seed,
+    return {"dtype": args.dtype, "quantization": args.quantization, "max_model_len": args.max_model_len, "seed": args.seed,
             "block_size": args.block_size, "num_kv_blocks": args.num_kv_blocks,
             "kv_cache_memory_gib": args.kv_cache_memory, "gpu_memory_utilization": args.gpu_memory_utilization,
             "attention_backend": args.attention_backend,

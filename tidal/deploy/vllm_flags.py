@@ -39,8 +39,6 @@ def _only(accepted: str, message: str):
 
 
 REFUSED_WITH_VALUE = {
-    ("--quantization", "-q"): "quantized serving is not supported yet; Tidal runs the weights in --dtype "
-                              "(a GGUF file's quantized tensors are dequantized at load)",
     ("--download-dir",): "Tidal serves local files only: download the model first (huggingface-cli download "
                          "REPO --local-dir DIR) and pass DIR (or a .gguf file) as the model",
     ("--load-format",): "Tidal reads safetensors folders and GGUF files, as the model path says",

@@ -45,10 +45,12 @@ class LLM:
                  enable_chunked_prefill: bool = SchedulerConfig.enable_chunked_prefill,
                  attention_backend: str = RunnerConfig.attention_backend,
                  enable_cuda_graphs: bool = RunnerConfig.enable_cuda_graphs,
-                 tensor_parallel_size: int = ParallelConfig.tensor_parallel_size):
+                 tensor_parallel_size: int = ParallelConfig.tensor_parallel_size,
+                 quantization: str | None = ModelConfig.quantization):
         self.config = EngineConfig(
             model=ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, device=device,
-                              max_model_len=max_model_len, seed=seed),
+                              max_model_len=max_model_len, seed=seed,
+                              quantization=quantization),
             cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
                               kv_cache_memory_bytes=kv_cache_memory_bytes,
                               enable_prefix_caching=enable_prefix_caching),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "freq_factors", "yarn")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 EXPERT_ACTIVATIONS = ("silu", "swiglu_clamped")
+QUANTIZATIONS = ("fp8", "fp8-block")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ class ModelArch:
     (`tidal.models.layers.clamped_swiglu`, with `swiglu_alpha` and `swiglu_limit`)."""
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    quantization: str | None = None
+    """None: every weight in the model dtype. "fp8" / "fp8-block": the dense decoder linears (qkv, o,
+    gate_up, down) in e4m3, 1 byte a weight, with a float32 scale per output row / per 128x128 block
+    (`tidal.models.fp8`); embeddings, LM head, norms and MoE experts stay in the model dtype."""
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -90,6 +95,9 @@ class ModelArch:
                              f"num_experts ({self.num_experts}) and moe_intermediate_size > 0 "
                              f"({self.moe_intermediate_size})")
         self._check_attention_layers()
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization {self.quantization!r} is not supported (supported: "
+                             f"{', '.join(QUANTIZATIONS)})")
         if self.expert_activation not in EXPERT_ACTIVATIONS:
             raise ValueError(f"expert activation {self.expert_activation!r} is not supported "
                              f"(supported: {', '.join(EXPERT_ACTIVATIONS)})")
@@ -166,6 +174,22 @@ def active_param_count(arch: ModelArch) -> int:
     """Weights one token's forward uses: `param_count` with only `num_experts_per_tok` experts per
     sparse layer (the router still counts whole). Equal to `param_count` for a dense model."""
     return _count_params(arch, arch.num_experts_per_tok)
+
+
+def quantized_param_count(arch: ModelArch) -> int:
+    """Weights held in FP8 when `arch.quantization` is set: the dense decoder linears' (0 otherwise)."""
+    if arch.quantization is None:
+        return 0
+    h = arch.hidden_size
+    linears = h * (arch.q_size + 2 * arch.kv_size) + arch.q_size * h
+    return arch.num_layers * linears + (arch.num_layers - arch.num_sparse_layers) * 3 * h * arch.intermediate_size
+
+
+def weight_bytes(arch: ModelArch, dtype_bytes: int) -> int:
+    """Bytes of the weights from the shapes alone: `dtype_bytes` a weight, 1 byte a quantized one (the
+    FP8 scales, float32 per row or per 128x128 block, are left out: under 0.1% of the linears)."""
+    quantized = quantized_param_count(arch)
+    return (param_count(arch) - quantized) * dtype_bytes + quantized
 
 
 def _count_params(arch: ModelArch, experts: int) -> int:

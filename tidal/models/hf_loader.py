@@ -6,8 +6,10 @@ into the model's fused parameters, so peak memory is the model plus one tensor.
 Quantized checkpoints (FP8, AWQ, GPTQ, bitsandbytes, compressed-tensors, ...) are refused by name
 (`check_not_quantized`) before anything loads: their tensors are packed integers or low-precision
 values with scales beside them, which the loader would copy as if they were weights (FP8: scales
-ignored, wrong outputs) or fail on with a shape error (AWQ, GPTQ). The one exception is gpt-oss's
-MXFP4 experts, which `tidal.models.mxfp4` dequantizes at load (`accepts_mxfp4`).
+ignored, wrong outputs) or fail on with a shape error (AWQ, GPTQ). The exceptions: gpt-oss's MXFP4
+experts, which `tidal.models.mxfp4` dequantizes at load (`accepts_mxfp4`), and FP8 checkpoints of
+dense models (`fp8_layout`: `quant_method` "fp8", dynamic activations, per-tensor or 128x128 block
+weight scales), served in FP8 by `tidal.models.fp8`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 
 from tidal.models.arch import ModelArch, arch_from_hf_config
+from tidal.models.fp8 import BLOCK as FP8_BLOCK
 from tidal.models.mxfp4 import accepts_mxfp4, mxfp4_checkpoint_tensors
 
 
@@ -57,11 +60,40 @@ def _method_name(declared: object) -> str:
     return str(declared.get("format") or "unknown method")
 
 
+MOE_MODEL_TYPES = frozenset({"gpt_oss", "mixtral", "qwen3_moe"})
+
+
+def fp8_layout(config: dict) -> str:
+    """The `ModelArch.quantization` of an FP8 checkpoint ("fp8": per-tensor scales, held per row;
+    "fp8-block": 128x128 block scales), or ValueError for an FP8 variant Tidal does not load."""
+    quant = config.get("quantization_config") or {}
+    problems = []
+    if quant.get("activation_scheme", "dynamic") != "dynamic":
+        problems.append(f"activation_scheme {quant.get('activation_scheme')!r} (only 'dynamic')")
+    block = quant.get("weight_block_size")
+    if block is not None and list(block) != [FP8_BLOCK, FP8_BLOCK]:
+        problems.append(f"weight_block_size {block} (only [{FP8_BLOCK}, {FP8_BLOCK}] or none)")
+    kept = [m for m in quant.get("modules_to_not_convert") or quant.get("ignored_layers") or []
+            if "lm_head" not in m and "embed" not in m]
+    if kept:
+        problems.append(f"unquantized decoder modules {kept[:3]}")
+    if config.get("num_local_experts") or config.get("num_experts") or config.get("model_type") in MOE_MODEL_TYPES:
+        problems.append("mixture-of-experts layers (FP8 experts are not supported yet)")
+    if problems:
+        raise ValueError(f"quantized checkpoints (fp8) are not supported yet with {'; '.join(problems)}; Tidal "
+                         "loads FP8 checkpoints of dense models with dynamic activations and per-tensor or "
+                         f"{FP8_BLOCK}x{FP8_BLOCK} block weight scales")
+    return "fp8" if block is None else "fp8-block"
+
+
 def check_not_quantized(folder: str, config: dict | None = None) -> None:
     """Raises ValueError naming the method when the folder holds a quantized checkpoint (but a
-    gpt-oss MXFP4 one)."""
+    gpt-oss MXFP4 one, or an FP8 one `fp8_layout` takes)."""
     config = read_json(os.path.join(folder, "config.json")) if config is None else config
     method = quantization_method(folder, config)
+    if method == "fp8" and (config or {}).get("quantization_config"):
+        fp8_layout(config)
+        return
     if method is not None and not (method == "mxfp4" and accepts_mxfp4(config)):
         raise ValueError(f"{folder}: quantized checkpoints ({method}) are not supported yet; Tidal loads "
                          "safetensors of float32, bfloat16 or float16 weights, or a GGUF file (its "
@@ -73,7 +105,10 @@ def arch_from_hf_folder(folder: str) -> ModelArch:
     config = read_json(os.path.join(folder, "config.json"))
     check_not_quantized(folder, config)
     generation_config = read_json(os.path.join(folder, "generation_config.json"))
-    return arch_from_hf_config(config, generation_config)
+    arch = arch_from_hf_config(config, generation_config)
+    if quantization_method(folder, config) == "fp8":
+        arch = arch.replace(quantization=fp8_layout(config))
+    return arch
 
 
 def safetensors_files(folder: str) -> list[str]:

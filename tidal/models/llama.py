@@ -26,6 +26,7 @@ The token axis is flat: the tokens of every request in the step, concatenated, n
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -36,14 +37,26 @@ from tidal.kernels import fused
 from tidal.kernels.attention import attend, store_kv
 from tidal.kernels.paged_attention import AttentionMetadata, cache_shape
 from tidal.models.arch import ModelArch, check_tensor_parallel
+from tidal.models.fp8 import SCALE_SUFFIXES, Fp8Linear, canonical_scale_name, is_fp8, linear, linear_weight
 from tidal.models.layers import add_rms_norm, apply_rope, rms_norm, rope_cos_sin_cache, silu_and_mul
 from tidal.models.moe import SparseMoE
 from tidal.models.weight_slot import WeightSlot
 from tidal.models.weight_slot import empty_parameter as _empty
-from tidal.parallel.sharding import (TPShard, row_parallel_linear, shard_rows, vocab_parallel_embedding,
-                                     vocab_parallel_logits, vocab_per_rank)
+from tidal.parallel.sharding import (
+    TPShard,
+    row_parallel_linear,
+    shard_rows,
+    vocab_parallel_embedding,
+    vocab_parallel_logits,
+    vocab_per_rank,
+)
 
 _VOCAB_WEIGHTS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def _tensor(weight: torch.Tensor | Fp8Linear) -> torch.Tensor:
+    """The tensor a checkpoint weight is copied into: the parameter, or an FP8 linear's e4m3 weight."""
+    return weight.weight if isinstance(weight, Fp8Linear) else weight
 
 
 class Rope(NamedTuple):
@@ -66,14 +79,15 @@ class DecoderLayer(nn.Module):
         self.intermediate_size = arch.intermediate_size // shard.size
         self.q_size, self.kv_size = self.num_heads * arch.head_dim, self.num_kv_heads * arch.head_dim
         # o_proj and down_proj: partial sums on each rank, all-reduced, when sharded.
-        self.row_linear = F.linear if shard.size == 1 else row_parallel_linear
+        self.row_linear = linear if shard.size == 1 else partial(row_parallel_linear, matmul=linear)
+        quant = arch.quantization  # None, or the FP8 layout of the four linears (`tidal.models.fp8`)
         self.scale = arch.head_dim ** -0.5
         self.input_layernorm = _empty((h,), dtype, device)
-        self.qkv_weight = _empty((self.q_size + 2 * self.kv_size, h), dtype, device)
+        self.qkv_weight = linear_weight(self.q_size + 2 * self.kv_size, h, dtype, device, quant)
         self.qkv_bias = _empty((self.q_size + 2 * self.kv_size,), dtype, device) if arch.attention_bias else None
         self.qk_norm = _empty((self.num_heads + self.num_kv_heads, arch.head_dim), dtype, device) \
             if arch.qk_norm else None
-        self.o_weight = _empty((h, self.q_size), dtype, device)
+        self.o_weight = linear_weight(h, self.q_size, dtype, device, quant)
         self.o_bias = _empty((h,), dtype, device) if arch.o_bias else None
         # Sinks join a float32 softmax; kept in float32 (a bf16 checkpoint's values are exact in it).
         self.sinks = _empty((self.num_heads,), torch.float32, device) if arch.attention_sinks else None
@@ -81,40 +95,61 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = _empty((h,), dtype, device)
         self.moe = SparseMoE(arch, dtype, device, shard) if arch.is_sparse_layer(index) else None
         dense = self.moe is None
-        self.gate_up_weight = _empty((2 * self.intermediate_size, h), dtype, device) if dense else None
-        self.down_weight = _empty((h, self.intermediate_size), dtype, device) if dense else None
+        self.gate_up_weight = linear_weight(2 * self.intermediate_size, h, dtype, device, quant) if dense else None
+        self.down_weight = linear_weight(h, self.intermediate_size, dtype, device, quant) if dense else None
 
     def weight_slot(self, name: str) -> WeightSlot | None:
         """Hugging Face name inside the layer (`self_attn.q_proj.weight`) -> where it goes."""
         if self.moe is not None and name.partition(".")[0] in ("mlp", self.moe.module):
             return self.moe.weight_slot(name)
+        if name.endswith(SCALE_SUFFIXES):
+            return self._scale_slot(name)
         q, kv, inter = self.q_size, self.kv_size, self.intermediate_size
         heads = self.num_heads
         qkv_rows = {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, q + 2 * kv)}
         module, _, kind = name.rpartition(".")
         part = module.rpartition(".")[2]
         if part in qkv_rows:
-            fused = self.qkv_weight if kind == "weight" else self.qkv_bias
+            fused = _tensor(self.qkv_weight) if kind == "weight" else self.qkv_bias
             return None if fused is None else WeightSlot(fused[qkv_rows[part]], 0)
         if part in ("q_norm", "k_norm") and self.qk_norm is not None:
             return WeightSlot(self.qk_norm[:heads] if part == "q_norm" else self.qk_norm[heads:])
         if part in ("gate_proj", "up_proj"):
-            return WeightSlot(self.gate_up_weight[:inter] if part == "gate_proj" else self.gate_up_weight[inter:], 0)
+            gate_up = _tensor(self.gate_up_weight)
+            return WeightSlot(gate_up[:inter] if part == "gate_proj" else gate_up[inter:], 0)
         slots = {"input_layernorm.weight": WeightSlot(self.input_layernorm),
                  "post_attention_layernorm.weight": WeightSlot(self.post_attention_layernorm),
-                 "self_attn.o_proj.weight": WeightSlot(self.o_weight, 1),
-                 "mlp.down_proj.weight": WeightSlot(self.down_weight, 1)}
+                 "self_attn.o_proj.weight": WeightSlot(_tensor(self.o_weight), 1),
+                 "mlp.down_proj.weight": WeightSlot(_tensor(self.down_weight), 1)}
         if self.o_bias is not None:  # added once, after the row-parallel sum
             slots["self_attn.o_proj.bias"] = WeightSlot(self.o_bias)
         if self.sinks is not None:
             slots["self_attn.sinks"] = WeightSlot(self.sinks, 0)  # this rank's heads
         return slots.get(name)
 
+    def fp8_linear(self, weight_name: str) -> Fp8Linear | None:
+        """The FP8 linear a checkpoint weight (`self_attn.q_proj.weight`) lands in; None: not quantized."""
+        part = weight_name.rpartition(".")[0].rpartition(".")[2]
+        owner = {"q_proj": self.qkv_weight, "k_proj": self.qkv_weight, "v_proj": self.qkv_weight,
+                 "o_proj": self.o_weight, "gate_proj": self.gate_up_weight, "up_proj": self.gate_up_weight,
+                 "down_proj": self.down_weight}.get(part)
+        return owner if isinstance(owner, Fp8Linear) else None
+
+    def _scale_slot(self, name: str) -> WeightSlot | None:
+        """`X.weight_scale_inv` / `X.weight_scale` -> the scale entries of the rows `X.weight` fills."""
+        weight_name = name.rpartition(".")[0] + ".weight"
+        owner, slot = self.fp8_linear(weight_name), self.weight_slot(weight_name)
+        if owner is None or slot is None:
+            return None
+        return WeightSlot(*owner.scale_slot_target(slot.target, slot.split_dim, name))
+
     def weight_names(self) -> list[str]:
         names = ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.weight"]
         names += self.moe.weight_names() if self.moe is not None else \
             ["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
         names += [f"self_attn.{p}_proj.weight" for p in "qkv"]
+        if self.arch.quantization:
+            names += [n + "_scale" for n in names if self.fp8_linear(n) is not None]
         if self.arch.attention_bias:
             names += [f"self_attn.{p}_proj.bias" for p in "qkv"]
         if self.arch.o_bias:
@@ -130,7 +165,7 @@ class DecoderLayer(nn.Module):
         """x: [T, hidden] (normed) -> [T, hidden]."""
         arch = self.arch
         num_tokens = x.shape[0]
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # [T, q_size + 2 * kv_size]
+        qkv = linear(x, self.qkv_weight, self.qkv_bias)  # [T, q_size + 2 * kv_size]
         k_cache, v_cache = kv_cache
         if meta.backend == "triton":  # one kernel: q/k norm, RoPE (q in place), k and v into the cache
             fused.rope_store_kv(qkv, rope.cache, rope.positions, self.qk_norm, arch.rms_norm_eps, self.num_heads,
@@ -154,7 +189,7 @@ class DecoderLayer(nn.Module):
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         if self.moe is not None:
             return self.moe(x)
-        return self.row_linear(silu_and_mul(F.linear(x, self.gate_up_weight)), self.down_weight)
+        return self.row_linear(silu_and_mul(linear(x, self.gate_up_weight)), self.down_weight)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: Rope,
                 kv_cache: tuple[torch.Tensor, torch.Tensor],
@@ -249,14 +284,24 @@ class LlamaModel(nn.Module):
         if slot is None:
             return
         target = slot.target
-        if slot.split_dim is not None and self.shard.size > 1:
+        # (A per-tensor FP8 scale, one value, covers every rank's rows whole.)
+        if slot.split_dim is not None and self.shard.size > 1 and tensor.numel() > 1:
             tensor, target = self._rank_slice(name, tensor, slot)
         if target.dim() == tensor.dim() and target.shape != tensor.shape:
             raise ValueError(f"weight {name}: checkpoint shape {tuple(tensor.shape)}, "
                              f"model expects {tuple(target.shape)}")
-        with torch.no_grad():
-            target.copy_(tensor)  # q/k norms ([head_dim]) broadcast over their heads
-        self._loaded.add(name)
+        fp8 = self._fp8_linear(name) if is_fp8(target) and not is_fp8(tensor) else None
+        if fp8 is not None:  # a float checkpoint quantized at load (`--quantization fp8`): scale too
+            fp8.load_float(target, tensor)
+            self._loaded.add(name + "_scale")
+        else:
+            with torch.no_grad():
+                target.copy_(tensor)  # q/k norms ([head_dim]) broadcast over their heads
+        self._loaded.add(canonical_scale_name(name))
+
+    def _fp8_linear(self, name: str) -> Fp8Linear | None:
+        index, _, rest = name[len("model.layers."):].partition(".")
+        return self.layers[int(index)].fp8_linear(rest)
 
     def _rank_slice(self, name: str, tensor: torch.Tensor, slot: WeightSlot) -> tuple[torch.Tensor, torch.Tensor]:
         """(this rank's slice of the full `tensor`, the part of the slot it fills). The last rank of

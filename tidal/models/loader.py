@@ -50,7 +50,7 @@ def load_model(model_config: ModelConfig, tp_rank: int = 0, tp_size: int = 1) ->
     dtype = resolve_dtype(model_config.dtype, model_config.device)
     device = torch.device(model_config.device)
     reader = GGUFFile(source.path) if source.kind == "gguf" else None
-    arch = _read_arch(source, reader)
+    arch = with_quantization(_read_arch(source, reader), model_config.quantization)
     max_model_len = resolve_max_model_len(model_config.max_model_len, arch)
     model = LlamaModel(arch, dtype, device, max_positions=max_model_len, tp_rank=tp_rank, tp_size=tp_size)
     if source.kind == "gguf":
@@ -67,7 +67,16 @@ def load_model(model_config: ModelConfig, tp_rank: int = 0, tp_size: int = 1) ->
 def read_arch(model_config: ModelConfig) -> ModelArch:
     """The model's shape alone (no weights read)."""
     source = resolve_model_source(model_config.model)
-    return _read_arch(source, GGUFFile(source.path) if source.kind == "gguf" else None)
+    arch = _read_arch(source, GGUFFile(source.path) if source.kind == "gguf" else None)
+    return with_quantization(arch, model_config.quantization)
+
+
+def with_quantization(arch: ModelArch, quantization: str | None) -> ModelArch:
+    """`ModelConfig.quantization` applied: "fp8" makes a float model's dense linears FP8 (per-row
+    scales); a checkpoint already in FP8 keeps its own layout."""
+    if quantization is None or arch.quantization is not None:
+        return arch
+    return arch.replace(quantization=quantization)
 
 
 def _read_arch(source: ModelSource, reader) -> ModelArch:

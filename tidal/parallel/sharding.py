@@ -64,6 +64,7 @@ def vocab_parallel_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab_size
     return logits if logits.shape[-1] == vocab_size else logits[:, :vocab_size].contiguous()
 
 
-def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [T, in / size] (this rank's columns), weight [out, in / size] -> [T, out], summed over ranks."""
-    return all_reduce(F.linear(x, weight))
+def row_parallel_linear(x: torch.Tensor, weight, matmul=F.linear) -> torch.Tensor:
+    """x [T, in / size] (this rank's columns), weight [out, in / size] -> [T, out], summed over ranks.
+    `matmul(x, weight)` is the local product (an FP8 weight brings its own: `tidal.models.fp8.linear`)."""
+    return all_reduce(matmul(x, weight))
