@@ -27,6 +27,7 @@ import sys
 
 from tidal.config import SIMULATED_WORKER
 from tidal.deploy.engine_knobs import add_engine_flags, add_model_flags, engine_knobs_from_args, model_knobs
+from tidal.logs import LOG_FORMATS, configure_logging
 from tidal.router.policy import POLICIES
 from tidal.runtime.loop import run as run_loop
 
@@ -93,13 +94,36 @@ def deployment_from_args(args: argparse.Namespace):
     }, "command line")
 
 
-def with_max_migrations(deployment, max_migrations: int):
-    """The deployment with `frontend.max_migrations` set from the command line (validated)."""
+def with_overrides(deployment, args: argparse.Namespace):
+    """The deployment with what `tidal serve`'s flags set over its config (validated): the frontend's
+    `max_migrations`, `log_format` and `log_requests`, every worker group's `stats_log_interval_s`."""
     from tidal.deploy.config import parse_deployment
 
+    frontend = {"max_migrations": args.max_migrations, "log_format": args.log_format,
+                "log_requests": False if args.disable_log_requests else None}
+    frontend = {k: v for k, v in frontend.items() if v is not None}
+    interval = args.stats_log_interval_s
+    if not frontend and interval is None:
+        return deployment
     data = deployment.model_dump(exclude_unset=True)
-    data.setdefault("frontend", {})["max_migrations"] = max_migrations
+    data.setdefault("frontend", {}).update(frontend)
+    for worker in data["workers"]:
+        if interval is not None:
+            worker["stats_log_interval_s"] = interval
     return parse_deployment(data, "command line")
+
+
+def _add_log_args(serve: argparse.ArgumentParser) -> None:
+    """`tidal serve`'s logging flags (docs/metrics.md, "Logs")."""
+    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-format", default=None, choices=LOG_FORMATS,
+                       help="every process's log lines: text or json (default: the config's frontend.log_format, "
+                            "text)")
+    serve.add_argument("--disable-log-requests", action="store_true",
+                       help="no log line per finished request (frontend.log_requests: false)")
+    serve.add_argument("--stats-log-interval-s", type=float, default=None,
+                       help="each worker logs a line of its engine's stats this often, when it ran (default: "
+                            "the config's workers.N.stats_log_interval_s, 10; 0: never)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="deployment YAML (frontend, router, workers); the engine flags are then ignored")
     serve.add_argument("--host", default=None, help="frontend address (overrides the config's)")
     serve.add_argument("--port", type=int, default=None, help="frontend port (overrides the config's)")
-    serve.add_argument("--log-level", default="info")
+    _add_log_args(serve)
     serve.add_argument("--api-servers", type=int, default=None,
                        help="frontend processes on the one port, each with its own router replica "
                             "(default: the config's frontend.api_servers, else one per four cores)")
@@ -166,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", None) or "text")
     if args.command == "serve":
         from tidal.deploy.config import DeploymentError, load_deployment
         from tidal.deploy.serve import serve_deployment
@@ -179,11 +202,11 @@ def main(argv: list[str] | None = None) -> int:
                 deployment = load_deployment(args.config)
             else:
                 deployment = deployment_from_args(args)
-            if args.max_migrations is not None:
-                deployment = with_max_migrations(deployment, args.max_migrations)
+            deployment = with_overrides(deployment, args)
         except DeploymentError as exc:
             print(f"tidal serve: {exc}", file=sys.stderr)
             return 2
+        configure_logging(args.log_level, deployment.frontend.log_format)
         logger.info("deployment: %s", deployment.model_dump(exclude_defaults=True))
         try:
             run_loop(serve_deployment(deployment, args.host, args.port, args.api_servers))

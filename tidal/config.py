@@ -35,6 +35,8 @@ Port = Annotated[int, Ge(0), Le(65535)]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 AttentionBackend = Literal["auto", "torch", "triton"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
+"""`text`: one human line per record; `json`: one JSON object per line (`tidal.logs`)."""
 
 
 @functools.cache
@@ -203,6 +205,11 @@ class ServerConfig:
     """Clients may set `priority` within [-N, N] (higher is admitted first when requests queue);
     outside it: 400. The default 0 lets no client jump the queue (per-API-key limits come with keys)."""
     log_level: LogLevel = "info"
+    log_format: LogFormat = "text"
+    """How every process of the deployment writes its log (`tidal.logs`): `text` or `json` lines."""
+    log_requests: bool = True
+    """One INFO line per finished request on the `tidal.requests` logger (route, worker, token counts,
+    TTFT, end-to-end time, finish reason, HTTP status of failures); off: `--disable-log-requests`."""
     response_headers: tuple[tuple[str, str], ...] = ()
     """Sent with every response (an API server names itself: `x-tidal-api-server: INDEX`)."""
 
@@ -293,6 +300,9 @@ FLEET_READY_TIMEOUT_S = 900.0
 
 STOP_GRACE_S = 30.0
 """After SIGTERM a worker takes no new requests and exits once its own are done, or after this long."""
+STATS_LOG_INTERVAL_S = 10.0
+"""A worker logs a line of its engine's stats (throughput, queue, KV use) this often, when something ran
+or changed since its last line; 0: never (`tidal.worker.stats_log`)."""
 
 
 NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")

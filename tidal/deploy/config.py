@@ -52,7 +52,7 @@ from typing import ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from tidal.config import (DRAIN_TIMEOUT_S, ENGINE_KNOBS, STOP_GRACE_S, EngineConfig, ParallelConfig, RestartConfig,
+from tidal.config import (DRAIN_TIMEOUT_S, ENGINE_KNOBS, STATS_LOG_INTERVAL_S, STOP_GRACE_S, EngineConfig, ParallelConfig, RestartConfig,
                           ServerConfig, knob_type)
 from tidal.deploy.engine_knobs import engine_config, resolve_role_limits
 from tidal.perf.profile import load_profile
@@ -171,6 +171,9 @@ class WorkerCommon(_Strict):
     stop_grace_s: float = Field(STOP_GRACE_S, ge=0)
     """After SIGTERM a worker takes no new requests and exits once its own are done, or after this
     long (requests still running then move to other workers)."""
+    stats_log_interval_s: float = Field(STATS_LOG_INTERVAL_S, ge=0)
+    """Each worker logs a line of its engine's stats (throughput, queue, KV use, prefix hits) this often,
+    when it ran or changed since its last line; 0: never."""
     engine: EngineSection | None = None
 
 
