@@ -26,11 +26,10 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 import yaml
-
 from _cluster import find_binary
 from _server import REPO_ROOT, running_server
+
 from tidal.runtime.ports import free_port
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -86,16 +85,17 @@ class Prometheus:
         config.write_text(yaml.safe_dump({
             "global": {"scrape_interval": f"{SCRAPE_INTERVAL_S}s", "evaluation_interval": f"{SCRAPE_INTERVAL_S}s"},
             "scrape_configs": [{"job_name": "tidal", "static_configs": [{"targets": [target]}]}]}))
-        self.log = open(tmp / "prometheus.log", "wb")
-        self.proc = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.log_path = tmp / "prometheus.log"
+        with open(self.log_path, "wb") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def wait_ready(self, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
-            assert self.proc.poll() is None, f"prometheus exited: {Path(self.log.name).read_text()[-2000:]}"
+            assert self.proc.poll() is None, f"prometheus exited: {self.log_path.read_text()[-2000:]}"
             try:
                 if httpx.get(self.url + "/-/ready", timeout=1).status_code == 200:
                     return
@@ -116,7 +116,6 @@ class Prometheus:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.log.close()
 
 
 def _traffic(url: str) -> int:

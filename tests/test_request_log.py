@@ -18,9 +18,9 @@ import time
 
 import httpx
 import pytest
-from test_frontend_unit import MODEL, ScriptedEngine, chat_body, endless_script, live_server, make_app
-
 from _server import running_server
+from test_frontend_unit import ScriptedEngine, chat_body, endless_script, live_server, make_app
+
 from tidal.config import ServerConfig
 from tidal.frontend.request_log import RequestLog
 from tidal.logs import JsonLineFormatter, configure_logging

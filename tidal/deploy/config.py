@@ -16,12 +16,13 @@ field by field without naming a field (`_Section.build`).
 
     model: null                     # GGUF file, HF folder, dummy:ARCH; null: embedded SmolLM2
     frontend: {host: 127.0.0.1, port: 8000, api_servers: 4, router: kv, max_queue: 1024, queue_timeout_s: 30,
-               max_migrations: 3}       # api_servers: frontend processes on the port (default: cores / 4)
+               max_migrations: 3,       # api_servers: frontend processes on the port (default: cores / 4)
+               log_format: text, log_requests: true}   # every process's log: text or json; a line per request
     disaggregation: {local_prefill_threshold: 512, max_prefill_queue_tokens: 16384}
     kv_transfer: {backend: auto, timeout_s: 30}
     engine: {dtype: auto, token_budget: 256, kv_cache_memory_gib: 0.5, ...}
     workers:
-      - {role: prefill, count: 1, devices: [cpu], engine: {token_budget: 512}}
+      - {role: prefill, count: 1, devices: [cpu], stats_log_interval_s: 10, engine: {token_budget: 512}}
       - {role: decode, count: 1, stop_grace_s: 30, engine: {profile: profile.json, itl_target_ms: 50}}
       # or, one worker over 4 GPUs (tensor parallel; aggregated only, for now):
       - {role: both, count: 1, tensor_parallel_size: 4, devices: [cuda:0, cuda:1, cuda:2, cuda:3]}
