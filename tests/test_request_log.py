@@ -18,7 +18,7 @@ import time
 
 import httpx
 import pytest
-from _server import running_server
+from _server import REPO_ROOT, running_server
 from test_frontend_unit import ScriptedEngine, chat_body, endless_script, live_server, make_app
 
 from tidal.config import ServerConfig
@@ -263,3 +263,20 @@ def test_tidal_serve_writes_json_lines_with_request_and_engine_lines(tmp_path):
 def _json_lines(path) -> list[dict]:
     """Every line of the log, each a JSON object (a line that is not fails the test)."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_serve_flags_set_the_log_settings_over_a_config():
+    from tidal.cli import build_parser, with_overrides
+    from tidal.deploy.config import DeploymentError, load_deployment
+
+    config = str(REPO_ROOT / "examples" / "disagg.yaml")
+    args = build_parser().parse_args(["serve", "-f", config, "--log-format", "json", "--disable-log-requests",
+                                      "--stats-log-interval-s", "0"])
+    deployment = with_overrides(load_deployment(config), args)
+    assert deployment.frontend.log_format == "json" and deployment.frontend.log_requests is False
+    assert [w.stats_log_interval_s for w in deployment.workers] == [0, 0]
+    untouched = with_overrides(load_deployment(config), build_parser().parse_args(["serve", "-f", config]))
+    assert untouched.frontend.log_requests and [w.stats_log_interval_s for w in untouched.workers] == [10, 10]
+    with pytest.raises(DeploymentError, match="stats_log_interval_s"):
+        with_overrides(load_deployment(config), build_parser().parse_args(
+            ["serve", "-f", config, "--stats-log-interval-s", "-1"]))
