@@ -7,7 +7,7 @@
   the service answers again once the restart is in, not 503 for good; the restart is on /metrics and
   in the log with the signal.
 - Chaos, `examples/disagg_router.yaml` (two prefill, two decode workers): greedy streams run while a
-  random worker gets SIGKILL every few seconds (one per role down at a time) for 40 s: no request fails, every text
+  random worker gets SIGKILL every few seconds (one per role down at a time) for a minute: no request fails, every text
   equals the uninterrupted run's, no KV block is left used, and every killed worker is back.
 """
 
@@ -135,7 +135,7 @@ def test_one_decode_worker_killed_the_service_answers_again_after_its_restart(tm
         assert "restarted worker decode-0 (role=decode" in text
 
 
-CHAOS_S = 40.0
+CHAOS_S = 60.0
 KILL_EVERY_S = 3.0
 CLIENTS = 6
 

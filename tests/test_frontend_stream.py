@@ -55,6 +55,24 @@ def test_chat_chunk_bytes_equal_the_model(text, include_usage):
 
 @pytest.mark.parametrize("include_usage", [False, True])
 @pytest.mark.parametrize("text", TEXTS)
+def test_chat_delta_chunk_bytes_equal_the_model(text, include_usage):
+    """The chunks of parsed replies (reasoning, tool calls) are the model's bytes too."""
+    encoder = ChatChunkEncoder("chatcmpl-3", 1733456789, "m", include_usage)
+    first_call = {"index": 0, "id": "call_0a", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+    deltas = [{"role": "assistant", "content": text}, {"reasoning_content": text}, {"role": "assistant"},
+              {"reasoning_content": text, "content": text}, {"tool_calls": [first_call]},
+              {"role": "assistant", "tool_calls": [first_call]}, {},
+              {"tool_calls": [{"index": 1, "function": {"arguments": text}}]}]
+    for delta in deltas:
+        for logprobs, finish_reason in [(None, None), (_chat_logprobs(), "tool_calls")]:
+            got = encoder.delta_chunk(delta, logprobs=logprobs, finish_reason=finish_reason)
+            chunk = ChatCompletionChunk(id="chatcmpl-3", created=1733456789, model="m", choices=[
+                ChatCompletionChunkChoice(delta=delta, logprobs=logprobs, finish_reason=finish_reason)])
+            assert got == sse_event(chunk.model_dump_json(exclude=None if include_usage else {"usage"}))
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize("text", TEXTS)
 def test_completion_chunk_bytes_equal_the_model(text, include_usage):
     encoder = CompletionChunkEncoder("cmpl-2", 17, "sim", include_usage)
     logprobs = CompletionLogprobs(tokens=["a", " é"], token_logprobs=[-0.5, -1.25],

@@ -27,7 +27,7 @@ from tidal.config import ServerConfig
 from tidal.frontend.app import build_app, make_http_server
 from tidal.frontend.detokenizer import (IncrementalDetokenizer, OutputAssembler,
                                         StopStringMatcher, TokenTextTable)
-from tidal.errors import EngineDeadError
+from tidal.errors import EngineDeadError, OverloadedError
 from tidal.frontend.serving import SSEResponse
 from tidal.protocol import AddRequest, EngineStats, TokenDelta, TokenLogprob
 
@@ -748,9 +748,24 @@ async def test_engine_dead_mid_request(client, engine):
     engine.fail_with = EngineDeadError("worker exited")
     r = await client.post("/v1/chat/completions", json=chat_body())
     assert r.status_code == 503 and "worker exited" in r.json()["error"]["message"]
+    # A stream sends its headers with its first token: failing before it is the response's own status.
     r = await client.post("/v1/chat/completions", json=chat_body(stream=True))
-    (event,) = parse_sse(r.text)
-    assert "error" in event and event["error"]["code"] == 503
+    assert r.status_code == 503 and "worker exited" in r.json()["error"]["message"]
+
+
+async def test_a_stream_shed_before_its_first_token_is_a_503_with_retry_after(client, engine):
+    # What the router raises when a request's first-token deadline passes in a worker's queue.
+    engine.fail_with = OverloadedError("the request waited 30 s in an overloaded worker's queue", 7)
+    for path, body in (("/v1/chat/completions", chat_body(stream=True)),
+                       ("/v1/completions", {"model": MODEL, "prompt": "x", "stream": True})):
+        r = await client.post(path, json=body)
+        assert r.status_code == 503 and r.headers["retry-after"] == "7", r.text
+        assert "overloaded worker's queue" in r.json()["error"]["message"]
+    engine.fail_with = None
+    assert (await client.post("/v1/chat/completions", json=chat_body(stream=True))).status_code == 200
+    text = (await client.get("/metrics")).text
+    assert metric_value(text, 'tidal_requests_total{status="rejected"}') == 2
+    assert metric_value(text, 'tidal_requests_total{status="error"}') == 0
 
 
 async def test_internal_errors_are_500_and_server_keeps_serving(client, engine):

@@ -24,9 +24,11 @@ import argparse
 import logging
 import os
 import sys
+import typing
 
-from tidal.config import SIMULATED_WORKER
+from tidal.config import SIMULATED_WORKER, ReasoningParserName, ToolCallParserName
 from tidal.deploy.engine_knobs import add_engine_flags, add_model_flags, engine_knobs_from_args, model_knobs
+from tidal.deploy.server_flags import add_server_flags
 from tidal.logs import LOG_FORMATS, configure_logging
 from tidal.router.policy import POLICIES
 from tidal.runtime.loop import run as run_loop
@@ -84,7 +86,8 @@ def deployment_from_args(args: argparse.Namespace):
     devices = list(rank_devices(args.device, tp)) if tp > 1 else [args.device]
     engine = engine_knobs_from_args(args)
     frontend = {"host": args.host or None, "port": args.port, "max_request_body_bytes": args.max_request_body_bytes,
-                "log_level": args.log_level}
+                "log_level": args.log_level, "tool_call_parser": args.tool_call_parser,
+                "reasoning_parser": args.reasoning_parser}
     return parse_deployment({
         "model": args.model, "tokenizer": args.tokenizer, "served_model_name": args.served_model_name,
         "frontend": {k: v for k, v in frontend.items() if v is not None},
@@ -94,22 +97,52 @@ def deployment_from_args(args: argparse.Namespace):
     }, "command line")
 
 
-def with_overrides(deployment, args: argparse.Namespace):
-    """The deployment with what `tidal serve`'s flags set over its config (validated): the frontend's
-    `max_migrations`, `log_format` and `log_requests`, every worker group's `stats_log_interval_s`."""
+def serve_deployment_from_args(args: argparse.Namespace):
+    """`tidal serve`'s deployment: the -f file, or one worker from the engine flags; the frontend
+    flags over either. Raises DeploymentError."""
+    from tidal.deploy.config import load_deployment
+
+    deployment = load_deployment(args.config) if args.config is not None else deployment_from_args(args)
+    return with_stats_log_interval(with_frontend(deployment, frontend_flags(args)), args.stats_log_interval_s)
+
+
+def with_frontend(deployment, values: dict):
+    """The deployment with these `frontend` fields set from the command line (validated)."""
     from tidal.deploy.config import parse_deployment
 
-    frontend = {"max_migrations": args.max_migrations, "log_format": args.log_format,
-                "log_requests": False if args.disable_log_requests else None}
-    frontend = {k: v for k, v in frontend.items() if v is not None}
-    interval = args.stats_log_interval_s
-    if not frontend and interval is None:
+    if not values:
         return deployment
     data = deployment.model_dump(exclude_unset=True)
-    data.setdefault("frontend", {}).update(frontend)
+    data.setdefault("frontend", {}).update(values)
+    return parse_deployment(data, "command line")
+
+
+def frontend_flags(args: argparse.Namespace) -> dict:
+    """The `frontend` fields `tidal serve`'s flags set, with -f or without (None: not given)."""
+    from tidal.deploy.server_flags import server_overrides
+
+    given = server_overrides(args)
+    if args.host:
+        given["host"] = args.host  # in the deployment too: the workers' health endpoints bind there
+    if args.max_migrations is not None:
+        given["max_migrations"] = args.max_migrations
+    if args.log_format is not None:
+        given["log_format"] = args.log_format
+    if args.disable_log_requests:
+        given["log_requests"] = False
+    return given
+
+
+def with_stats_log_interval(deployment, interval_s: float | None):
+    """The deployment with every worker group's `stats_log_interval_s` set from the command line
+    (validated; None: as configured)."""
+    from tidal.deploy.config import parse_deployment
+
+    if interval_s is None:
+        return deployment
+    data = deployment.model_dump(exclude_unset=True)
     for worker in data["workers"]:
-        if interval is not None:
-            worker["stats_log_interval_s"] = interval
+        worker["stats_log_interval_s"] = interval_s
     return parse_deployment(data, "command line")
 
 
@@ -133,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve a model over the OpenAI API (one worker, or a deployment "
                                          "config with -f)")
     add_engine_flags(serve)
+    add_server_flags(serve)
     serve.add_argument("-f", "--config", default=None,
                        help="deployment YAML (frontend, router, workers); the engine flags are then ignored")
     serve.add_argument("--host", default=None, help="frontend address (overrides the config's)")
@@ -143,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: the config's frontend.api_servers, else one per four cores)")
     serve.add_argument("--max-request-body-bytes", type=int, default=None,
                        help="larger bodies get a 413 (default: the config's frontend.max_request_body_bytes, 8 MiB)")
+    serve.add_argument("--tool-call-parser", default=None, choices=typing.get_args(ToolCallParserName),
+                       help="the format tool calls are read in with tool_choice auto (default auto: the one the "
+                            "chat template writes; without -f; with -f: frontend.tool_call_parser)")
+    serve.add_argument("--reasoning-parser", default=None, choices=typing.get_args(ReasoningParserName),
+                       help="qwen3 or deepseek_r1: <think>...</think> goes to reasoning_content (default none; "
+                            "without -f; with -f: frontend.reasoning_parser)")
     serve.add_argument("--max-migrations", type=int, default=None,
                        help="times a request may move to another worker when its worker dies or leaves "
                             "mid-stream (default: the config's frontend.max_migrations, 3)")
@@ -192,22 +232,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", None) or "text")
     if args.command == "serve":
-        from tidal.deploy.config import DeploymentError, load_deployment
+        from tidal.deploy.config import DeploymentError, redacted
         from tidal.deploy.serve import serve_deployment
+        from tidal.deploy.vllm_flags import notes
 
+        if args.config is not None and args.model is not None:
+            parser.error("give a MODEL or -f CONFIG, not both")
         try:
-            if args.config is not None:
-                if args.model is not None:
-                    parser.error("give a MODEL or -f CONFIG, not both")
-                deployment = load_deployment(args.config)
-            else:
-                deployment = deployment_from_args(args)
-            deployment = with_overrides(deployment, args)
+            deployment = serve_deployment_from_args(args)
         except DeploymentError as exc:
             print(f"tidal serve: {exc}", file=sys.stderr)
             return 2
         configure_logging(args.log_level, deployment.frontend.log_format)
-        logger.info("deployment: %s", deployment.model_dump(exclude_defaults=True))
+        for note in notes(args):
+            logger.warning(note)
+        logger.info("deployment: %s", redacted(deployment.model_dump(exclude_defaults=True)))
         try:
             run_loop(serve_deployment(deployment, args.host, args.port, args.api_servers))
         except KeyboardInterrupt:

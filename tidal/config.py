@@ -37,6 +37,8 @@ AttentionBackend = Literal["auto", "torch", "triton"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 """`text`: one human line per record; `json`: one JSON object per line (`tidal.logs`)."""
+ToolCallParserName = Literal["auto", "hermes", "llama3_json"]
+ReasoningParserName = Literal["none", "qwen3", "deepseek_r1"]
 
 
 @functools.cache
@@ -76,6 +78,14 @@ def env_str(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name, default)
 
 
+API_KEY_ENV = "TIDAL_API_KEY"
+
+
+def env_api_keys() -> tuple[str, ...]:
+    """The API keys `TIDAL_API_KEY` holds (several separated by commas); () when unset."""
+    return tuple(key.strip() for key in (env_str(API_KEY_ENV) or "").split(",") if key.strip())
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str | None = None
@@ -107,6 +117,11 @@ class CacheConfig:
     """Memory given to the KV cache when `num_blocks` is None."""
     enable_prefix_caching: bool = True
     """Reuse blocks whose chained hash matches a prompt's prefix."""
+    gpu_memory_utilization: Annotated[float, Gt(0), Le(1)] | None = None
+    """CUDA only: size the KV cache to fill this fraction of the device's total memory, less what this
+    process holds once the weights are loaded (vLLM's `--gpu-memory-utilization`, but nothing is set
+    aside for activations by profiling: they, CUDA graphs and other processes live in the rest). Wins
+    over `kv_cache_memory_bytes`; `num_blocks` wins over it."""
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -204,6 +219,13 @@ class ServerConfig:
     max_request_priority: Annotated[int, NonNegative, Le(MAX_PRIORITY)] = 0
     """Clients may set `priority` within [-N, N] (higher is admitted first when requests queue);
     outside it: 400. The default 0 lets no client jump the queue (per-API-key limits come with keys)."""
+    tool_call_parser: ToolCallParserName = "auto"
+    """The format tool calls are read in when `tool_choice` is "auto": `hermes` (<tool_call> JSON
+    </tool_call>: Qwen, Hermes, and the tool prompt Tidal writes for templates that ignore tools),
+    `llama3_json` (Llama 3.x's bare JSON calls), `auto` (the one the chat template writes)."""
+    reasoning_parser: ReasoningParserName = "none"
+    """`qwen3` or `deepseek_r1`: a reply's <think>...</think> goes to `reasoning_content` (see
+    `tidal.frontend.reasoning`); `none`: the reply is content as written."""
     log_level: LogLevel = "info"
     log_format: LogFormat = "text"
     """How every process of the deployment writes its log (`tidal.logs`): `text` or `json` lines."""
@@ -212,9 +234,52 @@ class ServerConfig:
     TTFT, end-to-end time, finish reason, HTTP status of failures); off: `--disable-log-requests`."""
     response_headers: tuple[tuple[str, str], ...] = ()
     """Sent with every response (an API server names itself: `x-tidal-api-server: INDEX`)."""
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    """Clients must send one of these (`Authorization: Bearer KEY`) on every route but /health, /live,
+    /ready, /version and /metrics, else 401; empty: no key needed, and /admin routes then answer
+    loopback clients only (403 otherwise). `tidal.deploy.config` fills it from `TIDAL_API_KEY` when
+    the config names none."""
+    require_api_key_for_metrics: bool = False
+    """/metrics needs a key too (when keys are set)."""
+    max_requests_per_minute_per_key: Annotated[int, NonNegative] = 0
+    """Requests a key may start per minute (a token bucket: bursts up to this many), per frontend
+    process; over it: 429 with Retry-After. 0: no limit."""
+    max_concurrent_requests_per_key: Annotated[int, NonNegative] = 0
+    """Requests of one key open at once (a stream counts until it ends), per frontend process; over
+    it: 429. 0: no limit."""
+    allowed_origins: tuple[str, ...] = ()
+    """CORS: origins browsers may call from (`*`: any); empty: no CORS headers at all."""
+    allowed_methods: tuple[str, ...] = ("*",)
+    """CORS: methods a cross-origin request may use."""
+    allowed_headers: tuple[str, ...] = ("*",)
+    """CORS: request headers a cross-origin request may send."""
+    allow_credentials: bool = False
+    """CORS: browsers may send cookies and HTTP authentication along."""
+    ssl_keyfile: str | None = None
+    """TLS: the server's private key (PEM); with `ssl_certfile`, the API is served over HTTPS."""
+    ssl_certfile: str | None = None
+    """TLS: the server's certificate chain (PEM)."""
+    ssl_ca_certs: str | None = None
+    """TLS: CA certificates that client certificates are checked against (`ssl_cert_reqs`)."""
+    ssl_cert_reqs: Annotated[int, Ge(0), Le(2)] = 0
+    """TLS: client certificates are 0 not asked for, 1 checked when sent, 2 required (Python's
+    `ssl.CERT_NONE`, `CERT_OPTIONAL`, `CERT_REQUIRED`)."""
+    chat_template: str | None = None
+    """A Jinja chat template (a file, or the template itself) used instead of the model's own."""
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ValueError("ssl_keyfile and ssl_certfile go together")
+        limits = self.max_requests_per_minute_per_key or self.max_concurrent_requests_per_key
+        if limits and not self.api_keys:
+            raise ValueError("per-key limits need API keys (api_keys, --api-key or TIDAL_API_KEY)")
+        if any(not key for key in self.api_keys):
+            raise ValueError("an API key must not be empty")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.ssl_certfile is not None
 
 
 @dataclass(frozen=True)
@@ -263,6 +328,7 @@ ENGINE_KNOBS: dict[str, tuple[type, str]] = {
     "block_size": (CacheConfig, "block_size"), "num_kv_blocks": (CacheConfig, "num_blocks"),
     "kv_cache_memory_gib": (CacheConfig, "kv_cache_memory_bytes"),  # in GiB (`knob_type`)
     "enable_prefix_caching": (CacheConfig, "enable_prefix_caching"),
+    "gpu_memory_utilization": (CacheConfig, "gpu_memory_utilization"),
     "token_budget": (SchedulerConfig, "token_budget"), "max_num_seqs": (SchedulerConfig, "max_num_seqs"),
     "enable_chunked_prefill": (SchedulerConfig, "enable_chunked_prefill"),
     "attention_backend": (RunnerConfig, "attention_backend"), "enable_cuda_graphs": (RunnerConfig, "enable_cuda_graphs"),

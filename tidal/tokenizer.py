@@ -8,6 +8,7 @@ them with `add_special_tokens=False`.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from datetime import datetime
@@ -128,6 +129,31 @@ class Tokenizer:
                                                   add_generation_prompt=add_generation_prompt, **variables)
 
 
+def load_chat_template(value: str) -> str:
+    """A chat template given as a file or as the Jinja text itself (vLLM's `--chat-template`),
+    compiled once to check it; ValueError when it is neither or does not compile."""
+    path = os.path.expanduser(value)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            template = f.read()
+    elif "{{" in value or "{%" in value:
+        template = value
+    else:
+        raise ValueError(f"chat template {value!r} is neither a file nor a Jinja template")
+    try:
+        _compile_template(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"chat template {value[:80]!r} does not compile: {exc}") from None
+    return template
+
+
+def with_chat_template(tokenizer, value: str):
+    """A copy of `tokenizer` that renders chats with the template `value` (`load_chat_template`)."""
+    templated = copy.copy(tokenizer)
+    templated.chat_template = load_chat_template(value)
+    return templated
+
+
 def _vocab_list(backend: BackendTokenizer, size: int) -> list[str]:
     pieces = [""] * size
     for piece, token_id in backend.get_vocab(with_added_tokens=True).items():
@@ -178,14 +204,25 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-@lru_cache(maxsize=16)
-def _compile_template(template: str) -> jinja2.Template:
+@lru_cache(maxsize=1)
+def _template_environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template)
+    return env
+
+
+@lru_cache(maxsize=16)
+def _compile_template(template: str) -> jinja2.Template:
+    return _template_environment().from_string(template)
+
+
+def parse_template(template: str) -> jinja2.nodes.Template:
+    """A chat template's syntax tree (parsed as `apply_chat_template` parses it), for callers that
+    ask what a template reads (`tools`, `tool_calls`, ...) rather than render it."""
+    return _template_environment().parse(template)
 
 
 # ---- loading ----

@@ -11,8 +11,9 @@ import asyncio
 import logging
 import sys
 
-from tidal.deploy.config import DeploymentError
+from tidal.deploy.config import DeploymentError, redacted
 from tidal.deploy.engine_knobs import add_engine_flags, engine_knobs_from_args
+from tidal.deploy.server_flags import add_server_flags, server_overrides
 from tidal.logs import LOG_FORMATS, configure_logging
 from tidal.protocol import ROLES
 from tidal.router.policy import POLICIES
@@ -75,6 +76,7 @@ def add_commands(sub) -> None:
                           help="no log line per finished request (frontend.log_requests: false)")
     frontend.add_argument("--observation-interval-s", type=float, default=None,
                           help="publish a planner observation this often (default planner.reactive_interval_s)")
+    add_server_flags(frontend)
 
     planner = sub.add_parser("planner", help="the SLA planner on a frontend's observations (NATS)")
     _add_cluster_args(planner)
@@ -106,7 +108,8 @@ def _frontend_overrides(args: argparse.Namespace) -> dict:
             "served_model_name": args.served_model_name, "observation_interval_s": args.observation_interval_s,
             "frontend": {"host": args.host, "port": args.port, "router": args.router,
                          "log_level": args.log_level if args.log_level != "info" else None,
-                         "log_requests": False if args.disable_log_requests else None}}
+                         "log_requests": False if args.disable_log_requests else None,
+                         **server_overrides(args)}}
 
 
 def _planner_overrides(args: argparse.Namespace) -> dict:
@@ -127,7 +130,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 2
     log_format = settings.frontend.log_format
     configure_logging(args.log_level, log_format)
-    logger.info("%s settings: %s", args.command, settings.model_dump(exclude_defaults=True))
+    logger.info("%s settings: %s", args.command, redacted(settings.model_dump(exclude_defaults=True)))
     if args.command == "worker":
         from tidal.cluster.worker_main import run
         return run(settings, args.log_level, log_format)

@@ -18,6 +18,7 @@ field by field without naming a field (`_Section.build`).
     frontend: {host: 127.0.0.1, port: 8000, api_servers: 4, router: kv, max_queue: 1024, queue_timeout_s: 30,
                max_migrations: 3,       # api_servers: frontend processes on the port (default: cores / 4)
                log_format: text, log_requests: true}   # every process's log: text or json; a line per request
+                                    # api_keys, per-key limits, CORS, TLS, chat_template: docs/deploy.md, "Security"
     disaggregation: {local_prefill_threshold: 512, max_prefill_queue_tokens: 16384}
     kv_transfer: {backend: auto, timeout_s: 30}
     engine: {dtype: auto, token_budget: 256, kv_cache_memory_gib: 0.5, ...}
@@ -45,17 +46,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import typing
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from tidal.config import (DRAIN_TIMEOUT_S, ENGINE_KNOBS, STATS_LOG_INTERVAL_S, STOP_GRACE_S, EngineConfig, ParallelConfig, RestartConfig,
-                          ServerConfig, knob_type)
+from tidal.config import (DRAIN_TIMEOUT_S, ENGINE_KNOBS, STATS_LOG_INTERVAL_S, STOP_GRACE_S, EngineConfig,
+                          ParallelConfig, RestartConfig, ServerConfig, env_api_keys, knob_type)
 from tidal.deploy.engine_knobs import engine_config, resolve_role_limits
+from tidal.models.hf_loader import check_not_quantized
 from tidal.perf.profile import load_profile
 from tidal.planner.actuators import KubernetesConfig
 from tidal.planner.types import PlannerConfig
@@ -122,8 +125,22 @@ def section_from(name: str, *classes: type, rename: Mapping[str, str] | None = N
     return model
 
 
+class _FrontendSectionBase(_Section):
+    @model_validator(mode="after")
+    def _server_config_builds(self):
+        """`ServerConfig`'s own checks (TLS files in pairs, limits that need keys) and the chat template,
+        at load time rather than when the server starts."""
+        from tidal.tokenizer import load_chat_template
+
+        server = server_config_of(self)
+        if server.chat_template is not None:
+            load_chat_template(server.chat_template)
+        return self
+
+
 FrontendSection = section_from(
     "FrontendSection", ServerConfig, RouterConfig, KVWeights, exclude=("response_headers", "weights", "disagg", "seed"),
+    base=_FrontendSectionBase,
     rename={"policy": "router", "overlap_weight": "kv_overlap_weight", "temperature": "kv_temperature"},
     doc="""The HTTP serving tier (`tidal.config.ServerConfig`) and the router (`RouterConfig`; its
     policy as `router`, the kv policy's weights as `kv_overlap_weight` and `kv_temperature`).""")
@@ -242,6 +259,13 @@ PlannerSection = section_from("PlannerSection", PlannerConfig, base=_PlannerSect
                               doc="The SLA planner: `PlannerConfig` (its `slo` nested) and how it acts.")
 
 
+def server_config_of(frontend: FrontendSection, **given) -> ServerConfig:
+    """The `ServerConfig` a frontend section describes, `given` over it; API keys from
+    `TIDAL_API_KEY` when the section names none."""
+    keys = {} if frontend.api_keys or "api_keys" in given else {"api_keys": env_api_keys()}
+    return frontend.build(ServerConfig, **{**keys, **given})
+
+
 class ServingSections(_Strict):
     """What every serving config has: the model, the frontend and router, disaggregation, KV
     transfer and engine defaults (a deployment adds its workers; the cluster commands' file its
@@ -254,6 +278,14 @@ class ServingSections(_Strict):
     disaggregation: DisaggSection = DisaggSection()
     kv_transfer: KVTransferSection = KVTransferSection()
     engine: EngineSection = EngineSection()
+
+    @field_validator("model")
+    @classmethod
+    def _model_not_quantized(cls, model: str | None) -> str | None:
+        """A quantized Hugging Face checkpoint is refused here, by name, before any worker starts."""
+        if model is not None and os.path.isfile(os.path.join(os.path.expanduser(model), "config.json")):
+            check_not_quantized(os.path.expanduser(model))
+        return model
 
 
 class Deployment(ServingSections):
@@ -269,6 +301,20 @@ class Deployment(ServingSections):
         if "prefill" in roles and any(w.tensor_parallel_size > 1 for w in self.workers):
             raise ValueError("tensor-parallel workers run aggregated for now: they can't take KV from prefill "
                              "workers, so a deployment with prefill workers can't have them")
+        return self
+
+    @model_validator(mode="after")
+    def _kv_sizing_fits_devices(self) -> Deployment:
+        for i, (_, section, devices) in enumerate(self.worker_groups()):
+            knobs = self.engine.merged(section.engine)
+            if knobs.gpu_memory_utilization is None:
+                continue
+            if knobs.kv_cache_memory_gib is not None:
+                raise ValueError(f"workers.{i}: set gpu_memory_utilization or kv_cache_memory_gib, not both")
+            if any(not device.startswith("cuda") for device in devices):
+                raise ValueError(f"workers.{i}: gpu_memory_utilization sizes a CUDA device's KV cache, and this "
+                                 f"worker runs on {devices[0]}: choose a CUDA device (--device cuda) or set "
+                                 "kv_cache_memory_gib (--kv-cache-memory GiB) instead")
         return self
 
     @model_validator(mode="after")
@@ -308,7 +354,7 @@ class Deployment(ServingSections):
 
     def server_config(self, host: str | None = None, port: int | None = None) -> ServerConfig:
         f = self.frontend
-        return f.build(ServerConfig, host=host or f.host, port=f.port if port is None else port)
+        return server_config_of(f, host=host or f.host, port=f.port if port is None else port)
 
     def router_config(self) -> RouterConfig:
         f = self.frontend
@@ -317,6 +363,14 @@ class Deployment(ServingSections):
 
     def transfer_config(self, scratch_dir: str) -> KVTransferConfig:
         return self.kv_transfer.build(scratch_dir=scratch_dir)
+
+
+def redacted(dump: dict) -> dict:
+    """A config's `model_dump` fit for the log: API keys masked."""
+    frontend = dump.get("frontend")
+    if isinstance(frontend, dict) and frontend.get("api_keys"):
+        return {**dump, "frontend": {**frontend, "api_keys": ["***"] * len(frontend["api_keys"])}}
+    return dump
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:

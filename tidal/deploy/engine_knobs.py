@@ -80,8 +80,13 @@ def _log_once(message: str) -> None:
 
 
 # ---- the command-line flags of the same knobs -------------------------------------------------
+# Where `vllm serve` spells a knob differently, its spelling is a second name of the same flag
+# (`--max-num-batched-tokens`, `--enforce-eager`, ...); vLLM flags Tidal has no knob for are
+# refused with a pointer to Tidal's own (`tidal.deploy.vllm_flags`).
 def add_model_flags(p: argparse.ArgumentParser, model_option: bool = False) -> None:
     """The model, its device and its KV cache: what `serve` and `profile` share."""
+    from tidal.deploy.vllm_flags import add_refused_model_flags, vllm_dtype
+
     model_help = "GGUF file, Hugging Face folder or dummy:ARCH (default: embedded SmolLM2-135M-Instruct)"
     if model_option:
         p.add_argument("--model", default=None, help=model_help)
@@ -92,40 +97,54 @@ def add_model_flags(p: argparse.ArgumentParser, model_option: bool = False) -> N
                    help="cpu or cuda[:N] (with -tp: the first of consecutive devices)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over this many devices (cuda:N, cuda:N+1, ...), one process each")
-    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, type=vllm_dtype, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and KV cache (vLLM's half and float mean float16 and float32)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--kv-cache-memory", type=float, default=None,
                    help=f"GiB for the KV cache (default {CacheConfig.kv_cache_memory_bytes / GIB:g})")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
+                   help="CUDA: the KV cache fills this fraction of the device's memory less what the loaded "
+                        "weights take (unlike vLLM, activations are not profiled: they, CUDA graphs and other "
+                        "processes use the rest); instead of --kv-cache-memory")
     p.add_argument("--num-threads", type=int, default=None, help="torch threads (CPU)")
     p.add_argument("--attention-backend", default=None, choices=["auto", "torch", "triton"],
                    help="auto: the Triton kernels on CUDA, plain torch elsewhere")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on CUDA")
+    p.add_argument("--no-cuda-graphs", "--enforce-eager", action="store_true",
+                   help="run decode steps eagerly on CUDA")
+    add_refused_model_flags(p)
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     add_model_flags(p)
     p.add_argument("--served-model-name", default=None)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--token-budget", type=int, default=None,
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="reuse the KV of shared prompt prefixes (default on)")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
+                   help=argparse.SUPPRESS)
+    p.add_argument("--token-budget", "--max-num-batched-tokens", type=int, default=None,
                    help=f"tokens per engine step (default {SchedulerConfig.token_budget})")
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help=f"requests running at once (default {SchedulerConfig.max_num_seqs})")
-    p.add_argument("--no-chunked-prefill", action="store_true")
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
+                   help="split long prompts over several steps (default on)")
+    p.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false", default=None,
+                   help=argparse.SUPPRESS)
 
 
 def model_knobs(args: argparse.Namespace) -> dict:
     """The engine knobs (`tidal.config.ENGINE_KNOBS`) `add_model_flags`' flags set; None: not given."""
     return {"dtype": args.dtype, "max_model_len": args.max_model_len, "seed": args.seed,
             "block_size": args.block_size, "num_kv_blocks": args.num_kv_blocks,
-            "kv_cache_memory_gib": args.kv_cache_memory, "attention_backend": args.attention_backend,
+            "kv_cache_memory_gib": args.kv_cache_memory, "gpu_memory_utilization": args.gpu_memory_utilization,
+            "attention_backend": args.attention_backend,
             "enable_cuda_graphs": False if args.no_cuda_graphs else None}
 
 
 def engine_knobs_from_args(args: argparse.Namespace) -> dict:
     """The engine knobs `add_engine_flags`' flags set; None: not given (the config's default)."""
     return {**model_knobs(args), "token_budget": args.token_budget, "max_num_seqs": args.max_num_seqs,
-            "enable_prefix_caching": False if args.no_prefix_caching else None,
-            "enable_chunked_prefill": False if args.no_chunked_prefill else None}
+            "enable_prefix_caching": args.enable_prefix_caching,
+            "enable_chunked_prefill": args.enable_chunked_prefill}

@@ -106,6 +106,8 @@ class Launcher:
             num_threads=section.num_threads or (self._default_threads if device == "cpu" else GPU_WORKER_THREADS),
             log_level=self.log_level, log_format=self.log_format, stop_grace_s=section.stop_grace_s,
             health_port=health_port)
+        # A worker's health endpoint binds where the API does: loopback unless the API is exposed.
+        spec = dataclasses.replace(spec, health_host=self.deployment.frontend.host)
         proc = self.procs[worker_id] = await self._start_process(spec, device)
         self.restarts.labels(worker=worker_id, role=section.role)  # its series exists, at 0, before any restart
         logger.info("started worker %s (role=%s, device=%s, pid=%d)", worker_id, section.role, ",".join(devices),

@@ -113,7 +113,8 @@ async def _serve_api_servers(deployment: Deployment, spec: FrontendSpec, count: 
 
 
 def _log_serving(model_name: str, spec: FrontendSpec, launcher: Launcher, count: int, port: int | None = None) -> None:
-    logger.info("serving %s on http://%s:%d with %d workers (%s) and %d API server%s", model_name, spec.server.host,
+    logger.info("serving %s on %s://%s:%d with %d workers (%s) and %d API server%s", model_name,
+                "https" if spec.server.uses_tls else "http", spec.server.host,
                 port or spec.server.port, len(launcher.procs),
                 ", ".join(f"{w}={p.spec.role}" for w, p in launcher.procs.items()), count, "s" * (count > 1))
 

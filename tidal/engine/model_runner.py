@@ -36,10 +36,31 @@ def kv_layout(config: EngineConfig, loaded: LoadedModel) -> KVLayout:
     """The KV cache this engine (this rank of it) needs: `cache.num_blocks`, or as many as the memory allows."""
     arch, block_size, tp_size = loaded.arch, config.cache.block_size, config.parallel.tensor_parallel_size
     num_blocks = config.cache.num_blocks or max(
-        1, config.cache.kv_cache_memory_bytes // (block_size * kv_bytes_per_token(arch, loaded.dtype, tp_size)))
+        1, kv_cache_bytes(config, loaded) // (block_size * kv_bytes_per_token(arch, loaded.dtype, tp_size)))
     return KVLayout(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads // tp_size, num_blocks=num_blocks,
                     block_size=block_size, head_dim=arch.head_dim,
                     dtype=str(loaded.dtype).removeprefix("torch."))
+
+
+def kv_cache_bytes(config: EngineConfig, loaded: LoadedModel) -> int:
+    """The memory the KV cache may take: `cache.kv_cache_memory_bytes`, or with
+    `cache.gpu_memory_utilization` that fraction of the CUDA device's total memory less what this
+    process holds after loading the weights. This process's own allocations (not the device's free
+    memory, which other processes change) keep tensor-parallel ranks on equal devices equal."""
+    utilization = config.cache.gpu_memory_utilization
+    if utilization is None:
+        return config.cache.kv_cache_memory_bytes
+    device = torch.device(loaded.device)
+    if device.type != "cuda":
+        raise ValueError("gpu_memory_utilization sizes the KV cache of a CUDA device; on "
+                         f"{device.type} set kv_cache_memory_gib (--kv-cache-memory) instead")
+    total = torch.cuda.get_device_properties(device).total_memory
+    held = torch.cuda.memory_allocated(device)
+    budget = int(utilization * total) - held
+    if budget <= 0:
+        raise ValueError(f"gpu_memory_utilization={utilization:g} of {total / 2**30:.1f} GiB leaves nothing "
+                         f"for the KV cache: the weights already take {held / 2**30:.1f} GiB")
+    return budget
 
 
 class ModelRunner:

@@ -8,6 +8,10 @@ serving, shut it down after `serve_http` returns). Endpoints:
     GET /health (ready to serve: 200, else 503)   GET /live (the process runs)
     GET /metrics                GET /version
     GET /admin/workers          (each worker's role and load, when the engine is a router)
+    POST /tokenize              POST /detokenize   (vLLM's shapes: `serving_tokenize.py`)
+
+API keys, the admin routes' loopback rule, per-key limits and CORS: `access.py`; TLS: uvicorn's,
+from `ServerConfig.ssl_*`; `ServerConfig.chat_template` replaces the model's chat template.
 
 Every error is answered in OpenAI's JSON shape (see `errors.py`); request bodies above
 `ServerConfig.max_request_body_bytes` are refused with 413 before any handler runs, request heads
@@ -28,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tidal.config import ServerConfig
+from tidal.frontend.access import install_access_control
 from tidal.frontend.chat_tokens import ChatTokenCache
 from tidal.frontend.detokenizer import TokenTextTable
 from tidal.frontend.engine_client import EngineClient
@@ -39,7 +44,9 @@ from tidal.frontend.request_log import RequestLog
 from tidal.frontend.serving import ClientDisconnected, ServingContext, error_for, json_response
 from tidal.frontend.serving_chat import ChatServing
 from tidal.frontend.serving_completion import CompletionServing
+from tidal.frontend.serving_tokenize import TokenizeServing
 from tidal.frontend.special_token_mask import SpecialTokenMask
+from tidal.tokenizer import with_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -142,14 +149,18 @@ def build_app(engine: EngineClient, tokenizer: Any, served_model_name: str,
     """The HTTP app for one engine; `tokenizer` follows `tidal.tokenizer`'s interface."""
     app = FastAPI(title="Tidal", version=_version())
     metrics = FrontendMetrics(engine, served_model_name)
+    if server_config.chat_template is not None:
+        tokenizer = with_chat_template(tokenizer, server_config.chat_template)
     ctx = _serving_context(engine, tokenizer, served_model_name, metrics, server_config)
     request_log = ctx.request_log
     chat = ChatServing(ctx)
     completion = CompletionServing(ctx)
+    tokenize = TokenizeServing(ctx, chat)
     app.state.serving_context = ctx
     install_exception_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware,
                        max_body_bytes=server_config.max_request_body_bytes)
+    install_access_control(app, server_config)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -158,6 +169,14 @@ def build_app(engine: EngineClient, tokenizer: Any, served_model_name: str,
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await _answer(completion.create, request, request_log)
+
+    @app.post("/tokenize")
+    async def tokenize_prompt(request: Request) -> Response:
+        return await _answer(tokenize.tokenize, request)
+
+    @app.post("/detokenize")
+    async def detokenize_tokens(request: Request) -> Response:
+        return await _answer(tokenize.detokenize, request)
 
     @app.get("/v1/models")
     async def list_models() -> Response:
@@ -221,14 +240,15 @@ def _model_card(ctx: ServingContext) -> ModelCard:
                      max_model_len=ctx.engine.max_model_len)
 
 
-async def _answer(handler, request: Request, request_log: RequestLog) -> Response:
-    """Runs an endpoint; every failure becomes an OpenAI error response. A refusal before the engine
-    (an `OpenAIError`) gets its request-log line here; the engine's own failures get theirs from
-    `GenerationRun`."""
+async def _answer(handler, request: Request, request_log: RequestLog | None = None) -> Response:
+    """Runs an endpoint; every failure becomes an OpenAI error response. With `request_log` (the
+    generation endpoints), a refusal before the engine (an `OpenAIError`) gets its request-log line
+    here; the engine's own failures get theirs from `GenerationRun`."""
     try:
         return await handler(request)
     except OpenAIError as exc:
-        request_log.refused(request.url.path, exc.status_code, exc.error_type, exc.message, exc.param)
+        if request_log is not None:
+            request_log.refused(request.url.path, exc.status_code, exc.error_type, exc.message, exc.param)
         return exc.response()
     except ClientDisconnected:
         return Response(status_code=499)  # nobody reads it; the engine request was aborted
@@ -256,7 +276,9 @@ def make_http_server(app: FastAPI, server_config: ServerConfig) -> uvicorn.Serve
         log_level=server_config.log_level.lower(), access_log=False, lifespan="off",
         log_config=None,  # uvicorn's lines go to the process's own handler (`tidal.logs`: text or JSON)
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_TIMEOUT_S, http=http, h11_max_incomplete_event_size=head_limit,
-        headers=[list(header) for header in server_config.response_headers])
+        headers=[list(header) for header in server_config.response_headers],
+        ssl_keyfile=server_config.ssl_keyfile, ssl_certfile=server_config.ssl_certfile,
+        ssl_ca_certs=server_config.ssl_ca_certs, ssl_cert_reqs=server_config.ssl_cert_reqs)
     return _Server(config)
 
 

@@ -7,7 +7,8 @@ that wait (as a client disconnect would: the engine stream closes and the engine
 freeing its KV) and `next_delta` raises `DeadlineExceeded` instead of the cancellation; when it
 fires between waits, it marks the deadline passed and the next `next_delta` raises.
 
-Lifecycle: `arm()` in the task that iterates the engine stream -> `next_delta(stream)` per delta ->
+Lifecycle: `arm()` -> `next_delta(stream)` per delta (each from whichever task iterates the stream
+then: a stream's first delta is awaited before its response starts, the rest by the response) ->
 `disarm()` once the request finished, and in a finally. Not shared between requests.
 """
 
@@ -42,7 +43,6 @@ class RequestDeadline:
     def arm(self) -> None:
         if self.deadline_s is None:
             return
-        self._task = asyncio.current_task()
         left_s = self.arrival_time + self.deadline_s - time.monotonic()
         self._timer = asyncio.get_running_loop().call_later(max(left_s, 0.0), self._expire)
 
@@ -59,6 +59,7 @@ class RequestDeadline:
         if self.passed:
             raise DeadlineExceeded(self.deadline_s)
         self._waiting = True
+        self._task = asyncio.current_task()  # a stream's first wait and the rest run on different tasks
         try:
             return await anext(stream)
         except asyncio.CancelledError:

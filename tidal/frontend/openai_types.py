@@ -4,7 +4,9 @@ Requests accept the fields of OpenAI's API plus vLLM's common extensions (`top_k
 `stop_token_ids`, `ignore_eos`, `min_tokens`, `include_stop_str_in_output`,
 `skip_special_tokens`, `chat_template_kwargs`) and Tidal's routing fields (`user` as the
 session, `priority`, `routing`). Unknown fields are ignored, as vLLM does, so that clients
-sending options Tidal doesn't implement (penalties, `tool_choice`, ...) still work. Value checks
+sending options Tidal doesn't implement still work. Tool calling (`tools`, `tool_choice`,
+`parallel_tool_calls`, tool turns in `messages`) is declared here and planned by
+`tool_calls.ToolPlan`; the deprecated `functions`/`function_call` are refused by name. Value checks
 that fail here become 400s naming the field before anything reaches the engine: every number a
 client sends has bounds here (the routing weights those of `KVWeights`, `priority` the widest any
 server allows), and the checks that need the server's state (the context length, the vocabulary,
@@ -18,10 +20,12 @@ the frontend's per-token CPU); tests/test_frontend_stream.py holds them equal to
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+import re
+from typing import Any, ClassVar, Literal
 
 import msgspec
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from tidal.config import MAX_PRIORITY
 from tidal.router.policy import MAX_KV_TEMPERATURE, MAX_OVERLAP_WEIGHT
@@ -35,6 +39,8 @@ TEMPLATE_ARGUMENTS = ("messages", "tools", "add_generation_prompt", "chat_templa
 # Integers cross the request plane as msgpack ints; keep them in range there.
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+"""What OpenAI allows as a function name; the tool prompt and the grammar rely on it too."""
 
 
 class OpenAIBaseModel(BaseModel):
@@ -64,22 +70,110 @@ class ContentPart(OpenAIBaseModel):
         return self
 
 
+class MessageFunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str
+    """A JSON text, as OpenAI sends it; the chat template gets it parsed (`ChatMessage.template_dict`)."""
+
+
+class MessageToolCall(OpenAIBaseModel):
+    """A call an earlier assistant turn made (`messages[i].tool_calls`)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: MessageFunctionCall
+
+
 class ChatMessage(BaseModel):
-    """A chat message. Extra keys (name, tool_calls, tool_call_id) go to the chat template."""
+    """A chat message. Extra keys go to the chat template as they came."""
 
     model_config = ConfigDict(extra="allow")
 
     role: str
     content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
+    """The call a `tool` message answers."""
+    reasoning_content: str | None = None
+    """An assistant turn's reasoning, sent back by clients; templates that show it read it."""
+
+    @model_validator(mode="after")
+    def _tool_turns(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a message with role 'tool' needs the 'tool_call_id' of the call it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry 'tool_calls'")
+        return self
 
     def template_dict(self) -> dict[str, Any]:
-        """The message as the chat template sees it: content flattened to one string."""
+        """The message as the chat template sees it: content flattened to one string, each tool
+        call's arguments parsed into an object (templates write them with `tojson`; text that is no
+        JSON object stays text)."""
         message = self.model_dump(exclude_none=True)
         if isinstance(self.content, list):
             message["content"] = "\n".join(part.text or "" for part in self.content)
         elif self.content is None:
             message["content"] = ""
+        for call in message.get("tool_calls", ()):
+            function = call["function"]
+            try:
+                arguments = json.loads(function["arguments"])
+            except ValueError:
+                continue
+            if isinstance(arguments, dict):
+                function["arguments"] = arguments
         return message
+
+
+class FunctionDefinition(OpenAIBaseModel):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """A JSON schema of the arguments object; None: the function takes none."""
+    strict: bool | None = None
+    """True: the arguments must match `parameters`. Honoured where a grammar constrains the output
+    (`tool_choice` "required" or a named function); refused with "auto" (`ToolPlan`)."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not TOOL_NAME.fullmatch(name):
+            raise ValueError("a function name is 1 to 64 letters, digits, '_' or '-'")
+        return name
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is None:
+            return None
+        if schema.get("type", "object") != "object":
+            raise ValueError(f"parameters must be a JSON schema of type 'object', got type {schema['type']!r}")
+        if not isinstance(schema.get("properties", {}), dict):
+            raise ValueError("parameters.properties must be an object of JSON schemas")  # noqa: TRY004 - pydantic
+        required = schema.get("required", [])
+        if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
+            raise ValueError("parameters.required must be a list of property names")
+        return schema
+
+
+class ToolDefinition(OpenAIBaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(OpenAIBaseModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIBaseModel):
+    """`tool_choice` naming one function: the model must call it."""
+
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high"]
 
 
 class RoutingOptions(OpenAIBaseModel):
@@ -142,9 +236,25 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """None: "auto" when there are tools, "none" otherwise (as OpenAI)."""
+    parallel_tool_calls: bool = True
+    """False: at most one call per reply."""
+    reasoning_effort: ReasoningEffort | None = None
+    """Honoured where the chat template reads it; a 400 elsewhere (`ToolPlan` checks)."""
+    functions: Any = None
+    function_call: Any = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _deprecated(cls, value: Any, info) -> Any:
+        if value is not None:
+            raise ValueError(f"{info.field_name} is deprecated and not supported; send 'tools' and "
+                             "'tool_choice' instead")
+        return value
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -160,6 +270,12 @@ class ChatCompletionRequest(SamplingRequest):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
+
+    def tool_dicts(self) -> list[dict[str, Any]] | None:
+        """The tools as the chat template gets them (plain JSON values)."""
+        if not self.tools:
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
 
     def requested_max_tokens(self) -> int | None:
         if self.max_completion_tokens is not None:
@@ -218,15 +334,38 @@ class CompletionRequest(SamplingRequest):
 # responses
 
 
+class OmitNoneModel(OpenAIBaseModel):
+    """A response model whose fields named in `OMIT_IF_NONE` are left out of its JSON while None:
+    fields a feature added stay out of the responses of requests that don't use it."""
+
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler):
+        data = handler(self)
+        for name in self.OMIT_IF_NONE:
+            if data.get(name, 0) is None:
+                del data[name]
+        return data
+
+
 class PromptTokensDetails(OpenAIBaseModel):
     cached_tokens: int = 0
 
 
-class UsageInfo(OpenAIBaseModel):
+class CompletionTokensDetails(OpenAIBaseModel):
+    reasoning_tokens: int = 0
+
+
+class UsageInfo(OmitNoneModel):
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("completion_tokens_details",)
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
+    """Set where a reasoning parser runs: how many output tokens were reasoning."""
 
 
 class ChatTopLogprob(OpenAIBaseModel):
@@ -243,9 +382,25 @@ class ChatChoiceLogprobs(OpenAIBaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
-class ChatResponseMessage(OpenAIBaseModel):
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str
+    """The arguments object as JSON text."""
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatResponseMessage(OmitNoneModel):
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("reasoning_content", "tool_calls")
+
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatCompletionChoice(OpenAIBaseModel):
@@ -266,7 +421,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
 
 class ChatCompletionChunkChoice(OpenAIBaseModel):
     index: int = 0
-    delta: dict[str, str]
+    delta: dict[str, Any]  # role, content, reasoning_content, tool_calls (see ChatChunkEncoder.delta_chunk)
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
 
@@ -354,6 +509,14 @@ class ChatChunkEncoder:
         else:
             delta = b'{"content":' + _json(content) + b"}"
         return b"".join((self._prefix, delta, b',"logprobs":', _logprobs_json(logprobs), b',"finish_reason":',
+                         _json(finish_reason), self._suffix))
+
+    def delta_chunk(self, delta: dict[str, Any], *, logprobs: ChatChoiceLogprobs | None = None,
+                    finish_reason: str | None = None) -> bytes:
+        """A chunk whose delta is more than content (`reasoning_content`, `tool_calls`): the dict is
+        written as it is, in its order. Streams with a tool or reasoning parser only; the plain
+        content path stays `chunk`."""
+        return b"".join((self._prefix, _json(delta), b',"logprobs":', _logprobs_json(logprobs), b',"finish_reason":',
                          _json(finish_reason), self._suffix))
 
 

@@ -219,12 +219,13 @@ class TextStep:
 class GenerationRun:
     """One request's engine stream turned into text steps.
 
-    Lifecycle: `steps()` is iterated once; it ends after the step that carries a
-    finish_reason. Closing it early (client gone) closes the engine iterator, which aborts
-    the request. Counters (`num_generated_tokens`, `num_cached_tokens`) are final once
-    `steps()` has ended; so is `finish_reason`, the one the client sees, which the endpoint may
-    change while it handles the step that carries it (the chat layer's `tool_calls`): the request's
-    metrics and its request-log line take it when `steps()` ends.
+    Lifecycle: `start()` (streams only) waits for the first step; `steps()` is iterated once
+    and ends after the step that carries a finish_reason. Closing it early (client gone), or
+    `aclose()`, closes the engine iterator, which aborts the request. Counters
+    (`num_generated_tokens`, `num_cached_tokens`) are final once `steps()` has ended; so is
+    `finish_reason`, the one the client sees, which the endpoint may change while it handles the
+    step that carries it (the chat layer's `tool_calls`): the request's metrics and its request-log
+    line take it when the engine stream ends.
     """
 
     def __init__(self, ctx: ServingContext, request: AddRequest, *,
@@ -247,6 +248,8 @@ class GenerationRun:
         self._route_of = route_of = getattr(ctx.engine, "route_of", None)  # a router's: where it runs
         self._route = route_of(request.request_id) if route_of is not None else None  # admitted: planned
         self._deadline = RequestDeadline(ctx.server.request_deadline_s, request.arrival_time)
+        self._steps: AsyncIterator[TextStep] | None = None
+        self._first: TextStep | None = None  # the step `start()` waited for, not yet handed out
 
     def usage(self) -> UsageInfo:
         return UsageInfo(
@@ -255,7 +258,40 @@ class GenerationRun:
             total_tokens=self.num_prompt_tokens + self.num_generated_tokens,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=self.num_cached_tokens))
 
+    async def start(self) -> None:
+        """Waits for the request's first step, so that a refusal before any output (a first-token
+        deadline in an overloaded worker's queue, a dead engine) becomes the response's own status
+        (503 with Retry-After, ...) and not an error event inside a stream that already said 200.
+        A streaming response starts after this: its headers leave with its first token, which is
+        when they would be read anyway."""
+        self._steps = self._run()
+        try:
+            self._first = await anext(self._steps)
+        except StopAsyncIteration:
+            pass
+        except BaseException:
+            await self._steps.aclose()
+            raise
+
     async def steps(self) -> AsyncIterator[TextStep]:
+        """The request's text steps; they follow the one `start()` waited for, if it was called."""
+        if self._steps is None:
+            self._steps = self._run()
+        try:
+            if self._first is not None:
+                first, self._first = self._first, None
+                yield first
+            async for step in self._steps:
+                yield step
+        finally:
+            await self._steps.aclose()  # aborts the engine request unless it finished
+
+    async def aclose(self) -> None:
+        """Aborts the engine request unless it finished (a no-op once `steps()` has ended)."""
+        if self._steps is not None:
+            await self._steps.aclose()
+
+    async def _run(self) -> AsyncIterator[TextStep]:
         metrics = self._ctx.metrics
         metrics.prompt_tokens.inc(self.num_prompt_tokens)
         status = "abort"
@@ -289,6 +325,9 @@ class GenerationRun:
                 yield step
             if not finished:
                 raise EngineRequestError("the engine ended the request's stream unfinished")
+        except OverloadedError as exc:
+            status, failure = "rejected", exc  # shed before its first token (`admission.first_delta`)
+            raise
         except Exception as exc:
             status, failure = "error", exc
             raise
@@ -305,8 +344,9 @@ class GenerationRun:
         metrics = self._ctx.metrics
         metrics.requests[status].inc()
         if status != "success":
-            self.finish_reason = status  # abort (client gone, or the engine aborted it) or error
-        metrics.count_finish(self.finish_reason)
+            self.finish_reason = status  # abort (client gone, or the engine aborted it), error, rejected
+        if status != "rejected":  # a request shed before its first token never finished
+            metrics.count_finish(self.finish_reason)
         known = known_error(failure) if failure is not None else None
         http_status = 200 if status == "success" else 499 if status == "abort" else (
             known.status_code if known is not None else 500)
@@ -398,8 +438,9 @@ class SSEResponse(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[bytes]) -> None:
+    def __init__(self, content: AsyncIterator[bytes], run: GenerationRun | None = None) -> None:
         self.body_iterator = content
+        self._run = run  # closed with the body: a started run whose body never ran is aborted too
         self.status_code = 200
         self.background = None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -413,6 +454,8 @@ class SSEResponse(Response):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
+                if self._run is not None:
+                    await self._run.aclose()
 
     async def _stream(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code,

@@ -1,4 +1,8 @@
-"""`POST /v1/chat/completions`: messages -> chat template -> tokens -> engine -> OpenAI shapes."""
+"""`POST /v1/chat/completions`: messages -> chat template -> tokens -> engine -> OpenAI shapes.
+
+Tools and reasoning: `ToolPlan` (tool_calls.py) shapes the prompt and the grammar; where the reply is
+parsed (tool calls, <think> reasoning), a `ChatOutputParser` (chat_output.py) per choice reads it,
+and the plain path (`_complete`'s texts, `_stream`'s `chunk`) is left as it is for the rest."""
 
 from __future__ import annotations
 
@@ -12,16 +16,21 @@ import jinja2
 from starlette.requests import Request
 from starlette.responses import Response
 
+from tidal.frontend.chat_output import ChatOutputFormat, ChatOutputParser
+from tidal.frontend.chat_template_features import TemplateFeatures
 from tidal.frontend.chat_tokens import encode_text
 from tidal.frontend.errors import OpenAIError, bad_request
 from tidal.frontend.openai_types import (ChatChoiceLogprobs, ChatChunkEncoder,
                                          ChatCompletionChoice, ChatCompletionChunk,
                                          ChatCompletionRequest, ChatCompletionResponse,
-                                         ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob)
+                                         ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob,
+                                         CompletionTokensDetails, UsageInfo)
+from tidal.frontend.reasoning import starts_in_reasoning
 from tidal.frontend.serving import (SSE_DONE, GenerationRun, ServingContext, SSEResponse, admit,
                                     build_sampling_params, check_prompt_chars, check_request,
                                     clamp_logprob, json_response, parse_body, resolve_max_tokens,
                                     routing_hints, run_until_disconnect, sse_error, sse_event)
+from tidal.frontend.tool_calls import ToolPlan
 from tidal.protocol import AddRequest, TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -45,40 +54,72 @@ def chat_template_error(exc: Exception, req: ChatCompletionRequest) -> OpenAIErr
 class ChatServing:
     def __init__(self, ctx: ServingContext) -> None:
         self._ctx = ctx
+        tokenizer = ctx.tokenizer
+        self._features = TemplateFeatures.of(getattr(tokenizer, "chat_template", None))
+        special_ids = getattr(tokenizer, "all_special_ids", None) or []
+        self._special_tokens = frozenset(tokenizer.convert_ids_to_tokens(list(special_ids)))
 
     async def create(self, request: Request) -> Response:
         arrival_time = time.monotonic()
         req = await parse_body(request, ChatCompletionRequest)
         ctx = self._ctx
         check_request(ctx, req)
-        prompt_token_ids = await self._prompt_token_ids(req)
+        plan = ToolPlan.for_request(req, self._features, ctx.server.tool_call_parser)
+        prompt, prompt_token_ids = await self._prompt(req, plan)
         max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(prompt_token_ids),
                                         req.requested_max_tokens(), ctx.server.default_max_tokens,
                                         param="messages")
+        output = self._output_format(plan, prompt)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         add_request = AddRequest(
             request_id=request_id, prompt_token_ids=prompt_token_ids,
-            sampling_params=build_sampling_params(req, max_tokens, req.num_logprobs()),
+            sampling_params=plan.sampling_params(build_sampling_params(req, max_tokens, req.num_logprobs())),
             arrival_time=arrival_time, routing=routing_hints(request, req))
         await admit(ctx, add_request)
-        run = GenerationRun(ctx, add_request, skip_special_tokens=req.skip_special_tokens)
+        # The tags the parsers read stay in the text even where the tokenizer calls them special.
+        skip_special = req.skip_special_tokens and not self._special_tokens.intersection(output.markers)
+        run = GenerationRun(ctx, add_request, skip_special_tokens=skip_special)
         if req.stream:
-            return SSEResponse(self._stream(run, req))
-        return await run_until_disconnect(request, lambda: self._complete(run, req))
+            await run_until_disconnect(request, run.start)
+            stream = self._stream_parsed(run, req, output) if output.parses else self._stream(run, req)
+            return SSEResponse(stream, run)
+        return await run_until_disconnect(request, lambda: self._complete(run, req, output))
 
-    async def _prompt_token_ids(self, req: ChatCompletionRequest) -> list[int]:
-        """The templated prompt's ids; its text checked against the context before tokenizing.
+    def _output_format(self, plan: ToolPlan, prompt: str) -> ChatOutputFormat:
+        mode = self._ctx.server.reasoning_parser
+        reasoning = None if mode == "none" else mode
+        return ChatOutputFormat(tools=plan.parser_factory(), reasoning=reasoning,
+                                in_reasoning=reasoning is not None and starts_in_reasoning(reasoning, prompt),
+                                tool_markers=plan.markers)
+
+    def _template_kwargs(self, req: ChatCompletionRequest) -> dict:
+        kwargs = req.chat_template_kwargs or {}
+        if req.reasoning_effort is not None:
+            if not self._features.reads_reasoning_effort:
+                raise bad_request("reasoning_effort is not supported for this model (its chat template "
+                                  "takes no reasoning_effort)", param="reasoning_effort")
+            kwargs = {**kwargs, "reasoning_effort": req.reasoning_effort}
+        return kwargs
+
+    async def prompt_token_ids(self, req: ChatCompletionRequest) -> list[int]:
+        """The prompt ids `create` would send to the engine for `req` (`/tokenize`)."""
+        plan = ToolPlan.for_request(req, self._features, self._ctx.server.tool_call_parser)
+        return (await self._prompt(req, plan))[1]
+
+    async def _prompt(self, req: ChatCompletionRequest, plan: ToolPlan) -> tuple[str, list[int]]:
+        """The templated prompt and its ids; its text checked against the context before tokenizing.
         The client's strings have their special-token text hidden from the tokenizer
         (`SpecialTokenMask`) unless the server parses it."""
         tokenizer, mask = self._ctx.tokenizer, self._ctx.special_token_mask
         messages = [m.template_dict() for m in req.messages]
         check_prompt_chars(self._ctx, sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str)),
                            param="messages")  # before masking and rendering megabytes
-        template_kwargs = req.chat_template_kwargs or {}
-        tools = req.tools
+        template_kwargs = self._template_kwargs(req)
+        tools = plan.tools
         if mask is not None:
             messages, tools = mask.hide(messages), mask.hide(tools)
             template_kwargs = mask.hide(template_kwargs)
+        messages = plan.template_messages(messages, tools)
         try:
             prompt = tokenizer.apply_chat_template(
                 messages, add_generation_prompt=req.add_generation_prompt, tools=tools,
@@ -87,8 +128,8 @@ class ChatServing:
             raise chat_template_error(exc, req) from None
         check_prompt_chars(self._ctx, len(prompt), param="messages")
         if self._ctx.chat_tokens is not None:
-            return await self._ctx.chat_tokens.encode(prompt)
-        return await encode_text(tokenizer, prompt, add_special_tokens=False)
+            return prompt, await self._ctx.chat_tokens.encode(prompt)
+        return prompt, await encode_text(tokenizer, prompt, add_special_tokens=False)
 
     def _logprobs(self, logprobs: list[TokenLogprob] | None,
                   num_top: int) -> ChatChoiceLogprobs | None:
@@ -107,23 +148,34 @@ class ChatServing:
                                             bytes=raw, top_logprobs=top))
         return ChatChoiceLogprobs(content=content)
 
-    async def _complete(self, run: GenerationRun, req: ChatCompletionRequest) -> Response:
+    async def _complete(self, run: GenerationRun, req: ChatCompletionRequest,
+                        output: ChatOutputFormat) -> Response:
+        parser = output.parser() if output.parses else None
         texts: list[str] = []
         logprobs: list[TokenLogprob] | None = [] if req.logprobs else None
         finish_reason = None
         async with aclosing(run.steps()) as steps:
             async for step in steps:
-                texts.append(step.text)
+                if parser is None:
+                    texts.append(step.text)
+                else:
+                    parser.feed(step.text, len(step.token_ids))
                 if logprobs is not None and step.logprobs:
                     logprobs.extend(step.logprobs)
                 finish_reason = step.finish_reason
+                if parser is not None and finish_reason is not None:  # the last step
+                    _, finish_reason = parser.finish(finish_reason)
+                    run.finish_reason = finish_reason  # tool_calls: the run's metrics and log line say so
+        if parser is None:
+            message = ChatResponseMessage(content="".join(texts))
+        else:
+            message = parser.message()
         choice = ChatCompletionChoice(
-            message=ChatResponseMessage(content="".join(texts)),
-            logprobs=self._logprobs(logprobs, req.top_logprobs or 0),
+            message=message, logprobs=self._logprobs(logprobs, req.top_logprobs or 0),
             finish_reason=finish_reason)
         return json_response(ChatCompletionResponse(
             id=run.request.request_id, created=int(time.time()),
-            model=self._ctx.served_model_name, choices=[choice], usage=run.usage()))
+            model=self._ctx.served_model_name, choices=[choice], usage=_usage(run, parser)))
 
     async def _stream(self, run: GenerationRun, req: ChatCompletionRequest
                       ) -> AsyncIterator[bytes]:
@@ -158,3 +210,48 @@ class ChatServing:
         except Exception as exc:
             yield sse_error(exc)
         yield SSE_DONE
+
+    async def _stream_parsed(self, run: GenerationRun, req: ChatCompletionRequest,
+                             output: ChatOutputFormat) -> AsyncIterator[bytes]:
+        """`_stream` for replies a parser reads: each step's deltas (reasoning, content, tool
+        calls) as chunks; the step's logprobs ride on its first chunk, its finish reason on its last."""
+        created = int(time.time())
+        model = self._ctx.served_model_name
+        encoder = ChatChunkEncoder(run.request.request_id, created, model, req.include_usage)
+        want_logprobs, num_top = req.logprobs, req.top_logprobs or 0
+        parser = output.parser()
+        first = True
+        try:
+            async with aclosing(run.steps()) as steps:
+                async for step in steps:
+                    deltas = parser.feed(step.text, len(step.token_ids))
+                    finish_reason = None
+                    if step.finish_reason is not None:
+                        end, finish_reason = parser.finish(step.finish_reason)
+                        run.finish_reason = finish_reason  # tool_calls: the run's metrics and log line say so
+                        deltas += end
+                    logprobs = self._logprobs(step.logprobs, num_top) if want_logprobs else None
+                    if first:  # the role rides on the first chunk, as in `_stream`
+                        first = False
+                        deltas[:1] = [{"role": "assistant", **(deltas[0] if deltas else {"content": ""})}]
+                    elif not deltas and finish_reason is None and logprobs is None:
+                        continue
+                    for i, delta in enumerate(deltas or [{}]):
+                        yield encoder.delta_chunk(delta, logprobs=logprobs if i == 0 else None,
+                                                  finish_reason=finish_reason if i == max(len(deltas), 1) - 1
+                                                  else None)
+            if req.include_usage:
+                chunk = ChatCompletionChunk(id=run.request.request_id, created=created,
+                                            model=model, choices=[], usage=_usage(run, parser))
+                yield sse_event(chunk.model_dump_json())
+        except Exception as exc:
+            yield sse_error(exc)
+        yield SSE_DONE
+
+
+def _usage(run: GenerationRun, parser: ChatOutputParser | None) -> UsageInfo:
+    """The run's usage, with the reasoning tokens where a reasoning parser read the reply."""
+    usage = run.usage()
+    if parser is not None and parser.reasoning_tokens is not None:
+        usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=parser.reasoning_tokens)
+    return usage

@@ -70,7 +70,8 @@ class CompletionServing:
         await admit(ctx, add_request)
         run = GenerationRun(ctx, add_request, skip_special_tokens=req.skip_special_tokens)
         if req.stream:
-            return SSEResponse(self._stream(run, req))
+            await run_until_disconnect(request, run.start)
+            return SSEResponse(self._stream(run, req), run)
         return await run_until_disconnect(request, lambda: self._complete(run, req))
 
     async def _prompt_token_ids(self, req: CompletionRequest) -> list[int]:

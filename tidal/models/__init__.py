@@ -13,6 +13,7 @@ _EXPORTS = {
     "PRESETS": "tidal.models.arch",
     "get_preset": "tidal.models.arch",
     "param_count": "tidal.models.arch",
+    "active_param_count": "tidal.models.arch",
     "LlamaModel": "tidal.models.llama",
     "kv_cache_shape": "tidal.models.llama",
     "kv_bytes_per_token": "tidal.models.llama",

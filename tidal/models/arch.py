@@ -1,4 +1,5 @@
-"""`ModelArch`: the shape of a llama-family model, and named presets for dummy weights.
+"""`ModelArch`: the shape of a llama-family model (dense or mixture-of-experts), and named presets
+for dummy weights.
 
 A `ModelArch` is read once from a checkpoint (GGUF metadata, `config.json`) or taken from
 `PRESETS`, and never changes afterwards. It imports no torch, so the frontend and the planner
@@ -16,7 +17,8 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
 @dataclass(frozen=True)
 class ModelArch:
     architecture: str
-    """`llama`, `mistral`, `qwen2` or `qwen3` (all run by `tidal.models.llama.LlamaModel`)."""
+    """`llama`, `mistral`, `qwen2`, `qwen3`, or the MoE `qwen3_moe` and `mixtral` (all run by
+    `tidal.models.llama.LlamaModel`)."""
     hidden_size: int
     num_layers: int
     num_heads: int
@@ -42,6 +44,17 @@ class ModelArch:
     sliding_window: int | None = None
     """Attention window (old Mistral); Tidal has no windowed attention, so the loader caps
     `max_model_len` at it, where full attention and windowed attention agree."""
+    num_experts: int = 0
+    """Routed experts in each sparse layer; 0: a dense model (every layer a SiLU-gated MLP)."""
+    num_experts_per_tok: int = 0
+    """Experts each token goes to (top-k of the router's softmax)."""
+    moe_intermediate_size: int = 0
+    """Intermediate size of one expert (`intermediate_size` is the dense layers' MLP)."""
+    norm_topk_prob: bool = True
+    """Renormalize the top-k routing weights to sum to 1 (Mixtral always; Qwen3-MoE per config)."""
+    dense_layers: tuple[int, ...] = ()
+    """Layers of an MoE model that keep a dense MLP (Qwen3-MoE's `mlp_only_layers` and
+    `decoder_sparse_step`); every other layer is sparse."""
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -50,6 +63,19 @@ class ModelArch:
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"rope scaling type {rope_type!r} is not supported "
                              f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+        if self.num_experts and not (0 < self.num_experts_per_tok <= self.num_experts
+                                     and self.moe_intermediate_size > 0):
+            raise ValueError(f"an MoE model needs 0 < num_experts_per_tok ({self.num_experts_per_tok}) <= "
+                             f"num_experts ({self.num_experts}) and moe_intermediate_size > 0 "
+                             f"({self.moe_intermediate_size})")
+
+    def is_sparse_layer(self, index: int) -> bool:
+        """Layer `index` has routed experts instead of a dense MLP."""
+        return self.num_experts > 0 and index not in self.dense_layers
+
+    @property
+    def num_sparse_layers(self) -> int:
+        return sum(self.is_sparse_layer(i) for i in range(self.num_layers))
 
     @property
     def q_size(self) -> int:
@@ -64,13 +90,18 @@ class ModelArch:
 
 
 def check_tensor_parallel(arch: ModelArch, tp_size: int) -> None:
-    """Raise a clear error when `arch` can't be split over `tp_size` ranks."""
-    for what, count in (("num_heads", arch.num_heads), ("num_kv_heads", arch.num_kv_heads),
-                        ("intermediate_size", arch.intermediate_size)):
+    """Raise a clear error when `arch` can't be split over `tp_size` ranks (heads, and the MLP or
+    experts' intermediate rows, whichever the model has)."""
+    sizes = {"num_heads": arch.num_heads, "num_kv_heads": arch.num_kv_heads}
+    if arch.num_sparse_layers < arch.num_layers:
+        sizes["intermediate_size"] = arch.intermediate_size
+    if arch.num_experts:
+        sizes["moe_intermediate_size"] = arch.moe_intermediate_size
+    for what, count in sizes.items():
         if count % tp_size:
+            listed = ", ".join(f"{name} ({value})" for name, value in sizes.items())
             raise ValueError(f"tensor_parallel_size {tp_size} does not divide this model's {what} ({count}); "
-                             f"use a tensor_parallel_size that divides num_heads ({arch.num_heads}), "
-                             f"num_kv_heads ({arch.num_kv_heads}) and intermediate_size ({arch.intermediate_size})")
+                             f"use a tensor_parallel_size that divides {listed}")
 
 
 def rope_type_of(rope_scaling: dict | None) -> str:
@@ -80,18 +111,31 @@ def rope_type_of(rope_scaling: dict | None) -> str:
 
 
 def param_count(arch: ModelArch) -> int:
-    """Number of weights, computed from the shapes alone (nothing allocated)."""
+    """Number of weights, every expert included, computed from the shapes alone (nothing allocated)."""
+    return _count_params(arch, arch.num_experts)
+
+
+def active_param_count(arch: ModelArch) -> int:
+    """Weights one token's forward uses: `param_count` with only `num_experts_per_tok` experts per
+    sparse layer (the router still counts whole). Equal to `param_count` for a dense model."""
+    return _count_params(arch, arch.num_experts_per_tok)
+
+
+def _count_params(arch: ModelArch, experts: int) -> int:
     h, d = arch.hidden_size, arch.head_dim
     attention = h * (arch.q_size + 2 * arch.kv_size) + arch.q_size * h
     if arch.attention_bias:
         attention += arch.q_size + 2 * arch.kv_size
     if arch.qk_norm:
         attention += 2 * d
-    mlp = 3 * h * arch.intermediate_size
     norms = 2 * h
-    per_layer = attention + mlp + norms
+    sparse = arch.num_sparse_layers
+    dense_mlp = 3 * h * arch.intermediate_size
+    sparse_mlp = experts * 3 * h * arch.moe_intermediate_size + arch.num_experts * h  # experts + router
+    layers = (arch.num_layers * (attention + norms) + (arch.num_layers - sparse) * dense_mlp
+              + sparse * sparse_mlp)
     embeddings = arch.vocab_size * h * (1 if arch.tie_word_embeddings else 2)
-    return arch.num_layers * per_layer + embeddings + h
+    return layers + embeddings + h
 
 
 _LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -136,6 +180,23 @@ PRESETS: dict[str, ModelArch] = {
         "qwen3", hidden_size=1024, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=128,
         intermediate_size=2048, vocab_size=49152, rope_theta=1000000.0, rms_norm_eps=1e-6,
         qk_norm=True, max_position_embeddings=4096, bos_token_id=1, eos_token_ids=(2,)),
+    # Mixture-of-experts models (full shapes; `active_param_count` gives the per-token part).
+    "qwen3-30b-a3b": ModelArch(
+        "qwen3_moe", hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4, head_dim=128,
+        intermediate_size=6144, vocab_size=151936, rope_theta=1000000.0, rms_norm_eps=1e-6, qk_norm=True,
+        max_position_embeddings=40960, bos_token_id=151643, eos_token_ids=(151645, 151643),
+        num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True),
+    "mixtral-8x7b": ModelArch(  # Mixtral-8x7B-Instruct-v0.1
+        "mixtral", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+        intermediate_size=14336, vocab_size=32000, rope_theta=1000000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=32768, bos_token_id=1, eos_token_ids=(2,),
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=14336),
+    # A small MoE for GPU tests: Qwen3-MoE's proportions (narrow experts, top-8) at head_dim 128.
+    "small-qwen3-moe": ModelArch(
+        "qwen3_moe", hidden_size=1024, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=128,
+        intermediate_size=2048, vocab_size=49152, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        qk_norm=True, max_position_embeddings=4096, bos_token_id=1, eos_token_ids=(2,),
+        num_experts=64, num_experts_per_tok=8, moe_intermediate_size=384),
     # Tiny test models. Their vocabulary is the embedded SmolLM2 tokenizer's, so a server started
     # on `dummy:tiny-*` can take any prompt that tokenizer produces.
     "tiny-llama": ModelArch(
@@ -146,6 +207,16 @@ PRESETS: dict[str, ModelArch] = {
         "qwen3", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
         intermediate_size=128, vocab_size=49152, rope_theta=1000000.0, rms_norm_eps=1e-6,
         qk_norm=True, max_position_embeddings=2048, bos_token_id=1, eos_token_ids=(2,)),
+    "tiny-qwen3-moe": ModelArch(
+        "qwen3_moe", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
+        intermediate_size=128, vocab_size=49152, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        qk_norm=True, max_position_embeddings=2048, bos_token_id=1, eos_token_ids=(2,),
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32),
+    "tiny-mixtral": ModelArch(
+        "mixtral", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+        intermediate_size=64, vocab_size=49152, rope_theta=1000000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=2048, bos_token_id=1, eos_token_ids=(2,),
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64),
 }
 
 
@@ -157,7 +228,8 @@ def get_preset(name: str) -> ModelArch:
 
 
 _HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                     "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+                     "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                     "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral"}
 
 
 def _eos_ids(*values) -> tuple[int, ...]:
@@ -180,6 +252,27 @@ def _hf_rope(config: dict) -> tuple[float, dict | None]:
     return float(theta), (dict(scaling) if scaling else None)
 
 
+def _hf_moe(config: dict, architecture: str) -> dict:
+    """The MoE fields of `ModelArch` from a Qwen3-MoE or Mixtral config (none for a dense model).
+
+    transformers 5 writes Qwen3-MoE's `num_experts` as `num_local_experts`; both are read. A
+    Qwen3-MoE layer is sparse unless listed in `mlp_only_layers` or off the `decoder_sparse_step`
+    grid, as transformers builds it."""
+    if architecture == "mixtral":
+        return {"num_experts": config.get("num_local_experts", 8),
+                "num_experts_per_tok": config.get("num_experts_per_tok", 2),
+                "moe_intermediate_size": config["intermediate_size"], "norm_topk_prob": True}
+    if architecture != "qwen3_moe":
+        return {}
+    num_experts = config.get("num_experts", config.get("num_local_experts", 128))  # transformers' defaults
+    step, only_dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or ())
+    dense = tuple(i for i in range(config["num_hidden_layers"])
+                  if not num_experts or i in only_dense or (i + 1) % step)
+    return {"num_experts": num_experts, "num_experts_per_tok": config.get("num_experts_per_tok", 8),
+            "moe_intermediate_size": config.get("moe_intermediate_size", 768),
+            "norm_topk_prob": bool(config.get("norm_topk_prob", False)), "dense_layers": dense}
+
+
 def arch_from_hf_config(config: dict, generation_config: dict | None = None) -> ModelArch:
     """A `ModelArch` from a Hugging Face `config.json` (and `generation_config.json`) dict."""
     names = config.get("architectures") or []
@@ -191,7 +284,9 @@ def arch_from_hf_config(config: dict, generation_config: dict | None = None) -> 
     head_dim = config.get("head_dim") or config["hidden_size"] // num_heads
     rope_theta, rope_scaling = _hf_rope(config)
     generation_config = generation_config or {}
-    sliding_window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    # Qwen configs switch the window on with `use_sliding_window` (off by default); Mistral's have no switch.
+    windowed = config.get("use_sliding_window", not architecture.startswith("qwen"))
+    sliding_window = config.get("sliding_window") if windowed else None
     return ModelArch(
         architecture=architecture,
         hidden_size=config["hidden_size"],
@@ -207,9 +302,10 @@ def arch_from_hf_config(config: dict, generation_config: dict | None = None) -> 
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         # Qwen2 always has q/k/v biases; its config has no key for them.
         attention_bias=architecture == "qwen2" or bool(config.get("attention_bias", False)),
-        qk_norm=architecture == "qwen3",
+        qk_norm=architecture in ("qwen3", "qwen3_moe"),
         max_position_embeddings=config.get("max_position_embeddings", 4096),
         bos_token_id=generation_config.get("bos_token_id", config.get("bos_token_id")),
         eos_token_ids=_eos_ids(generation_config.get("eos_token_id"), config.get("eos_token_id")),
-        sliding_window=sliding_window if architecture == "mistral" else None,
+        sliding_window=sliding_window if architecture in ("mistral", "mixtral", "qwen3_moe") else None,
+        **_hf_moe(config, architecture),
     )

@@ -2,6 +2,11 @@
 
 Tensors are read one at a time from the (possibly sharded) safetensors files and copied straight
 into the model's fused parameters, so peak memory is the model plus one tensor.
+
+Quantized checkpoints (FP8, AWQ, GPTQ, bitsandbytes, compressed-tensors, ...) are refused by name
+(`check_not_quantized`) before anything loads: their tensors are packed integers or low-precision
+values with scales beside them, which the loader would copy as if they were weights (FP8: scales
+ignored, wrong outputs) or fail on with a shape error (AWQ, GPTQ).
 """
 
 from __future__ import annotations
@@ -19,8 +24,50 @@ def read_json(path: str) -> dict | None:
         return json.load(f)
 
 
+QUANTIZATION_FILES = {"quantize_config.json": "gptq", "quant_config.json": "awq", "hf_quant_config.json": "modelopt"}
+"""Files older quantizers (AutoGPTQ, AutoAWQ) and NVIDIA ModelOpt write beside config.json."""
+
+
+def quantization_method(folder: str, config: dict | None = None) -> str | None:
+    """The quantization a Hugging Face folder declares (`quant_method` of config.json's
+    `quantization_config` or `compression_config`, also inside a `text_config`, or one of
+    `QUANTIZATION_FILES`); None for a checkpoint of plain floating-point weights."""
+    config = read_json(os.path.join(folder, "config.json")) if config is None else config
+    for section in (config or {}, (config or {}).get("text_config") or {}):
+        for key in ("quantization_config", "compression_config"):
+            declared = section.get(key)
+            if declared:
+                return _method_name(declared)
+    for name, method in QUANTIZATION_FILES.items():
+        if os.path.isfile(os.path.join(folder, name)):
+            quant = read_json(os.path.join(folder, name)) or {}
+            return _method_name(quant) if quant.get("quant_method") else method
+    return None
+
+
+def _method_name(declared: object) -> str:
+    if not isinstance(declared, dict):
+        return "unknown method"
+    if declared.get("quant_method"):
+        return str(declared["quant_method"])
+    if declared.get("load_in_4bit") or declared.get("load_in_8bit"):
+        return "bitsandbytes"
+    return str(declared.get("format") or "unknown method")
+
+
+def check_not_quantized(folder: str, config: dict | None = None) -> None:
+    """Raises ValueError naming the method when the folder holds a quantized checkpoint."""
+    method = quantization_method(folder, config)
+    if method is not None:
+        raise ValueError(f"{folder}: quantized checkpoints ({method}) are not supported yet; Tidal loads "
+                         "safetensors of float32, bfloat16 or float16 weights, or a GGUF file (its "
+                         "quantized tensors are dequantized at load): serve the unquantized model or a GGUF "
+                         "of it")
+
+
 def arch_from_hf_folder(folder: str) -> ModelArch:
     config = read_json(os.path.join(folder, "config.json"))
+    check_not_quantized(folder, config)
     generation_config = read_json(os.path.join(folder, "generation_config.json"))
     return arch_from_hf_config(config, generation_config)
 

@@ -1,4 +1,5 @@
-"""The llama-family decoder: Llama 2/3, SmolLM2, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm).
+"""The llama-family decoder: Llama 2/3, SmolLM2, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm), and
+the mixture-of-experts Qwen3-MoE and Mixtral (a sparse layer's MLP is `tidal.models.moe.SparseMoE`).
 
 `LlamaModel` owns the weights (in the fused layout below) and a RoPE cos/sin table; it holds no
 per-request state. The KV cache belongs to the caller (the model runner), which passes one
@@ -10,6 +11,7 @@ Fused weight layout per layer (`load_weight` writes checkpoint tensors into thes
   qk_norm         [num_heads + num_kv_heads, head_dim]  q_norm repeated per head, then k_norm
   gate_up_weight  [2 * intermediate_size, hidden]       rows: gate_proj, then up_proj
   o_weight [hidden, q_size], down_weight [hidden, intermediate_size]
+A sparse layer has no gate_up/down weights; its `moe` holds the router and stacked experts.
 
 Tensor parallel (`tp_size > 1`, see `tidal.parallel.sharding`): the same layout over this rank's
 heads and MLP rows (num_heads, num_kv_heads, intermediate_size and the sizes above divided by
@@ -32,6 +34,9 @@ from tidal.kernels.attention import attend, store_kv
 from tidal.kernels.paged_attention import AttentionMetadata, cache_shape
 from tidal.models.arch import ModelArch, check_tensor_parallel
 from tidal.models.layers import add_rms_norm, apply_rope, rms_norm, rope_cos_sin_cache, silu_and_mul
+from tidal.models.moe import SparseMoE
+from tidal.models.weight_slot import WeightSlot
+from tidal.models.weight_slot import empty_parameter as _empty
 from tidal.parallel.sharding import (TPShard, row_parallel_linear, shard_rows, vocab_parallel_embedding,
                                      vocab_parallel_logits, vocab_per_rank)
 
@@ -44,21 +49,12 @@ class Rope(NamedTuple):
     cos_sin: torch.Tensor | None  # [T, 2, head_dim]: rows of `cache` (torch path only)
 
 
-def _empty(shape, dtype, device) -> nn.Parameter:
-    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
-
-
-class WeightSlot(NamedTuple):
-    target: torch.Tensor
-    """The parameter, or slice of a fused one, that a checkpoint tensor fills."""
-    split_dim: int | None = None
-    """The checkpoint tensor's dim that tensor-parallel ranks split; None: each rank holds it whole."""
-
-
 class DecoderLayer(nn.Module):
-    """One transformer block: pre-norm attention then pre-norm SiLU-gated MLP."""
+    """One transformer block: pre-norm attention then pre-norm SiLU-gated MLP (or, in a sparse layer
+    of an MoE model, routed experts)."""
 
-    def __init__(self, arch: ModelArch, dtype: torch.dtype, device: torch.device | str, shard: TPShard = TPShard()):
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, device: torch.device | str,
+                 shard: TPShard = TPShard(), index: int = 0):
         super().__init__()
         self.arch = arch
         h = arch.hidden_size
@@ -76,11 +72,15 @@ class DecoderLayer(nn.Module):
             if arch.qk_norm else None
         self.o_weight = _empty((h, self.q_size), dtype, device)
         self.post_attention_layernorm = _empty((h,), dtype, device)
-        self.gate_up_weight = _empty((2 * self.intermediate_size, h), dtype, device)
-        self.down_weight = _empty((h, self.intermediate_size), dtype, device)
+        self.moe = SparseMoE(arch, dtype, device, shard) if arch.is_sparse_layer(index) else None
+        dense = self.moe is None
+        self.gate_up_weight = _empty((2 * self.intermediate_size, h), dtype, device) if dense else None
+        self.down_weight = _empty((h, self.intermediate_size), dtype, device) if dense else None
 
     def weight_slot(self, name: str) -> WeightSlot | None:
         """Hugging Face name inside the layer (`self_attn.q_proj.weight`) -> where it goes."""
+        if self.moe is not None and name.partition(".")[0] in ("mlp", self.moe.module):
+            return self.moe.weight_slot(name)
         q, kv, inter = self.q_size, self.kv_size, self.intermediate_size
         heads = self.num_heads
         qkv_rows = {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, q + 2 * kv)}
@@ -99,8 +99,9 @@ class DecoderLayer(nn.Module):
                 "mlp.down_proj.weight": WeightSlot(self.down_weight, 1)}.get(name)
 
     def weight_names(self) -> list[str]:
-        names = ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.weight",
-                 "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+        names = ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.weight"]
+        names += self.moe.weight_names() if self.moe is not None else \
+            ["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
         names += [f"self_attn.{p}_proj.weight" for p in "qkv"]
         if self.arch.attention_bias:
             names += [f"self_attn.{p}_proj.bias" for p in "qkv"]
@@ -134,6 +135,8 @@ class DecoderLayer(nn.Module):
         return self.row_linear(out.reshape(num_tokens, self.q_size), self.o_weight)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if self.moe is not None:
+            return self.moe(x)
         return self.row_linear(silu_and_mul(F.linear(x, self.gate_up_weight)), self.down_weight)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: Rope,
@@ -173,7 +176,8 @@ class LlamaModel(nn.Module):
         self.vocab_rows = vocab_per_rank(arch.vocab_size, tp_size)  # rows of the vocabulary held here
         self.vocab_start = tp_rank * self.vocab_rows
         self.embed_tokens = _empty((self.vocab_rows, arch.hidden_size), dtype, device)
-        self.layers = nn.ModuleList(DecoderLayer(arch, dtype, device, self.shard) for _ in range(arch.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(arch, dtype, device, self.shard, index)
+                                    for index in range(arch.num_layers))
         self.norm = _empty((arch.hidden_size,), dtype, device)
         self.lm_head = self.embed_tokens if arch.tie_word_embeddings \
             else _empty((self.vocab_rows, arch.hidden_size), dtype, device)

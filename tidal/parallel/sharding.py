@@ -7,6 +7,9 @@ With `size` ranks, rank `r` holds
   o_proj (row-parallel: each rank's output is a partial sum, all-reduced);
 - MLP: rows [r * I/size, (r+1) * I/size) of gate and of up (column-parallel gate_up) and the
   matching columns of down_proj (row-parallel, all-reduced);
+- MoE experts (`tidal.models.moe`): every expert's rows [r * I/size, (r+1) * I/size) of gate and
+  up and the matching columns of down, I the expert's intermediate size; the router whole, so all
+  ranks route alike; the weighted combine is a partial sum, all-reduced once;
 - vocabulary: rows [r * V', (r+1) * V') of the embedding and the LM head, V' = ceil(V / size);
   the last rank's rows past V are zero padding. An id outside a rank's rows embeds to zeros there,
   so the all-reduced sum is the embedding; the logits of every rank are gathered and trimmed to V;

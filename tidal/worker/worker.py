@@ -92,8 +92,9 @@ class WorkerSpec:
     """After SIGTERM: how long in-flight requests may take to finish before the worker exits."""
     health_port: int | None = None
     """Serve /live and /health on this port (0: any free one); None: no health endpoint."""
-    health_host: str = "0.0.0.0"
-    """Where the health endpoint binds (cluster mode: the worker's own address)."""
+    health_host: str = "127.0.0.1"
+    """Where the health endpoint binds (`tidal serve`: the API's host; cluster mode: the worker's own
+    address)."""
     curve: CurveKeys | None = None
     """CURVE keys of the request plane and the ZMQ event plane; None: plain sockets."""
     advertise_addr: str | None = None

@@ -1,0 +1,121 @@
+"""Sparse mixture-of-experts MLP (Qwen3-MoE, Mixtral): a router and stacked experts.
+
+`SparseMoE` owns one layer's router and experts' weights and no per-request state. Layout, with
+E experts and I = moe_intermediate_size / tp_size intermediate rows per expert on this rank:
+  gate_weight  [E, hidden]         the router, whole on every tensor-parallel rank
+  w13          [E, 2 * I, hidden]  per expert: gate_proj (Mixtral w1) rows, then up_proj (w3) rows
+  w2           [E, hidden, I]      per expert: down_proj (Mixtral w2)
+Tensor parallel (see `tidal.parallel.sharding`): each rank holds every expert's slice of the
+intermediate rows, so its combined output is a partial sum, and one all-reduce after the combine
+finishes the layer, as for the dense MLP. `LlamaModel.load_weight` writes each checkpoint expert
+tensor into its slice of the stacked tensors, one at a time.
+
+`moe_forward` is the one boundary a fused GPU kernel replaces: hidden states, router logits and
+the stacked weights in, the combined output out. Its torch path here groups the (token, expert)
+pairs by expert and runs one pair of matmuls per expert that has tokens; it reads the per-expert
+counts on the host, so it is not for CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tidal.models.arch import ModelArch
+from tidal.models.layers import silu_and_mul
+from tidal.models.weight_slot import WeightSlot, empty_parameter
+from tidal.parallel.group import all_reduce
+from tidal.parallel.sharding import TPShard
+
+# Checkpoint names per architecture: (the layer's MoE module, gate, up and down projections).
+_CHECKPOINT_NAMES = {"qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+                     "mixtral": ("block_sparse_moe", "w1", "w3", "w2")}
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int,
+                   renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (weights [T, k] float32, expert ids [T, k] int64).
+
+    Softmax over all experts in float32, then the top k. Renormalizing them to sum to 1 is the same
+    as a softmax over the top-k logits alone (Mixtral's formulation)."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, expert_ids = probs.topk(top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, expert_ids
+
+
+def moe_forward(hidden: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                top_k: int, renormalize: bool) -> torch.Tensor:
+    """hidden [T, H], router_logits [T, E], w13 [E, 2I, H], w2 [E, H, I] -> [T, H]: per token, the
+    sum over its top-k experts of weight * down(silu(gate(x)) * up(x))."""
+    weights, expert_ids = select_experts(router_logits, top_k, renormalize)
+    return grouped_experts(hidden, weights, expert_ids, w13, w2)
+
+
+def grouped_experts(hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
+                    w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The torch path: sort the T * k (token, expert) pairs by expert, one gate_up and one down
+    matmul per expert that has pairs, scale each row by its weight, and add the rows back into
+    their tokens."""
+    top_k = expert_ids.shape[1]
+    flat_ids = expert_ids.flatten()  # [T * k]: token t's j-th expert at t * k + j
+    order = flat_ids.argsort(stable=True)  # pairs grouped by expert
+    token_of = order // top_k  # [T * k]: the token of each sorted pair
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    x = hidden.index_select(0, token_of)  # [T * k, H]
+    out = torch.empty_like(x)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            rows = slice(start, start + count)
+            out[rows] = F.linear(silu_and_mul(F.linear(x[rows], w13[expert])), w2[expert])
+            start += count
+    out.mul_(weights.flatten()[order].unsqueeze(1).to(out.dtype))
+    return torch.zeros_like(hidden).index_add_(0, token_of, out)
+
+
+class SparseMoE(nn.Module):
+    """One layer's router and experts (this rank's intermediate rows of each expert)."""
+
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, device: torch.device | str, shard: TPShard):
+        super().__init__()
+        self.num_experts, self.top_k = arch.num_experts, arch.num_experts_per_tok
+        self.renormalize = arch.norm_topk_prob
+        self.intermediate_size = arch.moe_intermediate_size // shard.size  # per expert, on this rank
+        self.reduce = shard.size > 1
+        self.module, *self._projections = _CHECKPOINT_NAMES[arch.architecture]
+        h, e, i = arch.hidden_size, arch.num_experts, self.intermediate_size
+        self.gate_weight = empty_parameter((e, h), dtype, device)
+        self.w13 = empty_parameter((e, 2 * i, h), dtype, device)
+        self.w2 = empty_parameter((e, h, i), dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, hidden] (normed) -> [T, hidden], summed over the tensor-parallel ranks."""
+        router_logits = F.linear(x, self.gate_weight)  # [T, E]
+        out = moe_forward(x, router_logits, self.w13, self.w2, self.top_k, self.renormalize)
+        return all_reduce(out) if self.reduce else out
+
+    def weight_slot(self, name: str) -> WeightSlot | None:
+        """Checkpoint name inside the layer (`mlp.experts.3.up_proj.weight`) -> where it goes."""
+        prefix = self.module + "."
+        if not name.startswith(prefix):
+            return None
+        rest = name[len(prefix):]
+        if rest == "gate.weight":
+            return WeightSlot(self.gate_weight)
+        parts = rest.split(".")  # experts, E, projection, weight
+        if len(parts) != 4 or parts[0] != "experts" or parts[3] != "weight" or not parts[1].isdigit() \
+                or int(parts[1]) >= self.num_experts:
+            return None
+        expert, inter = int(parts[1]), self.intermediate_size
+        gate, up, down = self._projections
+        return {gate: WeightSlot(self.w13[expert, :inter], 0), up: WeightSlot(self.w13[expert, inter:], 0),
+                down: WeightSlot(self.w2[expert], 1)}.get(parts[2])
+
+    def weight_names(self) -> list[str]:
+        names = [f"{self.module}.gate.weight"]
+        for expert in range(self.num_experts):
+            names += [f"{self.module}.experts.{expert}.{p}.weight" for p in self._projections]
+        return names
