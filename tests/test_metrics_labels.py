@@ -7,9 +7,13 @@ In-process: the HTTP app over a scripted engine, and a router over stub workers,
 
 from __future__ import annotations
 
+import logging
+
+import openai
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from test_frontend_unit import MODEL, ScriptedEngine, chat_body, make_app
+from test_frontend_unit import MODEL, ScriptedEngine, chat_body, live_server, make_app
 from test_request_log import _post
 
 from tidal.frontend.detokenizer import TokenTextTable
@@ -133,3 +137,22 @@ def test_the_router_exports_each_worker_s_kv_usage_counters_and_the_pool_sizes()
         assert (pool("both", "routable"), pool("both", "draining"), pool("both", "down")) == (0, 0, 0)
     finally:
         router.fleet.events.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_reply_of_tool_calls_counts_as_tool_calls_in_the_metric_and_the_log(stream, caplog):
+    from test_tool_calls import HERMES_REPLY, TOOLS, ask, scripted
+
+    caplog.set_level(logging.INFO, logger="tidal.requests")
+    engine = scripted(HERMES_REPLY)
+    app = make_app(engine)
+    async with (live_server(app) as url,
+                openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0) as client):
+        _, finish_reason, _ = await ask(client, stream, tools=TOOLS)
+    assert finish_reason == "tool_calls"
+    samples = _samples(app.state.serving_context.metrics.render().decode())
+    model = ("model_name", MODEL)
+    assert samples[("tidal_request_finish_reasons_total", (("finish_reason", "tool_calls"), model))] == 1
+    assert samples[("tidal_request_finish_reasons_total", (("finish_reason", "stop"), model))] == 0
+    [line] = [r for r in caplog.records if r.name == "tidal.requests"]
+    assert line.fields["finish_reason"] == "tool_calls"

@@ -152,7 +152,6 @@ def build_app(engine: EngineClient, tokenizer: Any, served_model_name: str,
     if server_config.chat_template is not None:
         tokenizer = with_chat_template(tokenizer, server_config.chat_template)
     ctx = _serving_context(engine, tokenizer, served_model_name, metrics, server_config)
-    request_log = ctx.request_log
     chat = ChatServing(ctx)
     completion = CompletionServing(ctx)
     tokenize = TokenizeServing(ctx, chat)
@@ -164,11 +163,11 @@ def build_app(engine: EngineClient, tokenizer: Any, served_model_name: str,
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await _answer(chat.create, request, request_log)
+        return await _answer(chat.create, request, ctx.request_log)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await _answer(completion.create, request, request_log)
+        return await _answer(completion.create, request, ctx.request_log)
 
     @app.post("/tokenize")
     async def tokenize_prompt(request: Request) -> Response:
