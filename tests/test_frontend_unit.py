@@ -764,8 +764,8 @@ async def test_a_stream_shed_before_its_first_token_is_a_503_with_retry_after(cl
     engine.fail_with = None
     assert (await client.post("/v1/chat/completions", json=chat_body(stream=True))).status_code == 200
     text = (await client.get("/metrics")).text
-    assert metric_value(text, 'tidal_requests_total{status="rejected"}') == 2
-    assert metric_value(text, 'tidal_requests_total{status="error"}') == 0
+    assert metric_value(text, of_model("tidal_requests_total", status="rejected")) == 2
+    assert metric_value(text, of_model("tidal_requests_total", status="error")) == 0
 
 
 async def test_internal_errors_are_500_and_server_keeps_serving(client, engine):

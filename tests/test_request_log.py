@@ -266,17 +266,19 @@ def _json_lines(path) -> list[dict]:
 
 
 def test_serve_flags_set_the_log_settings_over_a_config():
-    from tidal.cli import build_parser, with_overrides
-    from tidal.deploy.config import DeploymentError, load_deployment
+    from tidal.cli import build_parser, serve_deployment_from_args
+    from tidal.deploy.config import DeploymentError
 
     config = str(REPO_ROOT / "examples" / "disagg.yaml")
-    args = build_parser().parse_args(["serve", "-f", config, "--log-format", "json", "--disable-log-requests",
-                                      "--stats-log-interval-s", "0"])
-    deployment = with_overrides(load_deployment(config), args)
-    assert deployment.frontend.log_format == "json" and deployment.frontend.log_requests is False
-    assert [w.stats_log_interval_s for w in deployment.workers] == [0, 0]
-    untouched = with_overrides(load_deployment(config), build_parser().parse_args(["serve", "-f", config]))
-    assert untouched.frontend.log_requests and [w.stats_log_interval_s for w in untouched.workers] == [10, 10]
+
+    def deployment(*flags: str):
+        return serve_deployment_from_args(build_parser().parse_args(["serve", "-f", config, *flags]))
+
+    given = deployment("--log-format", "json", "--disable-log-requests", "--stats-log-interval-s", "0")
+    assert given.frontend.log_format == "json" and given.frontend.log_requests is False
+    assert [w.stats_log_interval_s for w in given.workers] == [0, 0]
+    untouched = deployment()
+    assert untouched.frontend.log_format == "text" and untouched.frontend.log_requests
+    assert [w.stats_log_interval_s for w in untouched.workers] == [10, 10]
     with pytest.raises(DeploymentError, match="stats_log_interval_s"):
-        with_overrides(load_deployment(config), build_parser().parse_args(
-            ["serve", "-f", config, "--stats-log-interval-s", "-1"]))
+        deployment("--stats-log-interval-s", "-1")
