@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the format tool calls are read in with tool_choice auto (default auto: the one the "
                             "chat template writes; without -f; with -f: frontend.tool_call_parser)")
     serve.add_argument("--reasoning-parser", default=None, choices=typing.get_args(ReasoningParserName),
-                       help="qwen3 or deepseek_r1: <think>...</think> goes to reasoning_content (default none; "
+                       help="qwen3 or deepseek_r1: <think>...</think> goes to reasoning_content; harmony: "
+                            "gpt-oss's channels (chosen anyway for a harmony chat template) (default none; "
                             "without -f; with -f: frontend.reasoning_parser)")
     serve.add_argument("--max-migrations", type=int, default=None,
                        help="times a request may move to another worker when its worker dies or leaves "

@@ -37,8 +37,8 @@ AttentionBackend = Literal["auto", "torch", "triton"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 """`text`: one human line per record; `json`: one JSON object per line (`tidal.logs`)."""
-ToolCallParserName = Literal["auto", "hermes", "llama3_json"]
-ReasoningParserName = Literal["none", "qwen3", "deepseek_r1"]
+ToolCallParserName = Literal["auto", "hermes", "llama3_json", "harmony"]
+ReasoningParserName = Literal["none", "qwen3", "deepseek_r1", "harmony"]
 
 
 @functools.cache
@@ -222,10 +222,15 @@ class ServerConfig:
     tool_call_parser: ToolCallParserName = "auto"
     """The format tool calls are read in when `tool_choice` is "auto": `hermes` (<tool_call> JSON
     </tool_call>: Qwen, Hermes, and the tool prompt Tidal writes for templates that ignore tools),
-    `llama3_json` (Llama 3.x's bare JSON calls), `auto` (the one the chat template writes)."""
+    `llama3_json` (Llama 3.x's bare JSON calls), `harmony` (gpt-oss: calls are messages to
+    `functions.NAME`, and the reply's channels are read as `reasoning_parser: harmony` reads them),
+    `auto` (the one the chat template writes; harmony for a template that writes `<|channel|>`)."""
     reasoning_parser: ReasoningParserName = "none"
     """`qwen3` or `deepseek_r1`: a reply's <think>...</think> goes to `reasoning_content` (see
-    `tidal.frontend.reasoning`); `none`: the reply is content as written."""
+    `tidal.frontend.reasoning`); `harmony`: gpt-oss's analysis channel goes to `reasoning_content`,
+    its final channel to `content` and its calls to `tool_calls` (`tidal.frontend.harmony`; chosen
+    by `tool_call_parser: auto` for a harmony template whatever this says); `none`: the reply is
+    content as written."""
     log_level: LogLevel = "info"
     log_format: LogFormat = "text"
     """How every process of the deployment writes its log (`tidal.logs`): `text` or `json` lines."""

@@ -26,7 +26,10 @@ from tidal.models.source import embedded_gguf_path, resolve_model_source
 # Tokens that end a turn in common chat formats; counted as stop tokens when the vocabulary
 # has them as special tokens (what llama.cpp calls end-of-generation tokens).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|end_of_text|>",
-                      "<|end|>", "<end_of_turn>", "<|return|>")
+                      "<|end|>", "<end_of_turn>", "<|return|>", "<|call|>")
+HARMONY_CHANNEL_TOKEN = "<|channel|>"
+"""In a vocabulary with this token (gpt-oss's harmony), `<|end|>` ends one message of a reply (its
+reasoning), not the reply: `<|return|>` and `<|call|>` do."""
 
 
 class Tokenizer:
@@ -48,6 +51,8 @@ class Tokenizer:
         self._added_ids = frozenset(added)
         self.all_special_ids = sorted(i for i, t in added.items() if t.special)
         ends = {i for i, t in added.items() if t.special and t.content in END_OF_TURN_TOKENS}
+        if any(t.content == HARMONY_CHANNEL_TOKEN for t in added.values()):
+            ends -= {i for i, t in added.items() if t.content == "<|end|>"}
         self.eos_token_ids = frozenset((eos_token_ids or set()) | ends
                                        | ({self.eos_token_id} if self.eos_token_id is not None else set()))
         self._template_vars = {"bos_token": bos_token or "", "eos_token": eos_token or "",

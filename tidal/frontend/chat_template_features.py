@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import jinja2
 from jinja2 import meta, nodes
 
+from tidal.frontend.harmony import is_harmony_template
 from tidal.tokenizer import parse_template
 
 LLAMA3_TOOL_MARKERS = ("<|python_tag|>", "respond with a JSON for a function call")
@@ -33,7 +34,8 @@ class TemplateFeatures:
     """The template reads a `reasoning_effort` variable (so the request field can be honoured)."""
     tool_call_format: str = "hermes"
     """The output format its model calls tools in: `hermes` (<tool_call> tags: Qwen, Hermes, and
-    what Tidal's own tool prompt asks for) or `llama3_json` (Llama 3.x's bare JSON calls)."""
+    what Tidal's own tool prompt asks for), `llama3_json` (Llama 3.x's bare JSON calls) or `harmony`
+    (gpt-oss: its template writes `<|channel|>`; its whole reply is harmony messages)."""
 
     @staticmethod
     @functools.lru_cache(maxsize=16)
@@ -62,6 +64,8 @@ def _reads_key(tree: nodes.Template, key: str) -> bool:
 
 
 def _tool_call_format(template: str) -> str:
+    if is_harmony_template(template):
+        return "harmony"
     if "<tool_call>" in template:
         return "hermes"
     if any(marker in template for marker in LLAMA3_TOOL_MARKERS):

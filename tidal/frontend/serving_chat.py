@@ -1,8 +1,9 @@
 """`POST /v1/chat/completions`: messages -> chat template -> tokens -> engine -> OpenAI shapes.
 
 Tools and reasoning: `ToolPlan` (tool_calls.py) shapes the prompt and the grammar; where the reply is
-parsed (tool calls, <think> reasoning), a `ChatOutputParser` (chat_output.py) per choice reads it,
-and the plain path (`_complete`'s texts, `_stream`'s `chunk`) is left as it is for the rest."""
+parsed (tool calls, <think> reasoning, gpt-oss's harmony channels), a `ChatOutputParser`
+(chat_output.py) per choice reads it, and the plain path (`_complete`'s texts, `_stream`'s
+`chunk`) is left as it is for the rest."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tidal.frontend.chat_output import ChatOutputFormat, ChatOutputParser
 from tidal.frontend.chat_template_features import TemplateFeatures
 from tidal.frontend.chat_tokens import encode_text
 from tidal.frontend.errors import OpenAIError, bad_request
+from tidal.frontend.harmony import HarmonyParser, harmony_messages, reply_opening
 from tidal.frontend.openai_types import (ChatChoiceLogprobs, ChatChunkEncoder,
                                          ChatCompletionChoice, ChatCompletionChunk,
                                          ChatCompletionRequest, ChatCompletionResponse,
@@ -87,6 +89,8 @@ class ChatServing:
 
     def _output_format(self, plan: ToolPlan, prompt: str) -> ChatOutputFormat:
         mode = self._ctx.server.reasoning_parser
+        if mode == "harmony" or plan.parser_name == "harmony":
+            return _harmony_format(plan, prompt)
         reasoning = None if mode == "none" else mode
         return ChatOutputFormat(tools=plan.parser_factory(), reasoning=reasoning,
                                 in_reasoning=reasoning is not None and starts_in_reasoning(reasoning, prompt),
@@ -120,6 +124,8 @@ class ChatServing:
             messages, tools = mask.hide(messages), mask.hide(tools)
             template_kwargs = mask.hide(template_kwargs)
         messages = plan.template_messages(messages, tools)
+        if self._features.tool_call_format == "harmony":
+            messages = harmony_messages(messages)
         try:
             prompt = tokenizer.apply_chat_template(
                 messages, add_generation_prompt=req.add_generation_prompt, tools=tools,
@@ -247,6 +253,17 @@ class ChatServing:
         except Exception as exc:
             yield sse_error(exc)
         yield SSE_DONE
+
+
+def _harmony_format(plan: ToolPlan, prompt: str) -> ChatOutputFormat:
+    """Harmony replies (gpt-oss) are read by channel; a forced tool choice is JSON a grammar wrote
+    in place of the harmony messages, read as the plan reads it."""
+    if plan.choice in ("required", "function"):
+        return ChatOutputFormat(tools=plan.parser_factory())
+    calls = plan.choice == "auto" and bool(plan.tools)
+    max_calls = None if plan.parallel else 1
+    opening = reply_opening(prompt)
+    return ChatOutputFormat(harmony=lambda: HarmonyParser(calls, max_calls, opening))
 
 
 def _usage(run: GenerationRun, parser: ChatOutputParser | None) -> UsageInfo:

@@ -6,7 +6,8 @@ into the model's fused parameters, so peak memory is the model plus one tensor.
 Quantized checkpoints (FP8, AWQ, GPTQ, bitsandbytes, compressed-tensors, ...) are refused by name
 (`check_not_quantized`) before anything loads: their tensors are packed integers or low-precision
 values with scales beside them, which the loader would copy as if they were weights (FP8: scales
-ignored, wrong outputs) or fail on with a shape error (AWQ, GPTQ).
+ignored, wrong outputs) or fail on with a shape error (AWQ, GPTQ). The one exception is gpt-oss's
+MXFP4 experts, which `tidal.models.mxfp4` dequantizes at load (`accepts_mxfp4`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 
 from tidal.models.arch import ModelArch, arch_from_hf_config
+from tidal.models.mxfp4 import accepts_mxfp4, mxfp4_checkpoint_tensors
 
 
 def read_json(path: str) -> dict | None:
@@ -56,9 +58,11 @@ def _method_name(declared: object) -> str:
 
 
 def check_not_quantized(folder: str, config: dict | None = None) -> None:
-    """Raises ValueError naming the method when the folder holds a quantized checkpoint."""
+    """Raises ValueError naming the method when the folder holds a quantized checkpoint (but a
+    gpt-oss MXFP4 one)."""
+    config = read_json(os.path.join(folder, "config.json")) if config is None else config
     method = quantization_method(folder, config)
-    if method is not None:
+    if method is not None and not (method == "mxfp4" and accepts_mxfp4(config)):
         raise ValueError(f"{folder}: quantized checkpoints ({method}) are not supported yet; Tidal loads "
                          "safetensors of float32, bfloat16 or float16 weights, or a GGUF file (its "
                          "quantized tensors are dequantized at load): serve the unquantized model or a GGUF "
@@ -88,6 +92,13 @@ def load_hf_weights(model, folder: str) -> None:
     """Copy every tensor of the folder's safetensors files into `model` (a `LlamaModel`)."""
     from safetensors import safe_open
 
+    if quantization_method(folder) == "mxfp4":  # check_not_quantized let only gpt-oss's through
+        for name, tensor in mxfp4_checkpoint_tensors(safetensors_files(folder),
+                                                     wanted=lambda name: model.weight_slot(name) is not None,
+                                                     device=getattr(model, "device", "cpu")):
+            model.load_weight(name, tensor)
+        model.check_loaded()
+        return
     for path in safetensors_files(folder):
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
