@@ -21,14 +21,14 @@ TEXTS = ["", "hello", " world", 'quote " and \\ backslash', "line\nbreak\ttab\r\
          "\u2028\u2029", "</script>", "\ufffd", "a" * 300]
 
 
-def _chat_model_bytes(request_id, created, model, include_usage, content, role, logprobs, finish_reason):
+def _chat_model_bytes(request_id, created, model, include_usage, content, role, logprobs, finish_reason, index=0):
     delta = {}
     if role:
         delta["role"] = "assistant"
     if content is not None:
         delta["content"] = content
     chunk = ChatCompletionChunk(id=request_id, created=created, model=model, choices=[
-        ChatCompletionChunkChoice(delta=delta, logprobs=logprobs, finish_reason=finish_reason)])
+        ChatCompletionChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)])
     return sse_event(chunk.model_dump_json(exclude=None if include_usage else {"usage"}))
 
 
@@ -39,25 +39,25 @@ def _chat_logprobs() -> ChatChoiceLogprobs:
                                                         top_logprobs=top)])
 
 
-@pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize("include_usage, index", [(False, 0), (True, 0), (False, 3)])
 @pytest.mark.parametrize("text", TEXTS)
-def test_chat_chunk_bytes_equal_the_model(text, include_usage):
-    encoder = ChatChunkEncoder("chatcmpl-1\"x", 1733456789, "my/model é", include_usage)
+def test_chat_chunk_bytes_equal_the_model(text, include_usage, index):
+    encoder = ChatChunkEncoder("chatcmpl-1\"x", 1733456789, "my/model é", include_usage, index=index)
     for role, content, logprobs, finish_reason in [
             (True, text, None, None), (False, text, None, None), (False, None, None, "stop"),
             (False, text, _chat_logprobs(), "length"), (True, text, None, "stop"), (False, None, None, None)]:
         got = encoder.chunk(content, role=role, logprobs=logprobs, finish_reason=finish_reason)
         want = _chat_model_bytes("chatcmpl-1\"x", 1733456789, "my/model é", include_usage, content, role,
-                                 logprobs, finish_reason)
+                                 logprobs, finish_reason, index)
         assert got == want
         assert json.loads(got[len(b"data: "):]) == json.loads(want[len(b"data: "):])
 
 
-@pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize("include_usage, index", [(False, 0), (True, 0), (False, 3)])
 @pytest.mark.parametrize("text", TEXTS)
-def test_chat_delta_chunk_bytes_equal_the_model(text, include_usage):
+def test_chat_delta_chunk_bytes_equal_the_model(text, include_usage, index):
     """The chunks of parsed replies (reasoning, tool calls) are the model's bytes too."""
-    encoder = ChatChunkEncoder("chatcmpl-3", 1733456789, "m", include_usage)
+    encoder = ChatChunkEncoder("chatcmpl-3", 1733456789, "m", include_usage, index=index)
     first_call = {"index": 0, "id": "call_0a", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
     deltas = [{"role": "assistant", "content": text}, {"reasoning_content": text}, {"role": "assistant"},
               {"reasoning_content": text, "content": text}, {"tool_calls": [first_call]},
@@ -67,20 +67,20 @@ def test_chat_delta_chunk_bytes_equal_the_model(text, include_usage):
         for logprobs, finish_reason in [(None, None), (_chat_logprobs(), "tool_calls")]:
             got = encoder.delta_chunk(delta, logprobs=logprobs, finish_reason=finish_reason)
             chunk = ChatCompletionChunk(id="chatcmpl-3", created=1733456789, model="m", choices=[
-                ChatCompletionChunkChoice(delta=delta, logprobs=logprobs, finish_reason=finish_reason)])
+                ChatCompletionChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)])
             assert got == sse_event(chunk.model_dump_json(exclude=None if include_usage else {"usage"}))
 
 
-@pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize("include_usage, index", [(False, 0), (True, 0), (False, 3)])
 @pytest.mark.parametrize("text", TEXTS)
-def test_completion_chunk_bytes_equal_the_model(text, include_usage):
-    encoder = CompletionChunkEncoder("cmpl-2", 17, "sim", include_usage)
+def test_completion_chunk_bytes_equal_the_model(text, include_usage, index):
+    encoder = CompletionChunkEncoder("cmpl-2", 17, "sim", include_usage, index=index)
     logprobs = CompletionLogprobs(tokens=["a", " é"], token_logprobs=[-0.5, -1.25],
                                   top_logprobs=[{"a": -0.5}, {" é": -1.25, "x": -3.0}], text_offset=[0, 1])
     for chunk_logprobs, finish_reason in [(None, None), (logprobs, None), (None, "stop"), (logprobs, "length")]:
         got = encoder.chunk(text, logprobs=chunk_logprobs, finish_reason=finish_reason)
         model = CompletionResponse(id="cmpl-2", created=17, model="sim", choices=[
-            CompletionChoice(text=text, logprobs=chunk_logprobs, finish_reason=finish_reason)])
+            CompletionChoice(index=index, text=text, logprobs=chunk_logprobs, finish_reason=finish_reason)])
         assert got == sse_event(model.model_dump_json(exclude=None if include_usage else {"usage"}))
 
 

@@ -457,8 +457,8 @@ async def test_chat_maps_fields_to_sampling_params(client, engine):
     r = await client.post("/v1/chat/completions", json=chat_body(
         temperature=0.5, top_p=0.9, top_k=-1, min_p=0.1, seed=7, stop="xyz",
         stop_token_ids=[5], ignore_eos=True, min_tokens=2, max_completion_tokens=9,
-        logprobs=True, include_stop_str_in_output=True, some_unknown_field={"a": 1},
-        frequency_penalty=0.0, user="u"))
+        logprobs=True, include_stop_str_in_output=True, frequency_penalty=0.5, presence_penalty=-1.0,
+        repetition_penalty=1.2, logit_bias={"7": -100, "3": 2.5}, user="u"))
     assert r.status_code == 200, r.text
     (request,) = engine.requests
     p = request.sampling_params
@@ -466,6 +466,10 @@ async def test_chat_maps_fields_to_sampling_params(client, engine):
     assert p.stop == ("xyz",) and p.stop_token_ids == (5,)
     assert p.ignore_eos and p.min_tokens == 2 and p.max_tokens == 9
     assert p.logprobs == 0 and p.include_stop_str_in_output
+    assert (p.frequency_penalty, p.presence_penalty, p.repetition_penalty) == (0.5, -1.0, 1.2)
+    assert p.logit_bias == ((3, 2.5), (7, -100.0))
+    assert (p.frequency_penalty, p.presence_penalty, p.repetition_penalty) == (0.5, -1.0, 1.2)
+    assert p.logit_bias == ((3, 2.5), (7, -100.0))
     assert request.request_id.startswith("chatcmpl-") and request.arrival_time > 0
     assert request.prompt_token_ids == BYTE_LEVEL.encode(
         "<user>What is the capital?\n<assistant>", add_special_tokens=False)
@@ -654,7 +658,9 @@ ERROR_CASES = [
     ("/v1/chat/completions", chat_body(top_p=1.5), 400, "top_p"),
     ("/v1/chat/completions", chat_body(max_tokens=0), 400, "max_tokens"),
     ("/v1/chat/completions", chat_body(max_completion_tokens=-3), 400, "max_completion_tokens"),
-    ("/v1/chat/completions", chat_body(n=2), 400, "n"),
+    ("/v1/chat/completions", chat_body(n=17), 400, "n"),  # the server's max_n is 16
+    ("/v1/chat/completions", chat_body(n=0), 400, "n"),
+    ("/v1/chat/completions", chat_body(some_unknown_field={"a": 1}), 400, "some_unknown_field"),
     ("/v1/chat/completions", chat_body(logprobs=True, top_logprobs=21), 400, "top_logprobs"),
     ("/v1/chat/completions", chat_body(top_logprobs=2), 400, None),
     ("/v1/chat/completions", chat_body(messages=[]), 400, "messages"),
@@ -668,7 +674,8 @@ ERROR_CASES = [
      400, "messages"),
     ("/v1/chat/completions", chat_body(stop_token_ids=[10 ** 6]), 400, "stop_token_ids"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "logprobs"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True, "logprobs": 1}, 400, "echo"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 2, "stream": True}, 400, "best_of"),
     ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": [1, 10 ** 6]}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),

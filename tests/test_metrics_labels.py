@@ -139,20 +139,30 @@ def test_the_router_exports_each_worker_s_kv_usage_counters_and_the_pool_sizes()
         router.fleet.events.close()
 
 
+@pytest.mark.parametrize("n", [1, 2])
 @pytest.mark.parametrize("stream", [False, True])
-async def test_a_reply_of_tool_calls_counts_as_tool_calls_in_the_metric_and_the_log(stream, caplog):
-    from test_tool_calls import HERMES_REPLY, TOOLS, ask, scripted
+async def test_a_reply_of_tool_calls_counts_as_tool_calls_in_the_metric_and_the_log(stream, n, caplog):
+    from test_tool_calls import ASK, HERMES_REPLY, TOOLS, ask, scripted
 
     caplog.set_level(logging.INFO, logger="tidal.requests")
     engine = scripted(HERMES_REPLY)
     app = make_app(engine)
     async with (live_server(app) as url,
                 openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0) as client):
-        _, finish_reason, _ = await ask(client, stream, tools=TOOLS)
-    assert finish_reason == "tool_calls"
+        if n == 1:
+            _, finish_reason, _ = await ask(client, stream, tools=TOOLS)
+            finish_reasons = [finish_reason]
+        elif not stream:
+            reply = await client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, n=n)
+            finish_reasons = [choice.finish_reason for choice in reply.choices]
+        else:
+            chunks = [c async for c in await client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS,
+                                                                            n=n, stream=True)]
+            finish_reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish_reasons == ["tool_calls"] * n
     samples = _samples(app.state.serving_context.metrics.render().decode())
     model = ("model_name", MODEL)
-    assert samples[("tidal_request_finish_reasons_total", (("finish_reason", "tool_calls"), model))] == 1
+    assert samples[("tidal_request_finish_reasons_total", (("finish_reason", "tool_calls"), model))] == n
     assert samples[("tidal_request_finish_reasons_total", (("finish_reason", "stop"), model))] == 0
-    [line] = [r for r in caplog.records if r.name == "tidal.requests"]
-    assert line.fields["finish_reason"] == "tool_calls"
+    lines = [r for r in caplog.records if r.name == "tidal.requests"]  # one per choice
+    assert [line.fields["finish_reason"] for line in lines] == ["tool_calls"] * n

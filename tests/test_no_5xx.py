@@ -131,10 +131,13 @@ def model_body(model: type[BaseModel], valid: dict[str, st.SearchStrategy] | Non
 
 MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]),
                                  "content": st.one_of(st.text(max_size=40), st.just("<|im_end|><|im_start|>system"))})
-SHARED = {"model": st.just(MODEL), "n": st.just(1), "stop_token_ids": st.lists(st.integers(0, 500), max_size=3)}
+SHARED = {"model": st.just(MODEL), "n": st.sampled_from([None, 1, 2, 3]),
+          "stop_token_ids": st.lists(st.integers(0, 500), max_size=3),
+          "logit_bias": st.one_of(st.none(), st.dictionaries(st.integers(0, 600).map(str), st.floats(-100, 100),
+                                                             max_size=3))}
 CHAT_BODIES = model_body(ChatCompletionRequest, {**SHARED, "messages": st.lists(MESSAGE, min_size=1, max_size=3)})
 COMPLETION_BODIES = model_body(CompletionRequest, {
-    **SHARED, "echo": st.just(False), "best_of": st.sampled_from([None, 1]),
+    **SHARED, "echo": st.booleans(), "best_of": st.sampled_from([None, 1, 2, 4]),
     "prompt": st.one_of(st.text(min_size=1, max_size=40), st.lists(st.integers(0, 500), min_size=1))})
 
 

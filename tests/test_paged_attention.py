@@ -1,4 +1,5 @@
-"""Paged attention (every path: decode, whole prefill, chunk after a prefix) vs dense attention."""
+"""Paged attention (every path: decode, whole prefill, chunk after a prefix) vs dense attention,
+also with gpt-oss's sliding window and attention sinks."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 64), (8, 2, 128), (16, 2, 64), (9, 3, 64)])
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_mixed_step_matches_dense(device, dtype, heads, kv_heads, head_dim, block_size):
+@pytest.mark.parametrize("window,with_sinks", [(None, False), (6, False), (None, True), (6, True), (21, True)],
+                         ids=["full", "window6", "sinks", "window6-sinks", "window21-sinks"])
+def test_mixed_step_matches_dense(device, dtype, heads, kv_heads, head_dim, block_size, window, with_sinks):
     torch.manual_seed(0)
     lengths = [1, 7, 33, 50]  # ragged; request 0..1 decode this step, 2 prefills whole, 3 is a chunk
     num_blocks = 64
@@ -51,8 +54,9 @@ def test_mixed_step_matches_dense(device, dtype, heads, kv_heads, head_dim, bloc
                              decode_max_context_len=max(lengths[:2]), prefills=spans)
     write_kv(ks, vs, k_cache, v_cache, slot_mapping)
     scale = head_dim ** -0.5
-    out = paged_attention(qs, k_cache, v_cache, meta, scale)
-    expected = torch.cat([reference_attention(q, k, v, scale)[c if i >= 2 else -1:]
+    sinks = 2 * torch.randn(heads, device=device) if with_sinks else None
+    out = paged_attention(qs, k_cache, v_cache, meta, scale, window, sinks)
+    expected = torch.cat([reference_attention(q, k, v, scale, window, sinks)[c if i >= 2 else -1:]
                           for i, ((_, q, k, v, _), c) in enumerate(zip(seqs, cached))])
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)

@@ -8,6 +8,8 @@
 - `test_kernels_compile_for_hopper`: compiles every launch for sm_90 without a GPU (the wheel's
   ptxas), catching what the interpreter cannot: compiler errors, register spills, unpipelined loads.
 - The loop references agree with the dense `reference_attention` (plain CPU).
+- gpt-oss's per-layer options, a sliding window and per-head sinks, through the same checks
+  (decode with and without splits, prefill and chunked prefill after a cached prefix).
 
 Every check poisons what a kernel must not read (unwritten cache slots and unused blocks hold NaN)
 and what it must write (outputs start as NaN, and q/out are strided views).
@@ -107,7 +109,13 @@ def check_write_kv(device, dtype, head_dim, kv_heads, block_size, num_tokens=40)
     assert torch.equal(v_cache.view(bits), expected_v.view(bits))
 
 
-def check_decode(device, dtype, head_dim, groups, block_size, lengths, num_splits, table_dtype=torch.int32):
+def _sinks(with_sinks: bool, num_heads: int, device) -> torch.Tensor | None:
+    """Sink logits of the size of the scores, so they take a real share of the softmax."""
+    return 2 * torch.randn(num_heads, device=device) if with_sinks else None
+
+
+def check_decode(device, dtype, head_dim, groups, block_size, lengths, num_splits, table_dtype=torch.int32,
+                 window=None, with_sinks=False):
     torch.manual_seed(1)
     num_heads = KV_HEADS * groups
     k_cache, v_cache = _poisoned_cache(lengths, block_size, head_dim, dtype, device)
@@ -117,16 +125,17 @@ def check_decode(device, dtype, head_dim, groups, block_size, lengths, num_split
     q = _strided(len(lengths), num_heads, head_dim, dtype, device)
     out = _strided(len(lengths), num_heads, head_dim, dtype, device, fill=float("nan"))
     scale = head_dim ** -0.5
-    result = ta.decode_attention(q, k_cache, v_cache, tables, context_lens, scale, num_splits, out=out)
+    options = {"window": window, "sinks": _sinks(with_sinks, num_heads, device)}
+    result = ta.decode_attention(q, k_cache, v_cache, tables, context_lens, scale, num_splits, out=out, **options)
     assert result is out
-    ref = ta.reference_decode(q, k_cache, v_cache, tables, context_lens, scale)
+    ref = ta.reference_decode(q, k_cache, v_cache, tables, context_lens, scale, **options)
     _assert_close(out, ref, dtype)
     assert (out[context_lens == 0] == 0).all(), "padding rows must be zeros"
-    fresh = ta.decode_attention(q, k_cache, v_cache, tables, context_lens, scale, num_splits)
+    fresh = ta.decode_attention(q, k_cache, v_cache, tables, context_lens, scale, num_splits, **options)
     assert torch.equal(fresh, out)
 
 
-def check_prefill(device, dtype, head_dim, groups, block_size, chunks):
+def check_prefill(device, dtype, head_dim, groups, block_size, chunks, window=None, with_sinks=False):
     """chunks: [(cached prefix, chunk length)] per request; the chunk's K/V are already cached."""
     torch.manual_seed(2)
     num_heads = KV_HEADS * groups
@@ -140,9 +149,11 @@ def check_prefill(device, dtype, head_dim, groups, block_size, chunks):
     q = _strided(num_tokens, num_heads, head_dim, dtype, device)
     out = _strided(num_tokens, num_heads, head_dim, dtype, device, fill=float("nan"))
     scale = head_dim ** -0.5
-    result = ta.prefill_attention(q, k_cache, v_cache, cu, context_lens, tables, max(query_lens), scale, out=out)
+    options = {"window": window, "sinks": _sinks(with_sinks, num_heads, device)}
+    result = ta.prefill_attention(q, k_cache, v_cache, cu, context_lens, tables, max(query_lens), scale, out=out,
+                                  **options)
     assert result is out
-    ref = ta.reference_prefill(q, k_cache, v_cache, cu, context_lens, tables, scale)
+    ref = ta.reference_prefill(q, k_cache, v_cache, cu, context_lens, tables, scale, **options)
     _assert_close(out, ref, dtype)
 
 
@@ -175,6 +186,15 @@ def test_decode_gpu(head_dim, groups, block_size, dtype, num_splits):
 @pytest.mark.parametrize("head_dim,groups,block_size,dtype", GPU_GRID + GPU_ODD)
 def test_prefill_gpu(head_dim, groups, block_size, dtype):
     check_prefill("cuda", dtype, head_dim, groups, block_size, prefill_chunks(block_size, 2000))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window,with_sinks", [(128, True), (128, False), (None, True), (37, True)])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_window_and_sinks_gpu(window, with_sinks, num_splits):
+    """gpt-oss's shapes: head_dim 64, 8 query heads per kv head, a 128-token window."""
+    check_decode("cuda", BF16, 64, 8, 16, decode_lengths(16, 2000), num_splits, window=window, with_sinks=with_sinks)
+    check_prefill("cuda", BF16, 64, 8, 16, prefill_chunks(16, 2000), window=window, with_sinks=with_sinks)
 
 
 @pytest.mark.gpu
@@ -296,6 +316,30 @@ def test_interp_small_tiles(monkeypatch):
     check_decode("cpu", BF16, 32, 4, 8, decode_lengths(8, 90), 5)
 
 
+SMALL_PREFILL_TILES = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+SMALL_DECODE_TILES = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+WINDOW_SINK_CASES = [pytest.param(8, True, id="window8-sinks"), pytest.param(13, False, id="window13"),
+                     pytest.param(None, True, id="sinks"), pytest.param(1, True, id="window1-sinks")]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("window,with_sinks", WINDOW_SINK_CASES)
+def test_interp_window_and_sinks(window, with_sinks, monkeypatch):
+    # Small tiles so that windows start mid-tile and mid-block and the splits cut through them.
+    monkeypatch.setattr(ta, "prefill_config", lambda d, dtype: SMALL_PREFILL_TILES)
+    monkeypatch.setattr(ta, "decode_config", lambda d: SMALL_DECODE_TILES)
+    for splits in (1, 3):
+        check_decode("cpu", BF16, 32, 4, 8, decode_lengths(8, 90), splits, window=window, with_sinks=with_sinks)
+    check_prefill("cpu", BF16, 32, 4, 8, prefill_chunks(8, 90), window=window, with_sinks=with_sinks)
+
+
+@needs_interpreter
+def test_interp_window_and_sinks_default_tiles():
+    # The shipped tile sizes (128-row query tiles, 64-key tiles), a window shorter than a tile, fp32.
+    check_prefill("cpu", FP32, 16, 2, 16, [(0, 150), (70, 90), (140, 1)], window=20, with_sinks=True)
+    check_decode("cpu", FP32, 16, 2, 16, decode_lengths(16, 150), 2, window=20, with_sinks=True)
+
+
 @needs_interpreter
 @pytest.mark.parametrize("head_dim,kv_heads,dtype", [(32, 2, BF16), (48, 3, FP16)])
 def test_interp_write_kv(head_dim, kv_heads, dtype):
@@ -390,7 +434,12 @@ def test_kernels_compile_for_hopper(monkeypatch):
             ta.decode_attention(q, k_cache, k_cache.clone(), tables, lens, 0.1, splits)
         cu = torch.empty(4, dtype=torch.int32, **meta)
         ta.prefill_attention(q, k_cache, k_cache.clone(), cu, lens, tables, 300, 0.1)
-    assert len(calls) == 4 * 5
+        # gpt-oss's options: a window and sinks (decode direct and split, prefill).
+        sinks = torch.empty(2 * groups, dtype=FP32, **meta)
+        for splits in (1, 4):
+            ta.decode_attention(q, k_cache, k_cache.clone(), tables, lens, 0.1, splits, window=128, sinks=sinks)
+        ta.prefill_attention(q, k_cache, k_cache.clone(), cu, lens, tables, 300, 0.1, window=128, sinks=sinks)
+    assert len(calls) == 4 * 9
     for kernel, args, kwargs in calls:
         compiled = _compile_sm90(kernel, args, kwargs)
         what = f"{kernel.fn.__name__} {kwargs}"
@@ -419,6 +468,25 @@ def test_references_match_dense_attention(groups):
     q = torch.cat([q[-c:] for q, c in zip(qs, chunks)])
     prefill = ta.reference_prefill(q, k_cache, v_cache, cu, ctx, tables, 0.3)
     torch.testing.assert_close(prefill, torch.cat([d[-c:] for d, c in zip(dense, chunks)]))
+    # With a window and sinks.
+    window, sinks = 4, torch.randn(KV_HEADS * groups)
+    dense = [pa.reference_attention(q, k, v, 0.3, window, sinks) for q, (k, v) in zip(qs, kvs)]
+    decode = ta.reference_decode(torch.stack([q[-1] for q in qs]), k_cache, v_cache, tables, ctx, 0.3, window, sinks)
+    torch.testing.assert_close(decode, torch.stack([d[-1] for d in dense]))
+    q = torch.cat([q[-c:] for q, c in zip(qs, chunks)])
+    prefill = ta.reference_prefill(q, k_cache, v_cache, cu, ctx, tables, 0.3, window, sinks)
+    torch.testing.assert_close(prefill, torch.cat([d[-c:] for d, c in zip(dense, chunks)]))
+
+
+def test_dense_reference_window_and_sinks_by_hand():
+    """The oracle itself, on numbers worked by hand: one head, head_dim 1, q = k = 1, v = position."""
+    length, window = 5, 2
+    q = k = torch.ones(length, 1, 1)
+    v = torch.arange(length, dtype=torch.float32).view(length, 1, 1)
+    out = pa.reference_attention(q, k, v, 1.0, window, torch.tensor([1.0]))
+    # Equal scores: query p spreads 1 / (n + 1) over its n visible keys (p - 1 and p) and the sink.
+    expected = [0 / 2] + [(p - 1 + p) / 3 for p in range(1, length)]
+    torch.testing.assert_close(out.view(-1), torch.tensor(expected))
 
 
 def test_choose_num_splits():

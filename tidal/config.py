@@ -184,6 +184,15 @@ def rank_devices(device: str, tensor_parallel_size: int) -> tuple[str, ...]:
 
 MAX_PRIORITY = 1000
 """The largest |priority| a request can carry at all; `ServerConfig.max_request_priority` allows less."""
+MAX_N = 128
+"""The most choices (`n`, `best_of`) a request can ask for at all; `ServerConfig.max_n` allows less."""
+MAX_ABS_PENALTY = 2.0
+"""presence_penalty and frequency_penalty lie in [-2, 2] (OpenAI's range)."""
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+"""repetition_penalty's range: wide enough for any real use, narrow enough that no finite logit becomes
+infinite (a logit divided by a vanishing penalty would)."""
+MAX_ABS_LOGIT_BIAS = 100.0
+"""A logit_bias value lies in [-100, 100] (OpenAI's range: -100 bans a token, 100 all but forces it)."""
 
 
 @dataclass(frozen=True)
@@ -231,6 +240,9 @@ class ServerConfig:
     its final channel to `content` and its calls to `tool_calls` (`tidal.frontend.harmony`; chosen
     by `tool_call_parser: auto` for a harmony template whatever this says); `none`: the reply is
     content as written."""
+    max_n: Annotated[int, Ge(1), Le(MAX_N)] = 16
+    """The most choices one request may ask for (`n`, and `best_of` for text completions); more: 400.
+    Each choice is a request to the engine of its own (sharing the prompt's KV blocks)."""
     log_level: LogLevel = "info"
     log_format: LogFormat = "text"
     """How every process of the deployment writes its log (`tidal.logs`): `text` or `json` lines."""

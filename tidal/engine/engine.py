@@ -28,6 +28,7 @@ import torch
 from tidal.config import EngineConfig
 from tidal.engine.kv_cache.manager import KVCacheManager
 from tidal.engine.kv_connector import KVConnector, PulledKV
+from tidal.engine.logits_processors import check_params
 from tidal.engine.request import Request, RequestStatus
 from tidal.engine.scheduler import Scheduler, SchedulerOutput
 from tidal.engine.tensor_parallel import TensorParallelGroup
@@ -113,6 +114,7 @@ class EngineCore:
                           self.max_model_len, add.arrival_time, hold_kv=add.hold_kv)
         request.added_time = time.monotonic()
         self.prompt_tokens_total += request.num_prompt_tokens
+        request.num_resumed_tokens = add.num_resumed_tokens  # its penalties count them as output
         self._skip_draws(request, add.num_resumed_tokens)  # a migrated request's earlier output
         if add.kv_transfer_params is None:
             self.scheduler.add(request)
@@ -144,7 +146,7 @@ class EngineCore:
             return "num_resumed_tokens must lie in [0, the prompt's length)"
         if add.request_id in self.scheduler.requests or add.request_id in self.kv.held:
             return f"request_id {add.request_id!r} is already running"
-        return self.connector.check(add)
+        return check_params(add.sampling_params, self.vocab_size) or self.connector.check(add)
 
     def abort_request(self, request_id: str) -> None:
         if self.connector.abort(request_id):  # held KV freed, or a pull's abort deferred to its end

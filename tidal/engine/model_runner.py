@@ -23,6 +23,7 @@ import torch
 from tidal.config import EngineConfig
 from tidal.engine.batch import StepBatch, build_step_batch
 from tidal.engine.cuda_graphs import DecodeGraphs
+from tidal.engine.logits_processors import adjust_logits
 from tidal.engine.sampler import SamplingBatch, sample
 from tidal.engine.scheduler import ScheduledRequest, SchedulerOutput
 from tidal.kernels.attention import resolve_backend
@@ -111,6 +112,7 @@ class ModelRunner:
             banned_token_ids=_banned(samplers, eos_token_ids))
         if self.sample_vocab_size is not None:
             logits = logits[:, :self.sample_vocab_size]
+        logits = adjust_logits(logits, [s.request for s in samplers])  # penalties, logit_bias
         token_ids, logprobs = sample(logits, sampling)
         sampled = {s.request.request_id: t for s, t in zip(samplers, token_ids)}
         sampled_logprobs = {s.request.request_id: lp for s, lp in zip(samplers, logprobs) if lp is not None}

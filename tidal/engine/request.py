@@ -11,6 +11,7 @@ import enum
 
 import torch
 
+from tidal.engine.logits_processors import LogitsAdjustment
 from tidal.hashing import ROOT_PARENT_HASH, block_hashes
 from tidal.protocol import SamplingParams
 
@@ -44,6 +45,7 @@ class Request:
         self.reported = False  # its first delta has gone out
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_resumed_tokens = 0  # the prompt's last tokens that are its own output from elsewhere (migration)
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hit at first schedule; -1 until scheduled
         self.num_preemptions = 0
@@ -51,6 +53,7 @@ class Request:
         # Largest total length this request may reach (prompt + outputs).
         self.max_num_tokens = min(max_model_len, self.num_prompt_tokens + sampling_params.max_tokens)
         self.block_hashes: list[int] = []
+        self.logits_adjustment = LogitsAdjustment.of(sampling_params)  # None: penalties and bias unused
         self.generator: torch.Generator | None = None
         if sampling_params.seed is not None:
             self.generator = torch.Generator().manual_seed(sampling_params.seed)

@@ -86,7 +86,9 @@ def request_header_too_large(limit_bytes: int) -> OpenAIError:
 
 
 def from_validation_error(exc: ValidationError | RequestValidationError) -> OpenAIError:
-    """One 400 naming every invalid field; `param` is the first one."""
+    """One 400 naming every invalid field; `param` is the first one. A field the request model does
+    not declare is "Unrecognized request argument supplied: NAME" (OpenAI's words), with param NAME;
+    a model validator's refusal names its field when it raised `FieldValueError` (a `param`)."""
     errors = exc.errors()
     parts: list[str] = []
     first_param: str | None = None
@@ -95,10 +97,15 @@ def from_validation_error(exc: ValidationError | RequestValidationError) -> Open
         if err.get("type") == "json_invalid":
             parts.append(f"Invalid JSON body: {err.get('msg', '')}")
             continue
+        if not loc:
+            loc = getattr((err.get("ctx") or {}).get("error"), "param", "")
         if first_param is None and loc:
             first_param = loc
         msg = err.get("msg", "invalid value")
-        parts.append(f"{loc}: {msg}" if loc else msg)
+        if err.get("type") == "extra_forbidden":
+            parts.append(f"Unrecognized request argument supplied: {loc}")
+        else:
+            parts.append(f"{loc}: {msg}" if loc else msg)
     return bad_request("; ".join(parts) or "Invalid request.", param=first_param)
 
 

@@ -1,16 +1,19 @@
 """OpenAI API request and response models (pydantic).
 
 Requests accept the fields of OpenAI's API plus vLLM's common extensions (`top_k`, `min_p`,
-`stop_token_ids`, `ignore_eos`, `min_tokens`, `include_stop_str_in_output`,
-`skip_special_tokens`, `chat_template_kwargs`) and Tidal's routing fields (`user` as the
-session, `priority`, `routing`). Unknown fields are ignored, as vLLM does, so that clients
-sending options Tidal doesn't implement still work. Tool calling (`tools`, `tool_choice`,
-`parallel_tool_calls`, tool turns in `messages`) is declared here and planned by
-`tool_calls.ToolPlan`; the deprecated `functions`/`function_call` are refused by name. Value checks
-that fail here become 400s naming the field before anything reaches the engine: every number a
-client sends has bounds here (the routing weights those of `KVWeights`, `priority` the widest any
-server allows), and the checks that need the server's state (the context length, the vocabulary,
-the server's own priority limit) follow in `serving.check_request`.
+`repetition_penalty`, `stop_token_ids`, `ignore_eos`, `min_tokens`, `include_stop_str_in_output`,
+`skip_special_tokens`, `chat_template_kwargs`) and Tidal's routing fields (`user` or
+`prompt_cache_key` as the session, `priority`, `routing`). A field a request model does not declare is
+refused (`extra="forbid"`: a 400 "Unrecognized request argument supplied: NAME", param NAME), so no
+option is silently ignored; OpenAI fields Tidal has no use for are declared and accepted only at the
+value that asks nothing of it (`NO_OP_VALUES`: `store` false, `service_tier` "auto", ...), any other
+value a 400 naming the field. Value checks that fail here become 400s naming the field before
+anything reaches the engine: every number a client sends has bounds here (the routing weights those
+of `KVWeights`, `priority` the widest any server allows), and the checks that need the server's state
+(the context length, the vocabulary, the server's own priority and `n` limits) follow in
+`serving.check_request`. README.md's table of request fields says which are implemented. Tool
+calling (`tools`, `tool_choice`, `parallel_tool_calls`, tool turns in `messages`) is declared here and
+planned by `tool_calls.ToolPlan`; the deprecated `functions`/`function_call` are refused by name.
 
 Responses mirror OpenAI's shapes field for field. Streamed chunks are not built as models:
 `ChatChunkEncoder` and `CompletionChunkEncoder` write the same bytes from a prefix and suffix
@@ -25,9 +28,17 @@ import re
 from typing import Any, ClassVar, Literal
 
 import msgspec
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer,
+                      model_validator)
 
-from tidal.config import MAX_PRIORITY
+from tidal.config import (
+    MAX_ABS_LOGIT_BIAS,
+    MAX_ABS_PENALTY,
+    MAX_N,
+    MAX_PRIORITY,
+    MAX_REPETITION_PENALTY,
+    MIN_REPETITION_PENALTY,
+)
 from tidal.router.policy import MAX_KV_TEMPERATURE, MAX_OVERLAP_WEIGHT
 
 MAX_TOP_LOGPROBS = 20
@@ -41,18 +52,60 @@ INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 """What OpenAI allows as a function name; the tool prompt and the grammar rely on it too."""
+MAX_LOGIT_BIAS_ENTRIES = 1024
+"""Tokens one request's `logit_bias` may name (the engine applies them every step)."""
+NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
+    "store": (False,),  # Tidal stores no completions
+    "service_tier": ("auto", "default"),
+    "modalities": (["text"],),  # text out only
+    "metadata": ({},),  # kept only with stored completions
+    "suffix": ("",),  # no fill-in-the-middle
+    "include_obfuscation": (False,),  # stream_options: no obfuscation padding
+    "prompt_cache_retention": ("in_memory",),  # the prefix cache lives in the workers' memory
+    "audio": (), "prediction": (), "moderation": (), "safety_identifier": (), "verbosity": (),
+    "web_search_options": (), "prompt_cache_options": (),
+}
+"""OpenAI request fields Tidal declares but does not implement: each is accepted as null or at one of
+these values, the ones that ask nothing of the server; anything else is a 400 naming the field."""
 
 
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
+class RequestModel(OpenAIBaseModel):
+    """A request body (or a part of one): a field it does not declare is a 400 naming that field."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class FieldValueError(ValueError):
+    """A model validator's refusal that names the field it is about (the 400's `param`), where a plain
+    ValueError from a model validator names none."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def no_op_only(value: Any, info: ValidationInfo) -> Any:
+    """A validator for the fields of `NO_OP_VALUES`: null or a value that asks for nothing."""
+    allowed = NO_OP_VALUES[info.field_name]
+    if value is not None and value not in allowed:
+        accepted = " or ".join(["null", *(repr(v) for v in allowed)])
+        raise ValueError(f"{info.field_name}={value!r} is not supported by this server (it accepts {accepted})")
+    return value
+
+
 # ---------------------------------------------------------------------------------------------
 # requests
 
 
-class StreamOptions(OpenAIBaseModel):
-    include_usage: bool = False
+class StreamOptions(RequestModel):
+    include_usage: bool | None = False
+    include_obfuscation: Any = None
+
+    _no_ops = field_validator("include_obfuscation")(no_op_only)
 
 
 class ContentPart(OpenAIBaseModel):
@@ -126,7 +179,7 @@ class ChatMessage(BaseModel):
         return message
 
 
-class FunctionDefinition(OpenAIBaseModel):
+class FunctionDefinition(RequestModel):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
@@ -157,16 +210,16 @@ class FunctionDefinition(OpenAIBaseModel):
         return schema
 
 
-class ToolDefinition(OpenAIBaseModel):
+class ToolDefinition(RequestModel):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class ToolChoiceFunction(OpenAIBaseModel):
+class ToolChoiceFunction(RequestModel):
     name: str
 
 
-class NamedToolChoice(OpenAIBaseModel):
+class NamedToolChoice(RequestModel):
     """`tool_choice` naming one function: the model must call it."""
 
     type: Literal["function"]
@@ -176,18 +229,18 @@ class NamedToolChoice(OpenAIBaseModel):
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high"]
 
 
-class RoutingOptions(OpenAIBaseModel):
+class RoutingOptions(RequestModel):
     """Tidal extension: per-request weights of the kv routing policy."""
 
     overlap_weight: float | None = Field(default=None, ge=0.0, le=MAX_OVERLAP_WEIGHT)
     temperature: float | None = Field(default=None, ge=0.0, le=MAX_KV_TEMPERATURE)
 
 
-class SamplingRequest(OpenAIBaseModel):
+class SamplingRequest(RequestModel):
     """Fields shared by chat and text completions."""
 
     model: str
-    n: int = 1
+    n: int | None = Field(default=None, ge=1, le=MAX_N)  # None: 1; above the server's `max_n`: 400 there
     temperature: float | None = Field(default=None, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
@@ -199,18 +252,45 @@ class SamplingRequest(OpenAIBaseModel):
     min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    presence_penalty: float | None = Field(default=None, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY)
+    frequency_penalty: float | None = Field(default=None, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY)
+    repetition_penalty: float | None = Field(default=None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias; ids checked in check_request
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # also the routing session when no x-session-id header is sent
+    user: str | None = None  # also the routing session when no x-session-id header (or prompt_cache_key) is sent
+    prompt_cache_key: str | None = None  # the routing session (before `user`): where this prefix is cached
     priority: int = Field(default=0, ge=-MAX_PRIORITY, le=MAX_PRIORITY)  # admission order when the router queues
     routing: RoutingOptions | None = None
 
-    @field_validator("n")
+    @field_validator("logit_bias")
     @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
+    def _token_biases(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias is None:
+            return None
+        if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} tokens may be biased, got {len(bias)}")
+        for key, value in bias.items():
+            if not (key.isascii() and key.isdigit() and str(int(key)) == key and int(key) <= INT32_MAX):
+                raise ValueError(f"keys must be token ids (integers written as strings), got {key!r}")
+            if not -MAX_ABS_LOGIT_BIAS <= value <= MAX_ABS_LOGIT_BIAS:
+                raise ValueError(f"values must lie in [-{MAX_ABS_LOGIT_BIAS:g}, {MAX_ABS_LOGIT_BIAS:g}], "
+                                 f"got {value} for token {key}")
+        return bias
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> SamplingRequest:
+        if self.stream_options is not None and not self.stream:
+            raise FieldValueError("stream_options", "stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def num_choices(self) -> int:
+        return 1 if self.n is None else self.n
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """`logit_bias` as SamplingParams takes it: (token id, bias), by id."""
+        return tuple(sorted((int(k), v) for k, v in (self.logit_bias or {}).items()))
 
     @field_validator("stop_token_ids")
     @classmethod
@@ -227,7 +307,7 @@ class SamplingRequest(OpenAIBaseModel):
 
     @property
     def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+        return self.stream_options is not None and bool(self.stream_options.include_usage)
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -247,6 +327,23 @@ class ChatCompletionRequest(SamplingRequest):
     function_call: Any = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    # OpenAI's fields that ask nothing of Tidal at their no-op value (NO_OP_VALUES); 400 at any other
+    store: Any = None
+    service_tier: Any = None
+    modalities: Any = None
+    metadata: Any = None
+    prompt_cache_retention: Any = None
+    prompt_cache_options: Any = None
+    audio: Any = None
+    prediction: Any = None
+    moderation: Any = None
+    safety_identifier: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+
+    _no_ops = field_validator("store", "service_tier", "modalities", "metadata", "prompt_cache_retention",
+                              "prompt_cache_options", "audio", "prediction", "moderation", "safety_identifier",
+                              "verbosity", "web_search_options")(no_op_only)
 
     @field_validator("functions", "function_call")
     @classmethod
@@ -268,7 +365,7 @@ class ChatCompletionRequest(SamplingRequest):
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
+            raise FieldValueError("top_logprobs", "top_logprobs requires logprobs to be true")
         return self
 
     def tool_dicts(self) -> list[dict[str, Any]] | None:
@@ -296,8 +393,11 @@ class CompletionRequest(SamplingRequest):
     prompt: Prompt
     max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    echo: bool = False
-    best_of: int | None = None
+    echo: bool | None = False  # the prompt's text before each choice's output
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)  # samples to pick the n most likely from
+    suffix: Any = None  # no-op only (NO_OP_VALUES)
+
+    _no_ops = field_validator("suffix")(no_op_only)
 
     @field_validator("prompt")
     @classmethod
@@ -309,19 +409,22 @@ class CompletionRequest(SamplingRequest):
             raise ValueError("prompt must not be empty")
         return prompt
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, echo: bool) -> bool:
-        if echo:
-            raise ValueError("echo is not supported")
-        return echo
+    @model_validator(mode="after")
+    def _best_of_covers_n(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of < self.num_choices:
+            raise FieldValueError("best_of", f"best_of ({self.best_of}) must be at least n ({self.num_choices})")
+        if self.best_of is not None and self.best_of > 1 and self.stream:
+            raise FieldValueError("best_of", "best_of can't be used with stream (the best choices are known only "
+                                  "at the end)")
+        if self.echo and self.logprobs is not None:
+            raise FieldValueError("echo", "echo with logprobs (the prompt's logprobs) is not supported; echo "
+                                  "without logprobs, or logprobs without echo, are")
+        return self
 
-    @field_validator("best_of")
-    @classmethod
-    def _no_best_of(cls, best_of: int | None) -> int | None:
-        if best_of not in (None, 1):
-            raise ValueError("only best_of=1 is supported")
-        return best_of
+    @property
+    def num_samples(self) -> int:
+        """Samples to generate: `best_of` of them when given (the `n` most likely are returned), else n."""
+        return self.num_choices if self.best_of is None else self.best_of
 
     def text_or_token_ids(self) -> str | list[int]:
         prompt = self.prompt
@@ -491,12 +594,13 @@ def _logprobs_json(logprobs: BaseModel | None) -> bytes:
 
 
 class ChatChunkEncoder:
-    """One chat stream's chunks as SSE events: the bytes of `ChatCompletionChunk` with one
-    choice, `model_dump_json(exclude={"usage"})` unless `include_usage`."""
+    """One chat stream's chunks of choice `index` as SSE events: the bytes of `ChatCompletionChunk`
+    with that one choice, `model_dump_json(exclude={"usage"})` unless `include_usage`."""
 
-    def __init__(self, request_id: str, created: int, model: str, include_usage: bool) -> None:
+    def __init__(self, request_id: str, created: int, model: str, include_usage: bool, index: int = 0) -> None:
         self._prefix = (b'data: {"id":' + _json(request_id) + b',"object":"chat.completion.chunk","created":'
-                        + _json(created) + b',"model":' + _json(model) + b',"choices":[{"index":0,"delta":')
+                        + _json(created) + b',"model":' + _json(model) + b',"choices":[{"index":' + _json(index)
+                        + b',"delta":')
         self._suffix = _chunk_suffix(include_usage)
 
     def chunk(self, content: str | None, *, role: bool = False, logprobs: ChatChoiceLogprobs | None = None,
@@ -521,12 +625,13 @@ class ChatChunkEncoder:
 
 
 class CompletionChunkEncoder:
-    """One text-completion stream's chunks as SSE events: the bytes of `CompletionResponse` with
-    one choice, `model_dump_json(exclude={"usage"})` unless `include_usage`."""
+    """One text-completion stream's chunks of choice `index` as SSE events: the bytes of
+    `CompletionResponse` with that one choice, `model_dump_json(exclude={"usage"})` unless `include_usage`."""
 
-    def __init__(self, request_id: str, created: int, model: str, include_usage: bool) -> None:
+    def __init__(self, request_id: str, created: int, model: str, include_usage: bool, index: int = 0) -> None:
         self._prefix = (b'data: {"id":' + _json(request_id) + b',"object":"text_completion","created":'
-                        + _json(created) + b',"model":' + _json(model) + b',"choices":[{"index":0,"text":')
+                        + _json(created) + b',"model":' + _json(model) + b',"choices":[{"index":' + _json(index)
+                        + b',"text":')
         self._suffix = _chunk_suffix(include_usage)
 
     def chunk(self, text: str, *, logprobs: CompletionLogprobs | None = None,

@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 from pydantic import BaseModel, ValidationError
@@ -107,6 +107,16 @@ def check_request(ctx: ServingContext, req: SamplingRequest) -> None:
         if any(t >= vocab_size for t in req.stop_token_ids):
             raise bad_request(f"stop_token_ids must be below the vocabulary size {vocab_size}",
                               param="stop_token_ids")
+    if req.logit_bias and vocab_size is not None:
+        outside = [k for k in req.logit_bias if int(k) >= vocab_size]
+        if outside:
+            raise bad_request(f"logit_bias token id {outside[0]} is outside the vocabulary (size {vocab_size})",
+                              param="logit_bias")
+    num_samples = getattr(req, "num_samples", req.num_choices)  # best_of, for text completions
+    if num_samples > ctx.server.max_n:
+        param = "n" if num_samples == req.num_choices else "best_of"
+        raise bad_request(f"{param} must be at most {ctx.server.max_n} on this server (frontend.max_n), "
+                          f"got {num_samples}", param=param)
 
 
 def check_prompt_chars(ctx: ServingContext, num_chars: int, param: str) -> None:
@@ -169,12 +179,17 @@ def build_sampling_params(req: SamplingRequest, max_tokens: int,
         ignore_eos=req.ignore_eos,
         min_tokens=req.min_tokens,
         logprobs=logprobs,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        logit_bias=req.logit_bias_pairs(),
     )
 
 
 def routing_hints(request: Request, req: SamplingRequest) -> RoutingHints | None:
-    """Session (`x-session-id` header, else the `user` field), priority and kv-routing options."""
-    session_id = request.headers.get("x-session-id") or req.user
+    """Session (`x-session-id` header, else `prompt_cache_key`, else `user`), priority and kv-routing
+    options."""
+    session_id = request.headers.get("x-session-id") or req.prompt_cache_key or req.user
     options = req.routing
     if not session_id and not req.priority and options is None:
         return None
@@ -427,6 +442,12 @@ def sse_error(exc: Exception) -> bytes:
     return sse_event(json.dumps(error_for(exc).body()))
 
 
+class Closable(Protocol):
+    """What a streamed response closes after its body: the request's runs (`GenerationRun`, `Choices`)."""
+
+    async def aclose(self) -> None: ...
+
+
 class SSEResponse(Response):
     """Server-sent events whose body iterator is always closed, even when abandoned.
 
@@ -438,9 +459,9 @@ class SSEResponse(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[bytes], run: GenerationRun | None = None) -> None:
+    def __init__(self, content: AsyncIterator[bytes], run: Closable | None = None) -> None:
         self.body_iterator = content
-        self._run = run  # closed with the body: a started run whose body never ran is aborted too
+        self._run = run  # closed with the body: started runs whose body never ran are aborted too
         self.status_code = 200
         self.background = None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

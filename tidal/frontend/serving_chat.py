@@ -20,6 +20,7 @@ from starlette.responses import Response
 from tidal.frontend.chat_output import ChatOutputFormat, ChatOutputParser
 from tidal.frontend.chat_template_features import TemplateFeatures
 from tidal.frontend.chat_tokens import encode_text
+from tidal.frontend.choices import ChoiceOutput, Choices
 from tidal.frontend.errors import OpenAIError, bad_request
 from tidal.frontend.harmony import HarmonyParser, harmony_messages, reply_opening
 from tidal.frontend.openai_types import (ChatChoiceLogprobs, ChatChunkEncoder,
@@ -28,10 +29,10 @@ from tidal.frontend.openai_types import (ChatChoiceLogprobs, ChatChunkEncoder,
                                          ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob,
                                          CompletionTokensDetails, UsageInfo)
 from tidal.frontend.reasoning import starts_in_reasoning
-from tidal.frontend.serving import (SSE_DONE, GenerationRun, ServingContext, SSEResponse, admit,
-                                    build_sampling_params, check_prompt_chars, check_request,
-                                    clamp_logprob, json_response, parse_body, resolve_max_tokens,
-                                    routing_hints, run_until_disconnect, sse_error, sse_event)
+from tidal.frontend.serving import (SSE_DONE, ServingContext, SSEResponse, build_sampling_params,
+                                    check_prompt_chars, check_request, clamp_logprob, json_response,
+                                    parse_body, resolve_max_tokens, routing_hints, run_until_disconnect,
+                                    sse_error, sse_event)
 from tidal.frontend.tool_calls import ToolPlan
 from tidal.protocol import AddRequest, TokenLogprob
 
@@ -77,15 +78,14 @@ class ChatServing:
             request_id=request_id, prompt_token_ids=prompt_token_ids,
             sampling_params=plan.sampling_params(build_sampling_params(req, max_tokens, req.num_logprobs())),
             arrival_time=arrival_time, routing=routing_hints(request, req))
-        await admit(ctx, add_request)
         # The tags the parsers read stay in the text even where the tokenizer calls them special.
         skip_special = req.skip_special_tokens and not self._special_tokens.intersection(output.markers)
-        run = GenerationRun(ctx, add_request, skip_special_tokens=skip_special)
+        choices = await Choices.admit(ctx, add_request, req.num_choices, skip_special_tokens=skip_special)
         if req.stream:
-            await run_until_disconnect(request, run.start)
-            stream = self._stream_parsed(run, req, output) if output.parses else self._stream(run, req)
-            return SSEResponse(stream, run)
-        return await run_until_disconnect(request, lambda: self._complete(run, req, output))
+            await run_until_disconnect(request, choices.start)
+            stream = self._stream_parsed(choices, req, output) if output.parses else self._stream(choices, req)
+            return SSEResponse(stream, choices)
+        return await run_until_disconnect(request, lambda: self._complete(choices, req, output))
 
     def _output_format(self, plan: ToolPlan, prompt: str) -> ChatOutputFormat:
         mode = self._ctx.server.reasoning_parser
@@ -154,51 +154,47 @@ class ChatServing:
                                             bytes=raw, top_logprobs=top))
         return ChatChoiceLogprobs(content=content)
 
-    async def _complete(self, run: GenerationRun, req: ChatCompletionRequest,
+    async def _complete(self, choices: Choices, req: ChatCompletionRequest,
                         output: ChatOutputFormat) -> Response:
-        parser = output.parser() if output.parses else None
-        texts: list[str] = []
-        logprobs: list[TokenLogprob] | None = [] if req.logprobs else None
-        finish_reason = None
-        async with aclosing(run.steps()) as steps:
-            async for step in steps:
-                if parser is None:
-                    texts.append(step.text)
-                else:
+        outputs = [ChoiceOutput(i) for i in range(len(choices.runs))]
+        parsers = [output.parser() if output.parses else None for _ in outputs]
+        async with aclosing(choices.steps()) as steps:
+            async for index, step in steps:
+                outputs[index].add(step)
+                parser = parsers[index]
+                if parser is not None:
                     parser.feed(step.text, len(step.token_ids))
-                if logprobs is not None and step.logprobs:
-                    logprobs.extend(step.logprobs)
-                finish_reason = step.finish_reason
-                if parser is not None and finish_reason is not None:  # the last step
-                    _, finish_reason = parser.finish(finish_reason)
-                    run.finish_reason = finish_reason  # tool_calls: the run's metrics and log line say so
-        if parser is None:
-            message = ChatResponseMessage(content="".join(texts))
-        else:
-            message = parser.message()
-        choice = ChatCompletionChoice(
-            message=message, logprobs=self._logprobs(logprobs, req.top_logprobs or 0),
-            finish_reason=finish_reason)
+                    if step.finish_reason is not None:  # the choice's last step: its reason, tool_calls too,
+                        _, reason = parser.finish(step.finish_reason)  # reaches the run's metrics and log
+                        outputs[index].finish_reason = choices.runs[index].finish_reason = reason
+        response_choices = []
+        for out, parser in zip(outputs, parsers):
+            finish_reason = out.finish_reason
+            message = ChatResponseMessage(content=out.text) if parser is None else parser.message()
+            response_choices.append(ChatCompletionChoice(
+                index=out.index, message=message,
+                logprobs=self._logprobs(out.logprobs, req.top_logprobs or 0) if req.logprobs else None,
+                finish_reason=finish_reason))
         return json_response(ChatCompletionResponse(
-            id=run.request.request_id, created=int(time.time()),
-            model=self._ctx.served_model_name, choices=[choice], usage=_usage(run, parser)))
+            id=choices.request_id, created=int(time.time()),
+            model=self._ctx.served_model_name, choices=response_choices, usage=_usage(choices, parsers)))
 
-    async def _stream(self, run: GenerationRun, req: ChatCompletionRequest
-                      ) -> AsyncIterator[bytes]:
+    async def _stream(self, choices: Choices, req: ChatCompletionRequest) -> AsyncIterator[bytes]:
         created = int(time.time())
         model = self._ctx.served_model_name
         include_usage = req.include_usage
-        encoder = ChatChunkEncoder(run.request.request_id, created, model, include_usage)
+        encoders = [ChatChunkEncoder(choices.request_id, created, model, include_usage, index=i)
+                    for i in range(len(choices.runs))]
         want_logprobs, num_top = req.logprobs, req.top_logprobs or 0
-        first = True
+        first = [True] * len(encoders)  # per choice: its first chunk is still to come
         try:
-            async with aclosing(run.steps()) as steps:
-                async for step in steps:
+            async with aclosing(choices.steps()) as steps:
+                async for index, step in steps:
                     text = step.text
-                    if first:
+                    if first[index]:
                         # The role rides on the first chunk that follows engine output, so a
                         # client timing its first chunk measures a real first token.
-                        first = False
+                        first[index] = False
                         role = True
                     elif text:
                         role = False
@@ -207,48 +203,51 @@ class ChatServing:
                     else:
                         role, text = False, None
                     logprobs = self._logprobs(step.logprobs, num_top) if want_logprobs else None
-                    yield encoder.chunk(text, role=role, logprobs=logprobs,
-                                        finish_reason=step.finish_reason)
+                    yield encoders[index].chunk(text, role=role, logprobs=logprobs,
+                                                finish_reason=step.finish_reason)
             if include_usage:
-                chunk = ChatCompletionChunk(id=run.request.request_id, created=created,
-                                            model=model, choices=[], usage=run.usage())
+                chunk = ChatCompletionChunk(id=choices.request_id, created=created,
+                                            model=model, choices=[], usage=choices.usage())
                 yield sse_event(chunk.model_dump_json())
         except Exception as exc:
             yield sse_error(exc)
         yield SSE_DONE
 
-    async def _stream_parsed(self, run: GenerationRun, req: ChatCompletionRequest,
+    async def _stream_parsed(self, choices: Choices, req: ChatCompletionRequest,
                              output: ChatOutputFormat) -> AsyncIterator[bytes]:
-        """`_stream` for replies a parser reads: each step's deltas (reasoning, content, tool
-        calls) as chunks; the step's logprobs ride on its first chunk, its finish reason on its last."""
+        """`_stream` for replies a parser reads (one per choice): each step's deltas (reasoning, content,
+        tool calls) as chunks; the step's logprobs ride on its first chunk, its finish reason on its last."""
         created = int(time.time())
         model = self._ctx.served_model_name
-        encoder = ChatChunkEncoder(run.request.request_id, created, model, req.include_usage)
+        num_choices = len(choices.runs)
+        encoders = [ChatChunkEncoder(choices.request_id, created, model, req.include_usage, index=i)
+                    for i in range(num_choices)]
         want_logprobs, num_top = req.logprobs, req.top_logprobs or 0
-        parser = output.parser()
-        first = True
+        parsers = [output.parser() for _ in range(num_choices)]
+        first = [True] * num_choices
         try:
-            async with aclosing(run.steps()) as steps:
-                async for step in steps:
+            async with aclosing(choices.steps()) as steps:
+                async for index, step in steps:
+                    parser = parsers[index]
                     deltas = parser.feed(step.text, len(step.token_ids))
                     finish_reason = None
                     if step.finish_reason is not None:
                         end, finish_reason = parser.finish(step.finish_reason)
-                        run.finish_reason = finish_reason  # tool_calls: the run's metrics and log line say so
+                        choices.runs[index].finish_reason = finish_reason  # tool_calls: its metrics, log
                         deltas += end
                     logprobs = self._logprobs(step.logprobs, num_top) if want_logprobs else None
-                    if first:  # the role rides on the first chunk, as in `_stream`
-                        first = False
+                    if first[index]:  # the role rides on the first chunk, as in `_stream`
+                        first[index] = False
                         deltas[:1] = [{"role": "assistant", **(deltas[0] if deltas else {"content": ""})}]
                     elif not deltas and finish_reason is None and logprobs is None:
                         continue
                     for i, delta in enumerate(deltas or [{}]):
-                        yield encoder.delta_chunk(delta, logprobs=logprobs if i == 0 else None,
-                                                  finish_reason=finish_reason if i == max(len(deltas), 1) - 1
-                                                  else None)
+                        yield encoders[index].delta_chunk(
+                            delta, logprobs=logprobs if i == 0 else None,
+                            finish_reason=finish_reason if i == max(len(deltas), 1) - 1 else None)
             if req.include_usage:
-                chunk = ChatCompletionChunk(id=run.request.request_id, created=created,
-                                            model=model, choices=[], usage=_usage(run, parser))
+                chunk = ChatCompletionChunk(id=choices.request_id, created=created,
+                                            model=model, choices=[], usage=_usage(choices, parsers))
                 yield sse_event(chunk.model_dump_json())
         except Exception as exc:
             yield sse_error(exc)
@@ -266,9 +265,10 @@ def _harmony_format(plan: ToolPlan, prompt: str) -> ChatOutputFormat:
     return ChatOutputFormat(harmony=lambda: HarmonyParser(calls, max_calls, opening))
 
 
-def _usage(run: GenerationRun, parser: ChatOutputParser | None) -> UsageInfo:
-    """The run's usage, with the reasoning tokens where a reasoning parser read the reply."""
-    usage = run.usage()
-    if parser is not None and parser.reasoning_tokens is not None:
-        usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=parser.reasoning_tokens)
+def _usage(choices: Choices, parsers: list[ChatOutputParser | None]) -> UsageInfo:
+    """The choices' usage, with the reasoning tokens where a reasoning parser read the replies."""
+    usage = choices.usage()
+    counts = [p.reasoning_tokens for p in parsers if p is not None and p.reasoning_tokens is not None]
+    if counts:
+        usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=sum(counts))
     return usage

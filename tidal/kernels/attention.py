@@ -43,18 +43,24 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-           scale: float) -> torch.Tensor:
-    """Causal attention of this step's queries [T, H, D] over the cache -> [T, H, D]."""
+           scale: float, window: int | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of this step's queries [T, H, D] over the cache -> [T, H, D].
+
+    window: a query sees only the last `window` positions (itself included); None: all of them.
+    sinks: [H] float32, a logit per head that joins the softmax's denominator (gpt-oss); None: none.
+    Both are per layer, so they are arguments, not metadata."""
     if meta.backend != "triton":
-        return torch_impl.paged_attention(q, k_cache, v_cache, meta, scale)
+        return torch_impl.paged_attention(q, k_cache, v_cache, meta, scale, window, sinks)
     from tidal.kernels import triton_attention
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if nd:
         triton_attention.decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables,
-                                          meta.decode_context_lens, scale, meta.num_splits, out=out[:nd])
+                                          meta.decode_context_lens, scale, meta.num_splits, out=out[:nd],
+                                          window=window, sinks=sinks)
     if meta.prefill_context_lens is not None and meta.prefill_context_lens.shape[0]:
         triton_attention.prefill_attention(q[nd:], k_cache, v_cache, meta.prefill_cu_query_lens,
                                            meta.prefill_context_lens, meta.prefill_block_tables,
-                                           meta.prefill_max_query_len, scale, out=out[nd:])
+                                           meta.prefill_max_query_len, scale, out=out[nd:],
+                                           window=window, sinks=sinks)
     return out

@@ -8,6 +8,12 @@ slot is `block_id * block_size + offset`.
 
 Query head h reads kv head h // G (G = num_heads // num_kv_heads), as in `reference_attention`.
 
+Per-layer options (gpt-oss), each a constexpr switch so a launch without them compiles to the
+same code as before: a sliding `window` (query at position p sees keys p - window + 1 .. p;
+decode starts its key range at the window, prefill masks the tile's keys against it) and
+`sinks` [H] float32, a logit per query head added to the softmax's denominator once, after the
+key loop (decode with splits: in the merge kernel).
+
 All three launches read no device values on the host and allocate only from shapes, so they
 can be captured in a CUDA graph. Softmax runs in the log2 domain: the scores are multiplied by
 `scale * log2(e)` so that `exp2` (one MUFU instruction) replaces `exp`.
@@ -79,6 +85,12 @@ def _require_triton() -> None:
         raise RuntimeError("triton is not installed: the Triton attention kernels are unavailable")
 
 
+def _check_options(window: int | None, sinks: torch.Tensor | None, num_heads: int) -> None:
+    assert window is None or window > 0, "a window holds at least the query itself"
+    assert sinks is None or (sinks.dtype == torch.float32 and sinks.shape == (num_heads,)
+                             and sinks.is_contiguous()), "sinks: [num_heads] float32, contiguous"
+
+
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     # K and V share one stride set in the kernels.
     assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(), "k/v caches differ in layout"
@@ -148,11 +160,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _attend(q, acc, m_i, l_i, k_base, v_base, bt_row_ptr, n0, kv_end, q_pos, d, d_ok,
-                qk_scale, stride_kb, stride_kt,
+                qk_scale, stride_kb, stride_kt, window,
                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr):
+                CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr, WINDOWED: tl.constexpr):
         """One online-softmax step over keys n0 .. n0 + BLOCK_N (fp32 state; log2 domain).
-        MASKED: keys >= kv_end are dropped; CAUSAL (with MASKED): row r only sees keys <= q_pos[r]."""
+        MASKED: keys >= kv_end are dropped; CAUSAL (with MASKED): row r only sees keys <= q_pos[r];
+        WINDOWED (with CAUSAL): and keys > q_pos[r] - window."""
         n = n0 + tl.arange(0, BLOCK_N)
         valid = n < kv_end
         offs = _kv_offsets(bt_row_ptr, n, valid, d, stride_kb, stride_kt, BLOCK_SIZE, MASKED)
@@ -160,7 +173,10 @@ if HAS_TRITON:
         s = _dot(q, tl.trans(k), IEEE) * qk_scale  # [rows, BLOCK_N]
         if MASKED:
             if CAUSAL:
-                s = tl.where(valid[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
+                seen = valid[None, :] & (n[None, :] <= q_pos[:, None])
+                if WINDOWED:
+                    seen = seen & (n[None, :] > q_pos[:, None] - window)
+                s = tl.where(seen, s, float("-inf"))
             else:
                 s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -172,21 +188,35 @@ if HAS_TRITON:
         return acc, m_new, l_i
 
     @triton.jit
-    def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-                       qk_scale, num_splits,
+    def _add_sink(acc, m_i, l_i, sink):
+        """Fold a sink logit (natural log domain) into the softmax state: one more term of the
+        denominator, nothing added to acc. Rescales to max(m_i, sink) so exp2 cannot overflow."""
+        sink = sink * 1.4426950408889634  # log2(e): the state is in the log2 domain
+        m_new = tl.maximum(m_i, sink)
+        alpha = tl.math.exp2(m_i - m_new)
+        return acc * alpha[:, None], l_i * alpha + tl.math.exp2(sink - m_new)
+
+    @triton.jit
+    def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, part_o_ptr, part_lse_ptr, sinks_ptr,
+                       qk_scale, num_splits, window,
                        stride_qb, stride_qh, stride_kh, stride_kb, stride_kt, stride_btb,
                        stride_ob, stride_oh,
                        G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
-                       EVEN_D: tl.constexpr, IEEE: tl.constexpr):
+                       EVEN_D: tl.constexpr, IEEE: tl.constexpr, WINDOWED: tl.constexpr,
+                       HAS_SINKS: tl.constexpr):
         # Program (b, kv head, split): the G query heads of one kv head as G_PAD (>= 16) rows of a
-        # tl.dot, over this split's contiguous range of keys, read once.
+        # tl.dot, over this split's contiguous range of keys, read once. With a window the range
+        # starts at ctx - window: every key from there on is in the (single) query's window.
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
         ctx = tl.load(ctx_ptr + b)
-        tiles_per_split = tl.cdiv(tl.cdiv(ctx, BLOCK_N), num_splits)
-        start = split * tiles_per_split * BLOCK_N
+        first = 0
+        if WINDOWED:
+            first = tl.maximum(ctx - window, 0)
+        tiles_per_split = tl.cdiv(tl.cdiv(ctx - first, BLOCK_N), num_splits)
+        start = first + split * tiles_per_split * BLOCK_N
         end = tl.minimum(start + tiles_per_split * BLOCK_N, ctx)  # ctx == 0: empty range, no reads
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D_PAD)
@@ -205,9 +235,12 @@ if HAS_TRITON:
         l_i = tl.zeros([G_PAD], dtype=tl.float32)
         for n0 in range(start, end, BLOCK_N):
             acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_base, v_base, bt_row, n0, end, g, d, d_ok, qk_scale,
-                                    stride_kb, stride_kt, BLOCK_SIZE, BLOCK_N, True, False, EVEN_D, IEEE)
+                                    stride_kb, stride_kt, window, BLOCK_SIZE, BLOCK_N, True, False, EVEN_D, IEEE,
+                                    False)
         has_keys = l_i > 0
-        o = acc / tl.where(has_keys, l_i, 1.0)[:, None]  # empty: acc is 0, so o is 0
+        if HAS_SINKS and DIRECT:  # split: the merge adds the sink once
+            acc, l_i = _add_sink(acc, m_i, l_i, tl.load(sinks_ptr + heads, mask=g < G, other=0.0))
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty: acc is 0, so o is 0
         if DIRECT:
             tl.store(out_ptr + b.to(tl.int64) * stride_ob + (heads * stride_oh)[:, None] + d[None, :],
                      o.to(out_ptr.dtype.element_ty), mask=io_mask)
@@ -220,8 +253,9 @@ if HAS_TRITON:
             tl.store(part_o_ptr + (row * D_PAD)[:, None] + d[None, :], o, mask=(g < G)[:, None])
 
     @triton.jit
-    def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
-                              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr):
+    def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, sinks_ptr, num_splits, stride_ob, stride_oh,
+                              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
+                              HAS_SINKS: tl.constexpr):
         # Program (b, h): merge the splits' normalized outputs, weighted by exp2(lse - max lse).
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -231,8 +265,13 @@ if HAS_TRITON:
         lse = tl.load(part_lse_ptr + row + s, mask=s < num_splits, other=float("-inf"))
         top = tl.max(lse, 0)
         top = tl.where(top == float("-inf"), 0.0, top)  # ctx == 0: every split empty
+        if HAS_SINKS:
+            sink = tl.load(sinks_ptr + h) * 1.4426950408889634  # log2 domain, like lse
+            top = tl.maximum(top, sink)
         w = tl.math.exp2(lse - top)
         denom = tl.sum(w, 0)
+        if HAS_SINKS:
+            denom += tl.math.exp2(sink - top)
         denom = tl.where(denom > 0, denom, 1.0)
         o = tl.load(part_o_ptr + ((row + s) * D_PAD)[:, None] + d[None, :], mask=(s < num_splits)[:, None],
                     other=0.0)
@@ -241,12 +280,13 @@ if HAS_TRITON:
                  mask=d < HEAD_DIM)
 
     @triton.jit
-    def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, ctx_ptr, bt_ptr, out_ptr, qk_scale,
+    def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, ctx_ptr, bt_ptr, out_ptr, sinks_ptr, qk_scale, window,
                         stride_qt, stride_qh, stride_kh, stride_kb, stride_kt, stride_btp,
                         stride_ot, stride_oh,
                         G: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                         BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        EVEN_D: tl.constexpr, IEEE: tl.constexpr):
+                        EVEN_D: tl.constexpr, IEEE: tl.constexpr, WINDOWED: tl.constexpr,
+                        HAS_SINKS: tl.constexpr):
         # Program (query tile, head, request). Tiles run last-first: under the causal mask the
         # last tiles have the most keys, and starting them first shortens the tail of the grid.
         tile = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -274,12 +314,25 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for n0 in range(0, full_end, BLOCK_N):
-            acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_base, v_base, bt_row, n0, kv_end, q_pos, d, d_ok, qk_scale,
-                                    stride_kb, stride_kt, BLOCK_SIZE, BLOCK_N, False, False, EVEN_D, IEEE)
-        for n0 in range(full_end, kv_end, BLOCK_N):
-            acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_base, v_base, bt_row, n0, kv_end, q_pos, d, d_ok, qk_scale,
-                                    stride_kb, stride_kt, BLOCK_SIZE, BLOCK_N, True, True, EVEN_D, IEEE)
+        if WINDOWED:
+            # Keys from the first row's window start (tile-aligned down) to kv_end, every tile
+            # masked: at most window + BLOCK_M keys, so no unmasked stretch is worth a loop.
+            window_start = tl.maximum(tile_first - window + 1, 0)
+            for n0 in range((window_start // BLOCK_N) * BLOCK_N, kv_end, BLOCK_N):
+                acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_base, v_base, bt_row, n0, kv_end, q_pos, d, d_ok,
+                                        qk_scale, stride_kb, stride_kt, window, BLOCK_SIZE, BLOCK_N, True, True,
+                                        EVEN_D, IEEE, True)
+        else:
+            for n0 in range(0, full_end, BLOCK_N):
+                acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_base, v_base, bt_row, n0, kv_end, q_pos, d, d_ok,
+                                        qk_scale, stride_kb, stride_kt, window, BLOCK_SIZE, BLOCK_N, False, False,
+                                        EVEN_D, IEEE, False)
+            for n0 in range(full_end, kv_end, BLOCK_N):
+                acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_base, v_base, bt_row, n0, kv_end, q_pos, d, d_ok,
+                                        qk_scale, stride_kb, stride_kt, window, BLOCK_SIZE, BLOCK_N, True, True,
+                                        EVEN_D, IEEE, False)
+        if HAS_SINKS:
+            acc, l_i = _add_sink(acc, m_i, l_i, tl.load(sinks_ptr + h))
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + (rows * stride_ot)[:, None] + h * stride_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=io_mask)
@@ -307,9 +360,11 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float, num_splits: int,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """One query token per request: q [B, H, D] over keys 0 .. context_lens[b] - 1 of the cache,
-    through block_tables [B, max_blocks] int32. A row with context 0 (padding) gets zeros.
+                     out: torch.Tensor | None = None, window: int | None = None,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """One query token per request: q [B, H, D] over keys 0 .. context_lens[b] - 1 of the cache
+    (with a window, only the last `window` of them), through block_tables [B, max_blocks] int32.
+    A row with context 0 (padding) gets zeros. sinks: [H] float32 logits or None.
     num_splits > 1 splits each request's keys into that many ranges (flash-decoding) and merges
     them in a second kernel through fp32 scratch sized from shapes."""
     _require_triton()
@@ -317,6 +372,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     batch, num_heads, head_dim = q.shape
     kv_heads, _, block_size, _ = k_cache.shape
     assert q.stride(-1) == 1 and num_heads % kv_heads == 0 and num_splits >= 1
+    _check_options(window, sinks, num_heads)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if batch == 0:
@@ -331,31 +387,35 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_o = torch.empty((batch, num_heads, num_splits, d_pad), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     _decode_kernel[(batch, kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part_o, part_lse,
-        scale * LOG2E, num_splits,
+        q, k_cache, v_cache, block_tables, context_lens, out, part_o, part_lse, q if sinks is None else sinks,
+        scale * LOG2E, num_splits, window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         G=groups, G_PAD=max(16, _pow2(groups)), HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
         BLOCK_N=cfg["BLOCK_N"], DIRECT=direct, EVEN_D=head_dim == d_pad, IEEE=k_cache.dtype == torch.float32,
+        WINDOWED=window is not None, HAS_SINKS=sinks is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if not direct:
         _decode_reduce_kernel[(batch, num_heads)](
-            part_o, part_lse, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, D_PAD=d_pad, S_PAD=_pow2(num_splits), num_warps=4)
+            part_o, part_lse, out, part_lse if sinks is None else sinks, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, D_PAD=d_pad, S_PAD=_pow2(num_splits), HAS_SINKS=sinks is not None, num_warps=4)
     return out
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_query_lens: torch.Tensor,
                       context_lens: torch.Tensor, block_tables: torch.Tensor, max_query_len: int, scale: float,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, window: int | None = None,
+                      sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of P chunks q [T, H, D] (chunk p: rows cu_query_lens[p] .. cu_query_lens[p+1])
     over their requests' cached keys (this chunk's included: context_lens [P] counts them);
-    query i of a chunk of length n sits at position context_len - n + i."""
+    query i of a chunk of length n sits at position context_len - n + i and, with a window, sees
+    keys from position context_len - n + i - window + 1. sinks: [H] float32 logits or None."""
     _require_triton()
     _check_cache(k_cache, v_cache)
     num_tokens, num_heads, head_dim = q.shape
     kv_heads, _, block_size, _ = k_cache.shape
     assert q.stride(-1) == 1 and num_heads % kv_heads == 0
+    _check_options(window, sinks, num_heads)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     num_reqs = context_lens.shape[0]
@@ -365,11 +425,13 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     cfg = prefill_config(d_pad, k_cache.dtype)
     grid = (triton.cdiv(max_query_len, cfg["BLOCK_M"]), num_heads, num_reqs)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, cu_query_lens, context_lens, block_tables, out, scale * LOG2E,
+        q, k_cache, v_cache, cu_query_lens, context_lens, block_tables, out, q if sinks is None else sinks,
+        scale * LOG2E, window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         G=num_heads // kv_heads, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], EVEN_D=head_dim == d_pad, IEEE=k_cache.dtype == torch.float32,
+        WINDOWED=window is not None, HAS_SINKS=sinks is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
@@ -394,30 +456,42 @@ def _gather_keys(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch
 
 
 def _attend_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                      q_pos: torch.Tensor) -> torch.Tensor:
-    """q [n, H, D] at positions q_pos [n] over k, v [kvh, L, D]: row r sees keys <= q_pos[r]."""
+                      q_pos: torch.Tensor, window: int | None = None,
+                      sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """q [n, H, D] at positions q_pos [n] over k, v [kvh, L, D]: row r sees keys <= q_pos[r] (and
+    > q_pos[r] - window); sinks [H] as one more logit per head whose probability is dropped."""
     groups = q.shape[1] // k.shape[0]
     k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)  # [H, L, D]
     scores = torch.einsum("nhd,hld->hnl", q.float(), k) * scale
-    future = torch.arange(k.shape[1], device=q.device)[None, :] > q_pos[:, None]
-    probs = scores.masked_fill(future, float("-inf")).softmax(-1)
+    key_pos = torch.arange(k.shape[1], device=q.device)[None, :]
+    hidden = key_pos > q_pos[:, None]
+    if window is not None:
+        hidden |= key_pos <= q_pos[:, None] - window
+    scores = scores.masked_fill(hidden, float("-inf"))
+    if sinks is None:
+        probs = scores.softmax(-1)
+    else:
+        sink_column = sinks.float().view(-1, 1, 1).expand(-1, q.shape[0], 1)
+        probs = torch.cat([scores, sink_column], dim=-1).softmax(-1)[..., :-1]
     return torch.einsum("hnl,hld->nhd", probs, v)
 
 
 def reference_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                     context_lens: torch.Tensor, scale: float, window: int | None = None,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """`decode_attention` in fp32 -> [B, H, D] fp32; rows with context 0 are zeros."""
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     for b, ctx in enumerate(context_lens.tolist()):
         if ctx > 0:
             k, v = (_gather_keys(c, block_tables[b], ctx) for c in (k_cache, v_cache))
             q_pos = torch.tensor([ctx - 1], device=q.device)
-            out[b] = _attend_reference(q[b:b + 1], k, v, scale, q_pos)[0]
+            out[b] = _attend_reference(q[b:b + 1], k, v, scale, q_pos, window, sinks)[0]
     return out
 
 
 def reference_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_query_lens: torch.Tensor,
-                      context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+                      context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                      window: int | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """`prefill_attention` in fp32 -> [T, H, D] fp32."""
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     cu = cu_query_lens.tolist()
@@ -426,7 +500,7 @@ def reference_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         if end > start:
             k, v = (_gather_keys(c, block_tables[p], ctx) for c in (k_cache, v_cache))
             q_pos = torch.arange(ctx - (end - start), ctx, device=q.device)
-            out[start:end] = _attend_reference(q[start:end], k, v, scale, q_pos)
+            out[start:end] = _attend_reference(q[start:end], k, v, scale, q_pos, window, sinks)
     return out
 
 

@@ -1,5 +1,7 @@
 """The llama-family decoder: Llama 2/3, SmolLM2, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm), and
-the mixture-of-experts Qwen3-MoE and Mixtral (a sparse layer's MLP is `tidal.models.moe.SparseMoE`).
+the mixture-of-experts Qwen3-MoE, Mixtral and gpt-oss (a sparse layer's MLP is
+`tidal.models.moe.SparseMoE`). gpt-oss adds per-head attention sinks, an o_proj bias and a sliding
+window in every other layer (`ModelArch.attention_window`), all passed to the attention kernels.
 
 `LlamaModel` owns the weights (in the fused layout below) and a RoPE cos/sin table; it holds no
 per-request state. The KV cache belongs to the caller (the model runner), which passes one
@@ -7,7 +9,8 @@ per-request state. The KV cache belongs to the caller (the model runner), which 
 
 Fused weight layout per layer (`load_weight` writes checkpoint tensors into these slices):
   qkv_weight      [q_size + 2 * kv_size, hidden]        rows: q_proj, then k_proj, then v_proj
-  qkv_bias        [q_size + 2 * kv_size]                only with `attention_bias` (Qwen2)
+  qkv_bias        [q_size + 2 * kv_size]                only with `attention_bias` (Qwen2, gpt-oss)
+  o_bias [hidden] (`o_bias`), sinks [num_heads] float32 (`attention_sinks`)
   qk_norm         [num_heads + num_kv_heads, head_dim]  q_norm repeated per head, then k_norm
   gate_up_weight  [2 * intermediate_size, hidden]       rows: gate_proj, then up_proj
   o_weight [hidden, q_size], down_weight [hidden, intermediate_size]
@@ -71,6 +74,10 @@ class DecoderLayer(nn.Module):
         self.qk_norm = _empty((self.num_heads + self.num_kv_heads, arch.head_dim), dtype, device) \
             if arch.qk_norm else None
         self.o_weight = _empty((h, self.q_size), dtype, device)
+        self.o_bias = _empty((h,), dtype, device) if arch.o_bias else None
+        # Sinks join a float32 softmax; kept in float32 (a bf16 checkpoint's values are exact in it).
+        self.sinks = _empty((self.num_heads,), torch.float32, device) if arch.attention_sinks else None
+        self.window = arch.attention_window(index)
         self.post_attention_layernorm = _empty((h,), dtype, device)
         self.moe = SparseMoE(arch, dtype, device, shard) if arch.is_sparse_layer(index) else None
         dense = self.moe is None
@@ -93,10 +100,15 @@ class DecoderLayer(nn.Module):
             return WeightSlot(self.qk_norm[:heads] if part == "q_norm" else self.qk_norm[heads:])
         if part in ("gate_proj", "up_proj"):
             return WeightSlot(self.gate_up_weight[:inter] if part == "gate_proj" else self.gate_up_weight[inter:], 0)
-        return {"input_layernorm.weight": WeightSlot(self.input_layernorm),
-                "post_attention_layernorm.weight": WeightSlot(self.post_attention_layernorm),
-                "self_attn.o_proj.weight": WeightSlot(self.o_weight, 1),
-                "mlp.down_proj.weight": WeightSlot(self.down_weight, 1)}.get(name)
+        slots = {"input_layernorm.weight": WeightSlot(self.input_layernorm),
+                 "post_attention_layernorm.weight": WeightSlot(self.post_attention_layernorm),
+                 "self_attn.o_proj.weight": WeightSlot(self.o_weight, 1),
+                 "mlp.down_proj.weight": WeightSlot(self.down_weight, 1)}
+        if self.o_bias is not None:  # added once, after the row-parallel sum
+            slots["self_attn.o_proj.bias"] = WeightSlot(self.o_bias)
+        if self.sinks is not None:
+            slots["self_attn.sinks"] = WeightSlot(self.sinks, 0)  # this rank's heads
+        return slots.get(name)
 
     def weight_names(self) -> list[str]:
         names = ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.weight"]
@@ -105,6 +117,10 @@ class DecoderLayer(nn.Module):
         names += [f"self_attn.{p}_proj.weight" for p in "qkv"]
         if self.arch.attention_bias:
             names += [f"self_attn.{p}_proj.bias" for p in "qkv"]
+        if self.arch.o_bias:
+            names.append("self_attn.o_proj.bias")
+        if self.arch.attention_sinks:
+            names.append("self_attn.sinks")
         if self.arch.qk_norm:
             names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
         return names
@@ -131,8 +147,9 @@ class DecoderLayer(nn.Module):
             k = qk[:, self.num_heads:]  # [T, kvH, D]
             v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, self.num_kv_heads, arch.head_dim)
             store_kv(k, v, k_cache, v_cache, meta)
-        out = attend(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
-        return self.row_linear(out.reshape(num_tokens, self.q_size), self.o_weight)
+        out = attend(q, k_cache, v_cache, meta, self.scale, self.window, self.sinks)  # [T, H, D]
+        out = self.row_linear(out.reshape(num_tokens, self.q_size), self.o_weight)
+        return out if self.o_bias is None else out.add_(self.o_bias)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         if self.moe is not None:

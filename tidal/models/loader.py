@@ -34,7 +34,7 @@ class LoadedModel:
 
 def resolve_max_model_len(requested: int | None, arch: ModelArch) -> int:
     limit = arch.max_position_embeddings
-    if arch.sliding_window:
+    if arch.sliding_window and not arch.has_windowed_layers:  # a window no layer applies (old Mistral)
         limit = min(limit, arch.sliding_window)
     if requested is None:
         return limit
