@@ -32,7 +32,7 @@ from tidal.bench.procs import cpu_times
 from tidal.bench.server import ServerProcess, tidal_command
 from tidal.runtime.ports import free_port
 
-_TOKENS_RE = re.compile(rb"^tidal_generation_tokens_total (\S+)$", re.M)
+_TOKENS_RE = re.compile(rb"^tidal_generation_tokens_total(?:{[^}]*})? (\S+)$", re.M)  # one model
 _USAGE_RE = re.compile(rb'"completion_tokens":(\d+)')
 
 

@@ -29,11 +29,11 @@ EXTRA_BIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/usr/local/bin")
 START_TIMEOUT_S = 15.0
 
 
-def find_binary(name: str) -> str:
-    """The binary's path; skip the test (fail under CI) if it is not installed."""
+def find_binary(name: str, package: str = "etcd-server nats-server") -> str:
+    """The binary's path; skip the test (fail under CI) if it is not installed (`package`: Debian's)."""
     path = shutil.which(name) or shutil.which(name, path=os.pathsep.join(EXTRA_BIN_DIRS))
     if path is None:
-        message = f"`{name}` not found: install it (Debian: apt-get install etcd-server nats-server)"
+        message = f"`{name}` not found: install it (Debian: apt-get install {package})"
         if os.environ.get("CI"):
             pytest.fail(message + "; CI must install it", pytrace=False)
         pytest.skip(message)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,10 +66,16 @@ def example_config(tmp_path: Path, name: str, **changes) -> Path:
     return path
 
 
+_MODEL_LABEL = re.compile(r'model_name="[^"]*",?')
+
+
 def metrics(url: str) -> dict[str, float]:
-    values = {}
+    """Sample name (with its labels) -> value; the request metrics' `model_name` label is left out of
+    the names (summed over models: a server serves one)."""
+    values: dict[str, float] = {}
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
+            name = _MODEL_LABEL.sub("", name).replace(",}", "}").replace("{}", "")
+            values[name] = values.get(name, 0.0) + float(value)
     return values

@@ -12,13 +12,14 @@ from pathlib import Path
 
 TIDAL = Path(__file__).resolve().parents[1] / "tidal"
 
-BASE = {"config", "protocol", "hashing", "errors", "fleet_snapshot", "curve"}
+BASE = {"config", "protocol", "hashing", "errors", "fleet_snapshot", "curve", "logs"}
 ASSEMBLY = {"deploy", "cluster", "sim", "entrypoints", "cli", "__init__"}  # may import anything
 ALLOWED: dict[str, set[str]] = {
     "config": set(),
     "errors": set(),
     "hashing": set(),
     "curve": set(),
+    "logs": {"config"},
     "protocol": {"config"},
     "fleet_snapshot": {"protocol"},
     "kernels": BASE,

@@ -105,7 +105,8 @@ def _wait_workers(url: str, ids: set[str], timeout_s: float) -> list[dict]:
 
 
 def _restart_metric(url: str) -> dict[str, float]:
-    return {k: v for k, v in metrics(url).items() if k.startswith("tidal_worker_restarts_total")}
+    """The workers restarted so far (every worker's series exists from its start, at 0)."""
+    return {k: v for k, v in metrics(url).items() if k.startswith("tidal_worker_restarts_total") and v}
 
 
 def _chat(url: str, content: str) -> httpx.Response:

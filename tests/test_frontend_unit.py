@@ -282,6 +282,12 @@ def parse_sse(text: str) -> list:
     return payloads[:-1]
 
 
+def of_model(name: str, **labels: str) -> str:
+    """A request metric's sample name: labelled with the served model, then `labels`."""
+    pairs = ",".join([f'model_name="{MODEL}"', *(f'{k}="{v}"' for k, v in labels.items())])
+    return f"{name}{{{pairs}}}"
+
+
 def metric_value(text: str, name: str) -> float:
     for line in text.splitlines():
         if line.startswith(name + " "):
@@ -617,15 +623,15 @@ async def test_models_health_version_metrics(client, engine):
     assert "version" in (await client.get("/version")).json()
     await client.post("/v1/chat/completions", json=chat_body())
     text = (await client.get("/metrics")).text
-    assert metric_value(text, 'tidal_requests_total{status="success"}') == 1
-    assert metric_value(text, 'tidal_requests_total{status="error"}') == 0
-    assert metric_value(text, "tidal_request_ttft_seconds_count") == 1
-    assert metric_value(text, "tidal_request_e2e_seconds_count") == 1
+    assert metric_value(text, of_model("tidal_requests_total", status="success")) == 1
+    assert metric_value(text, of_model("tidal_requests_total", status="error")) == 0
+    assert metric_value(text, of_model("tidal_request_ttft_seconds_count")) == 1
+    assert metric_value(text, of_model("tidal_request_e2e_seconds_count")) == 1
     num_output = len(BYTE_LEVEL.encode(engine.text, False)) + 1
-    assert metric_value(text, "tidal_request_itl_seconds_count") == num_output - 1
-    assert metric_value(text, "tidal_generation_tokens_total") == num_output
-    assert metric_value(text, "tidal_prompt_tokens_total") == len(engine.requests[0].prompt_token_ids)
-    assert metric_value(text, "tidal_prefix_cache_hit_tokens_total") == 8
+    assert metric_value(text, of_model("tidal_request_itl_seconds_count")) == num_output - 1
+    assert metric_value(text, of_model("tidal_generation_tokens_total")) == num_output
+    assert metric_value(text, of_model("tidal_prompt_tokens_total")) == len(engine.requests[0].prompt_token_ids)
+    assert metric_value(text, of_model("tidal_prefix_cache_hit_tokens_total")) == 8
     assert metric_value(text, "tidal_running_requests") == 1
     assert metric_value(text, "tidal_waiting_requests") == 2
     assert metric_value(text, "tidal_kv_blocks_used") == 3
@@ -765,8 +771,8 @@ async def test_a_stream_shed_before_its_first_token_is_a_503_with_retry_after(cl
     engine.fail_with = None
     assert (await client.post("/v1/chat/completions", json=chat_body(stream=True))).status_code == 200
     text = (await client.get("/metrics")).text
-    assert metric_value(text, 'tidal_requests_total{status="rejected"}') == 2
-    assert metric_value(text, 'tidal_requests_total{status="error"}') == 0
+    assert metric_value(text, of_model("tidal_requests_total", status="rejected")) == 2
+    assert metric_value(text, of_model("tidal_requests_total", status="error")) == 0
 
 
 async def test_internal_errors_are_500_and_server_keeps_serving(client, engine):
@@ -784,7 +790,7 @@ async def test_internal_errors_are_500_and_server_keeps_serving(client, engine):
     engine.script = engine.default_script
     assert (await client.post("/v1/completions", json={"model": MODEL, "prompt": "x"})).is_success
     text = (await client.get("/metrics")).text
-    assert metric_value(text, 'tidal_requests_total{status="error"}') == 2
+    assert metric_value(text, of_model("tidal_requests_total", status="error")) == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -836,7 +842,7 @@ async def test_stream_disconnect_aborts_engine_request():
             await wait_until(lambda: len(engine.closed_early) == 1)
             assert engine.active == set()
             text = (await c.get("/metrics")).text
-            assert metric_value(text, 'tidal_requests_total{status="abort"}') == 1
+            assert metric_value(text, of_model("tidal_requests_total", status="abort")) == 1
 
 
 async def test_non_streaming_disconnect_aborts_engine_request():

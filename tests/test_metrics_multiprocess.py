@@ -58,8 +58,8 @@ def _frontend_process(directory: str, index: int) -> None:
     """One frontend process: a router replica and an app's metrics, some traffic, then exit."""
     enable_multiprocess_metrics(directory)
     router = _router_with_a_worker()
-    metrics = FrontendMetrics(router)
-    metrics.requests.labels("success").inc(index + 1)
+    metrics = FrontendMetrics(router, "m")
+    metrics.requests["success"].inc(index + 1)
     metrics.generation_tokens.inc(10)
     metrics.ttft_s.observe(0.05)
     for itl_s in (0.004, 0.012, 0.5):
@@ -82,7 +82,7 @@ def _frontend_process(directory: str, index: int) -> None:
 def _render_process(directory: str, out: str) -> None:
     """A third process answers a scrape for all of them."""
     enable_multiprocess_metrics(directory)
-    metrics = FrontendMetrics(_router_with_a_worker())
+    metrics = FrontendMetrics(_router_with_a_worker(), "m")
     Path(out).write_bytes(metrics.render())
 
 
@@ -110,16 +110,16 @@ def test_one_scrape_merges_every_frontend_process(tmp_path):
     samples = _samples(text)
 
     # Counters add up, over dead processes too.
-    assert samples[("tidal_requests_total", (("status", "success"),))] == 1 + 2
-    assert samples[("tidal_generation_tokens_total", ())] == 20
+    assert samples[("tidal_requests_total", (("model_name", "m"), ("status", "success")))] == 1 + 2
+    assert samples[("tidal_generation_tokens_total", (("model_name", "m"),))] == 20
     assert samples[("tidal_router_decisions_total", (("policy", "kv"),))] == 2
     # Histograms merge bucket by bucket.
-    assert samples[("tidal_request_itl_seconds_count", ())] == 6
-    assert samples[("tidal_request_itl_seconds_bucket", (("le", "0.005"),))] == 2
-    assert samples[("tidal_request_itl_seconds_bucket", (("le", "0.015"),))] == 4
-    assert samples[("tidal_request_itl_seconds_bucket", (("le", "+Inf"),))] == 6
-    assert abs(samples[("tidal_request_itl_seconds_sum", ())] - 2 * 0.516) < 1e-9
-    assert samples[("tidal_request_ttft_seconds_count", ())] == 2
+    assert samples[("tidal_request_itl_seconds_count", (("model_name", "m"),))] == 6
+    assert samples[("tidal_request_itl_seconds_bucket", (("le", "0.005"), ("model_name", "m")))] == 2
+    assert samples[("tidal_request_itl_seconds_bucket", (("le", "0.015"), ("model_name", "m")))] == 4
+    assert samples[("tidal_request_itl_seconds_bucket", (("le", "+Inf"), ("model_name", "m")))] == 6
+    assert abs(samples[("tidal_request_itl_seconds_sum", (("model_name", "m"),))] - 2 * 0.516) < 1e-9
+    assert samples[("tidal_request_ttft_seconds_count", (("model_name", "m"),))] == 2
     # Live gauges: the dead frontend's queue and process count are gone (the scraper's are 0).
     assert samples[("tidal_router_queue_depth", ())] == 4
     assert samples[("tidal_frontend_processes", ())] == 1
@@ -140,12 +140,12 @@ def test_single_process_mode_renders_app_then_router_registry():
     assert multiprocess_directory() is None
     assert values.ValueClass is values.MutexValue  # nothing here switched this process
     router = _router_with_a_worker()
-    metrics = FrontendMetrics(router)
-    metrics.requests.labels("success").inc()
+    metrics = FrontendMetrics(router, "m")
+    metrics.requests["success"].inc()
     router.metrics.queue_depth.set(2)
     text = metrics.render().decode()
     samples = _samples(text)
-    assert samples[("tidal_requests_total", (("status", "success"),))] == 1
+    assert samples[("tidal_requests_total", (("model_name", "m"), ("status", "success")))] == 1
     assert samples[("tidal_router_queue_depth", ())] == 2
     assert samples[("tidal_worker_kv_blocks_used", (("role", "both"), ("worker_id", "w0")))] == 7
     assert "tidal_frontend_process_cpu_seconds" not in text

@@ -140,5 +140,5 @@ def test_preemption_by_recompute_finishes_everything():
         preempted += out.num_preempted
         sched.update(out, {s.request.request_id: rng.randrange(1, 50) for s in out.scheduled if s.samples})
         check_invariants(kv, sched)
-    assert preempted > 0
+    assert preempted > 0 and sched.preemptions_total == preempted  # EngineStats.preemptions_total
     assert not sched.has_unfinished() and kv.pool.counts()[2] == 0

@@ -29,6 +29,7 @@ import typing
 from tidal.config import SIMULATED_WORKER, ReasoningParserName, ToolCallParserName
 from tidal.deploy.engine_knobs import add_engine_flags, add_model_flags, engine_knobs_from_args, model_knobs
 from tidal.deploy.server_flags import add_server_flags
+from tidal.logs import LOG_FORMATS, configure_logging
 from tidal.router.policy import POLICIES
 from tidal.runtime.loop import run as run_loop
 
@@ -102,7 +103,7 @@ def serve_deployment_from_args(args: argparse.Namespace):
     from tidal.deploy.config import load_deployment
 
     deployment = load_deployment(args.config) if args.config is not None else deployment_from_args(args)
-    return with_frontend(deployment, frontend_flags(args))
+    return with_stats_log_interval(with_frontend(deployment, frontend_flags(args)), args.stats_log_interval_s)
 
 
 def with_frontend(deployment, values: dict):
@@ -125,7 +126,37 @@ def frontend_flags(args: argparse.Namespace) -> dict:
         given["host"] = args.host  # in the deployment too: the workers' health endpoints bind there
     if args.max_migrations is not None:
         given["max_migrations"] = args.max_migrations
+    if args.log_format is not None:
+        given["log_format"] = args.log_format
+    if args.disable_log_requests:
+        given["log_requests"] = False
     return given
+
+
+def with_stats_log_interval(deployment, interval_s: float | None):
+    """The deployment with every worker group's `stats_log_interval_s` set from the command line
+    (validated; None: as configured)."""
+    from tidal.deploy.config import parse_deployment
+
+    if interval_s is None:
+        return deployment
+    data = deployment.model_dump(exclude_unset=True)
+    for worker in data["workers"]:
+        worker["stats_log_interval_s"] = interval_s
+    return parse_deployment(data, "command line")
+
+
+def _add_log_args(serve: argparse.ArgumentParser) -> None:
+    """`tidal serve`'s logging flags (docs/metrics.md, "Logs")."""
+    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-format", default=None, choices=LOG_FORMATS,
+                       help="every process's log lines: text or json (default: the config's frontend.log_format, "
+                            "text)")
+    serve.add_argument("--disable-log-requests", action="store_true",
+                       help="no log line per finished request (frontend.log_requests: false)")
+    serve.add_argument("--stats-log-interval-s", type=float, default=None,
+                       help="each worker logs a line of its engine's stats this often, when it ran (default: "
+                            "the config's workers.N.stats_log_interval_s, 10; 0: never)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="deployment YAML (frontend, router, workers); the engine flags are then ignored")
     serve.add_argument("--host", default=None, help="frontend address (overrides the config's)")
     serve.add_argument("--port", type=int, default=None, help="frontend port (overrides the config's)")
-    serve.add_argument("--log-level", default="info")
+    _add_log_args(serve)
     serve.add_argument("--api-servers", type=int, default=None,
                        help="frontend processes on the one port, each with its own router replica "
                             "(default: the config's frontend.api_servers, else one per four cores)")
@@ -200,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", None) or "text")
     if args.command == "serve":
         from tidal.deploy.config import DeploymentError, redacted
         from tidal.deploy.serve import serve_deployment
@@ -214,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         except DeploymentError as exc:
             print(f"tidal serve: {exc}", file=sys.stderr)
             return 2
+        configure_logging(args.log_level, deployment.frontend.log_format)
         for note in notes(args):
             logger.warning(note)
         logger.info("deployment: %s", redacted(deployment.model_dump(exclude_defaults=True)))

@@ -36,6 +36,8 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Quantization = Literal["fp8"]
 AttentionBackend = Literal["auto", "torch", "triton"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
+"""`text`: one human line per record; `json`: one JSON object per line (`tidal.logs`)."""
 ToolCallParserName = Literal["auto", "hermes", "llama3_json", "harmony"]
 ReasoningParserName = Literal["none", "qwen3", "deepseek_r1", "harmony"]
 
@@ -246,6 +248,11 @@ class ServerConfig:
     """The most choices one request may ask for (`n`, and `best_of` for text completions); more: 400.
     Each choice is a request to the engine of its own (sharing the prompt's KV blocks)."""
     log_level: LogLevel = "info"
+    log_format: LogFormat = "text"
+    """How every process of the deployment writes its log (`tidal.logs`): `text` or `json` lines."""
+    log_requests: bool = True
+    """One INFO line per finished request on the `tidal.requests` logger (route, worker, token counts,
+    TTFT, end-to-end time, finish reason, HTTP status of failures); off: `--disable-log-requests`."""
     response_headers: tuple[tuple[str, str], ...] = ()
     """Sent with every response (an API server names itself: `x-tidal-api-server: INDEX`)."""
     api_keys: tuple[str, ...] = field(default=(), repr=False)
@@ -381,6 +388,9 @@ FLEET_READY_TIMEOUT_S = 900.0
 
 STOP_GRACE_S = 30.0
 """After SIGTERM a worker takes no new requests and exits once its own are done, or after this long."""
+STATS_LOG_INTERVAL_S = 10.0
+"""A worker logs a line of its engine's stats (throughput, queue, KV use) this often, when something ran
+or changed since its last line; 0: never (`tidal.worker.stats_log`)."""
 
 
 NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")

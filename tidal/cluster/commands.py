@@ -14,6 +14,7 @@ import sys
 from tidal.deploy.config import DeploymentError, redacted
 from tidal.deploy.engine_knobs import add_engine_flags, engine_knobs_from_args
 from tidal.deploy.server_flags import add_server_flags, server_overrides
+from tidal.logs import LOG_FORMATS, configure_logging
 from tidal.protocol import ROLES
 from tidal.router.policy import POLICIES
 from tidal.runtime.loop import run as run_loop
@@ -35,6 +36,8 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--curve-key-dir", default=None, help="folder with the cluster's ZMQ CURVE keys (a mounted "
                                                          "secret; python -m tidal.cluster.keys DIR writes one)")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--log-format", default=None, choices=LOG_FORMATS,
+                   help="text or json lines (default: the config's frontend.log_format, text)")
 
 
 def add_commands(sub) -> None:
@@ -54,6 +57,8 @@ def add_commands(sub) -> None:
     worker.add_argument("--health-port", type=int, default=None, help="serve /live and /health here (probes)")
     worker.add_argument("--stop-grace-s", type=float, default=None,
                         help="after SIGTERM, how long requests may take to finish (default 30)")
+    worker.add_argument("--stats-log-interval-s", type=float, default=None,
+                        help="log a line of the engine's stats this often, when it ran (default 10; 0: never)")
     worker.add_argument("--kv-transfer-backend", default=None, choices=["auto", "zmq", "shm", "cuda_ipc", "fake"],
                         help="auto: zmq on CPU (across hosts); shm and cuda_ipc reach this host only")
 
@@ -67,6 +72,8 @@ def add_commands(sub) -> None:
     frontend.add_argument("--host", default=None)
     frontend.add_argument("--port", type=int, default=None)
     frontend.add_argument("--router", default=None, choices=POLICIES)
+    frontend.add_argument("--disable-log-requests", action="store_true", default=None,
+                          help="no log line per finished request (frontend.log_requests: false)")
     frontend.add_argument("--observation-interval-s", type=float, default=None,
                           help="publish a planner observation this often (default planner.reactive_interval_s)")
     add_server_flags(frontend)
@@ -89,6 +96,7 @@ def _worker_overrides(args: argparse.Namespace) -> dict:
     worker = {"role": args.role, "worker_id": args.worker_id, "host": args.host, "port": args.port,
               "advertise_host": args.advertise_host, "kv_port": args.kv_port, "device": args.device,
               "health_port": args.health_port, "stop_grace_s": args.stop_grace_s,
+              "stats_log_interval_s": args.stats_log_interval_s,
               "tensor_parallel_size": args.tensor_parallel_size, "num_threads": args.num_threads}
     return {**_cluster_overrides(args), "model": args.model, "tokenizer": args.tokenizer,
             "served_model_name": args.served_model_name, "engine": engine, "worker": worker,
@@ -100,6 +108,7 @@ def _frontend_overrides(args: argparse.Namespace) -> dict:
             "served_model_name": args.served_model_name, "observation_interval_s": args.observation_interval_s,
             "frontend": {"host": args.host, "port": args.port, "router": args.router,
                          "log_level": args.log_level if args.log_level != "info" else None,
+                         "log_requests": False if args.disable_log_requests else None,
                          **server_overrides(args)}}
 
 
@@ -112,16 +121,19 @@ def run_command(args: argparse.Namespace) -> int:
 
     overrides = {"worker": _worker_overrides, "frontend": _frontend_overrides,
                  "planner": _planner_overrides}[args.command](args)
+    overrides.setdefault("frontend", {})["log_format"] = args.log_format
     need = ("nats",) if args.command == "planner" else ("etcd", "nats")
     try:
         settings = resolve(args.config, overrides, need)
     except DeploymentError as exc:
         print(f"tidal {args.command}: {exc}", file=sys.stderr)
         return 2
+    log_format = settings.frontend.log_format
+    configure_logging(args.log_level, log_format)
     logger.info("%s settings: %s", args.command, redacted(settings.model_dump(exclude_defaults=True)))
     if args.command == "worker":
         from tidal.cluster.worker_main import run
-        return run(settings, args.log_level)
+        return run(settings, args.log_level, log_format)
     try:
         if args.command == "frontend":
             from tidal.cluster.frontend_main import serve_frontend

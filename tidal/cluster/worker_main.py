@@ -33,6 +33,7 @@ import torch
 from tidal.cluster.config import ClusterFile, advertised_host, listen_host
 from tidal.config import rank_devices
 from tidal.deploy import assembly
+from tidal.logs import configure_logging
 from tidal.protocol import WorkerInfo
 from tidal.runtime.planes import curve_keys, make_discovery, make_event_publisher
 from tidal.runtime.ports import WILDCARD_HOSTS, free_port
@@ -127,11 +128,10 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def run(settings: ClusterFile, log_level: str = "info") -> int:
+def run(settings: ClusterFile, log_level: str = "info", log_format: str = "text") -> int:
     """The `tidal worker` process; returns its exit code."""
     spec, advertise = worker_spec(settings)
-    logging.basicConfig(level=log_level.upper(), force=True,
-                        format=f"%(asctime)s %(levelname)s worker {spec.worker_id}: %(message)s")
+    configure_logging(log_level, log_format, f"worker {spec.worker_id}")
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
     stop = StopFlag()

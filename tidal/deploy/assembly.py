@@ -20,12 +20,13 @@ from tidal.worker.worker import WorkerSpec
 def worker_spec(deployment: Deployment, section: WorkerSection, worker_id: str, devices: tuple[str, ...], *,
                 request_addr: str, event_addr: str, transfer: KVTransferConfig | None, num_threads: int | None,
                 stop_grace_s: float, health_port: int | None = None, log_level: str = "INFO",
-                advertise_addr: str | None = None) -> WorkerSpec:
+                log_format: str = "text", advertise_addr: str | None = None) -> WorkerSpec:
     """The spec of one worker of `section` on `devices` (rank 0's first): its engine config
     resolved from the deployment's engine section and the worker's own (profile tuning included)."""
     return WorkerSpec(worker_id=worker_id, role=section.role,
                       engine=deployment.engine_config(section, devices[0], devices), request_addr=request_addr,
                       event_addr=event_addr, transfer=transfer, num_threads=num_threads, log_level=log_level,
+                      log_format=log_format, stats_log_interval_s=section.stats_log_interval_s,
                       stop_grace_s=stop_grace_s, health_port=health_port, advertise_addr=advertise_addr)
 
 

@@ -16,13 +16,14 @@ field by field without naming a field (`_Section.build`).
 
     model: null                     # GGUF file, HF folder, dummy:ARCH; null: embedded SmolLM2
     frontend: {host: 127.0.0.1, port: 8000, api_servers: 4, router: kv, max_queue: 1024, queue_timeout_s: 30,
-               max_migrations: 3}       # api_servers: frontend processes on the port (default: cores / 4)
+               max_migrations: 3,       # api_servers: frontend processes on the port (default: cores / 4)
+               log_format: text, log_requests: true}   # every process's log: text or json; a line per request
                                     # api_keys, per-key limits, CORS, TLS, chat_template: docs/deploy.md, "Security"
     disaggregation: {local_prefill_threshold: 512, max_prefill_queue_tokens: 16384}
     kv_transfer: {backend: auto, timeout_s: 30}
     engine: {dtype: auto, token_budget: 256, kv_cache_memory_gib: 0.5, ...}
     workers:
-      - {role: prefill, count: 1, devices: [cpu], engine: {token_budget: 512}}
+      - {role: prefill, count: 1, devices: [cpu], stats_log_interval_s: 10, engine: {token_budget: 512}}
       - {role: decode, count: 1, stop_grace_s: 30, engine: {profile: profile.json, itl_target_ms: 50}}
       # or, one worker over 4 GPUs (tensor parallel; aggregated only, for now):
       - {role: both, count: 1, tensor_parallel_size: 4, devices: [cuda:0, cuda:1, cuda:2, cuda:3]}
@@ -54,8 +55,8 @@ from typing import ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from tidal.config import (DRAIN_TIMEOUT_S, ENGINE_KNOBS, STOP_GRACE_S, EngineConfig, ParallelConfig, RestartConfig,
-                          ServerConfig, env_api_keys, knob_type)
+from tidal.config import (DRAIN_TIMEOUT_S, ENGINE_KNOBS, STATS_LOG_INTERVAL_S, STOP_GRACE_S, EngineConfig,
+                          ParallelConfig, RestartConfig, ServerConfig, env_api_keys, knob_type)
 from tidal.deploy.engine_knobs import engine_config, resolve_role_limits
 from tidal.models.hf_loader import check_not_quantized
 from tidal.perf.profile import load_profile
@@ -188,6 +189,9 @@ class WorkerCommon(_Strict):
     stop_grace_s: float = Field(STOP_GRACE_S, ge=0)
     """After SIGTERM a worker takes no new requests and exits once its own are done, or after this
     long (requests still running then move to other workers)."""
+    stats_log_interval_s: float = Field(STATS_LOG_INTERVAL_S, ge=0)
+    """Each worker logs a line of its engine's stats (throughput, queue, KV use, prefix hits) this often,
+    when it ran or changed since its last line; 0: never."""
     engine: EngineSection | None = None
 
 

@@ -68,12 +68,13 @@ class _Proc:
 
 class Launcher:
     def __init__(self, deployment: Deployment, discovery: Discovery | None = None, log_level: str = "INFO",
-                 registry=None):
+                 registry=None, log_format: str = "text"):
         """`registry`: where `tidal_worker_restarts_total` goes (the router's, so /metrics shows it;
         None in multiprocess mode, where the metric files carry it)."""
         self.deployment = deployment
         self.discovery = discovery or LocalDiscovery()
         self.log_level = log_level
+        self.log_format = log_format
         self.procs: dict[str, _Proc] = {}
         self.restart_policy = RestartPolicy(deployment.restarts.build())
         self.restarts = worker_restart_counter(registry)
@@ -103,10 +104,12 @@ class Launcher:
             event_addr=f"ipc://{self.dir}/{worker_id}.ev",
             transfer=self.deployment.transfer_config(self.dir) if tp == 1 else None,  # TP workers run aggregated
             num_threads=section.num_threads or (self._default_threads if device == "cpu" else GPU_WORKER_THREADS),
-            log_level=self.log_level, stop_grace_s=section.stop_grace_s, health_port=health_port)
+            log_level=self.log_level, log_format=self.log_format, stop_grace_s=section.stop_grace_s,
+            health_port=health_port)
         # A worker's health endpoint binds where the API does: loopback unless the API is exposed.
         spec = dataclasses.replace(spec, health_host=self.deployment.frontend.host)
         proc = self.procs[worker_id] = await self._start_process(spec, device)
+        self.restarts.labels(worker=worker_id, role=section.role)  # its series exists, at 0, before any restart
         logger.info("started worker %s (role=%s, device=%s, pid=%d)", worker_id, section.role, ",".join(devices),
                     proc.process.pid)
         return proc.info

@@ -55,7 +55,7 @@ async def _serve_in_process(deployment: Deployment, spec: FrontendSpec) -> None:
     frontend = Frontend(spec, discovery)
     # The launcher's restart counter joins the router's metrics on /metrics.
     launcher = Launcher(deployment, discovery, log_level=spec.server.log_level.upper(),
-                        registry=frontend.router.registry)
+                        registry=frontend.router.registry, log_format=spec.server.log_format)
     planner = None
     try:
         await launcher.start()
@@ -82,7 +82,8 @@ async def _serve_api_servers(deployment: Deployment, spec: FrontendSpec, count: 
                          restarts=deployment.restarts.build())
     # The launcher's metrics (restarts, the planner's) join the API servers' in the metric files.
     enable_multiprocess_metrics(pool.metrics_dir)
-    launcher = Launcher(deployment, discovery, log_level=spec.server.log_level.upper())
+    launcher = Launcher(deployment, discovery, log_level=spec.server.log_level.upper(),
+                        log_format=spec.server.log_format)
     stop = pool.stop_on_signals()
     control = feed = planner = None
     try:

@@ -242,6 +242,7 @@ class EngineCore:
                            prompt_tokens=self.prompt_tokens_total,
                            generation_tokens=self.generation_tokens_total,
                            num_pending_prefill_tokens=self.scheduler.num_pending_prefill_tokens,
+                           preemptions_total=self.scheduler.preemptions_total,
                            **self.connector.stats_fields(), **self.step_counters.as_fields())
 
     def set_scheduler_limits(self, token_budget: int | None, max_num_seqs: int | None) -> None:

@@ -52,6 +52,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.prefix_hit_tokens_total = 0
+        self.preemptions_total = 0
 
     # ---- queue changes --------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -142,6 +143,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        self.preemptions_total += 1
         self.waiting.appendleft(request)
 
     # ---- after the model ran -----------------------------------------------------------------

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from tidal.config import EngineConfig, rank_devices
+from tidal.logs import configure_logging, current_log_format
 from tidal.parallel.group import broadcast_step, destroy_tensor_parallel, init_tensor_parallel, receive_step
 from tidal.parallel.group import tp_size as tp_size_now
 from tidal.engine.batch import StepBatch
@@ -102,11 +103,11 @@ class TensorParallelGroup:
 
     def _spawn(self, config: EngineConfig) -> None:
         ctx = multiprocessing.get_context("spawn")
-        log_level = logging.getLogger().getEffectiveLevel()
+        log_level, log_format = logging.getLogger().getEffectiveLevel(), current_log_format()
         for rank in range(1, self.size):
             process = ctx.Process(target=run_follower, name=f"tidal-tp-rank-{rank}", daemon=True,
                                   args=(config, rank, self.store.port, os.getpid(), torch.get_num_threads(),
-                                        log_level))
+                                        log_level, log_format))
             process.start()
             self.processes.append(process)
         logger.info("tensor parallel: %d ranks on %s (followers: pids %s)", self.size, ", ".join(self.devices),
@@ -191,9 +192,9 @@ class TensorParallelGroup:
 # ---- the follower process ------------------------------------------------------------------
 
 def run_follower(config: EngineConfig, rank: int, store_port: int, leader_pid: int, num_threads: int,
-                 log_level: int) -> None:
+                 log_level: int, log_format: str = "text") -> None:
     """Entry point of rank `rank` (multiprocessing target): load, join, follow, exit."""
-    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s tp rank {rank}: %(message)s")
+    configure_logging(log_level, log_format, f"tp rank {rank}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_when_orphaned, args=(leader_pid,), name="tidal-tp-orphan", daemon=True).start()
     torch.set_num_threads(num_threads)

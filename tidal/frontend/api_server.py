@@ -23,6 +23,7 @@ import socket
 from dataclasses import dataclass
 
 from tidal.frontend.assembly import Frontend, FrontendSpec
+from tidal.logs import configure_logging
 from tidal.runtime.loop import run as run_loop
 
 logger = logging.getLogger(__name__)
@@ -62,8 +63,7 @@ def shared_port_socket(host: str, port: int) -> socket.socket:
 
 def run_api_server(spec: ApiServerSpec, ready) -> None:
     """Entry point of the process (multiprocessing target); `ready` (an Event) is set once it listens."""
-    logging.basicConfig(level=spec.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s api-server {spec.index}: %(message)s")
+    configure_logging(spec.log_level, spec.frontend.server.log_format, f"api-server {spec.index}")
     with contextlib.suppress(KeyboardInterrupt):
         run_loop(_serve(spec, ready))
 

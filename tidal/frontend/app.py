@@ -40,6 +40,7 @@ from tidal.frontend.errors import (OpenAIError, engine_unavailable, install_exce
                                    model_not_found, request_too_large)
 from tidal.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from tidal.frontend.openai_types import ModelCard, ModelList
+from tidal.frontend.request_log import RequestLog
 from tidal.frontend.serving import ClientDisconnected, ServingContext, error_for, json_response
 from tidal.frontend.serving_chat import ChatServing
 from tidal.frontend.serving_completion import CompletionServing
@@ -147,7 +148,7 @@ def build_app(engine: EngineClient, tokenizer: Any, served_model_name: str,
               server_config: ServerConfig) -> FastAPI:
     """The HTTP app for one engine; `tokenizer` follows `tidal.tokenizer`'s interface."""
     app = FastAPI(title="Tidal", version=_version())
-    metrics = FrontendMetrics(engine)
+    metrics = FrontendMetrics(engine, served_model_name)
     if server_config.chat_template is not None:
         tokenizer = with_chat_template(tokenizer, server_config.chat_template)
     ctx = _serving_context(engine, tokenizer, served_model_name, metrics, server_config)
@@ -162,11 +163,11 @@ def build_app(engine: EngineClient, tokenizer: Any, served_model_name: str,
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await _answer(chat.create, request)
+        return await _answer(chat.create, request, ctx.request_log)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await _answer(completion.create, request)
+        return await _answer(completion.create, request, ctx.request_log)
 
     @app.post("/tokenize")
     async def tokenize_prompt(request: Request) -> Response:
@@ -217,7 +218,8 @@ def _serving_context(engine: EngineClient, tokenizer: Any, served_model_name: st
     return ServingContext(engine=engine, tokenizer=tokenizer, served_model_name=served_model_name, metrics=metrics,
                           token_table=TokenTextTable(tokenizer), server=server_config, special_token_mask=mask,
                           chat_tokens=ChatTokenCache(tokenizer, mask) if hasattr(tokenizer, "backend") else None,
-                          max_request_priority=server_config.max_request_priority)
+                          max_request_priority=server_config.max_request_priority,
+                          request_log=RequestLog(server_config.log_requests))
 
 
 def _health_response(engine: EngineClient) -> Response:
@@ -237,11 +239,15 @@ def _model_card(ctx: ServingContext) -> ModelCard:
                      max_model_len=ctx.engine.max_model_len)
 
 
-async def _answer(handler, request: Request) -> Response:
-    """Runs an endpoint; every failure becomes an OpenAI error response."""
+async def _answer(handler, request: Request, request_log: RequestLog | None = None) -> Response:
+    """Runs an endpoint; every failure becomes an OpenAI error response. With `request_log` (the
+    generation endpoints), a refusal before the engine (an `OpenAIError`) gets its request-log line
+    here; the engine's own failures get theirs from `GenerationRun`."""
     try:
         return await handler(request)
     except OpenAIError as exc:
+        if request_log is not None:
+            request_log.refused(request.url.path, exc.status_code, exc.error_type, exc.message, exc.param)
         return exc.response()
     except ClientDisconnected:
         return Response(status_code=499)  # nobody reads it; the engine request was aborted
@@ -259,13 +265,15 @@ class _Server(uvicorn.Server):
 
 
 def make_http_server(app: FastAPI, server_config: ServerConfig) -> uvicorn.Server:
-    """A uvicorn server for `app`: no access log; graceful shutdown on SIGINT/SIGTERM."""
+    """A uvicorn server for `app`: no access log (the request log, `request_log.py`, has a line per
+    request); graceful shutdown on SIGINT/SIGTERM."""
     head_limit = server_config.max_request_header_bytes
     http = "h11" if HeadLimitedHttpToolsProtocol is None else functools.partial(
         HeadLimitedHttpToolsProtocol, max_head_bytes=head_limit)
     config = uvicorn.Config(
         app, host=server_config.host, port=server_config.port,
         log_level=server_config.log_level.lower(), access_log=False, lifespan="off",
+        log_config=None,  # uvicorn's lines go to the process's own handler (`tidal.logs`: text or JSON)
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_TIMEOUT_S, http=http, h11_max_incomplete_event_size=head_limit,
         headers=[list(header) for header in server_config.response_headers],
         ssl_keyfile=server_config.ssl_keyfile, ssl_certfile=server_config.ssl_certfile,

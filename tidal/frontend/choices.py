@@ -126,7 +126,8 @@ class Choices:
         queue: asyncio.Queue[tuple[int, TextStep | Exception | None]] = asyncio.Queue()
         credits = [asyncio.Semaphore(QUEUE_STEPS) for _ in self.runs]
         prompt_computed = asyncio.Event()
-        tasks = [asyncio.create_task(self._pump(i, queue, credits[i], prompt_computed))
+        handled = [asyncio.Event() for _ in self.runs]  # the reader is done with the choice's last step
+        tasks = [asyncio.create_task(self._pump(i, queue, credits[i], prompt_computed, handled[i]))
                  for i in range(len(self.runs))]
         try:
             running = len(tasks)
@@ -139,6 +140,8 @@ class Choices:
                 else:
                     credits[index].release()
                     yield index, item
+                    if item.finish_reason is not None:
+                        handled[index].set()
         finally:
             for task in tasks:
                 task.cancel()  # a run cancelled mid-stream aborts its engine request
@@ -146,9 +149,12 @@ class Choices:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _pump(self, index: int, queue: asyncio.Queue, credit: asyncio.Semaphore,
-                    prompt_computed: asyncio.Event) -> None:
+                    prompt_computed: asyncio.Event, handled: asyncio.Event) -> None:
         """Choice `index`'s steps into `queue` (one credit each), then None; an error in its place.
-        Choice 0 sets `prompt_computed` at its first step (or its end); the others wait for it first."""
+        Choice 0 sets `prompt_computed` at its first step (or its end); the others wait for it first.
+        After the choice's last step it waits until the reader has `handled` it before letting its run
+        end, so a finish reason the reader sets on the run (tool_calls) is the one the run records, as
+        with one choice."""
         try:
             if index:
                 await prompt_computed.wait()
@@ -157,6 +163,8 @@ class Choices:
                     prompt_computed.set()
                     await credit.acquire()
                     queue.put_nowait((index, step))
+                    if step.finish_reason is not None:
+                        await handled.wait()
             queue.put_nowait((index, None))
         except Exception as exc:  # noqa: BLE001 - raised again where the steps are read
             queue.put_nowait((index, exc))

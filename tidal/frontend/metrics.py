@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -33,10 +32,12 @@ E2E_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0
                  60.0, 90.0, 120.0, 180.0, 300.0, 600.0)
 
 REQUEST_STATUSES = ("success", "error", "abort", "rejected")
+FINISH_REASONS = ("stop", "length", "tool_calls", "abort", "error")
+"""The finish reasons a client sees (tool_calls: the chat layer turned the output into tool calls)."""
 
 
 class _EngineStatsCollector(Collector):
-    """Engine gauges, read from the engine's latest stats at scrape time."""
+    """Engine gauges, read from the engine's latest stats at scrape time (a router's: summed over its workers)."""
 
     def __init__(self, engine: EngineClient) -> None:
         self._engine = engine
@@ -52,37 +53,55 @@ class _EngineStatsCollector(Collector):
                                      stats.kv_blocks_used if stats else 0),
             "tidal_kv_blocks_total": ("KV cache blocks in the pool.",
                                       stats.kv_blocks_total if stats else 0),
+            "tidal_kv_cache_usage_ratio": ("Fraction of the KV cache blocks in use (0 to 1).",
+                                           stats.kv_blocks_used / stats.kv_blocks_total
+                                           if stats and stats.kv_blocks_total else 0.0),
         }
         for name, (doc, value) in values.items():
             yield GaugeMetricFamily(name, doc, value=value)
 
 
 class FrontendMetrics:
-    def __init__(self, engine: EngineClient) -> None:
+    """The request metrics, each labelled `model_name` (vLLM's convention). The serving code updates the
+    children bound to this app's model, resolved here once (`ttft_s`, `requests[status]`, ...), so a
+    streamed token costs what it did without the label."""
+
+    def __init__(self, engine: EngineClient, model_name: str = "") -> None:
         self._engine = engine
+        self.model_name = model_name
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("tidal_requests", "Requests by how they ended (rejected: refused by the "
-                                "router's admission).", ["status"], registry=r)
-        for status in REQUEST_STATUSES:
-            self.requests.labels(status)
-        self.ttft_s = Histogram("tidal_request_ttft_seconds", "Time to first token.",
-                                buckets=TTFT_BUCKETS_S, registry=r)
+        r, model = self.registry, ["model_name"]
+        requests = Counter("tidal_requests", "Requests by how they ended (rejected: refused by the "
+                           "router's admission).", [*model, "status"], registry=r)
+        self.requests = {status: requests.labels(model_name, status) for status in REQUEST_STATUSES}
+        self._finish_reasons = Counter("tidal_request_finish_reasons", "Finished requests by the finish "
+                                       "reason their client saw.", [*model, "finish_reason"], registry=r)
+        self.finish_reasons = {reason: self._finish_reasons.labels(model_name, reason) for reason in FINISH_REASONS}
+        self.ttft_s = Histogram("tidal_request_ttft_seconds", "Time to first token.", model,
+                                buckets=TTFT_BUCKETS_S, registry=r).labels(model_name)
         self.itl_s = Histogram("tidal_request_itl_seconds",
-                               "Time between consecutive engine outputs of a request.",
-                               buckets=ITL_BUCKETS_S, registry=r)
+                               "Time between consecutive engine outputs of a request.", model,
+                               buckets=ITL_BUCKETS_S, registry=r).labels(model_name)
         self.e2e_s = Histogram("tidal_request_e2e_seconds",
-                               "Time from arrival to the last token of successful requests.",
-                               buckets=E2E_BUCKETS_S, registry=r)
-        self.prompt_tokens = Counter("tidal_prompt_tokens", "Prompt tokens of requests.",
-                                     registry=r)
-        self.generation_tokens = Counter("tidal_generation_tokens", "Tokens generated.",
-                                         registry=r)
+                               "Time from arrival to the last token of successful requests.", model,
+                               buckets=E2E_BUCKETS_S, registry=r).labels(model_name)
+        self.prompt_tokens = Counter("tidal_prompt_tokens", "Prompt tokens of requests.", model,
+                                     registry=r).labels(model_name)
+        self.generation_tokens = Counter("tidal_generation_tokens", "Tokens generated.", model,
+                                         registry=r).labels(model_name)
         self.prefix_cache_hit_tokens = Counter(
-            "tidal_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache.",
-            registry=r)
+            "tidal_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache.", model,
+            registry=r).labels(model_name)
         self._engine_stats = _EngineStatsCollector(engine)
         r.register(self._engine_stats)
+
+    def count_finish(self, reason: str) -> None:
+        """One finished request with this finish reason (a reason outside `FINISH_REASONS` gets its own
+        series)."""
+        child = self.finish_reasons.get(reason)
+        if child is None:
+            child = self.finish_reasons[reason] = self._finish_reasons.labels(self.model_name, reason)
+        child.inc()
 
     def render(self) -> bytes:
         """This app's metrics, then the engine client's own (a router's), if it has a registry.

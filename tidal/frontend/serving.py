@@ -39,6 +39,7 @@ from tidal.frontend.errors import (OpenAIError, bad_request, engine_unavailable,
                                    from_validation_error, internal_error, model_not_found, overloaded)
 from tidal.frontend.special_token_mask import SpecialTokenMask
 from tidal.frontend.metrics import FrontendMetrics
+from tidal.frontend.request_log import RequestLog
 from tidal.frontend.openai_types import PromptTokensDetails, SamplingRequest, UsageInfo
 from tidal.protocol import AddRequest, RoutingHints, SamplingParams, TokenDelta, TokenLogprob
 
@@ -74,6 +75,7 @@ class ServingContext:
     server: ServerConfig = field(default_factory=ServerConfig)  # the request limits
     special_token_mask: SpecialTokenMask | None = None  # None: client text may hold control tokens
     max_request_priority: int = 0  # clients may set `priority` within [-this, this]
+    request_log: RequestLog = field(default_factory=lambda: RequestLog(enabled=False))
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -205,7 +207,7 @@ async def admit(ctx: ServingContext, request: AddRequest) -> None:
     try:
         await admit_fn(request)
     except OverloadedError as exc:
-        ctx.metrics.requests.labels("rejected").inc()
+        ctx.metrics.requests["rejected"].inc()
         raise overloaded(str(exc), exc.retry_after_s) from None
 
 
@@ -235,7 +237,10 @@ class GenerationRun:
     Lifecycle: `start()` (streams only) waits for the first step; `steps()` is iterated once
     and ends after the step that carries a finish_reason. Closing it early (client gone), or
     `aclose()`, closes the engine iterator, which aborts the request. Counters
-    (`num_generated_tokens`, `num_cached_tokens`) are final once `steps()` has ended.
+    (`num_generated_tokens`, `num_cached_tokens`) are final once `steps()` has ended; so is
+    `finish_reason`, the one the client sees, which the endpoint may change while it handles the
+    step that carries it (the chat layer's `tool_calls`): the request's metrics and its request-log
+    line take it when the engine stream ends.
     """
 
     def __init__(self, ctx: ServingContext, request: AddRequest, *,
@@ -252,7 +257,11 @@ class GenerationRun:
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.num_generated_tokens = 0
         self.num_cached_tokens = 0
+        self.finish_reason: str | None = None
+        self._first_output_time: float | None = None
         self._last_output_time: float | None = None
+        self._route_of = route_of = getattr(ctx.engine, "route_of", None)  # a router's: where it runs
+        self._route = route_of(request.request_id) if route_of is not None else None  # admitted: planned
         self._deadline = RequestDeadline(ctx.server.request_deadline_s, request.arrival_time)
         self._steps: AsyncIterator[TextStep] | None = None
         self._first: TextStep | None = None  # the step `start()` waited for, not yet handed out
@@ -301,6 +310,7 @@ class GenerationRun:
         metrics = self._ctx.metrics
         metrics.prompt_tokens.inc(self.num_prompt_tokens)
         status = "abort"
+        failure: Exception | None = None
         stream = self._ctx.engine.generate(self.request)
         finished = False
         deadline = self._deadline
@@ -316,6 +326,9 @@ class GenerationRun:
                 step = self._on_delta(delta)
                 if step.finish_reason is not None:
                     finished = True
+                    self.finish_reason = step.finish_reason
+                    if self._route_of is not None:
+                        self._route = self._route_of(self.request.request_id) or self._route  # moved since?
                     deadline.disarm()
                     status = "abort" if step.finish_reason == "abort" else "success"
                     if status == "success":
@@ -327,11 +340,11 @@ class GenerationRun:
                 yield step
             if not finished:
                 raise EngineRequestError("the engine ended the request's stream unfinished")
-        except OverloadedError:
-            status = "rejected"  # shed before its first token (`admission.first_delta`)
+        except OverloadedError as exc:
+            status, failure = "rejected", exc  # shed before its first token (`admission.first_delta`)
             raise
-        except Exception:
-            status = "error"
+        except Exception as exc:
+            status, failure = "error", exc
             raise
         finally:
             deadline.disarm()
@@ -339,7 +352,25 @@ class GenerationRun:
             # cancelled caller (client disconnect) still frees the engine's KV blocks.
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
-            metrics.requests.labels(status).inc()
+            self._record(status, failure)
+
+    def _record(self, status: str, failure: Exception | None) -> None:
+        """The request's end in the metrics and the request log (once, when `steps()` ends)."""
+        metrics = self._ctx.metrics
+        metrics.requests[status].inc()
+        if status != "success":
+            self.finish_reason = status  # abort (client gone, or the engine aborted it), error, rejected
+        if status != "rejected":  # a request shed before its first token never finished
+            metrics.count_finish(self.finish_reason)
+        known = known_error(failure) if failure is not None else None
+        http_status = 200 if status == "success" else 499 if status == "abort" else (
+            known.status_code if known is not None else 500)
+        first = self._first_output_time
+        arrival = self.request.arrival_time
+        self._ctx.request_log.finished(
+            self.request.request_id, http_status, self.finish_reason, self._route, self.num_prompt_tokens,
+            self.num_cached_tokens, self.num_generated_tokens, first - arrival if first is not None else None,
+            time.monotonic() - arrival)
 
     def _on_delta(self, delta: TokenDelta) -> TextStep:
         if delta.error is not None or delta.finish_reason == "error":
@@ -349,6 +380,7 @@ class GenerationRun:
         if delta.new_token_ids:
             if self._last_output_time is None:
                 metrics.ttft_s.observe(now - self.request.arrival_time)
+                self._first_output_time = now
             else:
                 metrics.itl_s.observe(now - self._last_output_time)
             self._last_output_time = now
@@ -373,6 +405,15 @@ class GenerationRun:
 
 def error_for(exc: Exception) -> OpenAIError:
     """The client-facing error for an exception raised while a request runs."""
+    known = known_error(exc)
+    if known is not None:
+        return known
+    logger.exception("request failed", exc_info=exc)
+    return internal_error()  # the log has the traceback; the client gets no internals
+
+
+def known_error(exc: Exception) -> OpenAIError | None:
+    """The client-facing error for an exception the server expects (None: a bug, a 500)."""
     if isinstance(exc, OpenAIError):
         return exc
     if isinstance(exc, OverloadedError):
@@ -384,8 +425,7 @@ def error_for(exc: Exception) -> OpenAIError:
         return internal_error(f"The engine failed this request: {exc}")
     if isinstance(exc, DeadlineExceeded):
         return OpenAIError(408, str(exc), error_type="TimeoutError", code="request_timeout")
-    logger.exception("request failed", exc_info=exc)
-    return internal_error()  # the log has the traceback; the client gets no internals
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

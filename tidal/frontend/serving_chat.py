@@ -161,16 +161,16 @@ class ChatServing:
         async with aclosing(choices.steps()) as steps:
             async for index, step in steps:
                 outputs[index].add(step)
-                if parsers[index] is not None:
-                    parsers[index].feed(step.text, len(step.token_ids))
+                parser = parsers[index]
+                if parser is not None:
+                    parser.feed(step.text, len(step.token_ids))
+                    if step.finish_reason is not None:  # the choice's last step: its reason, tool_calls too,
+                        _, reason = parser.finish(step.finish_reason)  # reaches the run's metrics and log
+                        outputs[index].finish_reason = choices.runs[index].finish_reason = reason
         response_choices = []
         for out, parser in zip(outputs, parsers):
             finish_reason = out.finish_reason
-            if parser is None:
-                message = ChatResponseMessage(content=out.text)
-            else:
-                _, finish_reason = parser.finish(finish_reason)
-                message = parser.message()
+            message = ChatResponseMessage(content=out.text) if parser is None else parser.message()
             response_choices.append(ChatCompletionChoice(
                 index=out.index, message=message,
                 logprobs=self._logprobs(out.logprobs, req.top_logprobs or 0) if req.logprobs else None,
@@ -233,6 +233,7 @@ class ChatServing:
                     finish_reason = None
                     if step.finish_reason is not None:
                         end, finish_reason = parser.finish(step.finish_reason)
+                        choices.runs[index].finish_reason = finish_reason  # tool_calls: its metrics, log
                         deltas += end
                     logprobs = self._logprobs(step.logprobs, num_top) if want_logprobs else None
                     if first[index]:  # the role rides on the first chunk, as in `_stream`

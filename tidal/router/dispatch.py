@@ -36,7 +36,7 @@ from tidal.router.admission import first_delta, retry_after_s
 from tidal.router.config import RouterConfig
 from tidal.router.metrics import RouterMetrics
 from tidal.router.migration import WorkerLost, resume_request
-from tidal.router.plan import Plan
+from tidal.router.plan import Plan, Route, RouteInfo
 from tidal.router.policy import (KVWeights, WorkerView, choose_prefill_worker, choose_worker, decide_prefill,
                                  session_worker)
 from tidal.router.remote import RemotePrefill, lost_worker
@@ -78,6 +78,7 @@ class Dispatcher:
         self.wake = wake
         self.remote = RemotePrefill(metrics)
         self.on_session_pinned: Callable[[str, str], None] | None = None  # tells the other replicas
+        self.runs: dict[str, _Run] = {}  # request id -> the request while its stream runs
         self._counter = 0
         self._rng = random.Random(config.seed)
 
@@ -95,11 +96,11 @@ class Dispatcher:
         overlaps = self.fleet.index.overlaps(hashes)
         chosen = self._choose_decode(request, [w.view(overlaps.get(w.worker_id, 0)) for w in decoders])
         decode = self.fleet.workers[chosen.worker_id]
-        prefill, uncached = self._choose_prefill(request, overlaps, exclude,
-                                                 len(prompt) - chosen.overlap_blocks * block_size)
+        prefill, uncached, route = self._choose_prefill(request, overlaps, exclude,
+                                                        len(prompt) - chosen.overlap_blocks * block_size)
         plan = Plan(decode, prefill, hashes, uncached, blocks=-(-len(prompt) // block_size),
                     created=time.monotonic(), arrived=arrived, pending_on=prefill or decode,
-                    pending_tokens=uncached, prefill_held=prefill is not None)
+                    pending_tokens=uncached, prefill_held=prefill is not None, route=route)
         plan.pending_on.sent(uncached)
         decode.inflight += 1
         if prefill is not None:
@@ -136,24 +137,25 @@ class Dispatcher:
             temperature=weights.temperature if hints.temperature is None else hints.temperature)
 
     def _choose_prefill(self, request: AddRequest, overlaps: dict[str, int], exclude: str | None,
-                        uncached: int) -> tuple[Worker | None, int]:
-        """The prefill worker for a remote prefill (None: local) and the prompt tokens left to compute."""
+                        uncached: int) -> tuple[Worker | None, int, Route]:
+        """The prefill worker for a remote prefill (None: local), the prompt tokens left to compute and
+        the route."""
         prefillers = self.fleet.prefillers(exclude)
         if not prefillers:
-            return None, uncached
+            return None, uncached, "agg"
         views = [w.view(overlaps.get(w.worker_id, 0)) for w in prefillers]
         where = decide_prefill(uncached, views, self.config.disagg)
         self.metrics.prefill_decisions.labels(where).inc()
         if where == "local":
-            return None, uncached
+            return None, uncached, "local"
         num_prompt_tokens, block_size = len(request.prompt_token_ids), self.fleet.block_size
         pick = choose_prefill_worker(views, num_prompt_tokens, block_size, self._rng)
-        return self.fleet.workers[pick.worker_id], num_prompt_tokens - pick.overlap_blocks * block_size
+        return self.fleet.workers[pick.worker_id], num_prompt_tokens - pick.overlap_blocks * block_size, "remote"
 
     # ---- streaming -----------------------------------------------------------------------------
     async def generate(self, request: AddRequest) -> AsyncIterator[TokenDelta]:
         plan = await self.admitted(request)
-        run = _Run(request, plan, request, plan.arrived)
+        run = self.runs[request.request_id] = _Run(request, plan, request, plan.arrived)
         try:
             while True:
                 try:
@@ -175,9 +177,17 @@ class Dispatcher:
                         return
             self._finish(run)
         finally:
+            self.runs.pop(request.request_id, None)
             if run.plan is not None:
                 run.plan.release()
             self.wake()
+
+    def route_of(self, request_id: str) -> RouteInfo | None:
+        """Where the request runs now (None: its stream is not running)."""
+        run = self.runs.get(request_id)
+        if run is None or run.plan is None:
+            return None
+        return run.plan.info(run.migrations)
 
     def _too_late(self) -> OverloadedError:
         self.metrics.rejected.labels("first_token_timeout").inc()

@@ -2,16 +2,19 @@
 
 Owns the registry, the file-backable counters, gauges and histograms the router's parts update
 (routing decisions, admission, stages of a request, migrations, KV-index resyncs), and the
-scrape-time per-worker gauges (`WorkerGauges`, read from the workers' latest load reports).
+scrape-time per-worker gauges and counters and the pool sizes (`WorkerGauges`, read from the workers'
+latest load reports).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from tidal.protocol import ROLES
 from tidal.router.migration import REASONS as MIGRATION_REASONS
 
 STAGE_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -72,27 +75,64 @@ class RouterMetrics:
 
 
 class WorkerGauges:
-    """Per-worker gauges from the latest load reports, read at scrape time (never file-backed: every
-    router replica sees the same reports, so in multiprocess mode the scraping process's alone render)."""
+    """Per-worker gauges and counters from the latest load reports, and the pool sizes, read at scrape
+    time (never file-backed: every router replica sees the same reports, so in multiprocess mode the
+    scraping process's alone render). The counters are the workers' own cumulative ones: they restart
+    from zero with a restarted worker, which Prometheus's `rate()` takes as a reset."""
 
-    GAUGES = {
+    GAUGES: ClassVar[dict[str, tuple[str, str]]] = {
         "tidal_worker_kv_blocks_used": ("kv_blocks_used", "KV blocks in use on the worker (held ones included)."),
+        "tidal_worker_kv_blocks_total": ("kv_blocks_total", "KV blocks in the worker's pool."),
         "tidal_worker_running_requests": ("num_running", "Requests running on the worker."),
         "tidal_worker_waiting_requests": ("num_waiting", "Requests queued on the worker."),
         "tidal_worker_waiting_for_kv": ("num_waiting_for_kv", "Requests pulling their KV on the worker."),
         "tidal_worker_held_kv": ("num_held_kv", "Finished prefills whose KV the worker holds for a puller."),
     }
+    COUNTERS: ClassVar[dict[str, tuple[str, str]]] = {
+        "tidal_worker_preemptions": ("preemptions_total", "Running requests the worker preempted for want of KV."),
+        "tidal_worker_prompt_tokens": ("prompt_tokens", "Prompt tokens of the requests the worker took."),
+        "tidal_worker_prefix_cache_hit_tokens": ("prefix_cache_hit_tokens", "Prompt tokens it did not compute."),
+        "tidal_worker_generation_tokens": ("generation_tokens", "Tokens the worker generated."),
+        "tidal_worker_kv_transfers": ("kv_transfers", "KV pulls the worker completed (decode side)."),
+        "tidal_worker_kv_transfer_failures": ("kv_transfer_failures", "KV pulls that failed on the worker."),
+        "tidal_worker_kv_transfer_bytes": ("kv_transfer_bytes", "Bytes of KV the worker pulled."),
+        "tidal_worker_kv_transfer_seconds": ("kv_transfer_seconds", "Seconds the worker spent pulling KV."),
+    }
+    USAGE = "tidal_worker_kv_usage_ratio"
+    STATES = ("routable", "draining", "down")
 
     def __init__(self, workers: Mapping) -> None:
         self.workers = workers
 
     def collect(self):
-        families = {name: GaugeMetricFamily(name, doc, labels=["worker_id", "role"])
-                    for name, (_, doc) in self.GAUGES.items()}
+        labels = ["worker_id", "role"]
+        gauges = {name: GaugeMetricFamily(name, doc, labels=labels) for name, (_, doc) in self.GAUGES.items()}
+        counters = {name: CounterMetricFamily(name, doc, labels=labels) for name, (_, doc) in self.COUNTERS.items()}
+        usage = GaugeMetricFamily(self.USAGE, "Fraction of the worker's KV blocks in use (0 to 1).", labels=labels)
+        pool = {(role, state): 0 for role in ROLES for state in self.STATES}
         for worker in self.workers.values():
+            pool[(worker.client.role, _state(worker))] += 1
             stats = worker.client.stats()
             if stats is None:
                 continue
+            key = [worker.worker_id, worker.client.role]
             for name, (attr, _) in self.GAUGES.items():
-                families[name].add_metric([worker.worker_id, worker.client.role], getattr(stats, attr))
-        yield from families.values()
+                gauges[name].add_metric(key, getattr(stats, attr))
+            for name, (attr, _) in self.COUNTERS.items():
+                counters[name].add_metric(key, getattr(stats, attr))
+            usage.add_metric(key, stats.kv_blocks_used / stats.kv_blocks_total if stats.kv_blocks_total else 0.0)
+        workers = GaugeMetricFamily("tidal_workers", "Workers this router knows, by role and state (routable; "
+                                    "draining: leaving or being flipped; down: not connected).",
+                                    labels=["role", "state"])
+        for (role, state), count in pool.items():
+            workers.add_metric([role, state], count)
+        yield from gauges.values()
+        yield usage
+        yield from counters.values()
+        yield workers
+
+
+def _state(worker) -> str:
+    if not worker.client.is_healthy():
+        return "down"
+    return "routable" if worker.routable else "draining"

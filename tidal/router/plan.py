@@ -11,8 +11,24 @@ all of it off again; every step is idempotent except `release` itself, called ex
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from tidal.router.workers import Worker
+
+Route = Literal["agg", "local", "remote"]
+"""How a request's prompt is prefilled: `agg` no prefill workers (aggregated serving), `local` on its
+decode worker although prefill workers exist (conditional disaggregation chose so), `remote` on a
+prefill worker whose KV the decode worker pulls."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteInfo:
+    """Where a request runs, as the frontend's request log reports it (`Router.route_of`)."""
+
+    route: Route
+    worker_id: str  # the worker that decodes it (runs it whole unless `route` is remote)
+    prefill_worker_id: str | None = None
+    migrations: int = 0  # times it moved to another worker mid-stream
 
 
 @dataclass
@@ -29,6 +45,11 @@ class Plan:
     pending_on: Worker | None = None
     pending_tokens: int = 0
     prefill_held: bool = False  # counted in the prefill worker's inflight
+    route: Route = "agg"
+
+    def info(self, migrations: int = 0) -> RouteInfo:
+        return RouteInfo(self.route, self.decode.worker_id, self.prefill.worker_id if self.prefill else None,
+                         migrations)
 
     def prefill_done(self) -> None:
         """The decode worker has the KV (or the prefill worker is out of the picture)."""

@@ -36,7 +36,7 @@ from tidal.router.config import RouterConfig
 from tidal.router.dispatch import Dispatcher
 from tidal.router.index import KVIndex
 from tidal.router.metrics import RouterMetrics
-from tidal.router.plan import Plan
+from tidal.router.plan import Plan, RouteInfo
 from tidal.router.request_log import RequestLog
 from tidal.router.roles import RoleControl
 from tidal.router.sessions import SessionTable
@@ -128,6 +128,15 @@ class Router:
         planner's control router: `replica_queue_depth`)."""
         others = self.replica_queue_depth() if self.replica_queue_depth is not None else 0
         return len(self.admission) + others
+
+    def route_of(self, request_id: str) -> RouteInfo | None:
+        """Where an admitted request runs (its route, decode and prefill workers, moves so far), for the
+        frontend's request log; None once its stream has ended, or when it was never admitted."""
+        route = self.dispatcher.route_of(request_id)
+        if route is None:
+            plan = self.admission.plans.get(request_id)
+            route = plan.info() if plan is not None else None
+        return route
 
     def stats(self) -> EngineStats | None:
         return self.fleet.stats()

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from tidal.config import SIMULATED_WORKER, CacheConfig, EngineConfig, SchedulerConfig
 from tidal.engine.engine import EngineCore, ServedModel
 from tidal.engine.scheduler import SchedulerOutput
+from tidal.logs import configure_logging
 from tidal.protocol import WorkerInfo
 from tidal.runtime.discovery import LocalDiscovery
 from tidal.sim.timing import StepTimeModel, TimingModel
@@ -109,7 +110,7 @@ def start_sim_worker(spec: WorkerSpec, setup: SimWorkerSetup, stop: StopFlag, pa
 def host_sim_workers(specs: list[WorkerSpec], setup: SimWorkerSetup, log_level: int) -> None:
     """Entry point of a worker process (spawned): its share of the workers on threads, until
     SIGUSR1/SIGTERM or the parent's exit (each worker loop checks for that)."""
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s sim-workers: %(message)s")
+    configure_logging(log_level, specs[0].log_format if specs else "text", "sim-workers")
     _name_process(SIM_PROCESS_NAME)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches `tidal sim`, which stops us
     stop = StopFlag()

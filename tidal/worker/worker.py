@@ -46,7 +46,7 @@ import torch
 import zmq
 
 from tidal import curve
-from tidal.config import STOP_GRACE_S, EngineConfig
+from tidal.config import STATS_LOG_INTERVAL_S, STOP_GRACE_S, EngineConfig, LogFormat
 from tidal.curve import CurveKeys
 from tidal.engine.engine import EngineCore
 from tidal.engine.factory import build_engine
@@ -54,8 +54,10 @@ from tidal.protocol import (ROLES, AbortRequest, Role, AddRequest, Connect, Engi
                             ForgetClient, LoadReport, ReleaseKV, RequestPlaneMessage, RoleRefused, SetDraining, SetRole,
                             Shutdown, StepOutputs,
                             TokenDelta, WorkerDraining, WorkerGone, WorkerLeaving, WorkerReady)
+from tidal.logs import configure_logging
 from tidal.runtime.events import EventPublisher, ZmqEventPublisher
 from tidal.worker.health import HealthServer
+from tidal.worker.stats_log import EngineStatsLog
 from tidal.transfer import KVTransferConfig
 
 logger = logging.getLogger(__name__)
@@ -83,6 +85,9 @@ class WorkerSpec:
     transfer: KVTransferConfig | None = None
     num_threads: int | None = None
     log_level: str = "INFO"
+    log_format: LogFormat = "text"
+    stats_log_interval_s: float = STATS_LOG_INTERVAL_S
+    """Log a line of the engine's stats this often (when it ran or changed); 0: never."""
     stop_grace_s: float = STOP_GRACE_S
     """After SIGTERM: how long in-flight requests may take to finish before the worker exits."""
     health_port: int | None = None
@@ -113,8 +118,7 @@ class StopFlag:
 
 def run_worker(spec: WorkerSpec) -> None:
     """Entry point of the worker process (multiprocessing target)."""
-    logging.basicConfig(level=spec.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s worker {spec.worker_id}: %(message)s")
+    configure_logging(spec.log_level, spec.log_format, f"worker {spec.worker_id}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop = StopFlag()
     signal.signal(signal.SIGTERM, stop.on_sigterm)
@@ -188,6 +192,7 @@ class _WorkerLoop:
         self.health = health
         self.leave_deadline: float | None = None  # set when leaving (SIGTERM)
         self.last_stats = 0.0
+        self.stats_log = EngineStatsLog(spec.stats_log_interval_s) if spec.stats_log_interval_s > 0 else None
         self.instance_id = uuid.uuid4().hex  # a restarted worker is a new instance: routers resync
         self.event_id = 0  # KV event batches published so far
 
@@ -226,6 +231,8 @@ class _WorkerLoop:
                     self._send_outputs(deltas, stats, to_all=stats_due)
                 if stats_due:
                     self.last_stats = now
+                    if self.stats_log is not None:
+                        self.stats_log.observe(stats, now)
                     self.events.publish("load", LoadReport(worker_id=self.spec.worker_id, role=self.role,
                                                            stats=stats, time=time.time()))
                     if self.parent_pid and os.getppid() != self.parent_pid:
