@@ -18,10 +18,11 @@ once in that sum. (Interleaved rows split into whole (gate, up) pairs: rank r's 
 pairs r * I .. (r + 1) * I - 1.) `LlamaModel.load_weight` writes each checkpoint expert tensor
 into its slice of the stacked tensors, one at a time.
 
-`moe_forward` is the one boundary a fused GPU kernel replaces: hidden states, router logits and
-the stacked weights in, the combined output out. Its torch path here groups the (token, expert)
-pairs by expert and runs one pair of matmuls per expert that has tokens; it reads the per-expert
-counts on the host, so it is not for CUDA-graph capture.
+`moe_forward` is the one boundary the fused GPU kernels replace: hidden states, router logits and
+the stacked weights in, the combined output out. On CUDA it runs `tidal.kernels.fused_moe` (two
+grouped Triton GEMMs, no host sync, so CUDA graphs can capture it). Its torch path here (CPU, and
+its reference) groups the (token, expert) pairs by expert and runs one pair of matmuls per expert
+that has tokens; it reads the per-expert counts on the host, so it is not for CUDA-graph capture.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tidal.kernels import fused_moe
 from tidal.models.arch import ModelArch
 from tidal.models.layers import clamped_swiglu, silu_and_mul
 from tidal.models.weight_slot import WeightSlot, empty_parameter
@@ -68,6 +70,18 @@ def expert_activation(arch: ModelArch) -> Activation:
     return silu_and_mul
 
 
+def kernel_activation(activation: Activation) -> fused_moe.ExpertActivation | None:
+    """The fused kernel's form of `silu_and_mul` or `expert_activation`'s clamped SwiGLU (interleaved
+    gate/up rows), or None for any other callable (the torch path runs it)."""
+    if activation is silu_and_mul:
+        return fused_moe.ExpertActivation(fused_moe.SILU, interleaved=False)
+    if isinstance(activation, partial) and activation.func is clamped_swiglu and not activation.args:
+        alpha, limit = activation.keywords["alpha"], activation.keywords["limit"]
+        return fused_moe.ExpertActivation(fused_moe.CLAMPED_SWIGLU, interleaved=True, alpha=alpha,
+                                          limit=limit)
+    return None
+
+
 def moe_forward(hidden: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                 top_k: int, renormalize: bool, activation: Activation = silu_and_mul,
                 w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,6 +89,9 @@ def moe_forward(hidden: torch.Tensor, router_logits: torch.Tensor, w13: torch.Te
     or None) -> [T, H]: per token, the sum over its top-k experts of
     weight * down(activation(gate_up(x)))."""
     weights, expert_ids = select_experts(router_logits, top_k, renormalize)
+    fused = kernel_activation(activation) if fused_moe.usable(hidden) else None
+    if fused is not None:  # CUDA: two grouped Triton GEMMs, no host sync (CUDA-graph capturable)
+        return fused_moe.fused_experts(hidden, weights, expert_ids, w13, w2, fused, w13_bias, w2_bias)
     return grouped_experts(hidden, weights, expert_ids, w13, w2, activation, w13_bias, w2_bias)
 
 
