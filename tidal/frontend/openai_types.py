@@ -24,6 +24,7 @@ import msgspec
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tidal.config import MAX_PRIORITY
+from tidal.frontend.structured_fields import StructuredFields
 from tidal.router.policy import MAX_KV_TEMPERATURE, MAX_OVERLAP_WEIGHT
 
 MAX_TOP_LOGPROBS = 20
@@ -89,8 +90,8 @@ class RoutingOptions(OpenAIBaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=MAX_KV_TEMPERATURE)
 
 
-class SamplingRequest(OpenAIBaseModel):
-    """Fields shared by chat and text completions."""
+class SamplingRequest(OpenAIBaseModel, StructuredFields):
+    """Fields shared by chat and text completions (the structured-output ones: `StructuredFields`)."""
 
     model: str
     n: int = 1

@@ -40,6 +40,7 @@ from tidal.frontend.errors import (OpenAIError, bad_request, engine_unavailable,
 from tidal.frontend.special_token_mask import SpecialTokenMask
 from tidal.frontend.metrics import FrontendMetrics
 from tidal.frontend.openai_types import PromptTokensDetails, SamplingRequest, UsageInfo
+from tidal.frontend.structured_fields import structured_output
 from tidal.protocol import AddRequest, RoutingHints, SamplingParams, TokenDelta, TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ def resolve_max_tokens(max_model_len: int, num_prompt_tokens: int, requested: in
 
 def build_sampling_params(req: SamplingRequest, max_tokens: int,
                           logprobs: int | None) -> SamplingParams:
+    """The request's `SamplingParams`; `OpenAIError` 400 for a structured output the grammar library refuses."""
     top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
     return SamplingParams(
         max_tokens=max_tokens,
@@ -167,6 +169,7 @@ def build_sampling_params(req: SamplingRequest, max_tokens: int,
         ignore_eos=req.ignore_eos,
         min_tokens=req.min_tokens,
         logprobs=logprobs,
+        structured=structured_output(req),
     )
 
 

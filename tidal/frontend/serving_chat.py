@@ -22,6 +22,7 @@ from tidal.frontend.serving import (SSE_DONE, GenerationRun, ServingContext, SSE
                                     build_sampling_params, check_prompt_chars, check_request,
                                     clamp_logprob, json_response, parse_body, resolve_max_tokens,
                                     routing_hints, run_until_disconnect, sse_error, sse_event)
+from tidal.frontend.structured_fields import check_structured_output
 from tidal.protocol import AddRequest, TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class ChatServing:
         req = await parse_body(request, ChatCompletionRequest)
         ctx = self._ctx
         check_request(ctx, req)
+        await check_structured_output(ctx.tokenizer, req)
         prompt_token_ids = await self._prompt_token_ids(req)
         max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(prompt_token_ids),
                                         req.requested_max_tokens(), ctx.server.default_max_tokens,
