@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import llguidance
 import llguidance.numpy
+import numpy as np
 import torch
 
 from tidal.grammar import GrammarCompiler
@@ -43,19 +44,27 @@ class GrammarMask:
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [N, V] with every forbidden token of the masked rows at -inf (in place); ids at or
         past the tokenizer's vocabulary are forbidden too."""
-        device, (num_rows, width) = logits.device, self.bitmask.shape
-        bits = self.bitmask.to(device, non_blocking=True).view(torch.uint8)  # [R, 4W]: byte k holds tokens 8k..8k+7
-        shifts = torch.arange(8, device=device, dtype=torch.uint8)
-        allowed = ((bits[:, :, None] >> shifts) & 1).view(num_rows, 32 * width).bool()  # [R, 32W]
-        vocab = logits.shape[1]
-        if allowed.shape[1] < vocab:
-            allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
-        allowed = allowed[:, :vocab]
-        if num_rows == logits.shape[0]:
-            return logits.masked_fill_(~allowed, float("-inf"))
-        rows = torch.tensor(self.rows, dtype=torch.int64).to(device, non_blocking=True)
-        logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+        forbidden = self._forbidden(logits.shape[1], logits.device)
+        if len(self.rows) == logits.shape[0]:
+            return logits.masked_fill_(forbidden, float("-inf"))
+        rows = torch.tensor(self.rows, dtype=torch.int64).to(logits.device, non_blocking=True)
+        logits[rows] = logits[rows].masked_fill(forbidden, float("-inf"))
         return logits
+
+    def _forbidden(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """[R, vocab] bool, True where the token is forbidden. Unpacked where the logits are: on
+        the host by numpy (one call, no thread-pool barrier), on a GPU from the 32x smaller bitmask."""
+        num_rows = len(self.rows)
+        if device.type == "cpu":
+            inverted = ~self.bitmask.numpy().view(np.uint8)  # [R, 4W]: byte k holds tokens 8k..8k+7
+            forbidden = torch.from_numpy(np.unpackbits(inverted, axis=1, bitorder="little")).view(torch.bool)
+        else:
+            bits = self.bitmask.to(device, non_blocking=True).view(torch.uint8)
+            shifts = torch.arange(8, device=device, dtype=torch.uint8)
+            forbidden = ((bits[:, :, None] >> shifts) & 1).view(num_rows, -1) == 0  # [R, 32W]
+        if forbidden.shape[1] < vocab:
+            forbidden = torch.nn.functional.pad(forbidden, (0, vocab - forbidden.shape[1]), value=True)
+        return forbidden[:, :vocab]
 
 
 class StructuredOutputs:
