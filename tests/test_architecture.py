@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "runtime": BASE,
     "models": BASE | {"kernels", "parallel"},
     "tokenizer": BASE | {"models"},
-    "grammar": BASE,
+    "grammar": BASE | {"tokenizer"},
     "engine": BASE | {"models", "kernels", "parallel", "transfer", "tokenizer", "grammar"},
     "worker": BASE | {"engine", "transfer", "runtime"},
     "router": BASE | {"runtime"},
