@@ -18,7 +18,6 @@ import time
 import httpx
 import openai
 import pytest
-
 from _server import example_config, metrics, running_server
 
 pytestmark = pytest.mark.slow
