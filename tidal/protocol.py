@@ -191,6 +191,7 @@ class EngineStats(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     decode_seqs_total: int = 0  # sequences decoded, summed over steps (/ steps: mean decode batch)
     context_tokens_total: int = 0  # context length of those sequences, summed (/ decode_seqs: mean)
     preemptions_total: int = 0  # running requests preempted (blocks freed, recomputed later) since the worker started
+    grammar_seconds_total: float = 0.0  # host time in the grammar library (structured output's masks)
 
 
 KV_TRANSFER_FAILED = "KV transfer failed"

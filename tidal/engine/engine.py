@@ -31,6 +31,7 @@ from tidal.engine.kv_connector import KVConnector, PulledKV
 from tidal.engine.logits_processors import check_params
 from tidal.engine.request import Request, RequestStatus
 from tidal.engine.scheduler import Scheduler, SchedulerOutput
+from tidal.engine.structured_output import StructuredOutputs
 from tidal.engine.tensor_parallel import TensorParallelGroup
 from tidal.protocol import KV_TRANSFER_FAILED, AddRequest, EngineStats, KVEvent, TokenDelta, TokenLogprob
 from tidal.transfer import KVTransferBackend
@@ -81,10 +82,13 @@ class StepCounters:
 class EngineCore:
     def __init__(self, config: EngineConfig, runner, model: ServedModel, *,
                  transfer: KVTransferBackend | None = None, tp_group: TensorParallelGroup | None = None,
-                 worker_id: str = "engine", record_kv_events: bool = False):
+                 worker_id: str = "engine", record_kv_events: bool = False,
+                 structured: StructuredOutputs | None = None):
         """`runner`: a `ModelRunner` or a stand-in with `num_blocks` and `execute(out, eos_token_ids)`;
         `transfer`: the KV transfer backend (disaggregation), None for an aggregated engine;
-        `tp_group`: rank 0's handle on its tensor-parallel group (closed by `close()`)."""
+        `tp_group`: rank 0's handle on its tensor-parallel group (closed by `close()`);
+        `structured`: the grammar matchers, shared with the runner that masks the logits (None: an
+        engine without a tokenizer refuses structured output)."""
         self.config = config
         self.runner = runner
         self.worker_id = worker_id
@@ -93,6 +97,7 @@ class EngineCore:
         self.max_model_len = model.max_model_len
         self.eos_token_ids = model.eos_token_ids
         self.tp_group = tp_group
+        self.structured = structured
         self.kv = KVCacheManager(runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
                                  record_events=record_kv_events)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.eos_token_ids)
@@ -104,7 +109,7 @@ class EngineCore:
 
     # ---- requests in ----------------------------------------------------------------------
     def add_request(self, add: AddRequest) -> None:
-        error = self._validate(add)
+        error = self._validate(add) or self._start_grammar(add)
         if error is not None:
             self._pending.append(_error_delta(add.request_id, error))
             if add.kv_transfer_params is not None:
@@ -131,6 +136,17 @@ class EngineCore:
         if request.generator is not None:
             for _ in range(n):
                 torch.empty(self.vocab_size).exponential_(generator=request.generator)
+
+    def _start_grammar(self, add: AddRequest) -> str | None:
+        """A structured request's matcher, advanced over the output it already has (a migrated
+        request's resumed tokens, then a remote prefill's first token); or why it cannot run."""
+        structured = add.sampling_params.structured
+        if structured is None:
+            return None
+        if self.structured is None:
+            return "structured output needs the model's tokenizer, and this engine has none"
+        resumed = add.prompt_token_ids[len(add.prompt_token_ids) - add.num_resumed_tokens:]
+        return self.structured.add(add.request_id, structured, resumed + list(add.output_token_ids))
 
     def _validate(self, add: AddRequest) -> str | None:
         n = len(add.prompt_token_ids)
@@ -167,6 +183,16 @@ class EngineCore:
 
     def step(self) -> list[TokenDelta]:
         """Move KV pulls and holds along, then schedule -> run the model -> emit token deltas."""
+        deltas = self._step()
+        if self.structured is not None:
+            # Every request ends with one finished delta: its matcher goes with it (unless the delta
+            # refused a second request under a running one's id).
+            for delta in deltas:
+                if delta.finished and delta.request_id not in self.scheduler.requests:
+                    self.structured.free(delta.request_id)
+        return deltas
+
+    def _step(self) -> list[TokenDelta]:
         self._advance_connector()
         deltas, self._pending = self._pending, []
         out = self.scheduler.schedule() if self.scheduler.waiting or self.scheduler.running else None
@@ -201,7 +227,8 @@ class EngineCore:
                 item.request.first_scheduled_time = started
         self.step_counters.count(out)
         sampled, logprobs = self.runner.execute(out, self.eos_token_ids)
-        self.scheduler.update(out, sampled)
+        complete = self.structured.accept(sampled) if self.structured is not None else ()
+        self.scheduler.update(out, sampled, complete)
         self.step_counters.step_seconds_total += time.monotonic() - started
         return sampled, logprobs
 
@@ -243,7 +270,8 @@ class EngineCore:
                            generation_tokens=self.generation_tokens_total,
                            num_pending_prefill_tokens=self.scheduler.num_pending_prefill_tokens,
                            preemptions_total=self.scheduler.preemptions_total,
-                           **self.connector.stats_fields(), **self.step_counters.as_fields())
+                           **self.connector.stats_fields(), **self.step_counters.as_fields(),
+                           grammar_seconds_total=self.structured.seconds_total if self.structured else 0.0)
 
     def set_scheduler_limits(self, token_budget: int | None, max_num_seqs: int | None) -> None:
         """A role flip's new limits (each role has its own: a prefill worker's budget is its device's

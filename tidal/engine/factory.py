@@ -23,6 +23,7 @@ import torch
 from tidal.config import EngineConfig
 from tidal.engine.engine import EngineCore, ServedModel
 from tidal.engine.model_runner import ModelRunner, kv_layout
+from tidal.engine.structured_output import StructuredOutputs
 from tidal.engine.tensor_parallel import TensorParallelGroup
 from tidal.models.loader import LoadedModel, load_model
 from tidal.tokenizer import Tokenizer, load_tokenizer
@@ -53,8 +54,9 @@ def build_engine(config: EngineConfig, *, worker_id: str = "engine", transfer_co
             transfer = create_kv_transfer(layout, torch.device(loaded.device), worker_id, transfer_config)
         if tp_group is not None:
             tp_group.connect()
+        structured = StructuredOutputs(tokenizer, torch.device(loaded.device)) if tokenizer is not None else None
         runner = ModelRunner(config, loaded, layout, transfer.cache if transfer else None,
-                             on_step=tp_group.broadcast if tp_group is not None else None)
+                             on_step=tp_group.broadcast if tp_group is not None else None, structured=structured)
     except BaseException:
         _close(transfer, tp_group)
         raise
@@ -65,7 +67,7 @@ def build_engine(config: EngineConfig, *, worker_id: str = "engine", transfer_co
         runner.sample_vocab_size = tokenizer.vocab_size
     model = served_model(config, loaded, runner.num_blocks, tokenizer)
     engine = EngineCore(config, runner, model, transfer=transfer, tp_group=tp_group, worker_id=worker_id,
-                        record_kv_events=record_kv_events)
+                        record_kv_events=record_kv_events, structured=structured)
     logger.info("engine ready: model=%s dtype=%s device=%s kv_blocks=%d block_size=%d "
                 "max_model_len=%d token_budget=%d (%.1fs)", model.name, loaded.dtype, loaded.device,
                 runner.num_blocks, layout.block_size, model.max_model_len, config.scheduler.token_budget,

@@ -26,6 +26,7 @@ from tidal.engine.cuda_graphs import DecodeGraphs
 from tidal.engine.logits_processors import adjust_logits
 from tidal.engine.sampler import SamplingBatch, sample
 from tidal.engine.scheduler import ScheduledRequest, SchedulerOutput
+from tidal.engine.structured_output import StructuredOutputs
 from tidal.kernels.attention import resolve_backend
 from tidal.kernels.paged_attention import AttentionMetadata, PrefillSpan
 from tidal.models.llama import kv_bytes_per_token
@@ -66,8 +67,10 @@ def kv_cache_bytes(config: EngineConfig, loaded: LoadedModel) -> int:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, loaded: LoadedModel, layout: KVLayout,
-                 cache: torch.Tensor | None = None, on_step: Callable[[np.ndarray], None] | None = None):
+                 cache: torch.Tensor | None = None, on_step: Callable[[np.ndarray], None] | None = None,
+                 structured: StructuredOutputs | None = None):
         self.model = loaded.model
+        self.structured = structured  # grammar masks of structured-output requests (rank 0's engine)
         self.arch = loaded.arch
         self.on_step = on_step  # tensor-parallel rank 0: send the packed step to the other ranks
         self.num_kv_heads = layout.num_kv_heads  # this rank's
@@ -106,6 +109,9 @@ class ModelRunner:
         samplers = [s for s in decodes + prefills if s.samples]
         if not samplers:
             return {}, {}
+        # Host work while the device runs the forward just launched: the grammar masks.
+        grammar_mask = self.structured.fill([s.request.request_id for s in samplers]) \
+            if self.structured is not None else None
         sampling = SamplingBatch(
             params=[s.request.sampling_params for s in samplers],
             generators=[s.request.generator for s in samplers],
@@ -113,6 +119,8 @@ class ModelRunner:
         if self.sample_vocab_size is not None:
             logits = logits[:, :self.sample_vocab_size]
         logits = adjust_logits(logits, [s.request for s in samplers])  # penalties, logit_bias
+        if grammar_mask is not None:  # last: no bias brings back a token the grammar forbids
+            logits = grammar_mask.apply(logits)
         token_ids, logprobs = sample(logits, sampling)
         sampled = {s.request.request_id: t for s, t in zip(samplers, token_ids)}
         sampled_logprobs = {s.request.request_id: lp for s, lp in zip(samplers, logprobs) if lp is not None}

@@ -11,7 +11,7 @@ preempted (its blocks freed; it waits at the head of the queue and recomputes la
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from tidal.config import SchedulerConfig
@@ -147,8 +147,9 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     # ---- after the model ran -----------------------------------------------------------------
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance counters, append sampled tokens; return the requests that finished now."""
+    def update(self, out: SchedulerOutput, sampled: dict[str, int], complete: Collection[str] = ()) -> list[Request]:
+        """Advance counters, append sampled tokens; return the requests that finished now.
+        `complete`: requests whose structured output is complete with this token (they stop)."""
         finished = []
         for item in out.scheduled:
             request = item.request
@@ -159,7 +160,8 @@ class Scheduler:
             if token_id is None:
                 continue  # a prefill chunk that does not reach the end yet
             request.append_output_token(token_id)
-            status = self._stop_status(request, token_id)
+            status = RequestStatus.FINISHED_STOPPED if request.request_id in complete \
+                else self._stop_status(request, token_id)
             if status is not None:
                 self._finish(request, status)
                 finished.append(request)

@@ -39,6 +39,7 @@ from tidal.config import (
     MAX_REPETITION_PENALTY,
     MIN_REPETITION_PENALTY,
 )
+from tidal.frontend.structured_fields import StructuredFields
 from tidal.router.policy import MAX_KV_TEMPERATURE, MAX_OVERLAP_WEIGHT
 
 MAX_TOP_LOGPROBS = 20
@@ -236,8 +237,8 @@ class RoutingOptions(RequestModel):
     temperature: float | None = Field(default=None, ge=0.0, le=MAX_KV_TEMPERATURE)
 
 
-class SamplingRequest(RequestModel):
-    """Fields shared by chat and text completions."""
+class SamplingRequest(RequestModel, StructuredFields):
+    """Fields shared by chat and text completions (the structured-output ones: `StructuredFields`)."""
 
     model: str
     n: int | None = Field(default=None, ge=1, le=MAX_N)  # None: 1; above the server's `max_n`: 400 there

@@ -41,6 +41,7 @@ from tidal.frontend.special_token_mask import SpecialTokenMask
 from tidal.frontend.metrics import FrontendMetrics
 from tidal.frontend.request_log import RequestLog
 from tidal.frontend.openai_types import PromptTokensDetails, SamplingRequest, UsageInfo
+from tidal.frontend.structured_fields import structured_output
 from tidal.protocol import AddRequest, RoutingHints, SamplingParams, TokenDelta, TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ def resolve_max_tokens(max_model_len: int, num_prompt_tokens: int, requested: in
 
 def build_sampling_params(req: SamplingRequest, max_tokens: int,
                           logprobs: int | None) -> SamplingParams:
+    """The request's `SamplingParams`; `OpenAIError` 400 for a structured output the grammar library refuses."""
     top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
     return SamplingParams(
         max_tokens=max_tokens,
@@ -183,6 +185,7 @@ def build_sampling_params(req: SamplingRequest, max_tokens: int,
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         logit_bias=req.logit_bias_pairs(),
+        structured=structured_output(req),
     )
 
 

@@ -34,6 +34,7 @@ from tidal.frontend.serving import (SSE_DONE, ServingContext, SSEResponse, build
                                     parse_body, resolve_max_tokens, routing_hints, run_until_disconnect,
                                     sse_error, sse_event)
 from tidal.frontend.tool_calls import ToolPlan
+from tidal.frontend.structured_fields import check_structured_output
 from tidal.protocol import AddRequest, TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class ChatServing:
         req = await parse_body(request, ChatCompletionRequest)
         ctx = self._ctx
         check_request(ctx, req)
+        await check_structured_output(ctx.tokenizer, req)
         plan = ToolPlan.for_request(req, self._features, ctx.server.tool_call_parser)
         prompt, prompt_token_ids = await self._prompt(req, plan)
         max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(prompt_token_ids),

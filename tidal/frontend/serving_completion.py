@@ -20,6 +20,7 @@ from tidal.frontend.serving import (SSE_DONE, ServingContext, SSEResponse, build
                                     check_prompt_chars, check_request, check_token_ids, clamp_logprob,
                                     json_response, parse_body, resolve_max_tokens, routing_hints,
                                     run_until_disconnect, sse_error, sse_event)
+from tidal.frontend.structured_fields import check_structured_output
 from tidal.protocol import AddRequest, TokenLogprob
 
 DEFAULT_MAX_TOKENS = 16
@@ -57,6 +58,7 @@ class CompletionServing:
         req = await parse_body(request, CompletionRequest)
         ctx = self._ctx
         check_request(ctx, req)
+        await check_structured_output(ctx.tokenizer, req)
         prompt_token_ids = await self._prompt_token_ids(req)
         cap = ctx.server.default_max_tokens
         max_tokens = resolve_max_tokens(ctx.engine.max_model_len, len(prompt_token_ids), req.max_tokens,
