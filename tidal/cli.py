@@ -190,7 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--stop-grace-s", type=float, default=None,
                        help="after SIGTERM a worker finishes its requests for up to this long (without -f; "
                             "with -f: workers.N.stop_grace_s)")
-    sim = sub.add_parser("sim", help="the real frontend and router in front of N simulated workers")
+    _add_sim_args(sub.add_parser("sim", help="the real frontend and router in front of N simulated workers"))
+    fleet = sub.add_parser("sim-fleet", help="simulate a prefill/decode fleet of up to hundreds of workers, "
+                                             "the SLA planner in the loop (no servers, simulated time)")
+    _add_sim_fleet_args(fleet)
+    bench = sub.add_parser("bench", help="load an OpenAI-compatible server with chat or synthetic traffic")
+    _add_bench_args(bench)
+    profile = sub.add_parser("profile", help="measure prefill and decode step times of a model on a device")
+    _add_profile_args(profile)
+    from tidal.cluster.commands import add_commands
+
+    add_commands(sub)
+    return parser
+
+
+def _add_sim_args(sim: argparse.ArgumentParser) -> None:
     sim.add_argument("--workers", type=int, default=8)
     sim.add_argument("--speedup", type=float, default=1.0, help="simulated time runs this many times faster")
     timing = sim.add_mutually_exclusive_group()
@@ -213,17 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--tokenizer", default=None,
                      help="a tokenizer folder (tokenizer.json) or .gguf instead of the embedded model's")
     sim.add_argument("--log-level", default="info")
-    fleet = sub.add_parser("sim-fleet", help="simulate a prefill/decode fleet of up to hundreds of workers, "
-                                             "the SLA planner in the loop (no servers, simulated time)")
-    _add_sim_fleet_args(fleet)
-    bench = sub.add_parser("bench", help="load an OpenAI-compatible server with chat or synthetic traffic")
-    _add_bench_args(bench)
-    profile = sub.add_parser("profile", help="measure prefill and decode step times of a model on a device")
-    _add_profile_args(profile)
-    from tidal.cluster.commands import add_commands
-
-    add_commands(sub)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

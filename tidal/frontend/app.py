@@ -169,13 +169,7 @@ def build_app(engine: EngineClient, tokenizer: Any, served_model_name: str,
     async def completions(request: Request) -> Response:
         return await _answer(completion.create, request, ctx.request_log)
 
-    @app.post("/tokenize")
-    async def tokenize_prompt(request: Request) -> Response:
-        return await _answer(tokenize.tokenize, request)
-
-    @app.post("/detokenize")
-    async def detokenize_tokens(request: Request) -> Response:
-        return await _answer(tokenize.detokenize, request)
+    _add_tokenize_routes(app, tokenize)
 
     @app.get("/v1/models")
     async def list_models() -> Response:
@@ -210,6 +204,16 @@ def build_app(engine: EngineClient, tokenizer: Any, served_model_name: str,
         return JSONResponse({"version": _version()})
 
     return app
+
+
+def _add_tokenize_routes(app: FastAPI, tokenize: TokenizeServing) -> None:
+    @app.post("/tokenize")
+    async def tokenize_prompt(request: Request) -> Response:
+        return await _answer(tokenize.tokenize, request)
+
+    @app.post("/detokenize")
+    async def detokenize_tokens(request: Request) -> Response:
+        return await _answer(tokenize.detokenize, request)
 
 
 def _serving_context(engine: EngineClient, tokenizer: Any, served_model_name: str,
