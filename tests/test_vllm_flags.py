@@ -38,6 +38,7 @@ def test_a_typical_vllm_serve_command_line(tmp_path, monkeypatch):
             f"--dtype half --seed 7 --enable-chunked-prefill --kv-cache-dtype auto --trust-remote-code "
             f"--tokenizer {tmp_path} --uvicorn-log-level warning --enforce-eager -pp 1 "
             f"--allowed-origins '[\"https://ui.example\"]' --ssl-keyfile k.pem --ssl-certfile c.pem "
+            f"--enable-auto-tool-choice --tool-call-parser hermes --reasoning-parser qwen3 --disable-log-requests "
             f"--device cuda")  # Tidal's default device is the CPU; vLLM's is the GPU
     args, d = _serve(line)
     (_, section, devices), = d.worker_groups()
@@ -54,8 +55,11 @@ def test_a_typical_vllm_serve_command_line(tmp_path, monkeypatch):
     assert server.api_keys == ("sk-1", "sk-2") and server.chat_template == str(template)
     assert server.allowed_origins == ("https://ui.example",)
     assert (server.ssl_keyfile, server.ssl_certfile) == ("k.pem", "c.pem")
+    assert (server.tool_call_parser, server.reasoning_parser, server.log_requests) == ("hermes", "qwen3", False)
     assert notes(args) == [("--trust-remote-code has no effect: Tidal runs its own implementation of each "
-                            "architecture and never code from the checkpoint")]
+                            "architecture and never code from the checkpoint"),
+                           ("--enable-auto-tool-choice has no effect: Tidal reads tool calls with tool_choice "
+                            "auto whenever a request has tools (the format: --tool-call-parser)")]
 
 
 @pytest.mark.parametrize("flags, knob, value", [

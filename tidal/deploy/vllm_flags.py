@@ -65,6 +65,9 @@ def add_refused_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for vLLM command lines; Tidal never runs code from a checkpoint (it has "
                         "its own implementation of every architecture it serves)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM command lines; Tidal always reads tool calls with tool_choice "
+                        "auto (the format: --tool-call-parser)")
 
 
 def notes(args: argparse.Namespace) -> list[str]:
@@ -73,4 +76,7 @@ def notes(args: argparse.Namespace) -> list[str]:
     if getattr(args, "trust_remote_code", False):
         out.append("--trust-remote-code has no effect: Tidal runs its own implementation of each architecture "
                    "and never code from the checkpoint")
+    if getattr(args, "enable_auto_tool_choice", False):
+        out.append("--enable-auto-tool-choice has no effect: Tidal reads tool calls with tool_choice auto "
+                   "whenever a request has tools (the format: --tool-call-parser)")
     return out
