@@ -33,7 +33,7 @@ from _server import running_server
 from safetensors.torch import save_file
 
 from tests._models_fixtures import PagedSequences, one_torch_thread  # noqa: F401 (fixture)
-from tidal import LLM, SamplingParams
+from _hf_greedy import assert_engine_greedy_matches
 from tidal.config import ModelConfig
 from tidal.models.hf_loader import check_not_quantized, quantization_method
 from tidal.models.loader import load_model
@@ -190,31 +190,9 @@ PROMPTS = [[10, 15, 19, 43, 210, 17], [10, 87, 13], list(range(13, 53)),
            [10, 15, 19, 43, 210, 17, 18, 19, 20, 21, 22, 23, 24]]
 
 
-def _hf_greedy(model, ids: list[int]) -> tuple[list[int], list[float]]:
-    model.generation_config.eos_token_id = None  # as ignore_eos
-    with torch.no_grad():
-        gen = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             do_sample=False, max_new_tokens=NEW_TOKENS, pad_token_id=1, output_logits=True,
-                             return_dict_in_generate=True)
-    tokens = gen.sequences[0, len(ids):].tolist()
-    return tokens, [float(step[0].float().log_softmax(-1)[t]) for step, t in zip(gen.logits, tokens)]
-
-
 def test_engine_greedy_matches_transformers_dequantized(release):
     folder, reference, _ = release
-    expected = [_hf_greedy(reference, ids) for ids in PROMPTS]
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, logprobs=1)
-    with LLM(str(folder), dtype="float32", token_budget=16, enable_chunked_prefill=True,
-             enable_prefix_caching=True, block_size=4, num_kv_blocks=128) as llm:
-        cold = llm.generate(PROMPTS, params)
-        warm = llm.generate(PROMPTS, params)
-        assert sum(o.num_cached_tokens for o in warm) > sum(o.num_cached_tokens for o in cold)
-        for outputs in (cold, warm):
-            for out, (tokens, logprobs) in zip(outputs, expected):
-                assert out.outputs[0].token_ids == tokens
-                ours = [lp.logprob for lp in out.outputs[0].logprobs]
-                assert max(abs(a - b) for a, b in zip(ours, logprobs)) < 1e-4
-        assert llm.engine.kv.num_used_blocks == 0
+    assert_engine_greedy_matches(reference, folder, PROMPTS, NEW_TOKENS, pad_token_id=1)
 
 
 # ---- `tidal serve FOLDER` ----

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from tests._models_fixtures import PagedSequences, one_torch_thread  # noqa: F401 (fixture)
+from _hf_greedy import assert_engine_greedy_matches
 from tidal import LLM, SamplingParams
 from tidal.config import ModelConfig
 from tidal.models.arch import active_param_count, arch_from_hf_config, get_preset, param_count
@@ -176,33 +177,9 @@ PROMPTS = [[1, 5, 9, 33, 200, 7], [1, 77, 3], list(range(3, 43)),
            [1, 5, 9, 33, 200, 7, 8, 9, 10, 11, 12, 13, 14]]
 
 
-def _hf_greedy(model, ids: list[int]) -> tuple[list[int], list[float]]:
-    """Greedy tokens and each one's logprob, from unbatched transformers generation."""
-    model.generation_config.eos_token_id = None  # as ignore_eos
-    with torch.no_grad():
-        gen = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             do_sample=False, max_new_tokens=NEW_TOKENS, pad_token_id=0, output_logits=True,
-                             return_dict_in_generate=True)
-    tokens = gen.sequences[0, len(ids):].tolist()
-    return tokens, [float(step[0].float().log_softmax(-1)[t]) for step, t in zip(gen.logits, tokens)]
-
-
 def test_engine_greedy_matches_transformers(hf_moe):
     _, reference, folder = hf_moe
-    expected = [_hf_greedy(reference, ids) for ids in PROMPTS]
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, logprobs=1)
-    # A 16-token budget splits the 40-token prompt into chunks that share steps with decodes.
-    with LLM(str(folder), dtype="float32", token_budget=16, enable_chunked_prefill=True,
-             enable_prefix_caching=True, block_size=4, num_kv_blocks=128) as llm:
-        cold = llm.generate(PROMPTS, params)
-        warm = llm.generate(PROMPTS, params)  # full blocks now come from the prefix cache
-        assert sum(o.num_cached_tokens for o in warm) > sum(o.num_cached_tokens for o in cold)
-        for outputs in (cold, warm):
-            for out, (tokens, logprobs) in zip(outputs, expected):
-                assert out.outputs[0].token_ids == tokens
-                ours = [lp.logprob for lp in out.outputs[0].logprobs]
-                assert max(abs(a - b) for a, b in zip(ours, logprobs)) < 1e-4
-        assert llm.engine.kv.num_used_blocks == 0
+    assert_engine_greedy_matches(reference, folder, PROMPTS, NEW_TOKENS)
 
 
 # ---- shapes, names, presets ----

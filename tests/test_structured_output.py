@@ -347,3 +347,20 @@ def test_remote_prefill_first_token_obeys_and_decode_continues(aggregated, token
     finally:
         prefill.close()
         decode.close()
+
+
+def test_a_tokenizer_the_grammar_library_cannot_read_refuses_only_structured_requests(tmp_path):
+    """A word-level tokenizer without a decoder (as tiny test models have): building the compiler
+    (what every engine with a tokenizer does) succeeds; a constraint gets the reason instead of a
+    matcher, so the engine serves free text and answers structured requests with an error."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    from tidal.grammar import GrammarCompiler
+    from tidal.tokenizer import Tokenizer
+
+    backend = Backend(models.WordLevel({f"w{i}": i for i in range(64)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    compiler = GrammarCompiler(Tokenizer(backend, eos_token="w1"))
+    refusal = compiler.compile(StructuredOutput(kind="regex", spec="w[0-9]"))
+    assert isinstance(refusal, str) and "not available for this model's tokenizer" in refusal

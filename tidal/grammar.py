@@ -73,8 +73,8 @@ class GrammarCompiler:
     happen once per constraint, here, rather than in an engine step."""
 
     def __init__(self, tokenizer: Tokenizer, cache_size: int = 256):
-        self.tokenizer = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=tokenizer.vocab_size,
-                                                eos_token=sorted(tokenizer.eos_token_ids))
+        self._source = tokenizer
+        self._lltokenizer: llguidance.LLTokenizer | str | None = None  # built at the first compile
         self.vocab_size = tokenizer.vocab_size
         self.cache_size = cache_size
         self._cache: OrderedDict[StructuredOutput, llguidance.LLMatcher | str] = OrderedDict()
@@ -100,12 +100,28 @@ class GrammarCompiler:
                     self._cache.popitem(last=False)
         return compiled
 
+    def _library_tokenizer(self) -> llguidance.LLTokenizer | str:
+        """The library's view of the vocabulary, built once, on first use (it takes 0.2-1 s, and a
+        tokenizer it can't read must not keep a model from serving free text): or why it can't be."""
+        with self._lock:
+            if self._lltokenizer is None:
+                source = self._source
+                try:
+                    self._lltokenizer = llguidance.LLTokenizer(
+                        source.backend.to_str(), n_vocab=source.vocab_size, eos_token=sorted(source.eos_token_ids))
+                except ValueError as exc:
+                    self._lltokenizer = f"structured output is not available for this model's tokenizer ({exc})"
+            return self._lltokenizer
+
     def _compile(self, structured: StructuredOutput) -> llguidance.LLMatcher | str:
         try:
             grammar = grammar_text(structured)
         except ValueError as exc:
             return str(exc)
-        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        lltokenizer = self._library_tokenizer()
+        if isinstance(lltokenizer, str):
+            return lltokenizer
+        matcher = llguidance.LLMatcher(lltokenizer, grammar, log_level=0)
         if matcher.is_error():
             return matcher.get_error()
         probe = matcher.deep_copy()
