@@ -58,7 +58,7 @@ def main() -> None:
                 if "bf16" in label:
                     x = x.to(torch.bfloat16)
                 with torch.inference_mode():
-                    cells.append(f"{_time(lambda: fn(x)):8.3f}")
+                    cells.append(f"{_time(lambda x=x, fn=fn: fn(x)):8.3f}")
             print(f"{name:>8} {label:>15} {nbytes / 2**20:7.2f} " + " ".join(cells))
 
 
