@@ -33,7 +33,7 @@ NonNegative = Ge(0)
 Port = Annotated[int, Ge(0), Le(65535)]
 """A TCP port; 0: any free one."""
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-Quantization = Literal["fp8"]
+Quantization = Literal["fp8", "int8", "int4"]
 AttentionBackend = Literal["auto", "torch", "triton"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
@@ -105,7 +105,8 @@ class ModelConfig:
     """Seed for dummy weights and for requests that don't carry one."""
     quantization: Quantization | None = None
     """`fp8`: the decoder's dense linears in FP8 e4m3 with a scale per output row, quantized at load
-    from a float checkpoint or drawn so by `dummy:` (an FP8 checkpoint is served in FP8 without it)."""
+    from a float checkpoint or drawn so by `dummy:` (an FP8 checkpoint is served in FP8 without it).
+    `int8` / `int4`: CPU weight-only linears (`tidal.models.cpu_quant`); int4 keeps a Q4 GGUF's blocks."""
 
     def __post_init__(self) -> None:
         validate_fields(self)

@@ -99,9 +99,10 @@ def add_model_flags(p: argparse.ArgumentParser, model_option: bool = False) -> N
                    help="split the model over this many devices (cuda:N, cuda:N+1, ...), one process each")
     p.add_argument("--dtype", default=None, type=vllm_dtype, choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and KV cache (vLLM's half and float mean float16 and float32)")
-    p.add_argument("--quantization", "-q", default=None, type=str.lower, choices=["fp8"],
+    p.add_argument("--quantization", "-q", default=None, type=str.lower, choices=["fp8", "int8", "int4"],
                    help="fp8: the decoder's linear weights in FP8 e4m3 (a scale per output row), quantized at "
-                        "load (an FP8 checkpoint is served in FP8 without it); other vLLM methods are refused")
+                        "load (an FP8 checkpoint is served in FP8 without it); int8/int4: CPU weight-only "
+                        "linears (int4 keeps a Q4 GGUF's blocks); other vLLM methods are refused")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--block-size", type=int, default=None)

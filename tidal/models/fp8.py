@@ -201,8 +201,8 @@ def linear_weight(out_features: int, in_features: int, dtype: torch.dtype, devic
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | Fp8Linear, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear` for either kind of weight `linear_weight` makes."""
-    if isinstance(weight, Fp8Linear):
+    """`F.linear` for either kind of weight `linear_weight` makes, or a CPU `QuantLinear` (`tidal.models.cpu_quant`)."""
+    if isinstance(weight, nn.Module):
         return weight(x, bias)
     return F.linear(x, weight, bias)
 

@@ -13,6 +13,8 @@ import torch
 
 from tidal.config import ModelConfig, resolve_dtype
 from tidal.models.arch import ModelArch, get_preset
+from tidal.models.cpu_quant import SCHEMES as CPU_SCHEMES
+from tidal.models.cpu_quant import quantize_model
 from tidal.models.dummy import init_dummy_weights
 from tidal.models.gguf_file import GGUFFile
 from tidal.models.gguf_loader import arch_from_gguf, load_gguf_weights
@@ -59,6 +61,8 @@ def load_model(model_config: ModelConfig, tp_rank: int = 0, tp_size: int = 1) ->
         load_hf_weights(model, source.path)
     else:
         init_dummy_weights(model, model_config.seed)
+    if model_config.quantization in CPU_SCHEMES:  # weight-only int8 / int4 CPU linears, after the float load
+        quantize_model(model, model_config.quantization, reader)
     model.eval()
     return LoadedModel(model=model, arch=arch, name=model_config.served_model_name or source.name,
                        max_model_len=max_model_len, dtype=dtype, device=device)
@@ -74,7 +78,7 @@ def read_arch(model_config: ModelConfig) -> ModelArch:
 def with_quantization(arch: ModelArch, quantization: str | None) -> ModelArch:
     """`ModelConfig.quantization` applied: "fp8" makes a float model's dense linears FP8 (per-row
     scales); a checkpoint already in FP8 keeps its own layout."""
-    if quantization is None or arch.quantization is not None:
+    if quantization is None or quantization in CPU_SCHEMES or arch.quantization is not None:
         return arch
     return arch.replace(quantization=quantization)
 
