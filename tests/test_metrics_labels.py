@@ -109,7 +109,8 @@ def test_the_router_exports_each_worker_s_kv_usage_counters_and_the_pool_sizes()
     try:
         workers = {
             "d0": _Stub("d0", "decode", _stats(25, 100, preemptions_total=3, kv_transfers=2, kv_transfer_bytes=4096,
-                                               kv_transfer_seconds=0.5, kv_transfer_failures=1, hits=30, prompt=90)),
+                                               kv_transfer_seconds=0.5, kv_transfer_failures=1, hits=30, prompt=90,
+                                               grammar_seconds_total=0.25)),
             "d1": _Stub("d1", "decode", _stats(0, 100), leaving=True),
             "p0": _Stub("p0", "prefill", _stats(50, 200)),
             "p1": _Stub("p1", "prefill", None, healthy=False),  # not connected: no report yet
@@ -122,6 +123,7 @@ def test_the_router_exports_each_worker_s_kv_usage_counters_and_the_pool_sizes()
         assert samples[("tidal_worker_kv_usage_ratio", p0)] == 0.25
         assert samples[("tidal_worker_kv_blocks_total", p0)] == 200
         assert samples[("tidal_worker_preemptions_total", d0)] == 3
+        assert samples[("tidal_worker_grammar_seconds_total", d0)] == 0.25
         assert samples[("tidal_worker_kv_transfers_total", d0)] == 2
         assert samples[("tidal_worker_kv_transfer_bytes_total", d0)] == 4096
         assert samples[("tidal_worker_kv_transfer_seconds_total", d0)] == 0.5

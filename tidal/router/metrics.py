@@ -97,6 +97,8 @@ class WorkerGauges:
         "tidal_worker_kv_transfer_failures": ("kv_transfer_failures", "KV pulls that failed on the worker."),
         "tidal_worker_kv_transfer_bytes": ("kv_transfer_bytes", "Bytes of KV the worker pulled."),
         "tidal_worker_kv_transfer_seconds": ("kv_transfer_seconds", "Seconds the worker spent pulling KV."),
+        "tidal_worker_grammar_seconds": ("grammar_seconds_total", "Host seconds in the grammar library "
+                                         "(structured output: compiles, masks, accepts)."),
     }
     USAGE = "tidal_worker_kv_usage_ratio"
     STATES = ("routable", "draining", "down")
